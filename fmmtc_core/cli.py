@@ -1,0 +1,224 @@
+"""The ``fmmtc`` command.
+
+Contract shared by every sub-command: bad input exits with status 2 and one line beginning
+``error: `` on stderr that names the problem and what was expected; a Python traceback is shown
+only with ``--debug``. Progress bars go to stderr, and only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fmmtc_core import __version__
+from fmmtc_core._errors import FMMTCError, FMMTCWarning
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line ``error:`` contract for usage mistakes."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _progress(desc: str):
+    """A ``progress(done, total)`` callback drawing a tqdm bar on a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def cb(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="vol", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return cb
+
+
+def _load(args):
+    from fmmtc_core.io import load_scan
+
+    return load_scan(
+        args.scan,
+        sidecar=args.sidecar,
+        confounds=args.confounds,
+        atlas=getattr(args, "atlas", None),
+        min_volumes=args.min_volumes,
+    )
+
+
+def _write_tsv(path: Path, names, data: np.ndarray) -> None:
+    """XCP-D style region table: header of names, one row per volume, ``n/a`` for NaN."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\t".join(names) + "\n")
+        for row in data:
+            f.write("\t".join("n/a" if not np.isfinite(v) else f"{v:.9g}" for v in row) + "\n")
+    tmp.replace(path)
+
+
+def cmd_parcellate(args) -> int:
+    from fmmtc_core.preprocess import clean, parcellate
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".tsv":
+        raise FMMTCError(f"--out must name a .tsv file, got {out.name!r}.")
+    scan = _load(args)
+    signals = parcellate(scan, args.atlas, progress=_progress("parcellate"))
+    if args.clean:
+        signals = clean(signals, scrub=args.scrub)
+    _write_tsv(out, signals.atlas.names, signals.data)
+    side = {
+        "RepetitionTime": signals.tr,
+        "Atlas": signals.atlas.name,
+        "Sources": [str(Path(args.scan).resolve())],
+        "Cleaned": signals.cleaned,
+        "Cleaning": signals.cleaning or None,
+        "NumberOfVolumes": signals.n_volumes,
+        "RegionLabels": signals.atlas.labels.tolist(),
+        "GeneratedBy": [{"Name": "fmmtc parcellate", "Version": __version__}],
+    }
+    if signals.sample_mask is not None:
+        side["SampleMask"] = signals.sample_mask.tolist()
+    out.with_suffix(".json").write_text(json.dumps(side, indent=2))
+    print(f"wrote {out} ({signals.n_volumes} volumes x {signals.n_regions} regions, "
+          f"atlas {signals.atlas.name})")
+    return 0
+
+
+def cmd_qc(args) -> int:
+    from fmmtc_core.qc import qc_report
+
+    scan = _load(args)
+    report = qc_report(scan, atlas=args.atlas)
+    if args.json:
+        print(json.dumps(report.to_dict(series=args.series), indent=2))
+    else:
+        print(f"QC verdict: {report.verdict.upper()}")
+        for reason in report.reasons:
+            print(f"  - {reason}")
+        for w in report.warnings:
+            print(f"  ! {w}")
+        d = report.to_dict()
+        for key in ("n_volumes", "tr_s", "tsnr_median", "fd_mean_mm", "frac_high_motion",
+                    "n_uncovered_regions"):
+            print(f"  {key}: {d[key]}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from fmmtc_core.simulate import write_cohort
+
+    root = write_cohort(
+        args.out_dir,
+        args.subjects,
+        seed=args.seed,
+        fmt=args.format,
+        labelled=not args.unlabelled,
+        atlas=args.atlas,
+        dtype=args.dtype,
+        progress=_progress("simulate"),
+    )
+    kind = "unlabelled corpus" if args.unlabelled else "labelled cohort"
+    print(f"wrote a simulated {kind} of {args.subjects} subjects to {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fmmtc",
+        description="FMM-TC Screen: rs-fMRI drug-response screening (research software).",
+    )
+    parser.add_argument("--version", action="version", version=f"fmmtc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def scan_args(p, atlas=True):
+        p.add_argument("scan", metavar="SCAN", help="4D NIfTI (.nii/.nii.gz) or region table")
+        p.add_argument("--sidecar", metavar="JSON", help="BIDS JSON sidecar (default: beside SCAN)")
+        p.add_argument("--confounds", metavar="TSV", help="fMRIPrep desc-confounds_timeseries.tsv")
+        p.add_argument("--min-volumes", type=int, default=50, help="fewest volumes (default 50)")
+        if atlas:
+            p.add_argument("--atlas", default=None,
+                           help="hcpex (default), aal3, or a NIfTI label image")
+
+    p = sub.add_parser("parcellate", help="region mean time series of a scan as TSV")
+    scan_args(p)
+    p.add_argument("--clean", action="store_true",
+                   help="detrend, band-pass 0.01-0.1 Hz, regress fMRIPrep 'simple' confounds")
+    p.add_argument("--scrub", action="store_true", help="with --clean: drop high-motion volumes")
+    p.add_argument("--out", required=True, metavar="OUT.tsv")
+    p.set_defaults(func=cmd_parcellate)
+
+    p = sub.add_parser("qc", help="quality-control report of a scan")
+    scan_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--series", action="store_true", help="with --json: add FD, DVARS, carpet")
+    p.set_defaults(func=cmd_qc)
+
+    p = sub.add_parser("simulate", help="write a simulated BIDS-style cohort")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--subjects", type=int, required=True, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("nifti", "timeseries"), default="nifti")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="a pain-agnostic corpus without responder labels (for pretraining)")
+    p.add_argument("--atlas", default="hcpex")
+    p.add_argument("--dtype", choices=("float32", "int16"), default="float32",
+                   help="NIfTI storage type (int16 = scaled integers)")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fmmtc`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            # Input oddities reach the user through the QC report; keep stderr readable.
+            warnings.simplefilter("ignore", FMMTCWarning)
+            return int(args.func(args) or 0)
+    except FMMTCError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: {exc.strerror or exc}: {exc.filename}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception as exc:  # an internal bug: still one line, with a hint
+        if args.debug:
+            raise
+        sys.stderr.write(
+            f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and "
+            "report it\n"
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,681 @@
+"""Load and validate a participant's scan: a 4D NIfTI or a region time-series table.
+
+:func:`load_scan` reads only headers, sidecars and small tables. It refuses bad input with an
+:class:`~fmmtc_core.InvalidInputError` whose message names the problem and what was expected, and
+it does so *before* any voxel is read: a 1 KB file whose header declares 100 GB never makes the
+process allocate memory. Voxel data are read later, once, by :meth:`Scan.iter_blocks` (a single
+decompression pass for ``.nii.gz``, a memory map for ``.nii``), so parcellation, QC statistics and
+the data checks that need voxels (all-NaN, all-zero, constant) share one pass over the file.
+
+Files are told apart by content (gzip, NIfTI-1/2 and NumPy magic numbers, text), not by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from fmmtc_core._errors import FMMTCWarning, InvalidInputError
+
+__all__ = [
+    "Scan",
+    "load_scan",
+    "load_sidecar",
+    "load_confounds_table",
+    "find_sidecar",
+    "DEFAULT_MIN_VOLUMES",
+    "DEFAULT_MAX_SCAN_BYTES",
+    "TR_RANGE_S",
+]
+
+#: Fewest volumes a scan may have (overridable per call).
+DEFAULT_MIN_VOLUMES = 50
+#: Largest decompressed voxel payload accepted, in bytes (``$FMMTC_MAX_SCAN_BYTES`` overrides).
+DEFAULT_MAX_SCAN_BYTES = 8 * 1024**3
+#: Plausible repetition times, seconds (multiband 0.1 s ... very slow sequences 10 s).
+TR_RANGE_S = (0.1, 10.0)
+# Disagreement between header TR and sidecar TR tolerated silently (relative).
+_TR_TOLERANCE = 0.01
+_NIFTI1_MAGICS = (b"n+1\x00", b"ni1\x00")
+_NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")
+_NPY_MAGIC = b"\x93NUMPY"
+_GZIP_MAGIC = b"\x1f\x8b"
+# Voxel data are streamed in blocks of volumes of about this size.
+_BLOCK_BYTES = 64 * 1024**2
+
+
+@dataclass(eq=False)
+class Scan:
+    """A validated scan, with its voxel data still on disk (NIfTI) or in memory (table).
+
+    Attributes
+    ----------
+    path : Path
+        The file the scan came from.
+    kind : {"nifti", "table"}
+        What the content is.
+    n_volumes : int
+        Number of time points.
+    tr : float
+        Repetition time, seconds.
+    spatial_shape : tuple of 3 int or None
+        NIfTI grid (X, Y, Z); None for tables.
+    affine : ndarray (4, 4) or None
+        NIfTI voxel-to-mm affine; None for tables.
+    table : ndarray (T, R) of float64 or None
+        Region time series of a table, columns in the atlas's region order.
+    atlas_name : str or None
+        Atlas of a table (bundled key or label-image path); None for NIfTI.
+    confounds : pandas.DataFrame or None
+        fMRIPrep confounds, one row per volume, when given.
+    sidecar : dict
+        The BIDS JSON sidecar (empty when none).
+    warnings : list of str
+        Recoverable oddities found while loading; the QC report carries them.
+    """
+
+    path: Path
+    kind: str
+    n_volumes: int
+    tr: float
+    spatial_shape: tuple[int, int, int] | None = None
+    affine: np.ndarray | None = None
+    table: np.ndarray | None = None
+    atlas_name: str | None = None
+    confounds: pd.DataFrame | None = None
+    confounds_path: Path | None = None
+    sidecar: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    # NIfTI storage details used by iter_blocks.
+    _dtype: np.dtype | None = None
+    _offset: int = 0
+    _slope: float = 1.0
+    _inter: float = 0.0
+    _compressed: bool = False
+    _sha256: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(X, Y, Z, T) for a NIfTI, (T, R) for a table."""
+        if self.kind == "nifti":
+            return (*self.spatial_shape, self.n_volumes)
+        return tuple(self.table.shape)
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels per volume (NIfTI) or regions (table)."""
+        return int(np.prod(self.spatial_shape)) if self.kind == "nifti" else self.table.shape[1]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(slope, intercept) that turn stored values into data values."""
+        return self._slope, self._inter
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the file's bytes (identifies the scan content; computed once)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for chunk in iter(lambda: f.read(4 * 1024**2), b""):
+                    h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def iter_blocks(self, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_volume, block)`` with ``block`` of shape (k, n_voxels), unscaled.
+
+        Voxels are in NIfTI (Fortran) order within each volume. ``.nii`` files are memory
+        mapped; ``.nii.gz`` files are decompressed once, block by block, so memory stays at one
+        block whatever the scan length. Apply :attr:`scale` to the values (or to anything linear
+        computed from them). A truncated or corrupt file raises :class:`InvalidInputError`.
+        """
+        if self.kind != "nifti":
+            raise TypeError("iter_blocks reads NIfTI voxel data; a table is already in memory.")
+        nvox = self.n_voxels
+        itemsize = self._dtype.itemsize
+        k = max(1, min(self.n_volumes, block_bytes // max(1, nvox * itemsize)))
+        if not self._compressed:
+            mm = np.memmap(
+                self.path, dtype=self._dtype, mode="r", offset=self._offset,
+                shape=(self.n_volumes, nvox),
+            )
+            for t0 in range(0, self.n_volumes, k):
+                yield t0, np.asarray(mm[t0 : t0 + k])
+            del mm
+            return
+        buf = bytearray(k * nvox * itemsize)
+        try:
+            with gzip.open(self.path, "rb") as f:
+                _skip(f, self._offset)
+                for t0 in range(0, self.n_volumes, k):
+                    n = min(k, self.n_volumes - t0)
+                    view = memoryview(buf)[: n * nvox * itemsize]
+                    got = _read_exact(f, view)
+                    if got < len(view):
+                        raise InvalidInputError(
+                            f"{self.path.name} is truncated: the header declares "
+                            f"{self.n_volumes} volumes but the file ends inside volume "
+                            f"{t0 + got // (nvox * itemsize) + 1}."
+                        )
+                    yield t0, np.frombuffer(view, dtype=self._dtype).reshape(n, nvox)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise InvalidInputError(
+                f"{self.path.name} is a truncated or corrupt gzip file ({exc}); "
+                "re-export or re-copy the scan."
+            ) from None
+
+
+def _skip(f, n: int) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1024**2))
+        if not chunk:
+            raise EOFError("file ends inside the NIfTI header")
+        n -= len(chunk)
+
+
+def _read_exact(f, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# Sidecars and confounds
+# --------------------------------------------------------------------------------------------
+def _strip_ext(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv", ".csv", ".npy", ".txt", ".gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def find_sidecar(path: str | os.PathLike) -> Path | None:
+    """The BIDS JSON sidecar beside ``path`` (same name, ``.json``), or None."""
+    path = Path(path)
+    cand = path.with_name(_strip_ext(path) + ".json")
+    return cand if cand.is_file() else None
+
+
+def load_sidecar(path: str | os.PathLike) -> dict:
+    """Read a BIDS JSON sidecar; refuse files that are not a JSON object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(f"Sidecar {path} does not exist.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(
+            f"Sidecar {path.name} is not valid JSON ({exc}); expected a BIDS JSON object "
+            'such as {"RepetitionTime": 2.0}.'
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"Sidecar {path.name} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) -> pd.DataFrame:
+    """Read an fMRIPrep ``desc-confounds_timeseries.tsv`` (``n/a`` allowed) and check its length."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"Confounds file {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise InvalidInputError(f"Confounds file {path.name} is empty.")
+    try:
+        df = pd.read_csv(path, sep="\t", na_values=["n/a", "N/A", "NaN", "nan"])
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"Confounds file {path.name} is not a tab-separated table ({exc})."
+        ) from None
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise InvalidInputError(
+            f"Confounds file {path.name} has non-numeric columns {bad[:5]}; expected fMRIPrep "
+            "confounds (numbers or n/a)."
+        )
+    if n_volumes is not None and len(df) != n_volumes:
+        raise InvalidInputError(
+            f"Confounds file {path.name} has {len(df)} rows but the scan has {n_volumes} "
+            "volumes; give the confounds of this run."
+        )
+    return df
+
+
+def _resolve_tr(header_tr: float | None, sidecar: dict, tr: float | None, name: str, warn: list):
+    side_tr = sidecar.get("RepetitionTime")
+    if side_tr is not None:
+        try:
+            side_tr = float(side_tr)
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"The sidecar's RepetitionTime is {sidecar['RepetitionTime']!r}; expected a "
+                "number of seconds."
+            ) from None
+    if tr is not None:
+        value, origin = float(tr), "the tr argument"
+    elif side_tr is not None:
+        value, origin = side_tr, "the JSON sidecar"
+        if header_tr and abs(header_tr - side_tr) > _TR_TOLERANCE * side_tr:
+            msg = (
+                f"TR disagreement: the NIfTI header says {header_tr:g} s, the sidecar says "
+                f"{side_tr:g} s; using the sidecar."
+            )
+            warn.append(msg)
+            warnings.warn(msg, FMMTCWarning, stacklevel=3)
+    elif header_tr:
+        value, origin = header_tr, "the NIfTI header"
+    else:
+        raise InvalidInputError(
+            f"The repetition time (TR) of {name} is missing: give a BIDS JSON sidecar with "
+            '"RepetitionTime" (seconds) or a NIfTI header with pixdim[4] set.'
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidInputError(
+            f"The repetition time (TR) from {origin} is {value:g} s; expected a positive number "
+            "of seconds."
+        )
+    lo, hi = TR_RANGE_S
+    if not lo <= value <= hi:
+        raise InvalidInputError(
+            f"The repetition time (TR) from {origin} is {value:g} s, which is implausible for "
+            f"rs-fMRI; expected {lo:g} to {hi:g} s (is it in milliseconds?)."
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Content sniffing
+# --------------------------------------------------------------------------------------------
+def _sniff(path: Path) -> tuple[str, bytes, bool]:
+    """Return (kind, first content bytes, gzip?); kind in nifti1/nifti2/npy/text/binary."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        raise InvalidInputError(f"{path.name} is empty (0 bytes); expected a 4D NIfTI or a table.")
+    compressed = head[:2] == _GZIP_MAGIC
+    if compressed:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(1024)
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+            raise InvalidInputError(
+                f"{path.name} is a truncated or corrupt gzip file ({exc}); "
+                "re-export or re-copy the scan."
+            ) from None
+        if not head:
+            raise InvalidInputError(f"{path.name} decompresses to nothing; expected a 4D NIfTI.")
+    kind = "binary"
+    if len(head) >= 348 and head[344:348] in _NIFTI1_MAGICS:
+        kind = "nifti1"
+    elif len(head) >= 540 and head[4:8] in _NIFTI2_MAGICS:
+        kind = "nifti2"
+    elif head.startswith(_NPY_MAGIC):
+        kind = "npy"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "text"
+        except UnicodeDecodeError:
+            # A text file cut in the middle of a multi-byte character is still text.
+            try:
+                head[:-4].decode("utf-8")
+                kind = "text"
+            except UnicodeDecodeError:
+                kind = "binary"
+    if compressed and kind not in ("nifti1", "nifti2"):
+        kind = "gzip-other"
+    return kind, head, compressed
+
+
+def load_scan(
+    path: str | os.PathLike,
+    *,
+    sidecar: str | os.PathLike | dict | None = None,
+    confounds: str | os.PathLike | pd.DataFrame | None = None,
+    atlas=None,
+    tr: float | None = None,
+    min_volumes: int = DEFAULT_MIN_VOLUMES,
+    max_bytes: int | None = None,
+) -> Scan:
+    """Load and validate a scan without reading its voxels.
+
+    Parameters
+    ----------
+    path : str or path
+        A 4D NIfTI-1/2 (``.nii``, ``.nii.gz``; float or scaled integer data) in MNI space, or a
+        region time-series table (TSV/CSV with a header of region names, or ``.npy``), one row
+        per volume.
+    sidecar : path, dict or None, default=None
+        BIDS JSON sidecar. Looked up beside ``path`` when None. Its ``RepetitionTime`` wins over
+        the header's (a disagreement is a warning); its ``Atlas`` names a table's atlas.
+    confounds : path, DataFrame or None, default=None
+        fMRIPrep ``desc-confounds_timeseries.tsv`` of the same run.
+    atlas : str, path, Atlas or None, default=None
+        Atlas of a table; otherwise taken from the sidecar's ``Atlas`` or the file name's
+        ``seg-<name>`` entity. Ignored for NIfTI scans (the atlas is chosen at parcellation).
+    tr : float or None, default=None
+        Repetition time in seconds, overriding header and sidecar.
+    min_volumes : int, default=50
+        Fewest volumes accepted.
+    max_bytes : int or None, default=None
+        Largest decompressed voxel payload accepted (default ``$FMMTC_MAX_SCAN_BYTES`` or 8 GiB).
+
+    Returns
+    -------
+    Scan
+
+    Raises
+    ------
+    InvalidInputError
+        With a specific message for each kind of bad input.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"Scan file {path} does not exist.")
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a folder; expected a 4D NIfTI file or a table.")
+    warn: list[str] = []
+    if isinstance(sidecar, dict):
+        side = dict(sidecar)
+    elif sidecar is not None:
+        side = load_sidecar(sidecar)
+    else:
+        found = find_sidecar(path)
+        side = load_sidecar(found) if found else {}
+
+    kind, head, compressed = _sniff(path)
+    claims_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if claims_nifti and kind not in ("nifti1", "nifti2", "gzip-other"):
+        raise InvalidInputError(
+            f"{path.name} is not a NIfTI image (wrong magic number); expected a 4D NIfTI-1 or "
+            "NIfTI-2 file."
+        )
+    if kind in ("nifti1", "nifti2"):
+        scan = _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, warn)
+    elif kind in ("npy", "text"):
+        scan = _load_table(path, kind, side, atlas, tr, min_volumes, warn)
+    elif kind == "gzip-other":
+        raise InvalidInputError(
+            f"{path.name} is gzip-compressed but does not hold a NIfTI image (no NIfTI magic "
+            "number); expected a 4D .nii.gz."
+        )
+    else:
+        raise InvalidInputError(
+            f"{path.name} is not a NIfTI image (wrong magic number) nor a region time-series "
+            "table; expected a 4D .nii/.nii.gz or a TSV/CSV/NPY table."
+        )
+    if confounds is not None:
+        if isinstance(confounds, pd.DataFrame):
+            df = confounds.reset_index(drop=True)
+            if len(df) != scan.n_volumes:
+                raise InvalidInputError(
+                    f"The confounds table has {len(df)} rows but the scan has "
+                    f"{scan.n_volumes} volumes; give the confounds of this run."
+                )
+            scan.confounds = df
+        else:
+            scan.confounds = load_confounds_table(confounds, scan.n_volumes)
+            scan.confounds_path = Path(confounds)
+    return scan
+
+
+def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, warn) -> Scan:
+    name = path.name
+    if head[344:348] == b"ni1\x00" or head[4:8] == b"ni2\x00":
+        raise InvalidInputError(
+            f"{name} is the header of a NIfTI pair (.hdr/.img); convert it to a single .nii or "
+            ".nii.gz file."
+        )
+    header_cls = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
+    try:
+        header = header_cls.from_fileobj(io.BytesIO(head + b"\x00" * 1024), check=False)
+    except Exception as exc:  # nibabel raises a variety of types on garbage
+        raise InvalidInputError(f"{name} has an unreadable NIfTI header ({exc}).") from None
+    dims = [int(d) for d in header["dim"]]
+    ndim = dims[0]
+    shape = tuple(dims[1 : 1 + ndim]) if 1 <= ndim <= 7 else ()
+    if not shape or any(d < 1 for d in shape):
+        raise InvalidInputError(f"{name} has an invalid NIfTI header: dimensions {dims}.")
+    if len(shape) < 4 or (len(shape) >= 4 and shape[3] == 1 and all(d == 1 for d in shape[4:])):
+        raise InvalidInputError(
+            f"{name} is a 3D image (shape {shape[:3]}); expected a 4D rs-fMRI time series "
+            "(x, y, z, time)."
+        )
+    if any(d != 1 for d in shape[4:]):
+        raise InvalidInputError(
+            f"{name} has {len(shape)} dimensions (shape {shape}); expected a 4D time series."
+        )
+    spatial, n_vol = shape[:3], shape[3]
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:
+        raise InvalidInputError(
+            f"{name} declares an unsupported NIfTI data type code {int(header['datatype'])}."
+        ) from None
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise InvalidInputError(
+            f"{name} stores voxels as {dtype}; expected integer or floating-point data."
+        )
+    # Memory budget: decided from the header alone, before any voxel is read.
+    budget = max_bytes or int(os.environ.get("FMMTC_MAX_SCAN_BYTES", DEFAULT_MAX_SCAN_BYTES))
+    declared = int(np.prod(shape[:4], dtype=np.float64)) * dtype.itemsize
+    if declared > budget:
+        raise InvalidInputError(
+            f"{name} declares {declared / 1024**3:.1f} GiB of voxel data (shape {shape[:4]}, "
+            f"{dtype}), over the {budget / 1024**3:.1f} GiB limit; check the file or raise "
+            "FMMTC_MAX_SCAN_BYTES."
+        )
+    if n_vol < min_volumes:
+        raise InvalidInputError(
+            f"{name} has {n_vol} volumes; at least {min_volumes} are needed for a reliable "
+            "connectivity estimate."
+        )
+    offset = int(header.get_data_offset())
+    if not compressed:
+        size = path.stat().st_size
+        if offset + declared > size:
+            raise InvalidInputError(
+                f"{name} is truncated: the header declares {offset + declared} bytes but the "
+                f"file holds {size}."
+            )
+    affine = header.get_best_affine()
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InvalidInputError(f"{name} has an invalid (singular) voxel-to-world affine.")
+    zooms = header.get_zooms()
+    header_tr = float(zooms[3]) if len(zooms) > 3 else 0.0
+    t_unit = header.get_xyzt_units()[1]
+    if t_unit == "msec":
+        header_tr /= 1000.0
+    elif t_unit == "usec":
+        header_tr /= 1e6
+    tr_s = _resolve_tr(header_tr if header_tr > 0 else None, side, tr, name, warn)
+    slope, inter = header.get_slope_inter()
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return Scan(
+        path=path,
+        kind="nifti",
+        n_volumes=n_vol,
+        tr=tr_s,
+        spatial_shape=tuple(spatial),
+        affine=np.asarray(affine, dtype=np.float64),
+        sidecar=side,
+        warnings=warn,
+        _dtype=dtype,
+        _offset=offset,
+        _slope=slope,
+        _inter=inter,
+        _compressed=compressed,
+    )
+
+
+_SEG_ENTITY = re.compile(r"(?:^|_)(?:seg|atlas)-([A-Za-z0-9]+)(?:_|$)")
+
+
+def _table_atlas_name(path: Path, side: dict, atlas) -> object:
+    if atlas is not None:
+        return atlas
+    if side.get("Atlas"):
+        return side["Atlas"]
+    m = _SEG_ENTITY.search(_strip_ext(path))
+    if m:
+        return m.group(1)
+    raise InvalidInputError(
+        f"Cannot tell which atlas the columns of {path.name} follow: add \"Atlas\" to its JSON "
+        "sidecar or a seg-<name> entity to its file name (e.g. sub-01_seg-HCPEx_timeseries.tsv)."
+    )
+
+
+def _read_text_table(path: Path) -> tuple[list[str] | None, np.ndarray]:
+    text = path.read_text(encoding="utf-8", errors="strict")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise InvalidInputError(f"{path.name} holds no rows; expected one row per volume.")
+    first = lines[0]
+    delim = "\t" if first.count("\t") >= max(first.count(","), 1) else ","
+    if delim == "," and first.count(",") == 0:
+        delim = None  # whitespace-separated single column or plain numbers
+    rows = list(csv.reader(lines, delimiter=delim)) if delim else [ln.split() for ln in lines]
+
+    def _is_num(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return s.strip().lower() in ("n/a", "nan", "")
+
+    header = None
+    if not all(_is_num(c) for c in rows[0]):
+        header = [c.strip() for c in rows[0]]
+        rows = rows[1:]
+    if not rows:
+        raise InvalidInputError(f"{path.name} has a header but no data rows.")
+    width = len(header) if header else len(rows[0])
+    out = np.empty((len(rows), width), dtype=np.float64)
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise InvalidInputError(
+                f"{path.name}, data row {i + 1} has {len(row)} cells; expected {width}."
+            )
+        for j, cell in enumerate(row):
+            c = cell.strip()
+            try:
+                out[i, j] = np.nan if c.lower() in ("n/a", "nan", "") else float(c)
+            except ValueError:
+                col = header[j] if header else f"#{j + 1}"
+                raise InvalidInputError(
+                    f"{path.name}, data row {i + 1}, column {col!r} holds {c!r}; expected "
+                    "numbers (or n/a)."
+                ) from None
+    return header, out
+
+
+def _load_table(path, kind, side, atlas, tr, min_volumes, warn) -> Scan:
+    from fmmtc_core.atlas import load_atlas
+
+    name = path.name
+    if kind == "npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"{name} is not a plain numeric .npy array ({exc}); object arrays are refused "
+                "because loading them would run code."
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise InvalidInputError(f"{name} is a truncated or corrupt .npy file ({exc}).") from None
+        if arr.dtype.kind not in "iuf":
+            raise InvalidInputError(f"{name} holds {arr.dtype} values; expected numbers.")
+        if arr.ndim != 2:
+            raise InvalidInputError(
+                f"{name} has shape {arr.shape}; expected a 2D table of volumes x regions."
+            )
+        header, data = None, arr.astype(np.float64)
+    else:
+        try:
+            header, data = _read_text_table(path)
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"{name} is not UTF-8 text; expected a TSV/CSV table.") from None
+    atlas_obj = load_atlas(_table_atlas_name(path, side, atlas))
+    n_regions = atlas_obj.n_regions
+    if header is not None:
+        known = {n: i for i, n in enumerate(atlas_obj.names)}
+        unknown = [h for h in header if h not in known]
+        if unknown or len(header) != n_regions or len(set(header)) != len(header):
+            missing = [n for n in atlas_obj.names if n not in set(header)]
+            detail = []
+            if unknown:
+                detail.append(f"not in the atlas: {unknown[:3]}")
+            if missing:
+                detail.append(f"missing: {missing[:3]}")
+            raise InvalidInputError(
+                f"The columns of {name} do not match atlas {atlas_obj.name}: {len(header)} "
+                f"columns for {n_regions} regions ({'; '.join(detail) or 'duplicated names'}). "
+                "Expected one column per region, headed by the atlas's region names."
+            )
+        order = [header.index(n) for n in atlas_obj.names]
+        data = data[:, order]
+    elif data.shape[1] != n_regions:
+        hint = ""
+        if data.shape[0] == n_regions:
+            hint = " It looks transposed: expected one row per volume, one column per region."
+        raise InvalidInputError(
+            f"{name} has {data.shape[1]} columns but atlas {atlas_obj.name} has {n_regions} "
+            f"regions.{hint}"
+        )
+    if data.shape[0] < min_volumes:
+        raise InvalidInputError(
+            f"{name} has {data.shape[0]} volumes; at least {min_volumes} are needed for a "
+            "reliable connectivity estimate."
+        )
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InvalidInputError(f"{name} holds only NaN values; expected region time series.")
+    if np.isinf(data).any():
+        raise InvalidInputError(f"{name} holds infinite values; expected finite numbers.")
+    if np.nanmax(np.abs(data)) == 0:
+        raise InvalidInputError(f"{name} holds only zeros; expected region time series.")
+    if np.all(np.nanstd(data[:, finite.any(axis=0)], axis=0) == 0):
+        raise InvalidInputError(f"{name} is constant over time in every region; expected signals.")
+    empty = np.flatnonzero(~finite.any(axis=0))
+    if empty.size:
+        warn.append(
+            f"{empty.size} region(s) have no values (n/a), e.g. {atlas_obj.names[empty[0]]}; "
+            "they are treated as not covered."
+        )
+    partial = (~finite).any(axis=0) & finite.any(axis=0)
+    if partial.any():
+        warn.append(f"{int(partial.sum())} region(s) have missing values at some volumes.")
+    for w in warn:
+        warnings.warn(w, FMMTCWarning, stacklevel=3)
+    tr_s = _resolve_tr(None, side, tr, name, warn)
+    atlas_key = atlas_obj.source if atlas_obj.name not in ("HCPEx", "AAL3") else atlas_obj.name
+    return Scan(
+        path=path,
+        kind="table",
+        n_volumes=int(data.shape[0]),
+        tr=tr_s,
+        table=data,
+        atlas_name=atlas_key,
+        sidecar=side,
+        warnings=warn,
+    )

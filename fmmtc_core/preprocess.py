@@ -1,0 +1,554 @@
+"""Parcellate a scan into region time series, clean them, and prepare model windows.
+
+The parcellation fast path reads the 4D image once, block by block (see
+:meth:`fmmtc_core.io.Scan.iter_blocks`), gathers the voxels of the atlas in region order and sums
+them with one ``np.add.reduceat`` per block. It equals nilearn's ``NiftiLabelsMasker`` (mean
+strategy, ``resampling_target="data"``) and, in the same pass, collects what QC needs from the
+voxels (temporal mean and variance per voxel, DVARS, a carpet-plot sample). Memory stays at one
+block of the file plus a few vectors the size of the atlas, whatever the number of volumes.
+
+Cleaning uses nilearn's signal tools (``nilearn.signal.clean``, fMRIPrep confounds through
+``load_confounds_strategy``): we do not reimplement filtering or regression.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fmmtc_core._errors import FMMTCWarning, InvalidInputError, check_option
+from fmmtc_core.atlas import Atlas, load_atlas
+from fmmtc_core.io import Scan
+
+__all__ = [
+    "RegionSignals",
+    "VoxelStats",
+    "parcellate",
+    "clean",
+    "make_window",
+    "robust_scale",
+    "MIN_ATLAS_OVERLAP",
+    "CONFOUND_STRATEGIES",
+]
+
+#: Smallest median fraction of the atlas regions' volume the scan's field of view must cover;
+#: below it the scan is taken not to be in MNI space.
+MIN_ATLAS_OVERLAP = 0.5
+#: Denoising presets of nilearn's ``load_confounds_strategy`` we expose.
+CONFOUND_STRATEGIES = ("simple", "scrubbing", "compcor")
+# Voxels kept for the carpet plot (a stratified sample, in region order).
+_CARPET_VOXELS = 1200
+
+
+@dataclass(eq=False)
+class VoxelStats:
+    """Voxel-level facts gathered during parcellation (used by QC).
+
+    Attributes
+    ----------
+    tsnr_voxels_median : float
+        Median temporal SNR (mean / SD over time) over the atlas voxels.
+    tsnr_regions : ndarray (R,)
+        Mean voxel tSNR per region (NaN for a region without voxels).
+    dvars : ndarray (T,)
+        Root-mean-square over atlas voxels of the volume-to-volume change, in percent of the
+        mean signal (first value 0).
+    carpet : ndarray (n, T) float32
+        A region-ordered sample of atlas voxels, each z-scored over time.
+    carpet_regions : ndarray (n,) int
+        Region position of each carpet row.
+    n_atlas_voxels : int
+        Atlas voxels on the scan grid.
+    n_nan_voxels : int
+        Atlas voxels with a non-finite value at some volume (left out of the means there).
+    n_flat_voxels : int
+        Atlas voxels constant over time (e.g. outside the brain mask of the scan).
+    """
+
+    tsnr_voxels_median: float
+    tsnr_regions: np.ndarray
+    dvars: np.ndarray
+    carpet: np.ndarray
+    carpet_regions: np.ndarray
+    n_atlas_voxels: int
+    n_nan_voxels: int
+    n_flat_voxels: int
+
+
+@dataclass(eq=False)
+class RegionSignals:
+    """Region time series of one scan, in the atlas's region order.
+
+    Attributes
+    ----------
+    data : ndarray (T, R) float32
+        One row per volume, one column per region (NaN for a region with no voxels).
+    tr : float
+        Repetition time, seconds.
+    atlas : Atlas
+    n_voxels : ndarray (R,) int
+        Voxels averaged per region (for a table: -1, unknown).
+    coverage : ndarray (R,) float
+        Region volume inside the scan's field of view / region volume in the atlas.
+    cleaned : bool
+        Whether :func:`clean` has been applied.
+    sample_mask : ndarray of int or None
+        Volumes kept after scrubbing (indices into the original series), None if all kept.
+    confounds : DataFrame or None
+        The scan's fMRIPrep confounds, carried along for cleaning and QC.
+    voxel_stats : VoxelStats or None
+        Voxel-level QC facts (NIfTI input only).
+    warnings : list of str
+    """
+
+    data: np.ndarray
+    tr: float
+    atlas: Atlas
+    n_voxels: np.ndarray
+    coverage: np.ndarray
+    cleaned: bool = False
+    sample_mask: np.ndarray | None = None
+    confounds: pd.DataFrame | None = None
+    voxel_stats: VoxelStats | None = None
+    warnings: list[str] = field(default_factory=list)
+    cleaning: dict = field(default_factory=dict)
+
+    @property
+    def n_volumes(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.data.shape[1])
+
+    def to_frame(self) -> pd.DataFrame:
+        """The series as a DataFrame with region names as columns (XCP-D layout)."""
+        return pd.DataFrame(self.data, columns=list(self.atlas.names))
+
+
+# --------------------------------------------------------------------------------------------
+# Parcellation
+# --------------------------------------------------------------------------------------------
+def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -> RegionSignals:
+    """Mean time series of every atlas region.
+
+    Parameters
+    ----------
+    scan : Scan
+        From :func:`fmmtc_core.io.load_scan`.
+    atlas : str, path, Atlas or None, default=None
+        Atlas for a NIfTI scan (default ``"hcpex"``). A table already names its atlas; passing a
+        different one is an error.
+    progress : callable or None
+        Called as ``progress(done_volumes, total_volumes)`` while voxels are read.
+
+    Returns
+    -------
+    RegionSignals
+        Plain voxel means (no cleaning): equal to nilearn's ``NiftiLabelsMasker`` with the
+        mean strategy on the same image and atlas.
+
+    Raises
+    ------
+    InvalidInputError
+        Scan not in MNI space (its field of view misses the atlas), all-NaN, all-zero or
+        constant data, a truncated file.
+    """
+    if scan.kind == "table":
+        tab_atlas = load_atlas(scan.atlas_name)
+        if atlas is not None and load_atlas(atlas) is not tab_atlas:
+            raise InvalidInputError(
+                f"{scan.path.name} holds {tab_atlas.name} region series; it cannot be "
+                f"parcellated again with atlas {load_atlas(atlas).name}."
+            )
+        n = tab_atlas.n_regions
+        covered = np.isfinite(scan.table).any(axis=0)
+        return RegionSignals(
+            data=scan.table.astype(np.float32),
+            tr=scan.tr,
+            atlas=tab_atlas,
+            n_voxels=np.full(n, -1, dtype=np.int64),
+            coverage=covered.astype(np.float64),
+            confounds=scan.confounds,
+            warnings=list(scan.warnings),
+        )
+
+    atlas = load_atlas("hcpex" if atlas is None else atlas)
+    warn = list(scan.warnings)
+    same_grid = scan.spatial_shape == atlas.labels_img.shape[:3] and np.allclose(
+        scan.affine, atlas.labels_img.affine, atol=1e-4
+    )
+    grid = atlas.on_grid(scan.spatial_shape, scan.affine)
+    if grid.fraction_covered < MIN_ATLAS_OVERLAP:
+        raise InvalidInputError(
+            f"{scan.path.name} does not overlap the {atlas.name} atlas (median region coverage "
+            f"{grid.fraction_covered:.0%}): the image is not in MNI space. Expected an fMRIPrep "
+            "space-MNI152NLin2009cAsym (or FSL MNI152) output."
+        )
+    if not same_grid:
+        zooms = np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0))
+        warn.append(
+            f"The scan grid ({'x'.join(map(str, scan.spatial_shape))}, "
+            f"{'x'.join(f'{z:g}' for z in zooms)} mm) differs from the atlas grid; the atlas "
+            "was resampled to the scan (nearest neighbour)."
+        )
+
+    # Atlas voxels in region order: the gather below then yields each region contiguously,
+    # so one reduceat per block sums every region.
+    region_of_voxel = grid.region_index.reshape(-1, order="F")
+    vox = np.flatnonzero(region_of_voxel >= 0)
+    order = np.argsort(region_of_voxel[vox], kind="stable")
+    vox = vox[order]
+    reg = region_of_voxel[vox]
+    present = np.flatnonzero(grid.n_voxels > 0)
+    starts = np.concatenate([[0], np.cumsum(grid.n_voxels[present])[:-1]]).astype(np.intp)
+    counts = grid.n_voxels[present].astype(np.float64)
+    n_regions, n_vol, n_in = atlas.n_regions, scan.n_volumes, vox.size
+
+    carpet_pos = _carpet_sample(reg, n_regions)
+    sums = np.full((n_vol, n_regions), np.nan)
+    s1 = np.zeros(n_in)  # per-voxel running sum and sum of squares, for tSNR
+    s2 = np.zeros(n_in)
+    nan_voxel = np.zeros(n_in, dtype=bool)
+    dvars = np.zeros(n_vol)
+    carpet = np.empty((carpet_pos.size, n_vol), dtype=np.float32)
+    prev = None
+    any_nan = False
+    for t0, block in scan.iter_blocks():
+        g = block[:, vox].astype(np.float64)  # (k, n_in), region-contiguous columns
+        k = g.shape[0]
+        bad = ~np.isfinite(g)
+        if bad.any():
+            any_nan = True
+            nan_voxel |= bad.any(axis=0)
+            g[bad] = 0.0
+            n_ok = np.add.reduceat((~bad).astype(np.float64), starts, axis=1)[:, : present.size]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sums[t0 : t0 + k, present] = np.add.reduceat(g, starts, axis=1) / n_ok
+        else:
+            sums[t0 : t0 + k, present] = np.add.reduceat(g, starts, axis=1) / counts
+        s1 += g.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", g, g)
+        d = np.diff(g, axis=0, prepend=g[:1] if prev is None else prev[None, :])
+        dvars[t0 : t0 + k] = np.sqrt(np.mean(d * d, axis=1))
+        carpet[:, t0 : t0 + k] = g[:, carpet_pos].T
+        prev = g[-1].copy()
+        if progress is not None:
+            progress(t0 + k, n_vol)
+
+    slope, inter = scan.scale
+    data = sums * slope + inter
+    mean_raw = s1 / n_vol
+    var_raw = np.maximum(s2 / n_vol - mean_raw**2, 0.0)
+    std = np.sqrt(var_raw) * abs(slope)
+    mean = mean_raw * slope + inter
+    scale_ok = np.isfinite(data)
+    if nan_voxel.all() or not scale_ok.any():
+        raise InvalidInputError(
+            f"{scan.path.name} holds only NaN values inside the brain atlas; expected BOLD "
+            "signal."
+        )
+    if np.all(mean_raw == 0) and np.all(var_raw == 0):
+        raise InvalidInputError(
+            f"{scan.path.name} holds only zeros inside the brain atlas; expected BOLD signal."
+        )
+    flat = std <= 1e-6 * np.maximum(np.abs(mean), 1e-12)
+    if flat.all():
+        raise InvalidInputError(
+            f"{scan.path.name} is constant over time in every brain voxel; expected a BOLD time "
+            "series."
+        )
+    if any_nan:
+        msg = (
+            f"{int(nan_voxel.sum())} atlas voxel(s) hold NaN or infinite values; they were left "
+            "out of the region means at those volumes."
+        )
+        warn.append(msg)
+        warnings.warn(msg, FMMTCWarning, stacklevel=2)
+
+    # tSNR over voxels with signal (flat voxels are outside the scan's own brain mask).
+    live = ~flat & ~nan_voxel
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tsnr_vox = np.where(live, mean / np.where(std > 0, std, np.inf), np.nan)
+    tsnr_regions = np.full(n_regions, np.nan)
+    if live.any():
+        sum_t = np.bincount(reg[live], weights=tsnr_vox[live], minlength=n_regions)
+        cnt_t = np.bincount(reg[live], minlength=n_regions)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tsnr_regions = np.where(cnt_t > 0, sum_t / np.maximum(cnt_t, 1), np.nan)
+    global_mean = float(np.mean(np.abs(mean[live]))) if live.any() else 1.0
+    dvars_pct = dvars * abs(slope) / max(global_mean, 1e-12) * 100.0
+    cm = carpet.mean(axis=1, keepdims=True)
+    cs = carpet.std(axis=1, keepdims=True)
+    carpet = ((carpet - cm) / np.where(cs > 0, cs, 1.0)).astype(np.float32)
+    stats = VoxelStats(
+        tsnr_voxels_median=float(np.nanmedian(tsnr_vox)) if live.any() else float("nan"),
+        tsnr_regions=tsnr_regions,
+        dvars=dvars_pct,
+        carpet=carpet,
+        carpet_regions=reg[carpet_pos],
+        n_atlas_voxels=int(n_in),
+        n_nan_voxels=int(nan_voxel.sum()),
+        n_flat_voxels=int(flat.sum()),
+    )
+    # Regions whose voxels are all flat carry no signal: report them as not covered.
+    live_per_region = np.bincount(reg[live], minlength=n_regions)
+    coverage = np.where(live_per_region > 0, grid.coverage, 0.0)
+    data = data.astype(np.float32)
+    return RegionSignals(
+        data=data,
+        tr=scan.tr,
+        atlas=atlas,
+        n_voxels=grid.n_voxels.copy(),
+        coverage=coverage,
+        confounds=scan.confounds,
+        voxel_stats=stats,
+        warnings=warn,
+    )
+
+
+def _carpet_sample(reg: np.ndarray, n_regions: int) -> np.ndarray:
+    """Evenly spaced atlas voxel positions (already region-ordered) for the carpet plot."""
+    n = reg.size
+    if n <= _CARPET_VOXELS:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, _CARPET_VOXELS).round().astype(np.intp))
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning
+# --------------------------------------------------------------------------------------------
+def _fmriprep_confounds(confounds: pd.DataFrame, strategy: str, **kwargs):
+    """Select confounds with nilearn's fMRIPrep presets from an in-memory table.
+
+    ``load_confounds_strategy`` finds the confounds file from the BOLD file name, so we stage
+    the table under fMRIPrep names in a temporary folder (the image itself is not needed).
+    """
+    from nilearn.interfaces.fmriprep import load_confounds_strategy
+
+    tmp = Path(tempfile.mkdtemp(prefix="fmmtc-confounds-"))
+    try:
+        stem = "sub-x_task-rest"
+        confounds.to_csv(tmp / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False,
+                         na_rep="n/a")
+        img = tmp / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+        try:
+            selected, sample_mask = load_confounds_strategy(
+                str(img), denoise_strategy=strategy, **kwargs
+            )
+        except (ValueError, KeyError) as exc:
+            raise InvalidInputError(
+                f"The confounds table does not support the {strategy!r} denoising strategy "
+                f"({exc}). Expected an fMRIPrep desc-confounds_timeseries.tsv."
+            ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return selected, sample_mask
+
+
+def clean(
+    signals: RegionSignals,
+    *,
+    detrend: bool = True,
+    low_pass: float | None = 0.1,
+    high_pass: float | None = 0.01,
+    strategy: str | None = "simple",
+    scrub: bool = False,
+    fd_threshold: float = 0.5,
+    std_dvars_threshold: float = 1.5,
+) -> RegionSignals:
+    """Detrend, band-pass filter and regress confounds out of region series (nilearn).
+
+    Parameters
+    ----------
+    signals : RegionSignals
+    detrend : bool, default=True
+    low_pass, high_pass : float or None, default=0.1, 0.01
+        Band-pass cut-offs in Hz (Butterworth). A low-pass at or above the Nyquist frequency of
+        the scan's TR is dropped with a warning.
+    strategy : {"simple", "scrubbing", "compcor"} or None, default="simple"
+        nilearn ``load_confounds_strategy`` preset applied when the scan has fMRIPrep
+        confounds; None regresses no confounds.
+    scrub : bool, default=False
+        Remove high-motion volumes (FD > ``fd_threshold`` mm or standardised DVARS >
+        ``std_dvars_threshold``); implies the "scrubbing" preset.
+
+    Returns
+    -------
+    RegionSignals
+        A cleaned copy; ``sample_mask`` lists the kept volumes when scrubbing removed any.
+        Regions without signal stay NaN.
+    """
+    from nilearn import signal as nsignal
+
+    if strategy is not None:
+        check_option("strategy", strategy, CONFOUND_STRATEGIES)
+    warn = list(signals.warnings)
+    nyquist = 0.5 / signals.tr
+    if low_pass is not None and low_pass >= nyquist:
+        msg = (
+            f"Low-pass {low_pass:g} Hz is at or above the Nyquist frequency ({nyquist:g} Hz) of "
+            f"TR {signals.tr:g} s; no low-pass filter applied."
+        )
+        warn.append(msg)
+        warnings.warn(msg, FMMTCWarning, stacklevel=2)
+        low_pass = None
+    if high_pass is not None and low_pass is not None and high_pass >= low_pass:
+        raise InvalidInputError(
+            f"high_pass ({high_pass:g} Hz) must be below low_pass ({low_pass:g} Hz)."
+        )
+    confounds_arr = None
+    sample_mask = None
+    if signals.confounds is not None and (strategy is not None or scrub):
+        preset = "scrubbing" if scrub else strategy
+        kwargs = {}
+        if preset == "scrubbing":
+            kwargs = {"fd_threshold": fd_threshold, "std_dvars_threshold": std_dvars_threshold}
+        selected, sample_mask = _fmriprep_confounds(signals.confounds, preset, **kwargs)
+        if selected is not None and selected.shape[1] > 0:
+            # The cosine (DCT) regressors already high-pass; band-pass as well is harmless.
+            confounds_arr = selected.to_numpy(dtype=np.float64)
+    elif scrub:
+        msg = "Scrubbing needs an fMRIPrep confounds file (framewise_displacement); none given."
+        warn.append(msg)
+        warnings.warn(msg, FMMTCWarning, stacklevel=2)
+
+    data = signals.data.astype(np.float64)
+    ok = np.isfinite(data).all(axis=0)
+    kept = data.shape[0] if sample_mask is None else len(sample_mask)
+    if kept < 10:
+        raise InvalidInputError(
+            f"Scrubbing kept {kept} of {data.shape[0]} volumes; too few to analyse. The scan "
+            "has too much head motion."
+        )
+    out = np.full((kept, data.shape[1]), np.nan)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="nilearn")
+        out[:, ok] = nsignal.clean(
+            data[:, ok],
+            detrend=detrend,
+            standardize=None,
+            confounds=confounds_arr,
+            sample_mask=sample_mask,
+            filter="butterworth" if (low_pass or high_pass) else False,
+            low_pass=low_pass,
+            high_pass=high_pass,
+            t_r=signals.tr,
+        )
+    if sample_mask is not None and len(sample_mask) == data.shape[0]:
+        sample_mask = None
+    return replace(
+        signals,
+        data=out.astype(np.float32),
+        cleaned=True,
+        sample_mask=None if sample_mask is None else np.asarray(sample_mask, dtype=np.int64),
+        warnings=warn,
+        cleaning={
+            "detrend": detrend,
+            "low_pass": low_pass,
+            "high_pass": high_pass,
+            "strategy": strategy if signals.confounds is not None else None,
+            "scrub": bool(scrub),
+            "fd_threshold": fd_threshold,
+            "std_dvars_threshold": std_dvars_threshold,
+            "n_volumes_kept": int(kept),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Model input preparation
+# --------------------------------------------------------------------------------------------
+def robust_scale(data: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per-region robust scaling: subtract the median, divide by the interquartile range.
+
+    Parameters
+    ----------
+    data : ndarray (T, R)
+    axis : int, default=0
+        The time axis.
+
+    Returns
+    -------
+    ndarray, same shape, float32. A region with zero IQR is only centred; NaN regions become 0
+    (the "no signal" value after scaling).
+    """
+    x = np.asarray(data, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN regions
+        med = np.nanmedian(x, axis=axis, keepdims=True)
+        q75, q25 = np.nanpercentile(x, [75, 25], axis=axis, keepdims=True)
+    iqr = q75 - q25
+    iqr = np.where(np.isfinite(iqr) & (iqr > 0), iqr, 1.0)
+    out = (x - med) / iqr
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def make_window(
+    signals: RegionSignals | np.ndarray,
+    length: int = 200,
+    *,
+    tr: float | None = None,
+    target_tr: float | None = None,
+    start: int | str = "center",
+    scale: bool = True,
+) -> np.ndarray:
+    """A fixed-length model input window, shape (R, length), regions x time.
+
+    Parameters
+    ----------
+    signals : RegionSignals or ndarray (T, R)
+    length : int, default=200
+        Samples per window (BrainLM's small checkpoint uses 200).
+    tr : float or None
+        TR of an ndarray input (taken from ``signals`` otherwise).
+    target_tr : float or None
+        Resample the series to this TR first (linear interpolation), e.g. to match the TR the
+        model was trained at. None keeps the scan's sampling.
+    start : int or "center", default="center"
+        First sample of the crop when the series is longer than ``length``.
+    scale : bool, default=True
+        Robust-scale each region (median / IQR) over the window.
+
+    Notes
+    -----
+    Shorter series are padded at the end with zeros after scaling, i.e. with the region's
+    median: the "no information" value that is also the Integrated Gradients baseline.
+    """
+    if isinstance(signals, RegionSignals):
+        data, tr = signals.data, signals.tr
+    else:
+        data = np.asarray(signals)
+    if data.ndim != 2:
+        raise InvalidInputError(f"Expected a (time, regions) array, got shape {data.shape}.")
+    if length < 2:
+        raise InvalidInputError(f"Window length must be at least 2 samples, got {length}.")
+    x = data.astype(np.float64)
+    if target_tr is not None:
+        if tr is None:
+            raise InvalidInputError("Resampling to target_tr needs the TR of the series.")
+        if abs(target_tr - tr) > 1e-6:
+            t_old = np.arange(x.shape[0]) * tr
+            t_new = np.arange(0.0, t_old[-1] + 1e-9, target_tr)
+            x = np.stack([np.interp(t_new, t_old, x[:, r]) for r in range(x.shape[1])], axis=1)
+    n = x.shape[0]
+    if n > length:
+        s = (n - length) // 2 if start == "center" else int(start)
+        if not 0 <= s <= n - length:
+            raise InvalidInputError(
+                f"Window start {s} is out of range for {n} samples and length {length}."
+            )
+        x = x[s : s + length]
+    if scale:
+        x = robust_scale(x)
+    else:
+        x = np.nan_to_num(x, nan=0.0).astype(np.float32)
+    if x.shape[0] < length:
+        x = np.concatenate([x, np.zeros((length - x.shape[0], x.shape[1]), np.float32)], axis=0)
+    return np.ascontiguousarray(x.T, dtype=np.float32)

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny synthetic scans on a coarse MNI grid (never the network)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+# Derived caches (the 2 mm atlas images) go to a per-session folder, never the user's home.
+os.environ.setdefault("FMMTC_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+
+#: A coarse 6 mm grid over MNI space: small enough for fast tests, still covers AAL3 well.
+GRID_SHAPE = (31, 37, 31)
+GRID_AFFINE = np.array(
+    [[6.0, 0, 0, -90.0], [0, 6.0, 0, -126.0], [0, 0, 6.0, -72.0], [0, 0, 0, 1]]
+)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(42)
+
+
+@pytest.fixture(scope="session")
+def aal3():
+    from fmmtc_core.atlas import load_atlas
+
+    return load_atlas("aal3")
+
+
+@pytest.fixture(scope="session")
+def grid_labels(aal3):
+    return aal3.on_grid(GRID_SHAPE, GRID_AFFINE)
+
+
+def make_bold(grid_labels, n_volumes=60, *, seed=0, baseline=800.0, noise=8.0, signal=None):
+    """A 4D float32 array: brain voxels = baseline + region signal + voxel noise, background 0."""
+    rng = np.random.default_rng(seed)
+    reg = grid_labels.region_index
+    brain = reg >= 0
+    n_regions = grid_labels.n_voxels.size
+    if signal is None:
+        signal = rng.standard_normal((n_volumes, n_regions)) * 10.0
+    data = np.zeros(GRID_SHAPE + (n_volumes,), dtype=np.float32)
+    vox_noise = rng.standard_normal((int(brain.sum()), n_volumes)).astype(np.float32) * noise
+    data[brain] = baseline + signal[:, reg[brain]].T + vox_noise
+    return data
+
+
+def save_nifti(path, data, *, tr=2.0, affine=GRID_AFFINE, dtype=None, nifti2=False,
+               slope=None, inter=0.0, sidecar=None):
+    cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    img = cls(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    zooms = list(img.header.get_zooms())
+    if len(zooms) == 4:
+        zooms[3] = tr
+        img.header.set_zooms(zooms)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    if sidecar is not None:
+        stem = str(path).replace(".nii.gz", "").replace(".nii", "")
+        with open(stem + ".json", "w") as f:
+            json.dump(sidecar, f)
+    return path
+
+
+@pytest.fixture
+def bold_file(tmp_path, grid_labels):
+    """A valid 60-volume .nii.gz on the 6 mm grid, TR 2 s in the header."""
+    return save_nifti(tmp_path / "sub-01_task-rest_bold.nii.gz", make_bold(grid_labels))
+
+
+def fmriprep_confounds(n_volumes, *, seed=0, fd_scale=0.1, spikes=()):
+    """An fMRIPrep-like confounds table (motion, FD, DVARS, CSF/WM, cosine regressors)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    cols = {}
+    motion = np.cumsum(rng.standard_normal((n_volumes, 6)) * 0.02, axis=0)
+    for i, name in enumerate(["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]):
+        m = motion[:, i]
+        d = np.diff(m, prepend=np.nan)
+        cols[name] = m
+        cols[f"{name}_derivative1"] = d
+        cols[f"{name}_power2"] = m**2
+        cols[f"{name}_derivative1_power2"] = d**2
+    fd = np.abs(rng.standard_normal(n_volumes)) * fd_scale
+    for s in spikes:
+        fd[s] = 2.0
+    fd[0] = np.nan
+    cols["framewise_displacement"] = fd
+    sd = 1.0 + np.abs(rng.standard_normal(n_volumes)) * 0.1
+    sd[0] = np.nan
+    cols["std_dvars"] = sd
+    cols["dvars"] = sd * 20
+    for name in ["csf", "white_matter", "global_signal"]:
+        v = rng.standard_normal(n_volumes)
+        d = np.diff(v, prepend=np.nan)
+        cols[name] = v
+        cols[f"{name}_derivative1"] = d
+        cols[f"{name}_power2"] = v**2
+        cols[f"{name}_derivative1_power2"] = d**2
+    t = np.arange(n_volumes)
+    for k in range(3):
+        cols[f"cosine{k:02d}"] = np.cos(np.pi * (t + 0.5) * (k + 1) / n_volumes)
+    return pd.DataFrame(cols)
