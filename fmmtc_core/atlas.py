@@ -45,7 +45,7 @@ BUNDLED_ATLASES: dict[str, tuple[str, str]] = {
 }
 #: Voxel size (mm) of the cached atlas images: fMRIPrep's ``res-2`` MNI grid.
 CACHE_VOXEL_MM = 2.0
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 # AAL3 name prefix -> lobe. Order matters: the first matching prefix wins.
 _AAL_LOBES: tuple[tuple[str, str], ...] = (
@@ -205,7 +205,18 @@ class Atlas:
         if shape == src.shape[:3] and np.allclose(affine, src.affine, atol=1e-4):
             data = src_data
         else:
-            data = _resample_nearest(src_data, src.affine, shape, affine)
+            # nilearn's own resampling, so our regions are exactly those NiftiLabelsMasker uses.
+            from nilearn.image import resample_img
+
+            resampled = resample_img(
+                nib.Nifti1Image(src_data, src.affine),
+                target_affine=affine,
+                target_shape=shape,
+                interpolation="nearest",
+                force_resample=True,
+                copy_header=True,
+            )
+            data = np.rint(np.asanyarray(resampled.dataobj)).astype(np.int16)
         lut = np.full(int(max(self.labels.max(), data.max())) + 1, -1, dtype=np.int32)
         lut[self.labels] = np.arange(self.n_regions, dtype=np.int32)
         region_index = lut[np.clip(data, 0, None)]
@@ -459,7 +470,10 @@ def _load_bundled(key: str) -> Atlas:
     )
     try:
         cdir.mkdir(parents=True, exist_ok=True)
-        meta = atlas.to_dict() | {"volumes_mm3": atlas.volumes_mm3.tolist()}
+        meta = atlas.to_dict() | {
+            "centroids_mm": atlas.centroids_mm.tolist(),  # full precision in the cache
+            "volumes_mm3": atlas.volumes_mm3.tolist(),
+        }
         # Write to temporary names, then rename: concurrent processes never see half a file.
         tmp_img = img_path.with_name(f".{os.getpid()}.{img_path.name}")
         tmp_meta = meta_path.with_name(f".{os.getpid()}.{meta_path.name}")

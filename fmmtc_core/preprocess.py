@@ -105,6 +105,11 @@ class RegionSignals:
     voxel_stats : VoxelStats or None
         Voxel-level QC facts (NIfTI input only).
     warnings : list of str
+        Recoverable oddities of the input (they make the QC verdict "warn").
+    notes : list of str
+        Informational facts about processing (e.g. the atlas was resampled to the scan grid).
+    cleaning : dict
+        Cleaning parameters, once :func:`clean` has run.
     """
 
     data: np.ndarray
@@ -117,6 +122,7 @@ class RegionSignals:
     confounds: pd.DataFrame | None = None
     voxel_stats: VoxelStats | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     cleaning: dict = field(default_factory=dict)
 
     @property
@@ -191,9 +197,11 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
             f"{grid.fraction_covered:.0%}): the image is not in MNI space. Expected an fMRIPrep "
             "space-MNI152NLin2009cAsym (or FSL MNI152) output."
         )
+    notes = []
     if not same_grid:
+        # Informational, not a warning: FSL-grid and other MNI grids are routine.
         zooms = np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0))
-        warn.append(
+        notes.append(
             f"The scan grid ({'x'.join(map(str, scan.spatial_shape))}, "
             f"{'x'.join(f'{z:g}' for z in zooms)} mm) differs from the atlas grid; the atlas "
             "was resampled to the scan (nearest neighbour)."
@@ -310,6 +318,7 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
         confounds=scan.confounds,
         voxel_stats=stats,
         warnings=warn,
+        notes=notes,
     )
 
 

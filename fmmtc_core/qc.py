@@ -81,6 +81,7 @@ class QCReport:
     carpet: np.ndarray | None = None
     carpet_regions: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     thresholds: QCThresholds = field(default_factory=QCThresholds)
 
     @property
@@ -105,6 +106,7 @@ class QCReport:
             "verdict": self.verdict,
             "reasons": list(self.reasons),
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
             "n_volumes": self.n_volumes,
             "tr_s": num(self.tr),
             "duration_s": num(self.duration_s),
@@ -241,5 +243,6 @@ def qc_report(
         carpet=carpet,
         carpet_regions=carpet_regions,
         warnings=input_warnings,
+        notes=list(signals.notes),
         thresholds=th,
     )

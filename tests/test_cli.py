@@ -1,0 +1,122 @@
+"""The `fmmtc` command: outputs, and the one-line `error:` contract with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fmriprep_confounds, make_bold, save_nifti
+
+from fmmtc_core.cli import main
+from fmmtc_core.io import load_scan
+from fmmtc_core.preprocess import parcellate
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, match):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert match in lines[0]
+    assert "Traceback" not in err
+
+
+def test_parcellate_writes_xcpd_style_tsv_and_sidecar(tmp_path, bold_file, aal3, capsys):
+    out = tmp_path / "out" / "sub-01_seg-AAL3_timeseries.tsv"
+    code, stdout, _ = run(["parcellate", bold_file, "--atlas", "aal3", "--out", out], capsys)
+    assert code == 0 and "60 volumes x 166 regions" in stdout
+    table = pd.read_csv(out, sep="\t", na_values="n/a")
+    assert list(table.columns) == list(aal3.names)
+    ref = parcellate(load_scan(bold_file), aal3).data
+    np.testing.assert_allclose(table.to_numpy(), ref, rtol=1e-6, equal_nan=True)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["RepetitionTime"] == 2.0 and side["Atlas"] == "AAL3"
+    assert side["Cleaned"] is False
+    # The output is itself a valid scan: a region table for AAL3.
+    again = load_scan(out)
+    assert again.kind == "table" and again.atlas_name == "AAL3"
+
+
+def test_parcellate_clean_with_confounds(tmp_path, grid_labels, capsys):
+    bold = save_nifti(tmp_path / "b.nii.gz", make_bold(grid_labels, n_volumes=80))
+    conf = tmp_path / "c.tsv"
+    fmriprep_confounds(80, spikes=(40,)).to_csv(conf, sep="\t", index=False, na_rep="n/a")
+    out = tmp_path / "o.tsv"
+    code, _, _ = run(["parcellate", bold, "--atlas", "aal3", "--confounds", conf, "--clean",
+                      "--scrub", "--out", out], capsys)
+    assert code == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["Cleaned"] is True and 40 not in side["SampleMask"]
+    assert len(pd.read_csv(out, sep="\t")) == len(side["SampleMask"]) < 80
+
+
+def test_qc_json(bold_file, capsys):
+    code, out, _ = run(["qc", bold_file, "--atlas", "aal3", "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["verdict"] in ("pass", "warn", "fail")
+    assert report["n_volumes"] == 60 and report["atlas"] == "AAL3"
+    code, out, _ = run(["qc", bold_file, "--atlas", "aal3"], capsys)
+    assert code == 0 and out.startswith("QC verdict: ")
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: p.write_bytes(b""), "is empty"),
+        (lambda p: p.write_bytes(b"\x00" * 500), "wrong magic number"),
+        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 100), "corrupt gzip"),
+    ],
+)
+def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, make, match):
+    bad = tmp_path / "bad.nii.gz"
+    make(bad)
+    for cmd in (["qc", bad, "--json"], ["parcellate", bad, "--out", tmp_path / "o.tsv"]):
+        code, out, err = run(cmd, capsys)
+        assert_one_error_line(code, err, match)
+        assert out == ""
+    assert not (tmp_path / "o.tsv").exists()
+
+
+def test_bad_options_exit_2(tmp_path, bold_file, capsys):
+    code, _, err = run(["parcellate", bold_file, "--out", tmp_path / "o.csv"], capsys)
+    assert_one_error_line(code, err, "--out must name a .tsv file")
+    code, _, err = run(["parcellate", bold_file, "--atlas", "nope", "--out", tmp_path / "o.tsv"],
+                       capsys)
+    assert_one_error_line(code, err, "Unknown atlas 'nope'")
+    with pytest.raises(SystemExit) as exc:
+        main(["parcellate", str(bold_file)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: the following arguments are required")
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_missing_file_and_debug_traceback(tmp_path):
+    missing = tmp_path / "none.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "fmmtc_core.cli", "qc", str(missing)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: Scan file {missing} does not exist."
+    proc = subprocess.run([sys.executable, "-m", "fmmtc_core.cli", "--debug", "qc", str(missing)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_console_script_is_installed():
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "fmmtc"  # the venv's bin, activated or not
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("fmmtc ")
