@@ -18,7 +18,10 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
+import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -150,34 +153,107 @@ class Scan:
         itemsize = self._dtype.itemsize
         k = max(1, min(self.n_volumes, block_bytes // max(1, nvox * itemsize)))
         if not self._compressed:
-            mm = np.memmap(
-                self.path, dtype=self._dtype, mode="r", offset=self._offset,
-                shape=(self.n_volumes, nvox),
-            )
+            # One short-lived map per block: unmapping it returns its pages, so the resident
+            # memory stays at one block instead of growing to the whole file.
             for t0 in range(0, self.n_volumes, k):
-                yield t0, np.asarray(mm[t0 : t0 + k])
-            del mm
+                n = min(k, self.n_volumes - t0)
+                mm = np.memmap(
+                    self.path, dtype=self._dtype, mode="r",
+                    offset=self._offset + t0 * nvox * itemsize, shape=(n, nvox),
+                )
+                yield t0, mm
+                del mm
             return
-        buf = bytearray(k * nvox * itemsize)
+        yield from self._iter_gzip_blocks(k)
+
+    def _iter_gzip_blocks(self, k: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Decompress in a background thread, one block ahead of the consumer.
+
+        zlib releases the GIL, so on two or more cores decompression of block i+1 overlaps the
+        consumer's work on block i and the whole read costs about the decompression alone.
+        At most three blocks are alive at once (consumer, queue, worker).
+        """
+        nvox = self.n_voxels
+        vol_bytes = nvox * self._dtype.itemsize
+        ready: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                with gzip.open(self.path, "rb") as f:
+                    _skip(f, self._offset)
+                    for t0 in range(0, self.n_volumes, k):
+                        n = min(k, self.n_volumes - t0)
+                        # read() hands over the decompressed bytes without the extra copy
+                        # readinto() makes in GzipFile.
+                        data = f.read(n * vol_bytes)
+                        if len(data) < n * vol_bytes:
+                            put(InvalidInputError(
+                                f"{self.path.name} is truncated: the header declares "
+                                f"{self.n_volumes} volumes but the file ends inside volume "
+                                f"{t0 + len(data) // vol_bytes + 1}."
+                            ))
+                            return
+                        if not put((t0, n, data)):
+                            return
+            except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+                put(InvalidInputError(
+                    f"{self.path.name} is a truncated or corrupt gzip file ({exc}); "
+                    "re-export or re-copy the scan."
+                ))
+                return
+            put(None)
+
+        worker = threading.Thread(target=produce, name="fmmtc-gunzip", daemon=True)
+        _fast_thread_switching(True)
+        worker.start()
         try:
-            with gzip.open(self.path, "rb") as f:
-                _skip(f, self._offset)
-                for t0 in range(0, self.n_volumes, k):
-                    n = min(k, self.n_volumes - t0)
-                    view = memoryview(buf)[: n * nvox * itemsize]
-                    got = _read_exact(f, view)
-                    if got < len(view):
-                        raise InvalidInputError(
-                            f"{self.path.name} is truncated: the header declares "
-                            f"{self.n_volumes} volumes but the file ends inside volume "
-                            f"{t0 + got // (nvox * itemsize) + 1}."
-                        )
-                    yield t0, np.frombuffer(view, dtype=self._dtype).reshape(n, nvox)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise InvalidInputError(
-                f"{self.path.name} is a truncated or corrupt gzip file ({exc}); "
-                "re-export or re-copy the scan."
-            ) from None
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                t0, n, data = item
+                yield t0, np.frombuffer(data, dtype=self._dtype).reshape(n, nvox)
+        finally:
+            stop.set()
+            worker.join(timeout=5)
+            _fast_thread_switching(False)
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+def _fast_thread_switching(enter: bool) -> None:
+    """Shorten the GIL switch interval while a gunzip worker runs (reference counted).
+
+    GzipFile inflates in ~128 KB steps, each needing the GIL for a moment; with the default
+    5 ms interval the worker waits behind the consumer's numpy work, and the overlap is lost
+    (measured: 2.7 s vs 2.5 s for a 1.3 GB scan, 2.35 s to only decompress it).
+    """
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if enter:
+            if _switch_users == 0:
+                _switch_saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(_switch_saved, 0.001))
+            _switch_users += 1
+        else:
+            _switch_users = max(0, _switch_users - 1)
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 def _skip(f, n: int) -> None:
@@ -186,16 +262,6 @@ def _skip(f, n: int) -> None:
         if not chunk:
             raise EOFError("file ends inside the NIfTI header")
         n -= len(chunk)
-
-
-def _read_exact(f, view: memoryview) -> int:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
 
 
 # --------------------------------------------------------------------------------------------
