@@ -104,10 +104,12 @@ def cmd_parcellate(args) -> int:
 
 
 def cmd_qc(args) -> int:
-    from fmmtc_core.qc import qc_report
+    from fmmtc_core.qc import assess_scan
 
-    scan = _load(args)
-    report = qc_report(scan, atlas=args.atlas)
+    _, _, report = assess_scan(
+        args.scan, sidecar=args.sidecar, confounds=args.confounds, atlas=args.atlas,
+        min_volumes=args.min_volumes, progress=_progress("qc"),
+    )
     if args.json:
         print(json.dumps(report.to_dict(series=args.series), indent=2))
     else:

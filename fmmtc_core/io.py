@@ -40,6 +40,7 @@ __all__ = [
     "load_sidecar",
     "load_confounds_table",
     "find_sidecar",
+    "write_upload",
     "DEFAULT_MIN_VOLUMES",
     "DEFAULT_MAX_SCAN_BYTES",
     "TR_RANGE_S",
@@ -264,6 +265,30 @@ def _skip(f, n: int) -> None:
         n -= len(chunk)
 
 
+def write_upload(data, name: str, folder: str | os.PathLike) -> Path:
+    """Write an uploaded file (bytes or a binary file object) into ``folder`` under a safe name.
+
+    Only the last path component of ``name`` is kept and characters outside ``[A-Za-z0-9._-]``
+    become ``_``, so a crafted name cannot escape ``folder``. The extension is preserved because
+    sidecars and confounds are matched by name. Returns the written path.
+    """
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(str(name).replace("\\", "/")).name).lstrip(".")
+    if not base:
+        base = "upload"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / base
+    with open(target, "wb") as out:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            out.write(data)
+        else:
+            if hasattr(data, "seek"):
+                data.seek(0)
+            for chunk in iter(lambda: data.read(8 * 1024**2), b""):
+                out.write(chunk)
+    return target
+
+
 # --------------------------------------------------------------------------------------------
 # Sidecars and confounds
 # --------------------------------------------------------------------------------------------
@@ -436,8 +461,9 @@ def load_scan(
     confounds : path, DataFrame or None, default=None
         fMRIPrep ``desc-confounds_timeseries.tsv`` of the same run.
     atlas : str, path, Atlas or None, default=None
-        Atlas of a table; otherwise taken from the sidecar's ``Atlas`` or the file name's
-        ``seg-<name>`` entity. Ignored for NIfTI scans (the atlas is chosen at parcellation).
+        Atlas of a table that does not name one (by the sidecar's ``Atlas`` or the file name's
+        ``seg-<name>`` entity); a table naming another atlas is refused. Ignored for NIfTI
+        scans (the atlas is chosen at parcellation).
     tr : float or None, default=None
         Repetition time in seconds, overriding header and sidecar.
     min_volumes : int, default=50
@@ -598,13 +624,23 @@ _SEG_ENTITY = re.compile(r"(?:^|_)(?:seg|atlas)-([A-Za-z0-9]+)(?:_|$)")
 
 
 def _table_atlas_name(path: Path, side: dict, atlas) -> object:
+    """The table's atlas: named by the file (sidecar ``Atlas``, ``seg-`` entity) or by ``atlas``."""
+    named = side.get("Atlas")
+    if not named:
+        m = _SEG_ENTITY.search(_strip_ext(path))
+        named = m.group(1) if m else None
+    if named and atlas is not None:
+        from fmmtc_core.atlas import load_atlas
+
+        if load_atlas(named) is not load_atlas(atlas):
+            raise InvalidInputError(
+                f"{path.name} holds {load_atlas(named).name} region series, but atlas "
+                f"{load_atlas(atlas).name} was requested; choose {load_atlas(named).name}."
+            )
+    if named:
+        return named
     if atlas is not None:
         return atlas
-    if side.get("Atlas"):
-        return side["Atlas"]
-    m = _SEG_ENTITY.search(_strip_ext(path))
-    if m:
-        return m.group(1)
     raise InvalidInputError(
         f"Cannot tell which atlas the columns of {path.name} follow: add \"Atlas\" to its JSON "
         "sidecar or a seg-<name> entity to its file name (e.g. sub-01_seg-HCPEx_timeseries.tsv)."

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fmmtc_core.io import Scan
+from fmmtc_core.io import Scan, load_scan
 from fmmtc_core.preprocess import RegionSignals, parcellate
 
-__all__ = ["QCThresholds", "QCReport", "qc_report", "VERDICTS"]
+__all__ = ["QCThresholds", "QCReport", "qc_report", "assess_scan", "VERDICTS"]
 
 VERDICTS = ("pass", "warn", "fail")
 
@@ -246,3 +246,33 @@ def qc_report(
         notes=list(signals.notes),
         thresholds=th,
     )
+
+
+def assess_scan(
+    path,
+    *,
+    sidecar=None,
+    confounds=None,
+    atlas=None,
+    min_volumes: int | None = None,
+    thresholds: QCThresholds | None = None,
+    progress=None,
+) -> tuple[Scan, RegionSignals, QCReport]:
+    """Load, validate, parcellate and quality-control a scan file in one call.
+
+    Parameters are those of :func:`fmmtc_core.io.load_scan` and :func:`parcellate`.
+
+    Returns
+    -------
+    scan, signals, report
+        ``signals`` are the uncleaned region means.
+
+    Raises
+    ------
+    InvalidInputError
+        For every kind of bad input (see :func:`fmmtc_core.io.load_scan`).
+    """
+    kwargs = {} if min_volumes is None else {"min_volumes": min_volumes}
+    scan = load_scan(path, sidecar=sidecar, confounds=confounds, atlas=atlas, **kwargs)
+    signals = parcellate(scan, None if scan.kind == "table" else atlas, progress=progress)
+    return scan, signals, qc_report(scan, signals, thresholds=thresholds)

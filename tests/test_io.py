@@ -303,6 +303,17 @@ def test_table_refusals(tmp_path, aal3):
         load_scan(tmp_path / "z_seg-aal3.tsv", sidecar={"RepetitionTime": 2.0, "Atlas": "nope"})
 
 
+def test_table_atlas_argument(tmp_path, aal3):
+    data = _table(aal3)
+    np.save(tmp_path / "plain.npy", data)
+    scan = load_scan(tmp_path / "plain.npy", atlas="aal3", tr=2.0)
+    assert scan.atlas_name == "AAL3"
+    np.save(tmp_path / "x_seg-aal3.npy", data)
+    assert load_scan(tmp_path / "x_seg-aal3.npy", atlas="AAL3", tr=2.0).atlas_name == "AAL3"
+    with pytest.raises(InvalidInputError, match="holds AAL3 region series, but atlas HCPEx"):
+        load_scan(tmp_path / "x_seg-aal3.npy", atlas="hcpex", tr=2.0)
+
+
 def test_npy_refusals(tmp_path):
     np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InvalidInputError, match="object arrays are refused"):
