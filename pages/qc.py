@@ -1,0 +1,144 @@
+"""Scan quality page: upload a scan (or take a simulated one) and review its QC report."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from fmmtc_core import FMMTCError
+from fmmtc_core.atlas import BUNDLED_ATLASES
+from fmmtc_core.connectivity import connectivity
+from fmmtc_core.figures import (
+    carpet_figure,
+    connectivity_figure,
+    motion_figure,
+    region_series_figure,
+)
+from fmmtc_core.io import write_upload
+from fmmtc_core.preprocess import clean
+from fmmtc_core.qc import assess_scan
+
+VERDICT_STYLE = {
+    "pass": (st.success, "Passed quality control"),
+    "warn": (st.warning, "Usable, with warnings"),
+    "fail": (st.error, "Failed quality control: this scan would not be screened"),
+}
+
+st.title("Scan quality")
+st.write(
+    "Upload a participant's resting-state fMRI (a 4D NIfTI in MNI space, such as an fMRIPrep "
+    "`space-MNI152NLin2009cAsym` output) or a region time-series table. The scan is checked, "
+    "parcellated and quality-controlled; nothing is stored."
+)
+
+atlas_key = st.selectbox(
+    "Atlas",
+    list(BUNDLED_ATLASES),
+    format_func=lambda k: f"{k.upper()} - {BUNDLED_ATLASES[k][1]}",
+)
+with st.form("upload"):
+    scan_file = st.file_uploader(
+        "Scan (.nii, .nii.gz, or a .tsv/.csv/.npy region table)",
+        type=["nii", "gz", "tsv", "csv", "npy"],
+    )
+    col1, col2 = st.columns(2)
+    sidecar_file = col1.file_uploader("JSON sidecar (optional)", type=["json"])
+    confounds_file = col2.file_uploader("fMRIPrep confounds TSV (optional)", type=["tsv"])
+    submitted = st.form_submit_button("Check scan", type="primary")
+demo = st.button("Use a simulated demo scan", help="A synthetic scan made on this machine.")
+
+
+def run_check(path, sidecar=None, confounds=None):
+    bar = st.progress(0.0, text="Reading and parcellating the scan...")
+    try:
+        result = assess_scan(
+            path,
+            sidecar=sidecar,
+            confounds=confounds,
+            atlas=atlas_key,
+            progress=lambda done, total: bar.progress(done / total, text="Parcellating..."),
+        )
+    except FMMTCError as exc:
+        bar.empty()
+        st.error(f"This scan cannot be used: {exc}")
+        return None
+    bar.empty()
+    return result
+
+
+if submitted or demo:
+    st.session_state.pop("qc_result", None)
+    if demo:
+        from fmmtc_core.simulate import demo_scan
+
+        with st.spinner("Simulating a demo scan..."):
+            path, sidecar, confounds = demo_scan()
+        st.session_state["qc_result"] = run_check(path, sidecar, confounds)
+        st.session_state["qc_simulated"] = True
+    elif scan_file is None:
+        st.error("Choose a scan file to upload first.")
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="fmmtc-upload-"))
+        path = write_upload(scan_file, scan_file.name, folder)
+        side = write_upload(sidecar_file, sidecar_file.name, folder) if sidecar_file else None
+        conf = write_upload(confounds_file, confounds_file.name, folder) if confounds_file else None
+        st.session_state["qc_result"] = run_check(path, side, conf)
+        st.session_state["qc_simulated"] = False
+
+result = st.session_state.get("qc_result")
+if result is not None:
+    scan, signals, report = result
+    if st.session_state.get("qc_simulated"):
+        st.info("Simulated data: this demo scan was generated on this machine, not acquired.")
+    show, headline = VERDICT_STYLE[report.verdict]
+    show(headline)
+    for reason in report.reasons:
+        st.markdown(f"- {reason}")
+    for w in report.warnings:
+        st.markdown(f"- {w}")
+    for n in report.notes:
+        st.caption(n)
+
+    d = report.to_dict()
+    c = st.columns(5)
+    c[0].metric("Volumes", d["n_volumes"])
+    c[1].metric("TR (s)", f"{d['tr_s']:g}")
+    c[2].metric("Median tSNR", "n/a" if d["tsnr_median"] is None else f"{d['tsnr_median']:.1f}")
+    c[3].metric("Mean FD (mm)", "n/a" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}")
+    c[4].metric("Uncovered regions", f"{d['n_uncovered_regions']} / {d['n_regions']}")
+
+    atlas = signals.atlas
+    tab1, tab2, tab3 = st.tabs(["Carpet and motion", "Connectivity", "Regions"])
+    with tab1:
+        if report.carpet is not None:
+            st.plotly_chart(carpet_figure(report.carpet, report.carpet_regions, atlas.groups,
+                                          report.tr), width="stretch")
+        else:
+            st.caption("A region table has no voxels: no carpet plot.")
+        if report.fd is not None or report.dvars is not None:
+            st.plotly_chart(motion_figure(report.tr, report.fd, report.dvars,
+                                          report.thresholds.fd_threshold), width="stretch")
+    with tab2:
+        fc = connectivity(clean(signals))
+        st.plotly_chart(connectivity_figure(fc, atlas.names, atlas.groups), width="stretch")
+        st.caption("Pearson correlation of the cleaned region series, as Fisher z, regions "
+                   "grouped by lobe.")
+    with tab3:
+        import pandas as pd
+
+        table = pd.DataFrame({
+            "label": atlas.labels,
+            "region": atlas.names,
+            "group": atlas.groups,
+            "hemisphere": atlas.hemispheres,
+            "voxels": np.where(signals.n_voxels >= 0, signals.n_voxels, np.nan),
+            "tSNR": report.tsnr_regions if report.tsnr_regions is not None else np.nan,
+            "covered": ~np.isin(atlas.names, report.uncovered_regions),
+        })
+        st.dataframe(table, hide_index=True, width="stretch")
+        ok = np.flatnonzero(np.isfinite(signals.data).all(axis=0))
+        st.plotly_chart(region_series_figure(signals.data, atlas.names, report.tr, ok[:4]),
+                        width="stretch")
