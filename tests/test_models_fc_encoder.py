@@ -1,0 +1,77 @@
+"""Connectivity encoders: shapes, parameter budget, learning on a planted edge pattern."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.models.fc_encoder import (
+    BrainNetCNN,
+    ResNetGramEncoder,
+    build_fc_encoder,
+    gram_matrix,
+)
+
+
+def test_brainnetcnn_shapes_and_budget():
+    enc = BrainNetCNN(426)
+    n_params = sum(p.numel() for p in enc.parameters())
+    assert n_params < 400_000  # small enough for cohorts of tens of subjects
+    out = enc(torch.randn(3, 426, 426))
+    assert out.shape == (3, 64)
+    with pytest.raises(ValueError, match=r"expects \(batch, 426, 426\)"):
+        enc(torch.randn(3, 10, 10))
+
+
+def test_brainnetcnn_is_permutation_sensitive_but_input_differentiable():
+    torch.manual_seed(0)
+    enc = BrainNetCNN(12, dropout=0.0).eval()
+    x = torch.randn(2, 12, 12)
+    x = (x + x.transpose(1, 2)) / 2
+    x.requires_grad_(True)
+    enc(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_brainnetcnn_learns_a_planted_edge_pattern():
+    torch.manual_seed(0)
+    n, r = 64, 20
+    y = torch.arange(n) % 2
+    fc = torch.randn(n, r, r) * 0.3
+    fc = (fc + fc.transpose(1, 2)) / 2
+    fc[y == 1, 2, 5] += 1.0
+    fc[y == 1, 5, 2] += 1.0
+    enc = BrainNetCNN(r, out_dim=8, dropout=0.0)
+    head = torch.nn.Linear(8, 1)
+    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            head(enc(fc)).squeeze(1), y.float())
+        loss.backward()
+        opt.step()
+    acc = ((head(enc(fc)).squeeze(1) > 0).long() == y).float().mean()
+    assert acc > 0.95
+
+
+def test_paper_resnet_encoder():
+    enc = ResNetGramEncoder(32)
+    assert enc.resnet.config.depths == [2, 2, 2, 2]
+    assert enc.resnet.config.layer_type == "basic"
+    assert enc(torch.randn(2, 32, 32)).shape == (2, 256)
+
+
+def test_gram_matrix_is_normalised_by_length():
+    w = torch.randn(2, 5, 100)
+    g = gram_matrix(w)
+    assert g.shape == (2, 5, 5)
+    torch.testing.assert_close(g, w @ w.transpose(1, 2) / 100)
+    # Doubling the window (same content twice) leaves it unchanged.
+    torch.testing.assert_close(gram_matrix(torch.cat([w, w], dim=2)), g)
+
+
+def test_build_by_name():
+    assert isinstance(build_fc_encoder("brainnetcnn", 10), BrainNetCNN)
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'fc_encoder' parameter"):
+        build_fc_encoder("gcn", 10)
