@@ -1,0 +1,208 @@
+"""Simulation: determinism, measurable planted effects, rendering, BIDS cohort layout."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import GRID_AFFINE, GRID_SHAPE
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.connectivity import fisher_z
+from fmmtc_core.io import load_scan
+from fmmtc_core.preprocess import parcellate, robust_scale
+from fmmtc_core.simulate import (
+    SimulationConfig,
+    planted_regions,
+    render_nifti,
+    simulate_subject,
+    write_cohort,
+    write_nifti,
+)
+
+CFG = SimulationConfig(n_volumes=150)
+
+
+def _subject(aal3, i, responder, cfg=CFG):
+    return simulate_subject(aal3, responder=responder, site=i % 3, config=cfg,
+                            rng=np.random.default_rng(i))
+
+
+def test_deterministic_by_seed(aal3):
+    a, b = _subject(aal3, 3, True), _subject(aal3, 3, True)
+    np.testing.assert_array_equal(a.signals, b.signals)
+    pd.testing.assert_frame_equal(a.confounds, b.confounds)
+    assert not np.array_equal(a.signals, _subject(aal3, 4, True).signals)
+    assert a.signals.shape == (150, aal3.n_regions) and a.signals.dtype == np.float32
+
+
+def test_planted_regions_are_disjoint_named_and_stable(aal3):
+    p = planted_regions(aal3, CFG, seed=0)
+    assert len(p["fc_labels"]) == 8 and len(p["ts_labels"]) == 8
+    assert not set(p["fc_labels"]) & set(p["ts_labels"])
+    assert any("Insula" in n for n in p["fc_names"])  # pain-related choice where names allow
+    assert planted_regions(aal3, CFG, seed=0) == p
+    big = SimulationConfig(n_fc_regions=100, n_ts_regions=100)
+    with pytest.raises(InvalidInputError, match="Cannot plant 100 \\+ 100 regions"):
+        planted_regions(aal3, big)
+
+
+@pytest.fixture(scope="module")
+def groups(aal3):
+    """Robust-scaled FC and lag-1 autocorrelation of 24 responders and 24 non-responders."""
+    out = {True: [], False: []}
+    for i in range(48):
+        resp = bool(i % 2)
+        x = robust_scale(_subject(aal3, i, resp).signals)
+        fc = fisher_z(np.corrcoef(x.T))
+        ac = np.array([np.corrcoef(x[:-1, j], x[1:, j])[0, 1] for j in range(x.shape[1])])
+        out[resp].append((fc, ac))
+    return out
+
+
+def test_planted_connectivity_effect_is_measurable_and_local(aal3, groups):
+    from scipy.stats import ttest_ind
+
+    fc_idx = np.array(planted_regions(aal3, CFG)["fc_index"])
+    iu = np.triu_indices(len(fc_idx), 1)
+    planted = {r: [f[np.ix_(fc_idx, fc_idx)][iu].mean() for f, _ in groups[r]] for r in groups}
+    diff = np.mean(planted[True]) - np.mean(planted[False])
+    assert diff > 0.04
+    assert ttest_ind(planted[True], planted[False]).pvalue < 1e-4
+    mean_r = np.mean([f for f, _ in groups[True]], axis=0)
+    mean_n = np.mean([f for f, _ in groups[False]], axis=0)
+    mask = np.ones((aal3.n_regions, aal3.n_regions), bool)
+    mask[np.ix_(fc_idx, fc_idx)] = False
+    mask &= np.triu(np.ones_like(mask), 1).astype(bool)
+    elsewhere = (mean_r - mean_n)[mask].mean()
+    assert abs(elsewhere) < 0.3 * diff  # the effect is concentrated on the planted edges
+
+
+def test_planted_temporal_effect_survives_robust_scaling(aal3, groups):
+    ts_idx = np.array(planted_regions(aal3, CFG)["ts_index"])
+    ac_r = np.mean([a for _, a in groups[True]], axis=0)
+    ac_n = np.mean([a for _, a in groups[False]], axis=0)
+    planted = (ac_r - ac_n)[ts_idx].mean()
+    others = np.delete(ac_r - ac_n, ts_idx)
+    assert planted > 0.02
+    assert planted > others.mean() + 3 * others.std()
+
+
+def test_unlabelled_subjects_have_no_planted_effect(aal3):
+    a = simulate_subject(aal3, responder=None, config=CFG, rng=np.random.default_rng(1))
+    b = simulate_subject(aal3, responder=False, config=CFG, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(a.signals, b.signals)
+
+
+def test_confounds_have_fmriprep_columns_and_spikes(aal3):
+    cfg = SimulationConfig(n_volumes=150, spike_rate=0.05)
+    s = simulate_subject(aal3, responder=False, config=cfg, rng=np.random.default_rng(5))
+    c = s.confounds
+    assert len(c) == 150 and np.isnan(c["framewise_displacement"].iloc[0])
+    for col in ("trans_x", "rot_z_derivative1_power2", "csf", "white_matter", "global_signal",
+                "std_dvars", "cosine00"):
+        assert col in c
+    assert s.spikes.size > 0
+    fd = c["framewise_displacement"].to_numpy()
+    assert np.nanmedian(fd[s.spikes]) > 0.5 > np.nanmedian(fd)
+
+
+def test_rendered_image_parcellates_back_to_the_signals(tmp_path, aal3, grid_labels):
+    s = _subject(aal3, 0, True)
+    img = render_nifti(s.signals, aal3, shape=GRID_SHAPE, affine=GRID_AFFINE, tr=2.0,
+                       rng=np.random.default_rng(0))
+    assert img.shape == (*GRID_SHAPE, 150)
+    assert img.header.get_zooms()[3] == pytest.approx(2.0)
+    path = tmp_path / "r.nii.gz"
+    nib.save(img, path)
+    back = parcellate(load_scan(path), aal3).data
+    present = np.flatnonzero(grid_labels.n_voxels >= 3)
+    r = [np.corrcoef(back[:, j], s.signals[:, j])[0, 1] for j in present]
+    assert np.median(r) > 0.97
+
+
+def test_streamed_writer_equals_in_memory_render(tmp_path, aal3):
+    s = _subject(aal3, 1, False)
+    kw = dict(shape=GRID_SHAPE, affine=GRID_AFFINE, tr=1.5)
+    for ext, dtype in (("nii", "float32"), ("nii.gz", "int16")):
+        mem = render_nifti(s.signals, aal3, dtype=dtype, rng=np.random.default_rng(2), **kw)
+        path = write_nifti(tmp_path / f"w.{ext}", s.signals, aal3, dtype=dtype,
+                           rng=np.random.default_rng(2), **kw)
+        disk = nib.load(path)
+        assert disk.get_data_dtype() == np.dtype(dtype)
+        np.testing.assert_allclose(disk.get_fdata(), mem.get_fdata(), rtol=1e-5, atol=1e-3)
+        assert disk.header.get_zooms()[3] == pytest.approx(1.5)
+        assert int(disk.header["sform_code"]) == 4
+    # int16 reconstructs the float image to within half a quantisation step.
+    f = render_nifti(s.signals, aal3, dtype="float32", rng=np.random.default_rng(2), **kw)
+    i = render_nifti(s.signals, aal3, dtype="int16", rng=np.random.default_rng(2), **kw)
+    slope = i.dataobj.slope  # nibabel moves the scaling from the header to the proxy
+    assert np.abs(i.get_fdata() - f.get_fdata()).max() <= slope / 2 + 1e-3
+    assert not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "timeseries"])
+def test_write_cohort_layout(tmp_path, aal3, fmt):
+    cfg = SimulationConfig(n_volumes=60)
+    root = write_cohort(tmp_path / "c", 4, seed=3, fmt=fmt, atlas="aal3", config=cfg,
+                        shape=GRID_SHAPE, affine=GRID_AFFINE)
+    parts = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert list(parts.columns) == ["participant_id", "responder", "site", "drug"]
+    assert sorted(parts["responder"]) == [0, 0, 1, 1]
+    desc = json.loads((root / "dataset_description.json").read_text())
+    assert desc["Simulated"] is True and desc["DatasetType"] == "derivative"
+    truth = json.loads((root / "simulation.json").read_text())
+    p = planted_regions(aal3, cfg, seed=3)
+    assert truth["planted"]["fc_labels"] == p["fc_labels"]
+    assert truth["planted"]["ts_names"] == p["ts_names"]
+    func = root / "sub-001" / "func"
+    conf = func / "sub-001_task-rest_desc-confounds_timeseries.tsv"
+    if fmt == "nifti":
+        bold = next(func.glob("*_desc-preproc_bold.nii.gz"))
+        scan = load_scan(bold, confounds=conf)  # sidecar found beside the image
+        assert scan.tr == 2.0 and scan.shape == (*GRID_SHAPE, 60)
+    else:
+        table = next(func.glob("*_seg-AAL3_timeseries.tsv"))
+        assert pd.read_csv(table, sep="\t").columns.tolist() == list(aal3.names)
+        scan = load_scan(table)
+        assert scan.kind == "table" and scan.atlas_name == "AAL3" and scan.tr == 2.0
+
+
+def test_confounds_load_with_nilearn_presets(tmp_path):
+    from nilearn.interfaces.fmriprep import load_confounds_strategy
+
+    cfg = SimulationConfig(n_volumes=60, spike_rate=0.05)
+    root = write_cohort(tmp_path / "c", 2, seed=1, atlas="aal3", config=cfg,
+                        shape=GRID_SHAPE, affine=GRID_AFFINE)
+    bold = next((root / "sub-001" / "func").glob("*_bold.nii.gz"))
+    conf, mask = load_confounds_strategy(str(bold), denoise_strategy="simple")
+    assert conf.shape[0] == 60 and "trans_x" in conf and "csf" in conf
+    conf, mask = load_confounds_strategy(str(bold), denoise_strategy="scrubbing")
+    assert conf.shape[0] == 60
+
+
+def test_unlabelled_corpus_varies_tr(tmp_path):
+    root = write_cohort(tmp_path / "u", 6, seed=2, fmt="timeseries", labelled=False,
+                        atlas="aal3", config=SimulationConfig(n_volumes=60))
+    parts = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert "responder" not in parts
+    trs = {json.loads(p.read_text())["RepetitionTime"]
+           for p in root.glob("sub-*/func/*_timeseries.json")}
+    assert len(trs) > 1
+    assert json.loads((root / "simulation.json").read_text())["planted"] is None
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="at least 2 subjects, got 1"):
+        write_cohort(tmp_path / "x", 1)
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'fmt' parameter"):
+        write_cohort(tmp_path / "x", 2, fmt="dicom")
+    with pytest.raises(InvalidInputError, match="n_volumes must be at least 10"):
+        simulate_subject("aal3", responder=True, config=SimulationConfig(n_volumes=3))
+    root = write_cohort(tmp_path / "y", 2, fmt="timeseries", atlas="aal3",
+                        config=SimulationConfig(n_volumes=60))
+    with pytest.raises(InvalidInputError, match="already holds a cohort"):
+        write_cohort(root, 2)
