@@ -120,3 +120,17 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "fmmtc"  # the venv's bin, activated or not
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("fmmtc ")
+
+
+def test_simulate_writes_a_cohort(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    code, stdout, _ = run(["simulate", out, "--subjects", "3", "--seed", "1", "--format",
+                           "timeseries", "--atlas", "aal3"], capsys)
+    assert code == 0 and "simulated labelled cohort of 3 subjects" in stdout
+    assert (out / "participants.tsv").exists() and (out / "simulation.json").exists()
+    tables = sorted(out.glob("sub-*/func/*_seg-AAL3_timeseries.tsv"))
+    assert len(tables) == 3
+    code, _, err = run(["simulate", out, "--subjects", "3"], capsys)
+    assert_one_error_line(code, err, "already holds a cohort")
+    code, _, err = run(["simulate", tmp_path / "c2", "--subjects", "1"], capsys)
+    assert_one_error_line(code, err, "at least 2 subjects")
