@@ -13,9 +13,12 @@ Cleaning uses nilearn's signal tools (``nilearn.signal.clean``, fMRIPrep confoun
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -221,39 +224,76 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
 
     carpet_pos = _carpet_sample(reg, n_regions)
     sums = np.full((n_vol, n_regions), np.nan)
-    s1 = np.zeros(n_in)  # per-voxel running sum and sum of squares, for tSNR
+    # Per-voxel sums of (x - ref) and its square, ref = the first volume: centring keeps the
+    # float32 block sums exact enough for the variance (tSNR) without float64 copies.
+    s1 = np.zeros(n_in)
     s2 = np.zeros(n_in)
     nan_voxel = np.zeros(n_in, dtype=bool)
     dvars = np.zeros(n_vol)
     carpet = np.empty((carpet_pos.size, n_vol), dtype=np.float32)
-    prev = None
-    any_nan = False
-    for t0, block in scan.iter_blocks():
-        g = block[:, vox].astype(np.float64)  # (k, n_in), region-contiguous columns
-        k = g.shape[0]
-        bad = ~np.isfinite(g)
-        if bad.any():
-            any_nan = True
-            nan_voxel |= bad.any(axis=0)
-            g[bad] = 0.0
-            n_ok = np.add.reduceat((~bad).astype(np.float64), starts, axis=1)[:, : present.size]
+    ref: np.ndarray | None = None
+    state = {"prev": None, "any_nan": False}
+
+    def reduce_block(t0: int, block: np.ndarray):
+        g = block[:, vox]  # (k, n_in), region-contiguous columns, stored dtype
+        if g.dtype.kind == "f" and g.dtype.itemsize < 4 or g.dtype.kind in "iu":
+            g = g.astype(np.float32)
+        bad = None
+        if g.dtype.kind == "f" and not np.isfinite(g).all():
+            bad = ~np.isfinite(g)
+            g = np.where(bad, 0.0, g).astype(g.dtype)
+            n_ok = np.add.reduceat((~bad).astype(np.float32), starts, axis=1, dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                sums[t0 : t0 + k, present] = np.add.reduceat(g, starts, axis=1) / n_ok
+                means = np.add.reduceat(g, starts, axis=1, dtype=np.float64) / n_ok
+            bad = bad.any(axis=0)
         else:
-            sums[t0 : t0 + k, present] = np.add.reduceat(g, starts, axis=1) / counts
-        s1 += g.sum(axis=0)
-        s2 += np.einsum("ij,ij->j", g, g)
-        d = np.diff(g, axis=0, prepend=g[:1] if prev is None else prev[None, :])
-        dvars[t0 : t0 + k] = np.sqrt(np.mean(d * d, axis=1))
-        carpet[:, t0 : t0 + k] = g[:, carpet_pos].T
-        prev = g[-1].copy()
+            means = np.add.reduceat(g, starts, axis=1, dtype=np.float64) / counts
+        c = g - ref
+        if bad is not None:
+            c[:, bad] = 0.0
+        ones = np.ones(c.shape[0], dtype=c.dtype)
+        d = np.diff(c, axis=0)
+        return (t0, means, ones @ c, np.einsum("ij,ij->j", c, c), c[0], c[-1],
+                np.sqrt(np.einsum("ij,ij->i", d, d) / n_in), c[:, carpet_pos].T, bad)
+
+    def combine(result) -> None:
+        t0, means, c1, c2, first, last, dv, carp, bad = result
+        k = means.shape[0]
+        sums[t0 : t0 + k, present] = means[:, : present.size]
+        s1[:] += c1
+        s2[:] += c2
+        prev = state["prev"]
+        dvars[t0] = 0.0 if prev is None else np.sqrt(np.mean((first - prev) ** 2))
+        dvars[t0 + 1 : t0 + k] = dv
+        state["prev"] = last
+        carpet[:, t0 : t0 + k] = carp
+        if bad is not None:
+            state["any_nan"] = True
+            nan_voxel[bad] = True
         if progress is not None:
             progress(t0 + k, n_vol)
 
+    # Blocks are reduced on a small thread pool (numpy releases the GIL in these kernels);
+    # at most `workers` blocks are in flight, so memory stays bounded for .nii.gz streams.
+    workers = max(1, min(2, os.cpu_count() or 1))
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmmtc-parc") as pool:
+        for t0, block in scan.iter_blocks():
+            if ref is None:
+                first = block[0, vox].astype(np.float32)
+                ref = np.where(np.isfinite(first), first, 0.0).astype(np.float32)
+            pending.append(pool.submit(reduce_block, t0, block))
+            while len(pending) >= workers:
+                combine(pending.popleft().result())
+        while pending:
+            combine(pending.popleft().result())
+    any_nan = state["any_nan"]
+
     slope, inter = scan.scale
     data = sums * slope + inter
-    mean_raw = s1 / n_vol
-    var_raw = np.maximum(s2 / n_vol - mean_raw**2, 0.0)
+    mean_c = s1 / n_vol
+    var_raw = np.maximum(s2 / n_vol - mean_c**2, 0.0)
+    mean_raw = ref + mean_c
     std = np.sqrt(var_raw) * abs(slope)
     mean = mean_raw * slope + inter
     scale_ok = np.isfinite(data)

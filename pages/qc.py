@@ -48,7 +48,8 @@ with st.form("upload"):
     sidecar_file = col1.file_uploader("JSON sidecar (optional)", type=["json"])
     confounds_file = col2.file_uploader("fMRIPrep confounds TSV (optional)", type=["tsv"])
     submitted = st.form_submit_button("Check scan", type="primary")
-demo = st.button("Use a simulated demo scan", help="A synthetic scan made on this machine.")
+demo = st.button("Use a simulated demo scan", key="demo",
+                 help="A synthetic scan generated on this machine; nothing is downloaded.")
 
 
 def run_check(path, sidecar=None, confounds=None):

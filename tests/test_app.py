@@ -69,3 +69,14 @@ def test_submit_without_file_asks_for_one():
     at = _app()
     _submit(at)
     assert at.error[0].value == "Choose a scan file to upload first."
+
+
+def test_demo_scan_is_labelled_as_simulated():
+    at = _app()
+    at.button(key="demo").click()
+    at.run(timeout=180)
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("Simulated data" in i.value for i in at.info)
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Volumes"] == "300"
