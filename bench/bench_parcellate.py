@@ -31,18 +31,11 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory figure from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -78,7 +71,7 @@ def worker(method: str, path: str, out_npy: str) -> None:
 
     hdr = nib.load(path).header
     shape, dtype, offset = hdr.get_data_shape(), hdr.get_data_dtype(), int(hdr.get_data_offset())
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     _reset_hwm()
     t0 = time.perf_counter()
     result = None
@@ -109,7 +102,7 @@ def worker(method: str, path: str, out_npy: str) -> None:
     else:
         result = parcellate(load_scan(path), atlas).data
     elapsed = time.perf_counter() - t0
-    peak = _hwm_mb() - base
+    peak = _status_mb("VmHWM") - base
     if result is not None:
         np.save(out_npy, np.asarray(result))
     print(json.dumps({"method": method, "seconds": elapsed, "peak_mb": peak}))
