@@ -57,7 +57,8 @@ def motion_figure(tr: float, fd=None, dvars=None, fd_threshold: float = 0.5) -> 
     rows = [r for r in (("FD (mm)", fd), ("DVARS (%)", dvars)) if r[1] is not None]
     fig = make_subplots(rows=max(len(rows), 1), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for i, (name, y) in enumerate(rows, 1):
-        y = np.asarray(y, dtype=float)
+        y = np.asarray(y, dtype=float).copy()
+        y[0] = np.nan  # no change is defined for the first volume
         t = np.arange(y.size) * tr
         fig.add_trace(go.Scatter(x=t, y=y, mode="lines", name=name,
                                  line=dict(width=1.5, color="#2a6f97")), row=i, col=1)

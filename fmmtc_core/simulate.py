@@ -5,7 +5,8 @@ explanations come from a documented generative model:
 
 1. **Region dynamics.** A stable multivariate autoregressive process, simulated at a step of
    TR / 4, whose coupling decays with the distance between region centroids (40 mm length
-   scale), is stronger within a lobe, and is scaled to spectral radius 0.8.
+   scale), is stronger within a lobe, and is scaled to spectral radius 0.8; part of each
+   region's innovations is shared within its lobe (network structure).
 2. **Haemodynamics.** The canonical double-gamma HRF (SPM's) convolves the latent activity,
    which is then sampled at TR; measurement noise is added per region.
 3. **Nuisance.** Site effects (signal gain and noise level), a slow drift, and motion spikes:
@@ -113,6 +114,9 @@ class SimulationConfig:
         Distance over which coupling decays (exp(-d / length)).
     same_group_boost : float
         Coupling multiplier for region pairs in the same lobe.
+    network_share : float
+        Share of each region's innovation variance that is common to its lobe (gives the
+        block structure of real connectivity matrices).
     n_fc_regions, n_ts_regions : int
         Sizes of the planted sets.
     fc_effect : float
@@ -141,6 +145,7 @@ class SimulationConfig:
     self_coupling: float = 0.6
     length_mm: float = 40.0
     same_group_boost: float = 2.0
+    network_share: float = 0.35
     n_fc_regions: int = 8
     n_ts_regions: int = 8
     fc_effect: float = 0.12
@@ -372,6 +377,11 @@ def simulate_subject(
     burn = 200
     n_steps = (n_vol + 16) * k + burn
     innov = rng.standard_normal((n_steps, n_reg))
+    if config.network_share > 0:
+        _, group_of = np.unique(np.asarray(atlas.groups), return_inverse=True)
+        common = rng.standard_normal((n_steps, group_of.max() + 1))
+        innov = (np.sqrt(1 - config.network_share) * innov
+                 + np.sqrt(config.network_share) * common[:, group_of])
     z = np.empty_like(innov)
     z[0] = innov[0]
     at = a.T.copy()
