@@ -1,0 +1,196 @@
+"""BrainLM-compatible foundation encoder: checkpoint layout, loading errors, behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.models.foundation import (
+    PUBLIC_UNUSED_KEYS,
+    BrainLMConfig,
+    BrainLMForPretraining,
+    load_foundation,
+)
+
+R, T = 12, 40
+
+
+@pytest.fixture
+def config():
+    return BrainLMConfig.tiny(num_brain_voxels=R, num_timepoints_per_voxel=T,
+                              timepoint_patching_size=10, num_landmarks=8)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, R, T, generator=g), torch.randn(R, 3, generator=g) * 40
+
+
+def _public_checkpoint(tmp_path, config, *, drop=None, extra=None, reshape=None):
+    """A random checkpoint in the public BrainLM layout: config.json + model.safetensors."""
+    torch.manual_seed(1)
+    model = BrainLMForPretraining(config)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    # The public checkpoints also carry ViT-MAE's unused image head.
+    state[PUBLIC_UNUSED_KEYS[0]] = torch.randn(768, config.decoder_hidden_size)
+    state[PUBLIC_UNUSED_KEYS[1]] = torch.randn(768)
+    if drop:
+        state.pop(drop)
+    if extra:
+        state[extra] = torch.zeros(2)
+    if reshape:
+        state[reshape] = torch.zeros(3, 3)
+    folder = tmp_path / "brainlm"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = config.to_dict()
+    # Fields the public config carries for its ViT superclass, unused here.
+    cfg |= {"image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": True,
+            "norm_pix_loss": False, "architectures": ["BrainLMForPretraining"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, model
+
+
+def test_public_layout_loads_every_tensor(tmp_path, config, batch):
+    folder, original = _public_checkpoint(tmp_path, config)
+    loaded = load_foundation(folder)
+    assert isinstance(loaded, BrainLMForPretraining) and not loaded.training
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    names = set(loaded.state_dict())
+    assert "vit.embeddings.signal_embedding_projection.weight" in names
+    assert "vit.embeddings.xyz_embedding_projection.weight" in names
+    assert "vit.encoder.layer.1.attention.self.conv.weight" in names
+    assert "decoder.decoder_xyz_projection.weight" in names
+    original.eval()
+    torch.testing.assert_close(loaded.embed(*batch), original.embed(*batch))
+
+
+def test_save_pretrained_round_trip_and_encoder_only(tmp_path, config, batch):
+    model = BrainLMForPretraining(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    again = load_foundation(tmp_path / "m")
+    torch.testing.assert_close(again.embed(*batch), model.embed(*batch))
+    enc = load_foundation(tmp_path / "m", encoder_only=True)
+    torch.testing.assert_close(enc.embed(*batch), model.embed(*batch))
+    # An encoder saved on its own (names without "vit.") loads through the key map.
+    model.vit.save_pretrained(tmp_path / "enc")
+    enc2 = load_foundation(tmp_path / "enc")
+    torch.testing.assert_close(enc2.embed(*batch), model.embed(*batch))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"drop": "vit.layernorm.weight"}, "is missing 1 parameters: vit.layernorm.weight"),
+        ({"extra": "vit.pooler.dense.weight"}, "1 unexpected parameters: vit.pooler.dense.weight"),
+        ({"reshape": "vit.embeddings.xyz_embedding_projection.weight"},
+         r"wrong shape: vit.embeddings.xyz_embedding_projection.weight \(3, 3\)"),
+    ],
+)
+def test_mismatched_checkpoints_name_the_keys(tmp_path, config, kwargs, match):
+    folder, _ = _public_checkpoint(tmp_path, config, **kwargs)
+    with pytest.raises(InvalidInputError, match=match):
+        load_foundation(folder)
+
+
+def test_missing_files_pickles_and_model_type(tmp_path, config):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        load_foundation(tmp_path / "none")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match="missing model.safetensors"):
+        load_foundation(tmp_path / "a")
+    (tmp_path / "a" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(InvalidInputError, match="pickled PyTorch weights .* not loaded"):
+        load_foundation(tmp_path / "a")
+    folder, _ = _public_checkpoint(tmp_path, config)
+    cfg = json.loads((folder / "config.json").read_text()) | {"model_type": "vit_mae"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidInputError, match="model_type 'vit_mae'; expected 'brainlm_mae'"):
+        load_foundation(folder)
+
+
+def test_input_checks(config, batch):
+    model = BrainLMForPretraining(config)
+    signal, xyz = batch
+    with pytest.raises(InvalidInputError, match="12 regions but centroids of shape \\(3, 11, 3\\)"):
+        model.embed(signal, xyz[:11])
+    with pytest.raises(InvalidInputError, match="not a multiple of the patch size 10"):
+        model.embed(signal[:, :, :35], xyz)
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'pooling' parameter"):
+        model.embed(signal, xyz, pooling="max")
+
+
+def test_masking_ratio_and_deterministic_noise(config, batch):
+    model = BrainLMForPretraining(config).eval()
+    signal, xyz = batch
+    noise = torch.rand(3, R * (T // 10), generator=torch.Generator().manual_seed(3))
+    a = model(signal, xyz, noise=noise)
+    b = model(signal, xyz, noise=noise)
+    assert a.mask.shape == (3, R, T // 10)
+    assert a.mask.mean().item() == pytest.approx(0.75, abs=0.02)
+    torch.testing.assert_close(a.loss, b.loss)
+    assert a.reconstruction.shape == (3, R, T // 10, 10)
+
+
+def test_pretraining_loss_decreases(config, batch):
+    torch.manual_seed(0)
+    model = BrainLMForPretraining(config)
+    signal, xyz = batch
+    smooth = torch.cumsum(signal, dim=-1) / 5  # structured signals are learnable
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        out = model(smooth, xyz)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_embed_is_differentiable_wrt_the_signal(config, batch):
+    model = BrainLMForPretraining(config).eval()
+    signal = batch[0].clone().requires_grad_(True)
+    emb = model.embed(signal, batch[1])
+    assert emb.shape == (3, config.hidden_size)
+    # (A plain sum would be constant: layer-normed features sum to the bias.)
+    w = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(2))
+    (emb @ w).sum().backward()
+    assert signal.grad is not None and signal.grad.abs().sum() > 1e-3
+
+
+def test_nystrom_is_exact_for_short_sequences_and_scales_to_4000_tokens(config, batch):
+    torch.manual_seed(0)
+    nys = BrainLMForPretraining(config).eval()
+    exact = BrainLMForPretraining(BrainLMConfig(**(config.to_dict() | {
+        "attention_mode": "exact"}))).eval()
+    exact.load_state_dict(nys.state_dict())
+    # 1 region x 4 patches + CLS = 5 tokens, fewer than the 8 landmarks: attention is exact.
+    short = batch[0][:, :1, :]
+    torch.testing.assert_close(nys.embed(short, batch[1][:1]), exact.embed(short, batch[1][:1]))
+    # On 49 tokens the two differ (Nystrom approximates), but stay well correlated.
+    a, b = nys.embed(*batch).flatten(), exact.embed(*batch).flatten()
+    assert not torch.allclose(a, b) and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.5
+    big = BrainLMForPretraining(BrainLMConfig.tiny()).eval()  # 64 landmarks
+    with torch.no_grad():
+        out = big.embed(torch.randn(1, 424, 200), torch.randn(424, 3))  # 4,240 tokens
+    assert out.shape == (1, 64) and torch.isfinite(out).all()
+
+
+def test_presets_match_the_paper_geometry():
+    small = BrainLMConfig.small()
+    assert (small.hidden_size, small.num_hidden_layers, small.num_attention_heads,
+            small.intermediate_size) == (256, 4, 4, 1024)
+    assert (small.num_brain_voxels, small.num_timepoints_per_voxel,
+            small.timepoint_patching_size) == (424, 200, 20)
+    assert small.mask_ratio == 0.75 and small.model_type == "brainlm_mae"
+    base = BrainLMConfig.base()
+    n = sum(p.numel() for p in BrainLMForPretraining(base).parameters())
+    assert 100e6 < n < 120e6  # BrainLM-111M
