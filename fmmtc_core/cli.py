@@ -143,6 +143,70 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _stage_progress():
+    """A ``progress(stage, done, total, info)`` callback: tqdm bars on a terminal, else lines."""
+    bars: dict = {}
+
+    def cb(stage: str, done: int, total: int, info: dict) -> None:
+        extra = " ".join(f"{k}={v:.4f}" for k, v in info.items())
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = bars.get(stage)
+            if bar is None:
+                bar = bars[stage] = tqdm(total=total, desc=stage, leave=False)
+            bar.update(done - bar.n)
+            if extra:
+                bar.set_postfix_str(extra)
+            if done >= total:
+                bar.close()
+        elif stage != "prepare" or done == total:
+            sys.stderr.write(f"{stage} {done}/{total} {extra}\n")
+
+    return cb
+
+
+def cmd_pretrain(args) -> int:
+    from fmmtc_core.training import pretrain
+
+    out = pretrain(args.corpus_dir, args.out, config=args.config, atlas=args.atlas,
+                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                   progress=_stage_progress())
+    log = json.loads((out / "pretrain_log.json").read_text())
+    print(f"wrote the pretrained encoder to {out} (final loss "
+          f"{log['loss_per_epoch'][-1]:.4f} after {len(log['loss_per_epoch'])} epochs)")
+    return 0
+
+
+def _print_metrics(metrics: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items()))
+
+
+def cmd_train(args) -> int:
+    from fmmtc_core.training import train
+
+    metrics = train(args.cohort_dir, args.out, foundation=args.foundation, folds=args.folds,
+                    seed=args.seed, modalities=args.modalities, no_foundation=args.no_foundation,
+                    preset=args.preset, atlas=args.atlas, epochs=args.epochs,
+                    progress=_stage_progress())
+    if not args.json:
+        print(f"wrote the model to {args.out}; out-of-fold metrics:")
+    _print_metrics(metrics, args.json)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from fmmtc_core.training import evaluate
+
+    _print_metrics(evaluate(args.model_dir, args.cohort_dir, progress=_stage_progress()),
+                   args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fmmtc",
@@ -187,6 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                    help="NIfTI storage type (int16 = scaled integers)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("pretrain", help="masked-reconstruction pretraining of the encoder")
+    p.add_argument("corpus_dir", metavar="CORPUS_DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--config", choices=("tiny", "small", "base"), default="small")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atlas", default="hcpex")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="cross-validated training of an FMM-TC model")
+    p.add_argument("cohort_dir", metavar="COHORT_DIR")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR")
+    p.add_argument("--foundation", metavar="DIR", help="pretrained encoder folder")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modalities", choices=("ts+fc", "ts", "fc"), default="ts+fc")
+    p.add_argument("--no-foundation", action="store_true",
+                   help="train the time-series encoder from scratch (ablation)")
+    p.add_argument("--preset", choices=("default", "paper"), default="default")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--atlas", default="hcpex")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model folder on another labelled cohort")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("cohort_dir", metavar="COHORT_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

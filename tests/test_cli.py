@@ -134,3 +134,26 @@ def test_simulate_writes_a_cohort(tmp_path, capsys):
     assert_one_error_line(code, err, "already holds a cohort")
     code, _, err = run(["simulate", tmp_path / "c2", "--subjects", "1"], capsys)
     assert_one_error_line(code, err, "at least 2 subjects")
+
+
+def test_pretrain_train_evaluate_commands(tmp_path, capsys):
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    cfg = SimulationConfig(n_volumes=60)
+    corpus = write_cohort(tmp_path / "corpus", 3, seed=1, fmt="timeseries", labelled=False,
+                          atlas="aal3", config=cfg)
+    cohort = write_cohort(tmp_path / "cohort", 20, seed=2, fmt="timeseries", atlas="aal3",
+                          config=cfg)
+    code, out, _ = run(["pretrain", corpus, "--out", tmp_path / "f", "--config", "tiny",
+                        "--epochs", "1", "--atlas", "aal3"], capsys)
+    assert code == 0 and "wrote the pretrained encoder" in out
+    # The tiny preset's 200-sample window is longer than these 60-volume scans: zero-padded.
+    code, out, _ = run(["train", cohort, "--out", tmp_path / "m", "--foundation", tmp_path / "f",
+                        "--folds", "2", "--epochs", "2", "--atlas", "aal3", "--json"], capsys)
+    assert code == 0 and json.loads(out)["n_subjects"] == 20
+    code, out, _ = run(["evaluate", tmp_path / "m", cohort, "--json"], capsys)
+    assert code == 0 and json.loads(out)["n_subjects"] == 20
+    code, _, err = run(["train", cohort, "--out", tmp_path / "m2", "--atlas", "aal3"], capsys)
+    assert_one_error_line(code, err, "needs a pretrained foundation model")
+    code, _, err = run(["evaluate", tmp_path, cohort], capsys)
+    assert_one_error_line(code, err, "not an FMM-TC model folder")

@@ -1,0 +1,154 @@
+"""Pretraining (resumable), cross-validated training, calibration, metrics, model folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.models.foundation import BrainLMConfig
+from fmmtc_core.simulate import SimulationConfig, write_cohort
+from fmmtc_core.training import (
+    _splits,
+    binary_metrics,
+    evaluate,
+    load_model,
+    pretrain,
+    read_cohort,
+    train,
+)
+
+SIM = SimulationConfig(n_volumes=60, fc_effect=0.6, n_sites=4)
+
+
+def _tiny_foundation_config():
+    return BrainLMConfig.tiny(num_brain_voxels=166, num_timepoints_per_voxel=40,
+                              timepoint_patching_size=10, num_landmarks=16,
+                              attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    corpus = write_cohort(root / "corpus", 6, seed=1, fmt="timeseries", labelled=False,
+                          atlas="aal3", config=SIM)
+    cohort = write_cohort(root / "cohort", 24, seed=2, fmt="timeseries", atlas="aal3",
+                          config=SIM)
+    found = pretrain(corpus, root / "found", config=_tiny_foundation_config(), atlas="aal3",
+                     epochs=2, seed=0)
+    return root, corpus, cohort, found
+
+
+def test_read_cohort_and_its_errors(tmp_path, data):
+    _, corpus, cohort, _ = data
+    c = read_cohort(cohort)
+    assert c.labelled and len(c.participants) == 24
+    assert all(p.name.endswith("_timeseries.tsv") for p in c.participants["scan"])
+    with pytest.raises(InvalidInputError, match="has no responder column"):
+        read_cohort(corpus)
+    with pytest.raises(InvalidInputError, match="has no participants.tsv"):
+        read_cohort(tmp_path)
+    (tmp_path / "participants.tsv").write_text("participant_id\tresponder\nsub-01\tmaybe\n")
+    with pytest.raises(InvalidInputError, match="responder must be 1 or 0"):
+        read_cohort(tmp_path)
+    (tmp_path / "participants.tsv").write_text("participant_id\tresponder\nsub-01\t1\n")
+    with pytest.raises(InvalidInputError, match="No scan for sub-01"):
+        read_cohort(tmp_path)
+
+
+def test_pretraining_writes_a_loadable_checkpoint_and_resumes(tmp_path, data):
+    root, corpus, _, found = data
+    assert (found / "config.json").exists() and (found / "model.safetensors").exists()
+    log = json.loads((found / "pretrain_log.json").read_text())
+    assert len(log["loss_per_epoch"]) == 2 and log["loss_per_epoch"][1] < log["loss_per_epoch"][0]
+    cfg = json.loads((found / "config.json").read_text())
+    assert cfg["model_type"] == "brainlm_mae" and cfg["num_brain_voxels"] == 166
+    # Interrupted after 1 epoch, then resumed to 2: same weights as the straight run.
+    pretrain(corpus, tmp_path / "r", config=_tiny_foundation_config(), atlas="aal3",
+             epochs=1, seed=0)
+    pretrain(corpus, tmp_path / "r", config=_tiny_foundation_config(), atlas="aal3",
+             epochs=2, seed=0)
+    a, b = load_file(str(found / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_splits_keep_subjects_and_sites_apart():
+    y = np.array([0, 1] * 20)
+    sites = np.repeat(["a", "b", "c", "d", "e"], 8)
+    splits, how = _splits(y, sites, 5, seed=0)
+    assert how == "stratified, grouped by site"
+    tested = np.concatenate([te for _, te in splits])
+    assert sorted(tested) == list(range(40))  # every subject tested exactly once
+    for tr, te in splits:
+        assert not set(tr) & set(te)
+        assert not set(sites[tr]) & set(sites[te])
+    _, how = _splits(y, np.repeat(["a", "b"], 20), 5, seed=0)
+    assert "not grouped by site" in how
+    with pytest.raises(InvalidInputError, match="at least 5 participants of each class"):
+        _splits(np.array([0] * 10 + [1] * 3), None, 5, seed=0)
+
+
+def test_binary_metrics_by_hand():
+    y = np.array([1, 1, 0, 0])
+    m = binary_metrics(y, np.array([0.9, 0.4, 0.6, 0.1]))
+    assert m["auc"] == 0.75 and m["sensitivity"] == 0.5 and m["specificity"] == 0.5
+    assert m["mcc"] == 0.0 and m["balanced_accuracy"] == 0.5
+    assert m["brier"] == pytest.approx((0.01 + 0.36 + 0.36 + 0.01) / 4)
+    perfect = binary_metrics(y, np.array([1.0, 1.0, 0.0, 0.0]))
+    assert perfect["mcc"] == 1.0 and perfect["ece"] == 0.0
+
+
+def test_train_writes_model_folder_and_predicts(tmp_path, data):
+    _, _, cohort, found = data
+    out = tmp_path / "model"
+    metrics = train(cohort, out, foundation=found, folds=4, atlas="aal3", epochs=15)
+    assert set(metrics) >= {"auc", "mcc", "balanced_accuracy", "sensitivity", "specificity",
+                            "brier", "ece", "n_subjects"}
+    assert metrics["n_subjects"] == 24
+    assert sorted(p.name for p in out.glob("fold_*.safetensors")) == [
+        f"fold_{k}.safetensors" for k in range(4)]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["data"]["simulated"] is True and card["atlas"]["name"] == "AAL3"
+    assert card["training"]["split"] == "stratified, grouped by site"
+    assert card["calibration"]["a"] >= 0
+    assert set(card["files"]) >= {"fold_0.safetensors", "baseline.safetensors"}
+    # Fold files hold only what was trained: the frozen encoder is stored once.
+    assert not any(k.startswith("ts_encoder.") for k in load_file(str(out / "fold_0.safetensors")))
+    oof = pd.read_csv(out / "oof_predictions.tsv", sep="\t")
+    assert len(oof) == 24 and oof["probability"].between(0, 1).all()
+    ens = load_model(out)
+    assert len(ens.models) == 4 and ens.window == 40
+    pred = ens.predict(np.random.default_rng(0).standard_normal((2, 166, 40)),
+                       np.zeros((2, 166, 166)))
+    assert pred["probability"].shape == (2,)
+    assert np.all(pred["band"][:, 0] <= pred["probability"] + 1e-9)
+    assert np.all(pred["probability"] <= pred["band"][:, 1] + 1e-9)
+    m2 = evaluate(out, cohort)
+    assert m2["n_subjects"] == 24
+
+
+def test_train_argument_errors(tmp_path, data):
+    _, _, cohort, _ = data
+    with pytest.raises(InvalidInputError, match="needs a pretrained foundation model"):
+        train(cohort, tmp_path / "x", atlas="aal3")
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'modalities' parameter"):
+        train(cohort, tmp_path / "x", atlas="aal3", modalities="mri")
+    with pytest.raises(InvalidInputError, match="not an FMM-TC model folder"):
+        load_model(tmp_path)
+
+
+def test_fc_only_and_scratch_ablations_train(tmp_path, data):
+    _, _, cohort, _ = data
+    m = train(cohort, tmp_path / "fc", modalities="fc", folds=3, atlas="aal3", epochs=5)
+    assert m["n_subjects"] == 24
+    card = json.loads((tmp_path / "fc" / "model_card.json").read_text())
+    assert card["model"]["modalities"] == "fc" and not (tmp_path / "fc" / "foundation").exists()
+    m = train(cohort, tmp_path / "s", no_foundation=True, folds=3, atlas="aal3", epochs=2)
+    assert load_file(str(tmp_path / "s" / "fold_0.safetensors")).keys() & {
+        "ts_encoder.layernorm.weight"}
