@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -207,6 +208,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_build_demo(args) -> int:
+    from fmmtc_core.training import build_demo_model
+
+    t0 = time.perf_counter()
+    metrics = build_demo_model(args.out, seed=args.seed, n_subjects=args.subjects,
+                               n_corpus=args.corpus, pretrain_epochs=args.pretrain_epochs,
+                               progress=_stage_progress())
+    print(f"wrote the demo model to {args.out} in {time.perf_counter() - t0:.0f} s; "
+          "out-of-fold metrics:")
+    _print_metrics(metrics, False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fmmtc",
@@ -276,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas", default="hcpex")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("build-demo", help="rebuild the bundled demo model (simulated data)")
+    p.add_argument("--out", default="assets/models/demo", metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", type=int, default=120)
+    p.add_argument("--corpus", type=int, default=60)
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.set_defaults(func=cmd_build_demo)
 
     p = sub.add_parser("evaluate", help="score a model folder on another labelled cohort")
     p.add_argument("model_dir", metavar="MODEL_DIR")

@@ -148,8 +148,8 @@ class SimulationConfig:
     network_share: float = 0.35
     n_fc_regions: int = 8
     n_ts_regions: int = 8
-    fc_effect: float = 0.12
-    ts_effect: float = 0.15
+    fc_effect: float = 0.3
+    ts_effect: float = 0.3
     noise_sd: float = 0.3
     subject_jitter: float = 0.05
     n_sites: int = 3

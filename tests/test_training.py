@@ -152,3 +152,17 @@ def test_fc_only_and_scratch_ablations_train(tmp_path, data):
     m = train(cohort, tmp_path / "s", no_foundation=True, folds=3, atlas="aal3", epochs=2)
     assert load_file(str(tmp_path / "s" / "fold_0.safetensors")).keys() & {
         "ts_encoder.layernorm.weight"}
+
+
+def test_build_demo_model_is_labelled_simulated(tmp_path):
+    from fmmtc_core.training import DEMO_NOTE, build_demo_model
+
+    out = tmp_path / "demo"
+    metrics = build_demo_model(out, n_corpus=3, n_subjects=20, pretrain_epochs=1, epochs=2)
+    assert metrics["n_subjects"] == 20
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["intended_use"] == DEMO_NOTE and "SIMULATED" in card["intended_use"]
+    assert card["data"]["simulated"] is True
+    assert card["ground_truth"]["fc_labels"] and card["build_command"].startswith("fmmtc build-demo")
+    assert (out / "foundation" / "model.safetensors").exists()
+    assert load_model(out).atlas == "HCPEx"
