@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -457,17 +457,8 @@ def _load_bundled(key: str) -> Atlas:
     data2, affine2 = _to_cache_grid(data, native.affine)
     img2 = nib.Nifti1Image(data2.astype(np.int16), affine2)
     img2.header.set_xyzt_units("mm")
-    atlas = Atlas(
-        name=atlas_native.name,
-        labels_img=img2,
-        labels=atlas_native.labels,
-        names=atlas_native.names,
-        centroids_mm=atlas_native.centroids_mm,
-        hemispheres=atlas_native.hemispheres,
-        groups=atlas_native.groups,
-        volumes_mm3=atlas_native.volumes_mm3,
-        source=str(src),
-    )
+    # Same regions, on the 2 mm grid (a fresh grid cache: the native one is for 1 mm).
+    atlas = replace(atlas_native, labels_img=img2, _grid_cache={})
     try:
         cdir.mkdir(parents=True, exist_ok=True)
         meta = atlas.to_dict() | {
