@@ -33,6 +33,7 @@ length and carry no planted effect.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -678,14 +679,16 @@ def demo_scan(seed: int = 7) -> tuple[Path, Path, Path]:
     bold, sidecar, confounds : Path
         A 97x115x97x300 ``.nii.gz`` on fMRIPrep's 2 mm grid with its JSON and confounds.
     """
-    folder = cache_dir() / "demo" / f"scan-{seed}-v{__version__}"
+    config = SimulationConfig()
+    # The folder name changes with the simulation's parameters, so a stale scan is never reused.
+    tag = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    folder = cache_dir() / "demo" / f"scan-{seed}-{tag}"
     bold = folder / f"sub-demo{BOLD_SUFFIX}"
     side = folder / "sub-demo_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.json"
     conf = folder / "sub-demo_task-rest_desc-confounds_timeseries.tsv"
     if bold.exists() and side.exists() and conf.exists():
         return bold, side, conf
     atlas = load_atlas("hcpex")
-    config = SimulationConfig()
     rng = np.random.default_rng(seed)
     subject = simulate_subject(atlas, responder=True, config=config, rng=rng)
     folder.mkdir(parents=True, exist_ok=True)
