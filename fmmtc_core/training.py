@@ -36,7 +36,7 @@ from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.atlas import Atlas, load_atlas
 from fmmtc_core.connectivity import connectivity
 from fmmtc_core.io import load_scan
-from fmmtc_core.models.device import select_device
+from fmmtc_core.models.device import autocast, select_device
 from fmmtc_core.models.fmmtc import FMMTC, PRESETS, FMMTCConfig
 from fmmtc_core.models.foundation import (
     BrainLMConfig,
@@ -236,7 +236,8 @@ def pretrain(
             batch = windows[order[i : i + batch_size]].to(device)
             noise = torch.from_numpy(rng.random((len(batch), batch.shape[1] * cfg.n_patches))
                                      ).float().to(device)
-            loss = model(batch, xyz, noise=noise).loss
+            with autocast(device):  # bf16 on CUDA, a no-op on CPU
+                loss = model(batch, xyz, noise=noise).loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,7 +353,9 @@ def _fit_fold(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int, *,
         for i in range(0, len(order), batch_size):
             b = order[i : i + batch_size]
             opt.zero_grad()
-            loss = loss_fn(_logits(model, feats, b), yt[b])
+            with autocast(device):
+                logits = _logits(model, feats, b)
+            loss = loss_fn(logits.float(), yt[b])
             loss.backward()
             opt.step()
         model.eval()
@@ -457,9 +460,9 @@ def train(
         "xyz": xyz.to(device),
     }
     if encoder is not None:
-        with torch.no_grad():  # the frozen encoder's embeddings, once per subject
+        with torch.no_grad(), autocast(device):  # frozen embeddings, once per subject
             feats["ts"] = torch.cat([encoder.embed(windows[i : i + 16].to(device), feats["xyz"])
-                                     for i in range(0, len(windows), 16)])
+                                     for i in range(0, len(windows), 16)]).float()
     config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
                          foundation="scratch" if no_foundation else "pretrained",
                          foundation_config=fcfg, **PRESETS[preset])
@@ -575,8 +578,8 @@ class FMMTCEnsemble:
         """Calibrated probability and band for windows (B, R, T) and connectivity (B, R, R)."""
         w = torch.as_tensor(window, dtype=torch.float32, device=self.device)
         f = None if fc is None else torch.as_tensor(fc, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            lg = self.logits(w, f).cpu().numpy()
+        with torch.no_grad(), autocast(self.device):
+            lg = self.logits(w, f).float().cpu().numpy()
         cal = self.card["calibration"]
         p = _sigmoid(cal["a"] * lg + cal["b"])
         return {
