@@ -96,7 +96,6 @@ def worker(method: str, path: str, out_npy: str) -> None:
                 if not n:
                     break
                 got += n
-        data = buf.view(dtype)
     elif method == "nilearn":
         result = masker.fit_transform(path)
     else:
@@ -177,7 +176,7 @@ def main() -> None:
     print("| file | method | time (s) | peak memory (MB) | time / I/O floor | nilearn / fmmtc | "
           "memory / one copy |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, res, rel in rows:
+    for name, res, _ in rows:
         floor = res["floor"]["seconds"]
         for method, label in (("floor", "I/O floor: read (ISA-L inflate for .gz)"),
                               ("floor-stdlib", "read with Python's gzip (reference)"),

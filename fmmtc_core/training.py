@@ -41,7 +41,6 @@ from fmmtc_core.models.fmmtc import FMMTC, PRESETS, FMMTCConfig
 from fmmtc_core.models.foundation import (
     BrainLMConfig,
     BrainLMForPretraining,
-    BrainLMModel,
     load_foundation,
 )
 from fmmtc_core.preprocess import clean, make_window, parcellate
@@ -162,7 +161,7 @@ def _seed_all(seed: int) -> None:
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict:
     """Optimizer tensors to safetensors; scalar state returned for the JSON state file."""
     tensors, scalars = {}, {}
-    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
+    for pid, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() > 0:
                 tensors[f"{pid}.{k}"] = v.contiguous()

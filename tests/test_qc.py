@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import GRID_AFFINE, fmriprep_confounds, make_bold, save_nifti
+from conftest import fmriprep_confounds, make_bold, save_nifti
 
 from fmmtc_core.io import load_scan
 from fmmtc_core.qc import QCThresholds, qc_report
