@@ -422,7 +422,9 @@ def train(
     folds, seed : int
     modalities : {"ts+fc", "ts", "fc"}
     no_foundation : bool
-        Train the TS encoder from scratch (the paper's "without foundation model" ablation).
+        Train the TS encoder from scratch (the paper's "without foundation model" ablation):
+        the architecture of ``foundation`` when given (its weights are not used), else the
+        ``tiny`` preset.
     preset : {"default", "paper"}
         FC encoder design (see :data:`fmmtc_core.models.fmmtc.PRESETS`).
     subjects : list of SubjectData or None
@@ -443,6 +445,12 @@ def train(
                 "(see `fmmtc pretrain`), or --no-foundation, or --modalities fc.")
         encoder = load_foundation(foundation, encoder_only=True, device=device)
         fcfg = encoder.config.to_dict()
+    elif foundation is not None:  # no_foundation: the same architecture, random weights
+        cfg_path = Path(foundation) / "config.json"
+        if not cfg_path.exists():
+            raise InvalidInputError(f"{foundation} has no config.json.")
+        fcfg = BrainLMConfig(**{k: v for k, v in json.loads(cfg_path.read_text()).items()
+                                if k != "model_type"}).to_dict()
     else:
         fcfg = BrainLMConfig.tiny(num_brain_voxels=atlas_obj.n_regions).to_dict()
     length = int(fcfg["num_timepoints_per_voxel"])
