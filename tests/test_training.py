@@ -152,6 +152,17 @@ def test_fc_only_and_scratch_ablations_train(tmp_path, data):
     m = train(cohort, tmp_path / "s", no_foundation=True, folds=3, atlas="aal3", epochs=2)
     assert load_file(str(tmp_path / "s" / "fold_0.safetensors")).keys() & {
         "ts_encoder.layernorm.weight"}
+    # With a foundation folder, "no foundation" means its architecture with random weights.
+    _, _, _, found = data
+    train(cohort, tmp_path / "s2", foundation=found, no_foundation=True, folds=3,
+          atlas="aal3", epochs=1)
+    card = json.loads((tmp_path / "s2" / "model_card.json").read_text())
+    assert card["model"]["foundation"] == "scratch"
+    assert card["model"]["foundation_config"]["num_timepoints_per_voxel"] == 40
+    trained = load_file(str(tmp_path / "s2" / "fold_0.safetensors"))
+    pretrained = load_file(str(found / "model.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(trained["ts_encoder." + key], pretrained["vit." + key])
 
 
 def test_build_demo_model_is_labelled_simulated(tmp_path):
