@@ -53,6 +53,7 @@ __all__ = [
     "train",
     "evaluate",
     "load_model",
+    "default_model_dir",
     "FMMTCEnsemble",
     "binary_metrics",
 ]
@@ -596,9 +597,18 @@ class FMMTCEnsemble:
         }
 
 
-def load_model(model_dir: str | os.PathLike, device=None) -> FMMTCEnsemble:
-    """Load a model folder written by :func:`train` (safetensors + JSON only)."""
-    root = Path(model_dir)
+def default_model_dir() -> Path:
+    """The model used when none is named: ``$FMMTC_MODEL_DIR``, else the bundled demo model."""
+    env = os.environ.get("FMMTC_MODEL_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models" / "demo"
+
+
+def load_model(model_dir: str | os.PathLike | None = None, device=None) -> FMMTCEnsemble:
+    """Load a model folder written by :func:`train` (safetensors + JSON only).
+
+    ``model_dir=None`` loads :func:`default_model_dir` (the bundled demo model by default).
+    """
+    root = Path(model_dir) if model_dir is not None else default_model_dir()
     card_path = root / "model_card.json"
     if not card_path.exists():
         raise InvalidInputError(f"{root} is not an FMM-TC model folder (no model_card.json).")

@@ -177,3 +177,21 @@ def test_build_demo_model_is_labelled_simulated(tmp_path):
     assert card["ground_truth"]["fc_labels"] and card["build_command"].startswith("fmmtc build-demo")
     assert (out / "foundation" / "model.safetensors").exists()
     assert load_model(out).atlas == "HCPEx"
+
+
+def test_default_model_is_the_bundled_demo(monkeypatch, tmp_path):
+    from fmmtc_core.training import default_model_dir
+
+    monkeypatch.delenv("FMMTC_MODEL_DIR", raising=False)
+    ens = load_model()
+    assert default_model_dir().name == "demo"
+    assert "SIMULATED" in ens.card["intended_use"] and len(ens.models) == 5
+    assert ens.atlas == "HCPEx" and ens.window == 200
+    # The demo model's files are the ones its card hashes.
+    import hashlib
+
+    for name, digest in ens.card["files"].items():
+        assert hashlib.sha256((default_model_dir() / name).read_bytes()).hexdigest() == digest
+    monkeypatch.setenv("FMMTC_MODEL_DIR", str(tmp_path))
+    with pytest.raises(InvalidInputError, match="not an FMM-TC model folder"):
+        load_model()
