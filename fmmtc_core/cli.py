@@ -149,7 +149,8 @@ def _stage_progress():
     bars: dict = {}
 
     def cb(stage: str, done: int, total: int, info: dict) -> None:
-        extra = " ".join(f"{k}={v:.4f}" for k, v in info.items())
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in info.items())
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -161,7 +162,7 @@ def _stage_progress():
                 bar.set_postfix_str(extra)
             if done >= total:
                 bar.close()
-        elif stage != "prepare" or done == total:
+        elif done == total or stage == "explain":
             sys.stderr.write(f"{stage} {done}/{total} {extra}\n")
 
     return cb
@@ -221,6 +222,34 @@ def cmd_build_demo(args) -> int:
     return 0
 
 
+def _explain_kwargs(args) -> dict:
+    return {"baseline_fc": args.baseline_fc, "rel_tol": args.tolerance}
+
+
+def cmd_explain(args) -> int:
+    from fmmtc_core.screening import analyse
+    from fmmtc_core.training import load_model
+
+    model = load_model(args.model)
+    result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
+                     explain_kwargs=_explain_kwargs(args), progress=_stage_progress())
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    e = result.explanation
+    print(f"responder probability {result.probability:.2f} "
+          f"[{result.band[0]:.2f}, {result.band[1]:.2f}]: {result.decision}")
+    print(f"modality share: time series {e.modality_share['ts']:.1%}, "
+          f"connectivity {e.modality_share['fc']:.1%}")
+    print(f"Integrated Gradients: {e.steps} steps, completeness gap {e.ig_gap:.2%}, "
+          f"baselines {e.baseline}")
+    print("top regions (logit units; + towards responder):")
+    for r in e.ranked_regions(args.top):
+        print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}  ({r['network']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fmmtc",
@@ -253,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--series", action="store_true", help="with --json: add FD, DVARS, carpet")
     p.set_defaults(func=cmd_qc)
+
+    p = sub.add_parser("explain", help="predict and explain one scan (Integrated Gradients)")
+    scan_args(p, atlas=False)
+    p.add_argument("--model", metavar="DIR",
+                   help="model folder (default: $FMMTC_MODEL_DIR or the bundled demo model)")
+    p.add_argument("--baseline-fc", choices=("cohort_mean", "zero"), default="cohort_mean",
+                   help="connectivity baseline (default: the training cohort's mean)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="completeness gap to reach, relative to |F(x) - F(baseline)| (0.01)")
+    p.add_argument("--top", type=int, default=15, help="regions listed without --json")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("simulate", help="write a simulated BIDS-style cohort")
     p.add_argument("out_dir", metavar="OUT_DIR")

@@ -405,6 +405,7 @@ def train(
     patience: int = 15,
     batch_size: int = 8,
     lr: float = 1e-3,
+    ts_pooling: str = "cls",
     device=None,
     progress: Progress = None,
     subjects: list[SubjectData] | None = None,
@@ -428,6 +429,8 @@ def train(
         ``tiny`` preset.
     preset : {"default", "paper"}
         FC encoder design (see :data:`fmmtc_core.models.fmmtc.PRESETS`).
+    ts_pooling : {"cls", "mean"}
+        TS representation (see :class:`~fmmtc_core.models.fmmtc.FMMTCConfig`).
     subjects : list of SubjectData or None
         Already prepared inputs (the ablation study reuses them across runs).
     """
@@ -469,11 +472,12 @@ def train(
     }
     if encoder is not None:
         with torch.no_grad(), autocast(device):  # frozen embeddings, once per subject
-            feats["ts"] = torch.cat([encoder.embed(windows[i : i + 16].to(device), feats["xyz"])
+            feats["ts"] = torch.cat([encoder.embed(windows[i : i + 16].to(device), feats["xyz"],
+                                                   pooling=ts_pooling)
                                      for i in range(0, len(windows), 16)]).float()
     config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
                          foundation="scratch" if no_foundation else "pretrained",
-                         foundation_config=fcfg, **PRESETS[preset])
+                         foundation_config=fcfg, ts_pooling=ts_pooling, **PRESETS[preset])
     splits, split_how = _splits(y, groups, folds, seed)
     oof = np.zeros(len(y))
     fold_of = np.zeros(len(y), dtype=int)
@@ -507,7 +511,10 @@ def train(
     metrics = binary_metrics(y, prob)
     if encoder is not None:
         encoder.save_pretrained(out / "foundation")
+    # Explanation baselines: the cohort's mean connectivity (and mean Gram matrix, the
+    # connectivity input of fc_input="gram" models).
     save_file({"cohort_mean_fc": feats["fc"].mean(0).cpu().contiguous(),
+               "cohort_mean_gram": feats["gram"].mean(0).cpu().contiguous(),
                "xyz": xyz.contiguous()}, str(out / "baseline.safetensors"))
     card = {
         "name": out.name,
@@ -632,8 +639,9 @@ def load_model(model_dir: str | os.PathLike | None = None, device=None) -> FMMTC
     if not models:
         raise InvalidInputError(f"{root} holds no fold_*.safetensors model.")
     base = load_file(str(root / "baseline.safetensors"), device=str(device))
+    extra = {k: v for k, v in base.items() if k not in ("xyz", "cohort_mean_fc")}
     return FMMTCEnsemble(models, card, base["xyz"], base["cohort_mean_fc"], device,
-                         atlas=card["atlas"]["name"], window=config.window)
+                         atlas=card["atlas"]["name"], window=config.window, extra=extra)
 
 
 def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,

@@ -157,3 +157,51 @@ def test_pretrain_train_evaluate_commands(tmp_path, capsys):
     assert_one_error_line(code, err, "needs a pretrained foundation model")
     code, _, err = run(["evaluate", tmp_path, cohort], capsys)
     assert_one_error_line(code, err, "not an FMM-TC model folder")
+
+
+@pytest.fixture(scope="module")
+def hcpex_scans(tmp_path_factory):
+    """One simulated responder as an HCPEx region table and as a 4 mm NIfTI (demo model input)."""
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    root = tmp_path_factory.mktemp("hcpex")
+    config = SimulationConfig(n_volumes=200)
+    table = write_cohort(root / "tables", 2, seed=5, fmt="timeseries", config=config)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-96.0, -132.0, -78.0]
+    nifti = write_cohort(root / "nifti", 2, seed=5, fmt="nifti", config=config,
+                         shape=(49, 58, 49), affine=affine)
+    pick = lambda d, pat: next(d.glob(f"sub-*/func/*{pat}"))  # noqa: E731
+    return pick(table, "_timeseries.tsv"), pick(nifti, "_bold.nii.gz")
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_explain_json(hcpex_scans, capsys, kind):
+    from fmmtc_core.atlas import load_atlas
+
+    code, out, err = run(["explain", hcpex_scans[kind], "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    atlas = load_atlas("hcpex")
+    assert len(d["regions"]) == atlas.n_regions
+    assert {r["label"] for r in d["regions"]} == set(atlas.labels.tolist())
+    scores = [abs(r["score"]) for r in d["regions"]]
+    assert scores == sorted(scores, reverse=True)
+    assert d["modality_share"]["ts"] + d["modality_share"]["fc"] == pytest.approx(1.0)
+    assert d["baseline"] == {"ts": "flat", "fc": "cohort_mean"}
+    assert d["steps"] in (8, 16, 32, 64) and d["ig_gap"] <= 0.01 or d["steps"] == 64
+    assert len(d["top_connections"]) == 20 and 0 <= d["probability"] <= 1
+    assert d["band"][0] <= d["probability"] <= d["band"][1]
+
+
+def test_explain_text_and_errors(hcpex_scans, tmp_path, capsys):
+    code, out, _ = run(["explain", hcpex_scans[0], "--top", "3"], capsys)
+    assert code == 0 and "responder probability" in out and "completeness gap" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("  ")]) == 3
+    code, _, err = run(["explain", hcpex_scans[0], "--model", tmp_path], capsys)
+    assert_one_error_line(code, err, "is not an FMM-TC model folder")
+    small = tmp_path / "sub-x_seg-AAL3_timeseries.tsv"
+    pd.DataFrame(np.random.default_rng(0).standard_normal((100, 166))).to_csv(
+        small, sep="\t", index=False)
+    code, _, err = run(["explain", small], capsys)
+    assert_one_error_line(code, err, "holds AAL3 region series, but atlas HCPEx was requested")

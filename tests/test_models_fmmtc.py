@@ -83,3 +83,13 @@ def test_config_validation():
     with pytest.raises(InvalidInputError, match="needs the connectivity matrix"):
         model = _model()
         model(torch.randn(1, R, T), None, torch.randn(R, 3))
+
+
+def test_ts_pooling_mean_uses_the_token_mean(inputs):
+    w, fc, xyz = inputs
+    model = _model(ts_pooling="mean").eval()
+    with torch.no_grad():
+        tokens, _, _ = model.ts_encoder(w, xyz, mask_ratio=0.0)
+        torch.testing.assert_close(model.embed_ts(w, xyz), tokens[:, 1:].mean(1))
+    with pytest.raises(InvalidInputError, match="'ts_pooling' parameter"):
+        FMMTCConfig(n_regions=R, ts_pooling="max")

@@ -53,6 +53,10 @@ class FMMTCConfig:
     dropout : float
     foundation_config : dict
         :class:`BrainLMConfig` of the TS encoder (its geometry fixes the window length).
+    ts_pooling : {"cls", "mean"}
+        TS representation: the CLS token (the paper's choice, default) or the mean of the patch
+        tokens. An MAE-pretrained encoder's CLS token gets no direct training signal, so with a
+        small pretraining corpus the mean of the tokens can carry more of the series.
     """
 
     n_regions: int
@@ -64,8 +68,10 @@ class FMMTCConfig:
     head_hidden: int = 64
     dropout: float = 0.3
     foundation_config: dict = field(default_factory=dict)
+    ts_pooling: str = "cls"
 
     def __post_init__(self) -> None:
+        check_option("ts_pooling", self.ts_pooling, ("cls", "mean"))
         check_option("modalities", self.modalities, MODALITIES)
         check_option("foundation", self.foundation, ("pretrained", "scratch"))
         check_option("fc_input", self.fc_input, ("correlation", "gram"))
@@ -136,8 +142,8 @@ class FMMTC(nn.Module):
         return self
 
     def embed_ts(self, window: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-        """TS representation (B, hidden): the foundation model's CLS token."""
-        return self.ts_encoder.embed(window, xyz, pooling="cls")
+        """TS representation (B, hidden): the foundation model's CLS token (or token mean)."""
+        return self.ts_encoder.embed(window, xyz, pooling=self.config.ts_pooling)
 
     def fc_matrix(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
         """The FC encoder's input: the given connectivity, or the window's Gram matrix."""

@@ -1,0 +1,432 @@
+"""Integrated Gradients explanations of FMM-TC predictions, over both modalities.
+
+What is explained
+-----------------
+The ensemble's mean responder **logit** (before Platt calibration, which is a monotone map), as
+a function of the model's two inputs: the robust-scaled region time-series window ``X_T``
+(R x T) and the connectivity input ``X_C`` (R x R, Fisher z; for ``fc_input="gram"`` models the
+window's Gram matrix, held as its own input so the two branches are attributed separately).
+Gradients flow through the whole fused model, the frozen foundation encoder included: freezing
+stops parameter updates, not input gradients.
+
+Integrated Gradients (Sundararajan et al., 2017) integrates the gradient along the straight
+path from a baseline ``b`` to the input ``x``::
+
+    IG_i(x) = (x_i - b_i) * integral_0^1 dF(b + a (x - b)) / dx_i da
+
+Its *completeness* axiom says the attributions add up to ``F(x) - F(b)``; the numerical
+integral does so only approximately. The difference (captum's convergence delta) is the
+**completeness gap**. :func:`explain` measures it for every explanation and raises the number
+of Gauss-Legendre nodes (8 -> 16 -> 32 -> 64 by default) until the gap is below ``rel_tol``
+(1 %) of ``|F(x) - F(b)|``, or the schedule is exhausted; the steps used and the final gap are
+returned with the attributions (and stored with every screening).
+
+Baselines ("what would the model say about a participant with no information?")
+- time series: ``"flat"``: all zeros, i.e. every region at its median after robust scaling;
+- connectivity: ``"cohort_mean"``: the mean connectivity of the training cohort, stored with the
+  model (``"zero"``: no connectivity at all, is the alternative);
+- or any array of the input's shape. The choice is recorded with the result.
+
+Ensembles
+---------
+The explanation of the fold ensemble is the **mean of the fold models' attributions**. Because
+Integrated Gradients is linear in the function for a fixed path and quadrature, this equals the
+attribution of the ensemble's mean logit, which is how it is computed: the shared frozen encoder
+runs once per integration point, not once per fold.
+
+Units and colours
+-----------------
+Attributions are in logit units: a positive score pushed this participant towards "responder"
+relative to the baseline, a negative one towards "non-responder" (red / blue in the dashboard).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from fmmtc_core._errors import InvalidInputError, check_option
+from fmmtc_core.atlas import Atlas, load_atlas
+
+__all__ = [
+    "Explanation",
+    "explain",
+    "explain_signals",
+    "model_inputs",
+    "region_summaries",
+    "region_map",
+    "DEFAULT_STEPS",
+]
+
+#: Gauss-Legendre node counts tried in turn until the completeness gap is small enough.
+DEFAULT_STEPS = (8, 16, 32, 64)
+
+Progress = Callable[[str, int, int, dict], None] | None
+
+
+@dataclass
+class Explanation:
+    """Integrated Gradients attributions of one prediction, and their summaries.
+
+    Attributes
+    ----------
+    ts : ndarray (R, T) or None
+        Attribution of every time-series window sample.
+    fc : ndarray (R, R) or None
+        Attribution of every connectivity entry (both triangles).
+    region_ts, region_fc, region_total : ndarray (R,)
+        Per region: time-series attribution summed over time; connectivity attribution with each
+        symmetric edge's attribution (``A[i, j] + A[j, i]``) shared equally between its two
+        regions; their sum. ``region_total.sum()`` equals the total attribution.
+    labels : ndarray of int (R,)
+        The atlas's integer label of each region.
+    names, groups : tuple of str
+        Region names and their network / lobe.
+    top_connections : list of dict
+        The strongest edges by absolute attribution: ``i``, ``j`` (region indices), ``label_i``,
+        ``label_j``, ``name_i``, ``name_j``, ``score``.
+    networks : dict
+        Per network / lobe: ``{"ts": .., "fc": .., "total": ..}`` attribution sums.
+    modality_share : dict
+        ``{"ts": .., "fc": ..}``: each modality's share of the total absolute attribution.
+    logit, baseline_logit : float
+        ``F(x)`` and ``F(baseline)`` of the ensemble's mean logit.
+    ig_gap : float
+        Completeness gap relative to ``|F(x) - F(baseline)|``.
+    ig_gap_abs : float
+        The same gap in logit units.
+    steps : int
+        Gauss-Legendre nodes used.
+    baseline : dict
+        The baselines used (``{"ts": "flat", "fc": "cohort_mean"}``, or ``"custom"``).
+    runtime_s : float
+    """
+
+    ts: np.ndarray | None
+    fc: np.ndarray | None
+    region_ts: np.ndarray
+    region_fc: np.ndarray
+    region_total: np.ndarray
+    labels: np.ndarray
+    names: tuple[str, ...]
+    groups: tuple[str, ...]
+    top_connections: list[dict]
+    networks: dict
+    modality_share: dict
+    logit: float
+    baseline_logit: float
+    ig_gap: float
+    ig_gap_abs: float
+    steps: int
+    baseline: dict
+    runtime_s: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def ranked_regions(self, n: int | None = None) -> list[dict]:
+        """Regions sorted by absolute total score, descending (``label``, ``name``, ``score``,
+        ``ts``, ``fc``, ``network``)."""
+        order = np.argsort(-np.abs(self.region_total), kind="stable")
+        if n is not None:
+            order = order[:n]
+        return [{"label": int(self.labels[i]), "name": self.names[i],
+                 "score": float(self.region_total[i]), "ts": float(self.region_ts[i]),
+                 "fc": float(self.region_fc[i]), "network": self.groups[i]} for i in order]
+
+    def to_dict(self, *, n_regions: int | None = None) -> dict:
+        """JSON-ready summary (the ``fmmtc explain --json`` output)."""
+        return {
+            "regions": [{k: r[k] for k in ("label", "name", "score")}
+                        for r in self.ranked_regions(n_regions)],
+            "modality_share": {k: float(v) for k, v in self.modality_share.items()},
+            "top_connections": self.top_connections,
+            "networks": self.networks,
+            "ig_gap": float(self.ig_gap),
+            "ig_gap_abs": float(self.ig_gap_abs),
+            "steps": int(self.steps),
+            "baseline": self.baseline,
+            "logit": float(self.logit),
+            "baseline_logit": float(self.baseline_logit),
+            "runtime_s": float(self.runtime_s),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries (pure numpy; also used to rebuild summaries from stored attributions)
+# --------------------------------------------------------------------------------------------
+def region_summaries(ts: np.ndarray | None, fc: np.ndarray | None, n_regions: int):
+    """Per-region TS, FC and total attribution (see :class:`Explanation`)."""
+    r_ts = np.zeros(n_regions) if ts is None else ts.astype(np.float64).sum(axis=1)
+    if fc is None:
+        r_fc = np.zeros(n_regions)
+    else:
+        a = fc.astype(np.float64)
+        r_fc = (a.sum(axis=0) + a.sum(axis=1)) / 2.0
+    return r_ts, r_fc, r_ts + r_fc
+
+
+def _top_connections(fc: np.ndarray | None, atlas_labels, names, n_top: int) -> list[dict]:
+    if fc is None or n_top <= 0:
+        return []
+    edge = fc.astype(np.float64) + fc.T.astype(np.float64)
+    iu, ju = np.triu_indices(edge.shape[0], k=1)
+    vals = edge[iu, ju]
+    order = np.argsort(-np.abs(vals), kind="stable")[:n_top]
+    return [{"i": int(iu[k]), "j": int(ju[k]), "label_i": int(atlas_labels[iu[k]]),
+             "label_j": int(atlas_labels[ju[k]]), "name_i": names[iu[k]],
+             "name_j": names[ju[k]], "score": float(vals[k])} for k in order]
+
+
+def _networks(groups, r_ts, r_fc) -> dict:
+    out: dict[str, dict] = {}
+    for g, a, b in zip(groups, r_ts, r_fc):
+        d = out.setdefault(g, {"ts": 0.0, "fc": 0.0, "total": 0.0})
+        d["ts"] += float(a)
+        d["fc"] += float(b)
+        d["total"] += float(a + b)
+    return dict(sorted(out.items(), key=lambda kv: -abs(kv[1]["total"])))
+
+
+def _share(ts, fc) -> dict:
+    m_ts = 0.0 if ts is None else float(np.abs(ts).sum())
+    m_fc = 0.0 if fc is None else float(np.abs(fc).sum())
+    total = m_ts + m_fc
+    if total == 0.0:
+        return {"ts": 0.0, "fc": 0.0}
+    return {"ts": m_ts / total, "fc": m_fc / total}
+
+
+# --------------------------------------------------------------------------------------------
+# Integrated Gradients
+# --------------------------------------------------------------------------------------------
+def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool):
+    """F(inputs) -> mean fold logit (B,), with the frozen encoder run once per call."""
+    models = ens.models
+    first = models[0]
+    xyz = ens.xyz
+
+    def forward(*inputs):
+        it = iter(inputs)
+        window = next(it) if use_ts else None
+        c = next(it) if use_fc else None
+        shared = first.embed_ts(window, xyz) if (use_ts and first.frozen_ts) else None
+        out = 0.0
+        for m in models:
+            ts = shared if shared is not None else (m.embed_ts(window, xyz) if use_ts else None)
+            out = out + m.forward_features(ts, c)
+        return out / len(models)
+
+    return forward
+
+
+def model_inputs(ens, signals) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's inputs for cleaned region signals: window (R, T) and connectivity (R, R).
+
+    Exactly what :meth:`~fmmtc_core.training.FMMTCEnsemble.predict` is given in screening: the
+    centred, robust-scaled window of the model's length and the Fisher-z connectivity of the
+    whole cleaned scan.
+    """
+    from fmmtc_core.connectivity import connectivity
+    from fmmtc_core.preprocess import make_window
+
+    window = make_window(signals, ens.window).astype(np.float32)
+    fc = connectivity(signals).astype(np.float32)
+    return window, fc
+
+
+def _baseline_arrays(ens, window, fc, baseline_ts, baseline_fc):
+    r, t = window.shape
+    if isinstance(baseline_ts, str):
+        check_option("baseline_ts", baseline_ts, ("flat",))
+        b_ts, name_ts = np.zeros((r, t), np.float32), baseline_ts
+    else:
+        b_ts = np.asarray(baseline_ts, dtype=np.float32)
+        if b_ts.shape != (r, t):
+            raise InvalidInputError(
+                f"baseline_ts has shape {b_ts.shape}; the window is {(r, t)}.")
+        name_ts = "custom"
+    if isinstance(baseline_fc, str):
+        check_option("baseline_fc", baseline_fc, ("cohort_mean", "zero"))
+        if baseline_fc == "zero":
+            b_fc = np.zeros((r, r), np.float32)
+        elif ens.models[0].config.fc_input == "gram":
+            key = "cohort_mean_gram"
+            mean = ens.extra.get(key)
+            b_fc = (np.zeros((r, r), np.float32) if mean is None
+                    else mean.detach().float().cpu().numpy())
+        else:
+            b_fc = ens.cohort_mean_fc.detach().float().cpu().numpy()
+        name_fc = baseline_fc
+    else:
+        b_fc = np.asarray(baseline_fc, dtype=np.float32)
+        if b_fc.shape != (r, r):
+            raise InvalidInputError(f"baseline_fc has shape {b_fc.shape}; expected {(r, r)}.")
+        name_fc = "custom"
+    return b_ts, b_fc, {"ts": name_ts, "fc": name_fc}
+
+
+def explain(
+    ens,
+    window: np.ndarray,
+    fc: np.ndarray | None,
+    *,
+    baseline_ts: str | np.ndarray = "flat",
+    baseline_fc: str | np.ndarray = "cohort_mean",
+    rel_tol: float = 0.01,
+    abs_tol: float = 1e-4,
+    steps: tuple[int, ...] = DEFAULT_STEPS,
+    internal_batch_size: int | None = None,
+    n_top: int = 20,
+    atlas: Atlas | None = None,
+    progress: Progress = None,
+) -> Explanation:
+    """Integrated Gradients attributions of the ensemble's prediction for one participant.
+
+    Parameters
+    ----------
+    ens : FMMTCEnsemble
+        A loaded model folder (:func:`fmmtc_core.training.load_model`). The explanation of the
+        fold ensemble is the mean of the fold models' attributions (computed as the attribution
+        of the mean logit, which is the same thing; see the module docstring).
+    window : ndarray (R, T)
+        Robust-scaled region time-series window of the model's length.
+    fc : ndarray (R, R) or None
+        Fisher-z connectivity of the cleaned scan (ignored by ``fc_input="gram"`` models, whose
+        connectivity input is the window's Gram matrix).
+    baseline_ts : "flat" or ndarray (R, T)
+    baseline_fc : "cohort_mean", "zero" or ndarray (R, R)
+    rel_tol : float, default=0.01
+        Stop raising the number of steps once ``|gap| <= rel_tol * |F(x) - F(b)|``.
+    abs_tol : float, default=1e-4
+        ... or once ``|gap| <= abs_tol`` logit (when ``F(x)`` and ``F(b)`` nearly coincide a
+        relative gap means nothing).
+    steps : tuple of int, default=(8, 16, 32, 64)
+        Gauss-Legendre node counts tried in turn; the last is the cap.
+    internal_batch_size : int or None
+        Integration points evaluated per forward/backward pass (bounds memory); default 8 on
+        CPU, 32 on a GPU.
+    n_top : int, default=20
+        Connections listed in ``top_connections``.
+    atlas : Atlas or None
+        Region names and networks; default: the model's atlas.
+    progress : callable(stage, done, total, info) or None
+        Called after each attempt with ``info = {"steps": n, "gap": rel_gap}``.
+
+    Returns
+    -------
+    Explanation
+    """
+    from captum.attr import IntegratedGradients
+
+    t0 = time.perf_counter()
+    if not steps or any(int(s) < 2 for s in steps):
+        raise InvalidInputError(f"steps must be a non-empty list of integers >= 2, got {steps}.")
+    first = ens.models[0]
+    use_ts, use_fc = first.config.use_ts, first.config.use_fc
+    window = np.asarray(window, dtype=np.float32)
+    r = first.config.n_regions
+    if window.ndim != 2 or window.shape[0] != r:
+        raise InvalidInputError(
+            f"The window must have shape ({r}, T) for this model, got {window.shape}.")
+    if window.shape[1] != ens.window:
+        raise InvalidInputError(
+            f"The window has {window.shape[1]} samples; this model takes {ens.window}.")
+    if use_fc:
+        if first.config.fc_input == "gram":
+            fc = window @ window.T / window.shape[1]
+        elif fc is None:
+            raise InvalidInputError("This model needs the connectivity matrix (fc).")
+        fc = np.asarray(fc, dtype=np.float32)
+        if fc.shape != (r, r):
+            raise InvalidInputError(f"fc must have shape ({r}, {r}), got {fc.shape}.")
+    if not (np.isfinite(window).all() and (fc is None or np.isfinite(fc).all())):
+        raise InvalidInputError("The model inputs contain NaN or infinite values.")
+    b_ts, b_fc, baseline = _baseline_arrays(ens, window, fc, baseline_ts, baseline_fc)
+    if not use_ts:
+        baseline.pop("ts")
+    if not use_fc:
+        baseline.pop("fc")
+
+    dev = ens.device
+    xs, bs = [], []
+    if use_ts:
+        xs.append(torch.from_numpy(window)[None].to(dev))
+        bs.append(torch.from_numpy(b_ts)[None].to(dev))
+    if use_fc:
+        xs.append(torch.from_numpy(fc)[None].to(dev))
+        bs.append(torch.from_numpy(b_fc)[None].to(dev))
+    forward = _ensemble_logit_fn(ens, use_ts, use_fc)
+    if internal_batch_size is None:
+        internal_batch_size = 32 if dev.type == "cuda" else 8
+    with torch.no_grad():
+        f_x = float(forward(*xs)[0])
+        f_b = float(forward(*bs)[0])
+    d_f = f_x - f_b
+    tol = max(rel_tol * abs(d_f), abs_tol)
+    ig = IntegratedGradients(forward)
+    # Full float32 precision: bf16 autocast would put its rounding error into the gap.
+    for k, n in enumerate(steps):
+        attrs, delta = ig.attribute(tuple(xs), baselines=tuple(bs), n_steps=int(n),
+                                    method="gausslegendre",
+                                    internal_batch_size=internal_batch_size,
+                                    return_convergence_delta=True)
+        gap_abs = abs(float(delta[0]))
+        rel_gap = gap_abs / abs(d_f) if d_f != 0 else float("inf") if gap_abs else 0.0
+        if progress:
+            progress("explain", k + 1, len(steps), {"steps": int(n), "gap": rel_gap})
+        if gap_abs <= tol:
+            break
+    attrs = [a[0].detach().float().cpu().numpy() for a in attrs]
+    a_ts = attrs.pop(0) if use_ts else None
+    a_fc = attrs.pop(0) if use_fc else None
+
+    atlas = atlas or load_atlas(ens.atlas)
+    if atlas.n_regions != r:
+        raise InvalidInputError(f"Atlas {atlas.name} has {atlas.n_regions} regions, the model {r}.")
+    r_ts, r_fc, total = region_summaries(a_ts, a_fc, r)
+    return Explanation(
+        ts=a_ts, fc=a_fc, region_ts=r_ts, region_fc=r_fc, region_total=total,
+        labels=np.asarray(atlas.labels), names=tuple(atlas.names), groups=tuple(atlas.groups),
+        top_connections=_top_connections(a_fc, atlas.labels, atlas.names, n_top),
+        networks=_networks(atlas.groups, r_ts, r_fc),
+        modality_share=_share(a_ts, a_fc), logit=f_x, baseline_logit=f_b,
+        ig_gap=rel_gap, ig_gap_abs=gap_abs, steps=int(n), baseline=baseline,
+        runtime_s=time.perf_counter() - t0,
+        settings={"method": "integrated_gradients", "quadrature": "gausslegendre",
+                  "rel_tol": rel_tol, "abs_tol": abs_tol, "schedule": [int(s) for s in steps],
+                  "internal_batch_size": int(internal_batch_size), "target": "mean fold logit",
+                  "baseline": baseline},
+    )
+
+
+def explain_signals(ens, signals, **kwargs) -> Explanation:
+    """:func:`explain` from cleaned :class:`~fmmtc_core.preprocess.RegionSignals`."""
+    window, fc = model_inputs(ens, signals)
+    kwargs.setdefault("atlas", signals.atlas)
+    return explain(ens, window, fc, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Brain maps
+# --------------------------------------------------------------------------------------------
+def region_map(atlas: Atlas, scores: np.ndarray) -> nib.Nifti1Image:
+    """A float32 statistical map on the atlas grid: each region's voxels carry its score.
+
+    Background and unlisted labels are 0, so the image feeds nilearn's ``plot_glass_brain`` /
+    ``plot_stat_map`` directly.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.shape != (atlas.n_regions,):
+        raise InvalidInputError(
+            f"Expected {atlas.n_regions} region scores for {atlas.name}, got shape {scores.shape}.")
+    labels = np.asanyarray(atlas.labels_img.dataobj).astype(np.int64)
+    lut = np.zeros(max(int(labels.max()), int(np.max(atlas.labels))) + 1, np.float32)
+    lut[np.asarray(atlas.labels, dtype=np.int64)] = scores
+    data = lut[np.clip(labels, 0, None)]
+    img = nib.Nifti1Image(data, atlas.labels_img.affine)
+    img.header.set_data_dtype(np.float32)
+    return img

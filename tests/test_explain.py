@@ -1,0 +1,333 @@
+"""Integrated Gradients explanations: axioms on hand-checkable models, adaptive steps,
+summaries, brain maps, and recovery of the planted ground truth by trained models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.atlas import Atlas, load_atlas
+from fmmtc_core.explain import explain, region_map, region_summaries
+from fmmtc_core.preprocess import make_window
+from fmmtc_core.simulate import SimulationConfig, planted_regions, simulate_subject
+
+R, T = 6, 10
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-checkable models behind the ensemble interface explain() uses
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Cfg:
+    n_regions: int = R
+    use_ts: bool = True
+    use_fc: bool = True
+    fc_input: str = "correlation"
+
+
+class _Toy(nn.Module):
+    """F(w, c) = f_ts(w) + f_fc(c) + cross * sum(w) * sum(c), with f chosen per test."""
+
+    def __init__(self, f_ts, f_fc, cfg=None, cross=0.0):
+        super().__init__()
+        self.config = cfg or _Cfg()
+        self.f_ts, self.f_fc, self.cross = f_ts, f_fc, cross
+        self.frozen_ts = True
+
+    def embed_ts(self, window, xyz):
+        return window.flatten(1)
+
+    def forward_features(self, ts, c):
+        out = torch.zeros(ts.shape[0] if ts is not None else c.shape[0])
+        if ts is not None:
+            out = out + self.f_ts(ts.view(-1, R, T))
+        if c is not None:
+            out = out + self.f_fc(c)
+        if ts is not None and c is not None and self.cross:
+            out = out + self.cross * ts.sum(1) * c.flatten(1).sum(1)
+        return out
+
+
+@dataclass
+class _Ens:
+    models: list
+    window: int = T
+    device: torch.device = torch.device("cpu")
+    xyz: torch.Tensor = field(default_factory=lambda: torch.zeros(R, 3))
+    cohort_mean_fc: torch.Tensor = field(default_factory=lambda: torch.zeros(R, R))
+    extra: dict = field(default_factory=dict)
+    atlas: str = "toy"
+
+
+@pytest.fixture(scope="module")
+def toy_atlas():
+    img = nib.Nifti1Image(np.arange(1, R + 1, dtype=np.int16).reshape(1, 2, 3), np.eye(4))
+    return Atlas(name="toy", labels_img=img, labels=np.arange(1, R + 1) * 10,
+                 names=tuple(f"region{i}" for i in range(R)), centroids_mm=np.zeros((R, 3)),
+                 hemispheres=("L",) * R, groups=("A", "A", "A", "B", "B", "B"),
+                 volumes_mm3=np.ones(R))
+
+
+@pytest.fixture
+def inputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((R, T)).astype(np.float32)
+    c = rng.standard_normal((R, R)).astype(np.float32)
+    return w, (c + c.T) / 2
+
+
+def test_linear_model_attributions_are_exact(inputs, toy_atlas):
+    w, c = inputs
+    a_ts = torch.randn(R, T)
+    a_fc = torch.randn(R, R)
+    toy = _Toy(lambda x: (x * a_ts).sum((1, 2)), lambda x: (x * a_fc).sum((1, 2)))
+    base = np.full((R, R), 0.1, np.float32)
+    e = explain(_Ens([toy]), w, c, baseline_fc=base, atlas=toy_atlas)
+    # IG of a linear function is weight x (input - baseline), whatever the quadrature.
+    np.testing.assert_allclose(e.ts, a_ts.numpy() * w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e.fc, a_fc.numpy() * (c - base), rtol=1e-5, atol=1e-6)
+    assert e.steps == 8 and e.ig_gap < 1e-5
+    assert e.baseline == {"ts": "flat", "fc": "custom"}
+    # completeness: everything adds up to F(x) - F(b)
+    assert e.region_total.sum() == pytest.approx(e.logit - e.baseline_logit, rel=1e-5)
+
+
+def test_completeness_and_symmetry_on_a_nonlinear_model(inputs, toy_atlas):
+    w, c = inputs
+    # F depends on the connectivity only through c01 + c10 (symmetric inputs) and on the time
+    # series through a smooth non-linearity; exact for Gauss-Legendre at these degrees.
+    toy = _Toy(lambda x: torch.tanh(x[:, 0].sum(1)) ** 2,
+               lambda x: (x[:, 0, 1] + x[:, 1, 0]) ** 3, cross=0.05)
+    e = explain(_Ens([toy]), w, c, atlas=toy_atlas)
+    assert abs(e.region_total.sum() - (e.logit - e.baseline_logit)) <= 0.01 * abs(
+        e.logit - e.baseline_logit)
+    assert e.ig_gap <= 0.01
+    assert e.fc[0, 1] == pytest.approx(e.fc[1, 0], rel=1e-5)  # symmetry
+    # region 0 time points all enter through the same sum: equal value -> equal attribution
+    # scaled by the input; the cross term spreads attribution over every input.
+    assert np.abs(e.ts[0]).sum() > 0
+
+
+def test_inputs_the_model_ignores_get_zero_attribution(inputs, toy_atlas):
+    w, c = inputs
+    toy = _Toy(lambda x: torch.sin(x[:, :2]).sum((1, 2)), lambda x: (x[:, 3:, 3:] ** 2).sum((1, 2)))
+    e = explain(_Ens([toy]), w, c, atlas=toy_atlas)
+    assert np.all(e.ts[2:] == 0)
+    assert np.all(e.fc[:3, :] == 0) and np.all(e.fc[:, :3] == 0)
+    assert np.all(e.region_fc[:3] == 0)
+
+
+def test_ensemble_attribution_is_the_mean_of_the_fold_attributions(inputs, toy_atlas):
+    w, c = inputs
+    f1 = _Toy(lambda x: torch.tanh(x.sum((1, 2))), lambda x: x.sum((1, 2)) ** 2 / 10)
+    f2 = _Toy(lambda x: (x ** 2).sum((1, 2)) / 50, lambda x: torch.sin(x[:, 0, :].sum(1)))
+    both = explain(_Ens([f1, f2]), w, c, atlas=toy_atlas, steps=(32,))
+    one = explain(_Ens([f1]), w, c, atlas=toy_atlas, steps=(32,))
+    two = explain(_Ens([f2]), w, c, atlas=toy_atlas, steps=(32,))
+    np.testing.assert_allclose(both.ts, (one.ts + two.ts) / 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(both.fc, (one.fc + two.fc) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_are_raised_until_the_gap_is_small(inputs, toy_atlas):
+    w, c = inputs
+    # A kinked function: Gauss-Legendre needs more nodes than for a polynomial.
+    toy = _Toy(lambda x: torch.relu(x.sum((1, 2)) - 3.0) * 4.0,
+               lambda x: torch.relu(x[:, 0].sum(1) - 1.0) * 3.0)
+    seen = []
+    e = explain(_Ens([toy]), w * 3, c * 3, atlas=toy_atlas,
+                progress=lambda stage, done, total, info: seen.append(info["steps"]))
+    assert seen[0] == 8 and e.steps == seen[-1]
+    assert (e.ig_gap <= 0.01) or e.steps == 64
+    strict = explain(_Ens([toy]), w * 3, c * 3, atlas=toy_atlas, rel_tol=1e-9, abs_tol=0)
+    assert strict.steps == 64  # the cap is honoured, and the gap it reached is reported
+    assert strict.ig_gap > 0
+
+
+def test_summaries_add_up_and_are_ranked(inputs, toy_atlas):
+    w, c = inputs
+    a_fc = torch.randn(R, R)
+    toy = _Toy(lambda x: x[:, 1].sum(1) * 3, lambda x: (x * a_fc).sum((1, 2)))
+    e = explain(_Ens([toy]), w, c, atlas=toy_atlas, n_top=4)
+    np.testing.assert_allclose(e.region_ts[1], e.ts[1].sum(), rtol=1e-6)
+    np.testing.assert_allclose(e.region_fc.sum(), e.fc.sum(), rtol=1e-5)
+    total = sum(n["total"] for n in e.networks.values())
+    assert total == pytest.approx(e.region_total.sum(), rel=1e-5)
+    assert set(e.networks) == {"A", "B"}
+    edge = e.fc + e.fc.T
+    iu = np.triu_indices(R, 1)
+    best = np.max(np.abs(edge[iu]))
+    assert abs(e.top_connections[0]["score"]) == pytest.approx(best, rel=1e-6)
+    assert len(e.top_connections) == 4
+    assert e.top_connections[0]["label_i"] == toy_atlas.labels[e.top_connections[0]["i"]]
+    d = e.to_dict()
+    scores = [abs(r["score"]) for r in d["regions"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == R
+    assert {r["label"] for r in d["regions"]} == set(toy_atlas.labels.tolist())
+    assert d["modality_share"]["ts"] + d["modality_share"]["fc"] == pytest.approx(1.0)
+    assert set(d) >= {"regions", "modality_share", "top_connections", "ig_gap", "steps",
+                      "baseline"}
+
+
+def test_region_summaries_share_each_edge_between_its_regions():
+    fc = np.zeros((3, 3))
+    fc[0, 2] = 1.0  # one directed entry of the (0, 2) edge
+    fc[2, 0] = 3.0
+    r_ts, r_fc, total = region_summaries(None, fc, 3)
+    np.testing.assert_allclose(r_fc, [2.0, 0.0, 2.0])
+    np.testing.assert_allclose(total, r_fc)
+    assert not r_ts.any()
+
+
+def test_single_modality_models(inputs, toy_atlas):
+    w, c = inputs
+    ts_only = _Toy(lambda x: x.sum((1, 2)), None, _Cfg(use_fc=False))
+    e = explain(_Ens([ts_only]), w, None, atlas=toy_atlas)
+    assert e.fc is None and e.modality_share == {"ts": 1.0, "fc": 0.0}
+    assert e.baseline == {"ts": "flat"}
+    fc_only = _Toy(None, lambda x: x.sum((1, 2)), _Cfg(use_ts=False))
+    e = explain(_Ens([fc_only]), w, c, atlas=toy_atlas)
+    assert e.ts is None and e.modality_share["fc"] == 1.0
+
+
+def test_gram_models_attribute_the_gram_matrix_as_connectivity(inputs, toy_atlas):
+    w, _ = inputs
+    toy = _Toy(lambda x: x.sum((1, 2)) * 0, lambda x: x[:, 0, 0] * 2, _Cfg(fc_input="gram"))
+    e = explain(_Ens([toy]), w, None, atlas=toy_atlas, baseline_fc="zero")
+    assert e.fc[0, 0] == pytest.approx(2 * (w[0] @ w[0]) / T, rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"baseline_fc": "median"}, "'baseline_fc' parameter. Allowed values are 'cohort_mean' and 'zero'"),
+    ({"baseline_ts": "noise"}, "'baseline_ts' parameter. Allowed values are 'flat'"),
+    ({"baseline_fc": np.zeros((2, 2))}, r"baseline_fc has shape \(2, 2\)"),
+    ({"baseline_ts": np.zeros((R, 3))}, "baseline_ts has shape"),
+    ({"steps": ()}, "steps must be a non-empty list"),
+    ({"steps": (8, 1)}, "steps must be a non-empty list"),
+])
+def test_bad_settings_are_named(inputs, toy_atlas, kwargs, match):
+    w, c = inputs
+    toy = _Toy(lambda x: x.sum((1, 2)), lambda x: x.sum((1, 2)))
+    with pytest.raises(InvalidInputError, match=match):
+        explain(_Ens([toy]), w, c, atlas=toy_atlas, **kwargs)
+
+
+def test_bad_inputs_are_named(inputs, toy_atlas):
+    w, c = inputs
+    toy = _Toy(lambda x: x.sum((1, 2)), lambda x: x.sum((1, 2)))
+    ens = _Ens([toy])
+    with pytest.raises(InvalidInputError, match=r"window must have shape \(6, T\)"):
+        explain(ens, w[:3], c, atlas=toy_atlas)
+    with pytest.raises(InvalidInputError, match="has 5 samples; this model takes 10"):
+        explain(ens, w[:, :5], c, atlas=toy_atlas)
+    with pytest.raises(InvalidInputError, match=r"fc must have shape \(6, 6\)"):
+        explain(ens, w, c[:2], atlas=toy_atlas)
+    with pytest.raises(InvalidInputError, match="needs the connectivity matrix"):
+        explain(ens, w, None, atlas=toy_atlas)
+    bad = w.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        explain(ens, bad, c, atlas=toy_atlas)
+
+
+def test_region_map_paints_scores_on_the_atlas(toy_atlas):
+    scores = np.arange(R, dtype=float) - 2.5
+    img = region_map(toy_atlas, scores)
+    data = img.get_fdata()
+    labels = np.asanyarray(toy_atlas.labels_img.dataobj)
+    # the toy label image holds 1..6 while the atlas labels are 10..60: nothing matches
+    assert data.shape == labels.shape and not data.any()
+    hcp = load_atlas("aal3")
+    s = np.linspace(-1, 1, hcp.n_regions)
+    m = region_map(hcp, s).get_fdata()
+    lab = np.asanyarray(hcp.labels_img.dataobj)
+    k = 17
+    assert np.allclose(m[lab == hcp.labels[k]], s[k])
+    assert np.all(m[lab == 0] == 0)
+    with pytest.raises(InvalidInputError, match="Expected 166 region scores"):
+        region_map(hcp, s[:5])
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth: trained models attribute the planted responder regions
+# --------------------------------------------------------------------------------------------
+def _subject_inputs(atlas, config, rng, responder=True, window=200):
+    sub = simulate_subject(atlas, responder=responder, config=config, rng=rng)
+    x = sub.signals - sub.signals.mean(0)
+    fc = np.arctanh(np.clip(np.corrcoef(x.T), -0.999999, 0.999999))
+    np.fill_diagonal(fc, 0.0)
+    return make_window(x, window).astype(np.float32), fc.astype(np.float32)
+
+
+def test_demo_model_ranks_the_planted_connectivity_regions_first():
+    """Precision at k (k = 8 planted connectivity regions of 426 HCPEx regions; chance 1.9 %).
+
+    The bundled demo model was trained on the default simulation; new responders (seeds it
+    never saw) are explained and the planted regions must lead the ranking. We reach 1.00 on
+    average (README, "Explanations"); the test asks for 0.75, 40x chance.
+    """
+    from fmmtc_core.training import load_model
+
+    ens = load_model()
+    atlas = load_atlas("hcpex")
+    config = SimulationConfig()
+    planted = set(planted_regions(atlas, config)["fc_index"])
+    k = len(planted)
+    rng = np.random.default_rng(2024)
+    precisions = []
+    for _ in range(3):
+        w, fc = _subject_inputs(atlas, config, rng)
+        e = explain(ens, w, fc, atlas=atlas)
+        assert e.ig_gap <= 0.01 or e.steps == 64
+        top = np.argsort(-np.abs(e.region_total))[:k]
+        precisions.append(len(planted & set(top.tolist())) / k)
+        assert e.modality_share["fc"] > 0.5  # the effect the model learnt is in connectivity
+    chance = k / atlas.n_regions
+    assert np.mean(precisions) >= 0.75, (precisions, chance)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known gap (issue 4 note): with the simulated time-series effect (higher lag-1 "
+    "autocorrelation of 8 regions) neither the frozen tiny encoder nor one trained from "
+    "scratch learns anything on 32 subjects (TS-only AUC 0.50), so the model has no "
+    "time-series signal whose share could rise. Passes (and then fails as XPASS) once the "
+    "TS branch learns the effect."))
+def test_modality_share_follows_the_modality_that_carries_the_effect(tmp_path_factory):
+    """Two cohorts, the responder effect planted in only one modality each: the model trained
+    on the connectivity-only effect leans more on connectivity than the one trained on the
+    time-series-only effect, and vice versa."""
+    from fmmtc_core.models.foundation import BrainLMConfig
+    from fmmtc_core.simulate import write_cohort
+    from fmmtc_core.training import load_model, pretrain, train
+
+    root = tmp_path_factory.mktemp("share")
+    base = dict(n_volumes=80, n_sites=1, noise_sd=0.2)
+    corpus = write_cohort(root / "corpus", 8, seed=1, fmt="timeseries", labelled=False,
+                          atlas="aal3", config=SimulationConfig(**base))
+    fcfg = BrainLMConfig.tiny(num_brain_voxels=166, num_timepoints_per_voxel=80,
+                              timepoint_patching_size=10, num_landmarks=16,
+                              attention_probs_dropout_prob=0.0)
+    found = pretrain(corpus, root / "found", config=fcfg, atlas="aal3", epochs=3, seed=0)
+    atlas = load_atlas("aal3")
+    shares = {}
+    for name, effects in {"fc": dict(fc_effect=0.8, ts_effect=0.0),
+                          "ts": dict(fc_effect=0.0, ts_effect=0.8)}.items():
+        config = SimulationConfig(**base, **effects)
+        cohort = write_cohort(root / name, 32, seed=2, fmt="timeseries", atlas="aal3",
+                              config=config)
+        train(cohort, root / f"model-{name}", foundation=found, atlas="aal3", folds=3,
+              epochs=40, seed=0)
+        ens = load_model(root / f"model-{name}")
+        rng = np.random.default_rng(99)
+        s = []
+        for _ in range(4):
+            w, fc = _subject_inputs(atlas, config, rng, window=80)
+            s.append(explain(ens, w, fc, atlas=atlas).modality_share["ts"])
+        shares[name] = float(np.mean(s))
+    print("mean time-series share:", shares)
+    assert shares["ts"] > shares["fc"]
