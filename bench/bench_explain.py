@@ -23,7 +23,9 @@ increase over the loaded model (``VmHWM``), and the completeness gap relative to
 10 s on this 2-core CPU, at least 3x faster than captum's default at an equal or smaller gap.
 
 ``--large`` adds our explanation with a BrainLM-111M-sized encoder (``base`` config, random
-weights: the cost does not depend on the weight values).
+weights: the cost does not depend on the weight values); its internal batch size is chosen by
+:func:`fmmtc_core.explain.auto_batch_size` (1 on this machine: one integration point of that
+encoder keeps ~4 GB of activations for the backward pass).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def worker(spec: dict) -> dict:
     import torch
     from captum.attr import IntegratedGradients
 
-    from fmmtc_core.explain import _ensemble_logit_fn, explain
+    from fmmtc_core.explain import _ensemble_logit_fn, auto_batch_size, explain
     from fmmtc_core.training import load_model
 
     torch.set_num_threads(2)
@@ -113,7 +115,8 @@ def worker(spec: dict) -> dict:
     with torch.no_grad():
         d_f = float(shared(*x) - shared(*b))
     # warm-up: one small attribution on another input, so the timed run pays no lazy init
-    IntegratedGradients(shared).attribute(x, baselines=b, n_steps=2, internal_batch_size=8)
+    IntegratedGradients(shared).attribute(x, baselines=b, n_steps=2,
+                                          internal_batch_size=auto_batch_size(ens))
     _reset_peak()
     base_mb = _vm("VmHWM")
     t0 = time.perf_counter()

@@ -207,16 +207,20 @@ class Atlas:
         else:
             # nilearn's own resampling, so our regions are exactly those NiftiLabelsMasker uses.
             from nilearn.image import resample_img
+            from nilearn.image.resampling import BoundingBoxError
 
-            resampled = resample_img(
-                nib.Nifti1Image(src_data, src.affine),
-                target_affine=affine,
-                target_shape=shape,
-                interpolation="nearest",
-                force_resample=True,
-                copy_header=True,
-            )
-            data = np.rint(np.asanyarray(resampled.dataobj)).astype(np.int16)
+            try:
+                resampled = resample_img(
+                    nib.Nifti1Image(src_data, src.affine),
+                    target_affine=affine,
+                    target_shape=shape,
+                    interpolation="nearest",
+                    force_resample=True,
+                    copy_header=True,
+                )
+                data = np.rint(np.asanyarray(resampled.dataobj)).astype(np.int16)
+            except BoundingBoxError:  # the grid misses the atlas entirely: no region on it
+                data = np.zeros(shape, dtype=np.int16)
         lut = np.full(int(max(self.labels.max(), data.max())) + 1, -1, dtype=np.int32)
         lut[self.labels] = np.arange(self.n_regions, dtype=np.int32)
         region_index = lut[np.clip(data, 0, None)]

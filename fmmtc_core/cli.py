@@ -250,6 +250,140 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _participant_from_name(scan) -> str:
+    import re
+
+    m = re.search(r"sub-([A-Za-z0-9]+)", Path(scan).name)
+    if not m:
+        raise FMMTCError(
+            "Name the participant with --participant (a study pseudonym such as PAIN-0042); "
+            f"{Path(scan).name} has no BIDS sub-<label>.")
+    return m.group(1)
+
+
+def cmd_screen(args) -> int:
+    from fmmtc_core.screening import screen
+    from fmmtc_core.store import open_database
+    from fmmtc_core.training import load_model
+
+    participant = args.participant or _participant_from_name(args.scan)
+    engine = open_database(args.db)
+    model = load_model(args.model)
+    thresholds = {"responder": args.responder_threshold,
+                  "non_responder": args.non_responder_threshold}
+    result = screen(args.scan, participant, model, engine, sidecar=args.sidecar,
+                    confounds=args.confounds, site=args.site, drug=args.drug, arm=args.arm,
+                    thresholds=thresholds, explain_kwargs=_explain_kwargs(args),
+                    operator=args.operator, force=args.force, progress=_stage_progress())
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    lo, hi = result.band
+    note = " (already stored; --force screens again)" if result.reused else ""
+    print(f"screening {result.screening_id}{note}: participant {result.participant}")
+    print(f"  responder probability {result.probability:.2f} [{lo:.2f}, {hi:.2f}]: "
+          f"{result.decision}")
+    share = out["modality_share"]
+    print(f"  modality share: time series {share['ts']:.1%}, connectivity {share['fc']:.1%}; "
+          f"IG gap {out['ig_gap']:.2%} ({out['steps']} steps)")
+    for r in out["regions"][:5]:
+        print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}")
+    return 0
+
+
+def cmd_screen_batch(args) -> int:
+    from fmmtc_core.screening import screen_batch
+
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+    def progress(done, total, pid):
+        nonlocal bar
+        if sys.stderr.isatty():
+            if bar is None:
+                bar = tqdm(total=total, desc="screen", unit="scan")
+            bar.update(done - bar.n)
+            if pid:
+                bar.set_postfix_str(pid)
+        elif pid:
+            sys.stderr.write(f"screen {done}/{total} {pid}\n")
+
+    report = screen_batch(args.cohort_dir, model_dir=args.model, url=args.db,
+                          workers=args.workers, operator=args.operator,
+                          import_outcomes=args.import_outcomes,
+                          explain_kwargs=_explain_kwargs(args), progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"screened {len(report.screened)}, already stored {len(report.skipped)}, "
+          f"failed {len(report.failed)}"
+          + (f", outcomes imported {report.outcomes}" if args.import_outcomes else ""))
+    for pid, reason in report.failed.items():
+        sys.stderr.write(f"warning: {pid}: {reason}\n")
+    if report.failed:
+        raise FMMTCError(f"{len(report.failed)} of {len(report.failed) + len(report.screened)} "
+                         "scans could not be screened (reasons above); the others are stored.")
+    return 0
+
+
+def cmd_outcome(args) -> int:
+    from fmmtc_core.screening import default_operator
+    from fmmtc_core.store import open_database, session_scope
+    from fmmtc_core.store.repository import record_outcome
+
+    engine = open_database(args.db)
+    with session_scope(engine, write=True) as s:
+        record_outcome(s, args.participant, args.outcome,
+                       actor=args.operator or default_operator(), note=args.note)
+    print(f"recorded: {args.participant} {args.outcome}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from fmmtc_core.store import (
+        current_revision,
+        downgrade,
+        head_revision,
+        integrity_check,
+        make_engine,
+        row_counts,
+        upgrade,
+    )
+    from fmmtc_core.store.db import _redact
+    from fmmtc_core.store.repository import export_csv
+
+    engine = make_engine(args.db)
+    if args.action == "upgrade":
+        print(f"database at revision {upgrade(engine)} (head {head_revision()}): "
+              f"{_redact(str(engine.url))}")
+    elif args.action == "downgrade":
+        print(f"database at revision {downgrade(engine, '-1')}")
+    elif args.action == "status":
+        rev = current_revision(engine)
+        print(f"{_redact(str(engine.url))}: revision {rev} (head {head_revision()})")
+        if rev:
+            for table, n in row_counts(engine).items():
+                print(f"  {table}: {n}")
+    elif args.action == "check":
+        upgrade(engine)
+        problems = integrity_check(engine)
+        if problems:
+            raise FMMTCError("database check failed: " + "; ".join(problems[:5]))
+        print("database check: ok")
+    elif args.action == "export":
+        if not args.out:
+            raise FMMTCError("db export needs --out FILE.csv.")
+        out = Path(args.out)
+        if out.suffix.lower() != ".csv":
+            raise FMMTCError(f"--out must name a .csv file, got {out.name!r}.")
+        upgrade(engine)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = export_csv(engine, out)
+        print(f"wrote {out} ({n} screenings)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fmmtc",
@@ -294,6 +428,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="regions listed without --json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_explain)
+
+    def db_arg(p):
+        p.add_argument("--db", metavar="URL",
+                       help="database URL (default: $FMMTC_DATABASE_URL or the SQLite file in "
+                            "the data folder, see README)")
+        p.add_argument("--operator", help="who runs this (audit log; default: your user name)")
+
+    def explain_args(p):
+        p.add_argument("--baseline-fc", choices=("cohort_mean", "zero"), default="cohort_mean",
+                       help="connectivity baseline (default: the training cohort's mean)")
+        p.add_argument("--tolerance", type=float, default=0.01,
+                       help="completeness gap to reach, relative to |F(x) - F(baseline)|")
+
+    p = sub.add_parser("screen", help="screen one scan and store it in the cohort database")
+    scan_args(p, atlas=False)
+    p.add_argument("--participant", metavar="ID",
+                   help="study pseudonym (default: the BIDS sub-<label> of the file name)")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the demo model)")
+    db_arg(p)
+    explain_args(p)
+    p.add_argument("--site")
+    p.add_argument("--drug")
+    p.add_argument("--arm")
+    p.add_argument("--responder-threshold", type=float, default=0.6)
+    p.add_argument("--non-responder-threshold", type=float, default=0.4)
+    p.add_argument("--force", action="store_true", help="screen again even if already stored")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("screen-batch", help="screen every scan of a BIDS-style cohort folder")
+    p.add_argument("cohort_dir", metavar="COHORT_DIR")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the demo model)")
+    db_arg(p)
+    explain_args(p)
+    p.add_argument("--import-outcomes", action="store_true",
+                   help="record participants.tsv's responder column as observed outcomes")
+    p.set_defaults(func=cmd_screen_batch)
+
+    p = sub.add_parser("outcome", help="record a participant's observed outcome")
+    p.add_argument("participant", metavar="PARTICIPANT")
+    p.add_argument("outcome", choices=("responder", "non-responder"))
+    p.add_argument("--note")
+    db_arg(p)
+    p.set_defaults(func=cmd_outcome)
+
+    p = sub.add_parser("db", help="database: upgrade, downgrade, status, check, export")
+    p.add_argument("action", choices=("upgrade", "downgrade", "status", "check", "export"))
+    p.add_argument("--out", metavar="FILE.csv", help="export: the CSV file to write")
+    p.add_argument("--db", metavar="URL", help="database URL (default: see README)")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("simulate", help="write a simulated BIDS-style cohort")
     p.add_argument("out_dir", metavar="OUT_DIR")

@@ -60,6 +60,7 @@ __all__ = [
     "model_inputs",
     "region_summaries",
     "region_map",
+    "auto_batch_size",
     "DEFAULT_STEPS",
 ]
 
@@ -238,6 +239,40 @@ def model_inputs(ens, signals) -> tuple[np.ndarray, np.ndarray | None]:
     return window, fc
 
 
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.6 * free)
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return min(int(line.split()[1]) * 1024 // 4, 8 << 30)
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def auto_batch_size(ens) -> int:
+    """Integration points per pass that fit the memory budget: 60 % of the free GPU memory,
+    or a quarter of the available RAM (at most 8 GB) on the CPU; at most 32 on a GPU, 8 on CPU.
+
+    The cost of one point is estimated from the encoder's geometry (activations kept for the
+    backward pass: ~6 x hidden + 4 x FFN + 4 x heads x landmarks floats per token and layer,
+    calibrated on the demo and BrainLM-111M-sized encoders; see bench/bench_explain.py) plus
+    150 MB for the connectivity branch, the head and captum's copies of the inputs.
+    """
+    first = ens.models[0]
+    per_point = 150 << 20
+    if first.ts_encoder is not None:
+        c = first.ts_encoder.config
+        tokens = c.num_brain_voxels * c.n_patches + 1
+        floats = (6 * c.hidden_size + 4 * c.intermediate_size
+                  + 4 * c.num_attention_heads * c.num_landmarks)
+        per_point += tokens * c.num_hidden_layers * floats * 4
+    cap = 32 if ens.device.type == "cuda" else 8
+    return int(max(1, min(cap, _available_bytes(ens.device) // per_point)))
+
+
 def _baseline_arrays(ens, window, fc, baseline_ts, baseline_fc):
     r, t = window.shape
     if isinstance(baseline_ts, str):
@@ -307,8 +342,8 @@ def explain(
     steps : tuple of int, default=(8, 16, 32, 64)
         Gauss-Legendre node counts tried in turn; the last is the cap.
     internal_batch_size : int or None
-        Integration points evaluated per forward/backward pass (bounds memory); default 8 on
-        CPU, 32 on a GPU.
+        Integration points evaluated per forward/backward pass (bounds memory); default
+        :func:`auto_batch_size`.
     n_top : int, default=20
         Connections listed in ``top_connections``.
     atlas : Atlas or None
@@ -361,7 +396,7 @@ def explain(
         bs.append(torch.from_numpy(b_fc)[None].to(dev))
     forward = _ensemble_logit_fn(ens, use_ts, use_fc)
     if internal_batch_size is None:
-        internal_batch_size = 32 if dev.type == "cuda" else 8
+        internal_batch_size = auto_batch_size(ens)
     with torch.no_grad():
         f_x = float(forward(*xs)[0])
         f_b = float(forward(*bs)[0])

@@ -8,19 +8,23 @@ in one database transaction. Each stage reports progress through one callback,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from fmmtc_core._errors import InvalidInputError
 from fmmtc_core.explain import Explanation, explain, model_inputs
-from fmmtc_core.preprocess import RegionSignals, clean
-from fmmtc_core.qc import QCReport, QCThresholds, assess_scan
+from fmmtc_core.io import load_scan
+from fmmtc_core.preprocess import RegionSignals, clean, parcellate
+from fmmtc_core.qc import QCReport, QCThresholds, qc_report
 
-__all__ = ["Analysis", "analyse", "decide", "STAGES", "DEFAULT_THRESHOLDS", "QCFailedError"]
+__all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES",
+           "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest"]
 
 #: Pipeline stages, in order, as reported to progress callbacks.
 STAGES = ("validate", "parcellate", "qc", "clean", "predict", "explain", "save")
@@ -142,14 +146,25 @@ def analyse(
     atlas = load_atlas(model.atlas)
     t0 = time.perf_counter()
     report("validate", 0, 1)
+    scan = load_scan(source, sidecar=sidecar, confounds=confounds, atlas=atlas)
+    t_load = time.perf_counter()
+    times["load"] = t_load - t0
+    report("validate", 1, 1)
+
+    parcellated = []
 
     def parc_progress(done, total):
+        parcellated.append(done)
         report("parcellate", done, total)
 
-    scan, raw, qc = assess_scan(source, sidecar=sidecar, confounds=confounds, atlas=atlas,
-                                thresholds=qc_thresholds, progress=parc_progress)
+    raw = parcellate(scan, None if scan.kind == "table" else atlas, progress=parc_progress)
+    if not parcellated:  # a region table: already parcellated
+        report("parcellate", 1, 1, {"table": True})
+    t_parc = time.perf_counter()
+    times["parcellate"] = t_parc - t_load
+    qc = qc_report(scan, raw, thresholds=qc_thresholds)
     t1 = time.perf_counter()
-    times["parcellate"] = t1 - t0  # load + validate + parcellate + QC metrics
+    times["qc"] = t1 - t_parc
     report("qc", 1, 1, {"verdict": qc.verdict})
     if raw.atlas.n_regions != atlas.n_regions:
         raise InvalidInputError(
@@ -185,3 +200,369 @@ def analyse(
         decision=decide(probability, band, thresholds), thresholds=thresholds,
         explanation=explanation, window=window, fc=fc, stage_seconds=times,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Screening into the cohort database
+# --------------------------------------------------------------------------------------------
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inputs_digest(source, sidecar=None, confounds=None) -> tuple[str, str]:
+    """(scan SHA-256, SHA-256 of everything that decides the result: scan, sidecar, confounds).
+
+    The sidecar is the one given or the one found beside the scan, as :func:`load_scan` would.
+    """
+    from fmmtc_core.io import find_sidecar
+
+    scan_sha = file_sha256(source)
+    h = hashlib.sha256(scan_sha.encode())
+    side = sidecar if sidecar is not None else find_sidecar(source)
+    for extra in (side, confounds):
+        h.update(b"|")
+        if extra is not None and Path(extra).exists():
+            h.update(file_sha256(extra).encode())
+    return scan_sha, h.hexdigest()
+
+
+def default_operator() -> str:
+    """Who runs a screening when nobody is named: ``FMMTC_OPERATOR`` or the OS user."""
+    import getpass
+
+    try:
+        return os.environ.get("FMMTC_OPERATOR") or getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database entry in some containers
+        return "unknown"
+
+
+@dataclass
+class ScreeningResult:
+    """A stored screening: its id, whether it was reused, and the in-memory analysis (None when
+    an earlier screening was returned)."""
+
+    screening_id: int
+    participant: str
+    probability: float
+    band: tuple[float, float]
+    decision: str
+    reused: bool
+    summary: dict
+    analysis: Analysis | None = None
+
+    def to_dict(self) -> dict:
+        return {"screening_id": self.screening_id, "participant_id": self.participant,
+                "reused": self.reused, **self.summary}
+
+
+def _summary_from_row(sc) -> dict:
+    regions = sorted(sc.regions, key=lambda r: -abs(r.total))
+    exp = sc.explanation or {}
+    return {
+        "probability": sc.probability, "band": [sc.band_low, sc.band_high],
+        "decision": sc.decision, "thresholds": sc.thresholds,
+        "qc": {"verdict": sc.scan.qc_verdict, "reasons": sc.scan.qc.get("reasons", [])},
+        "modality_share": {"ts": sc.share_ts, "fc": sc.share_fc},
+        "regions": [{"label": r.label, "name": r.name, "score": r.total} for r in regions],
+        "top_connections": [{"i": c.region_i, "j": c.region_j, "label_i": c.label_i,
+                             "label_j": c.label_j, "score": c.score} for c in sc.connections],
+        "networks": exp.get("networks", {}),
+        "ig_gap": sc.ig_gap, "steps": sc.ig_steps, "baseline": exp.get("baseline"),
+        "stage_seconds": sc.stage_seconds, "runtime_s": sc.runtime_s,
+        "model": sc.model_version.name, "created_at": sc.created_at.isoformat(),
+    }
+
+
+def screen(
+    source: str | os.PathLike,
+    participant: str,
+    model,
+    engine,
+    *,
+    sidecar=None,
+    confounds=None,
+    site: str | None = None,
+    drug: str | None = None,
+    arm: str | None = None,
+    simulated: bool = False,
+    thresholds: dict | None = None,
+    explain_kwargs: dict | None = None,
+    operator: str | None = None,
+    force: bool = False,
+    progress: Progress = None,
+) -> ScreeningResult:
+    """Screen one scan and store it: load + validate -> QC -> preprocess -> predict -> explain
+    -> store, with the store in **one transaction**: either the participant, scan, screening,
+    attributions and audit rows are all written, or nothing is.
+
+    The same scan content (with the same sidecar and confounds) screened with the same model
+    returns the stored screening, unless ``force``. A scan failing hard QC raises
+    :class:`QCFailedError` and stores nothing. Raw images are never stored: only the cleaned
+    region series (see :mod:`fmmtc_core.store.models`).
+
+    Parameters
+    ----------
+    source : path
+    participant : str
+        Study pseudonym (validated; a leading ``sub-`` is dropped).
+    model : FMMTCEnsemble
+    engine : sqlalchemy.Engine
+        From :func:`fmmtc_core.store.open_database`.
+    operator : str or None
+        Who runs it (audit log); default :func:`default_operator`.
+    progress : callable(stage, done, total, info) or None
+        Stages :data:`STAGES`.
+    """
+    from fmmtc_core import __version__
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store.db import DatabaseError, session_scope
+
+    operator = operator or default_operator()
+    pseudonym = repo.validate_pseudonym(participant)  # fail fast, before any work
+    if not Path(source).is_file():
+        raise InvalidInputError(f"No such scan file: {source}.")
+    scan_sha, key = inputs_digest(source, sidecar, confounds)
+    with session_scope(engine) as s:
+        old = repo.find_screening(s, key, model.weights_sha256)
+        if old is not None and old.participant.pseudonym != pseudonym:
+            raise InvalidInputError(
+                f"This scan was already screened for participant {old.participant.pseudonym!r} "
+                f"(screening {old.id}); a scan belongs to one participant. Check the pseudonym.")
+        if old is not None and not force:
+            old = repo.get_screening(s, old.id)
+            if progress:
+                progress("save", 1, 1, {"reused": True})
+            return ScreeningResult(old.id, pseudonym, old.probability,
+                                   (old.band_low, old.band_high), old.decision, True,
+                                   _summary_from_row(old))
+    result = analyse(source, model, sidecar=sidecar, confounds=confounds,
+                     thresholds=thresholds, explain_kwargs=explain_kwargs, progress=progress)
+    t0 = time.perf_counter()
+    e = result.explanation
+    scan = result.scan
+    qc = result.qc.to_dict()
+    scan_fields = {
+        "sha256": scan_sha, "kind": scan.kind, "shape": [int(v) for v in scan.shape],
+        "tr": float(result.signals.tr), "atlas": result.signals.atlas.name,
+        "qc_verdict": result.qc.verdict, "qc": qc, "n_volumes": int(result.signals.n_volumes),
+        "n_regions": int(result.signals.n_regions),
+        "series": repo.encode_series(result.signals.data),
+    }
+    regions = [{"region_index": i, "label": int(e.labels[i]), "name": e.names[i],
+                "network": e.groups[i], "ts": float(e.region_ts[i]), "fc": float(e.region_fc[i]),
+                "total": float(e.region_total[i])} for i in range(len(e.labels))]
+    connections = [{"rank": k, "region_i": c["i"], "region_j": c["j"], "label_i": c["label_i"],
+                    "label_j": c["label_j"], "score": c["score"]}
+                   for k, c in enumerate(e.top_connections)]
+    fields = {
+        "inputs_sha256": key, "probability": result.probability,
+        "band_low": result.band[0], "band_high": result.band[1],
+        "fold_probabilities": result.fold_probabilities, "decision": result.decision,
+        "thresholds": result.thresholds, "share_ts": e.modality_share["ts"],
+        "share_fc": e.modality_share["fc"], "ig_gap": e.ig_gap, "ig_steps": e.steps,
+        "explanation": {"settings": e.settings, "baseline": e.baseline,
+                        "networks": e.networks, "logit": e.logit,
+                        "baseline_logit": e.baseline_logit, "ig_gap_abs": e.ig_gap_abs},
+        "runtime_s": 0.0, "stage_seconds": {}, "software_version": __version__,
+    }
+    for attempt in range(3):
+        try:
+            with session_scope(engine, write=True) as s:
+                p = repo.get_or_create_participant(s, pseudonym, actor=operator, site=site,
+                                                   drug=drug, arm=arm, simulated=simulated)
+                mv = repo.get_or_create_model_version(s, model.name, model.weights_sha256,
+                                                      model.card, actor=operator)
+                result.stage_seconds["save"] = time.perf_counter() - t0
+                fields["stage_seconds"] = {k: float(v) for k, v in result.stage_seconds.items()}
+                fields["runtime_s"] = result.runtime_s
+                sc = repo.add_screening(s, participant=p, model_version=mv,
+                                        scan_fields=scan_fields, screening_fields=fields,
+                                        regions=regions, connections=connections,
+                                        actor=operator)
+                sid = sc.id
+            break
+        except DatabaseError as exc:
+            # Another writer created the same participant / scan / model row first (possible
+            # on PostgreSQL, where writers do not queue): the rolled-back transaction is
+            # retried and now finds that row.
+            if not exc.conflict or attempt == 2:
+                raise
+    result.stage_seconds["save"] = time.perf_counter() - t0
+    if progress:
+        progress("save", 1, 1, {})
+    summary = result.to_dict()
+    summary["model"] = model.name
+    return ScreeningResult(sid, pseudonym, result.probability, result.band, result.decision,
+                           False, summary, result)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch screening of a BIDS-style cohort folder
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BatchReport:
+    """What :func:`screen_batch` did."""
+
+    screened: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already stored
+    failed: dict[str, str] = field(default_factory=dict)  # participant -> reason
+    outcomes: int = 0
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_dir, url, threads) -> None:
+    import torch
+
+    from fmmtc_core.store import make_engine
+    from fmmtc_core.training import load_model
+
+    torch.set_num_threads(threads)
+    _WORKER["model"] = load_model(model_dir)
+    _WORKER["engine"] = make_engine(url)
+
+
+def _worker_screen(job: dict) -> tuple[str, str | None]:
+    try:
+        screen(job["scan"], job["participant"], _WORKER["model"], _WORKER["engine"],
+               confounds=job["confounds"], site=job["site"], drug=job["drug"],
+               simulated=job["simulated"], operator=job["operator"],
+               explain_kwargs=job["explain_kwargs"])
+        return job["participant"], None
+    except InvalidInputError as exc:
+        return job["participant"], str(exc)
+
+
+def screen_batch(
+    cohort_dir: str | os.PathLike,
+    *,
+    model_dir=None,
+    url: str | None = None,
+    workers: int = 1,
+    operator: str | None = None,
+    import_outcomes: bool = False,
+    explain_kwargs: dict | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> BatchReport:
+    """Screen every scan of a BIDS-style cohort folder into the database.
+
+    Scans already stored (same content, same model) are skipped, so an interrupted batch
+    (Ctrl-C, a killed process) is resumed by running it again: every screening is its own
+    transaction, so the database only ever holds complete screenings. A scan that fails (bad
+    input, hard QC) is reported and the others go on.
+
+    Parameters
+    ----------
+    cohort_dir : path
+        ``participants.tsv`` (``participant_id``; optional ``site``, ``drug``, ``responder``) and
+        ``sub-*/func/`` scans, as written by ``fmmtc simulate``.
+    model_dir : path or None
+        Model folder (default: :func:`fmmtc_core.training.default_model_dir`).
+    url : str or None
+        Database URL (default location when None).
+    workers : int
+        Processes screening in parallel (each loads the model once).
+    import_outcomes : bool
+        Also record the ``responder`` column as observed outcomes.
+    progress : callable(done, total, participant) or None
+    """
+    import json
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from fmmtc_core.store import open_database
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store.db import session_scope
+    from fmmtc_core.training import default_model_dir, load_model, read_cohort
+
+    if workers < 1:
+        raise InvalidInputError(f"--workers must be at least 1, got {workers}.")
+    cohort = read_cohort(cohort_dir, require_labels=False)
+    root = Path(cohort_dir)
+    desc = root / "dataset_description.json"
+    simulated = False
+    if desc.exists():
+        try:
+            simulated = bool(json.loads(desc.read_text()).get("Simulated", False))
+        except (ValueError, AttributeError):
+            simulated = False
+    operator = operator or default_operator()
+    engine = open_database(url)
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    model = load_model(model_dir)
+    parts = cohort.participants
+    jobs, report = [], BatchReport()
+    with session_scope(engine) as s:
+        for row in parts.to_dict("records"):
+            pid = repo.validate_pseudonym(str(row["participant_id"]))
+            _, key = inputs_digest(row["scan"], None, row["confounds"])
+            if repo.find_screening(s, key, model.weights_sha256) is not None:
+                report.skipped.append(pid)
+                continue
+            jobs.append({
+                "scan": str(row["scan"]), "participant": pid,
+                "confounds": None if row["confounds"] is None else str(row["confounds"]),
+                "site": None if pd_isna(row.get("site")) else str(row.get("site")),
+                "drug": None if pd_isna(row.get("drug")) else str(row.get("drug")),
+                "simulated": simulated, "operator": operator,
+                "explain_kwargs": explain_kwargs or {},
+            })
+    total, done = len(parts), len(report.skipped)
+    if progress:
+        progress(done, total, "")
+
+    def finished(pid, err):
+        nonlocal done
+        done += 1
+        if err is None:
+            report.screened.append(pid)
+        else:
+            report.failed[pid] = err
+        if progress:
+            progress(done, total, pid)
+
+    if workers == 1 or len(jobs) <= 1:
+        _WORKER.update(model=model, engine=engine)
+        for job in jobs:
+            finished(*_worker_screen(job))
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")  # no forked torch / SQLite state
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(str(model_dir), str(engine.url.render_as_string(
+                                     hide_password=False)), threads)) as pool:
+            futures = [pool.submit(_worker_screen, job) for job in jobs]
+            try:
+                for fut in as_completed(futures):
+                    finished(*fut.result())
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    if import_outcomes and "responder" in parts:
+        known = {r.participant: bool(r.responder)
+                 for r in repo.outcomes_frame(engine).itertuples()}  # latest per participant
+        with session_scope(engine, write=True) as s:
+            for row in parts.to_dict("records"):
+                pid = repo.validate_pseudonym(str(row["participant_id"]))
+                if pid in report.failed or pd_isna(row["responder"]):
+                    continue
+                value = bool(int(row["responder"]))
+                if known.get(pid) == value:
+                    continue
+                repo.record_outcome(s, pid, "responder" if value else "non-responder",
+                                    actor=operator, note=f"imported from {root.name}/participants.tsv")
+                report.outcomes += 1
+    return report
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))

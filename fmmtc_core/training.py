@@ -575,6 +575,27 @@ class FMMTCEnsemble:
     atlas: str = ""
     window: int = 200
     extra: dict = field(default_factory=dict)
+    root: Path | None = None
+    _digest: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name") or (self.root.name if self.root else "model"))
+
+    @property
+    def weights_sha256(self) -> str:
+        """Identity of the model version: SHA-256 over its card and every weights file."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            if self.root is None:
+                h.update(json.dumps(self.card, sort_keys=True).encode())
+            else:
+                files = sorted([*self.root.rglob("*.safetensors"), self.root / "model_card.json"])
+                for path in files:
+                    h.update(str(path.relative_to(self.root)).encode())
+                    h.update(hashlib.sha256(path.read_bytes()).digest())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def logits(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
         """Per-fold logits, (K, B).
@@ -641,7 +662,8 @@ def load_model(model_dir: str | os.PathLike | None = None, device=None) -> FMMTC
     base = load_file(str(root / "baseline.safetensors"), device=str(device))
     extra = {k: v for k, v in base.items() if k not in ("xyz", "cohort_mean_fc")}
     return FMMTCEnsemble(models, card, base["xyz"], base["cohort_mean_fc"], device,
-                         atlas=card["atlas"]["name"], window=config.window, extra=extra)
+                         atlas=card["atlas"]["name"], window=config.window, extra=extra,
+                         root=root.resolve())
 
 
 def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,

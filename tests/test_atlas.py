@@ -142,3 +142,10 @@ def test_user_atlas_refusals(tmp_path):
     bad.write_text("one Region\n")
     with pytest.raises(InvalidInputError, match="line 1: expected '<integer label> <name>'"):
         load_atlas(_user_atlas(tmp_path), labels_file=bad)
+
+
+def test_grid_far_outside_the_atlas_covers_no_region(aal3):
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    affine[:3, 3] = 400.0  # the field of view lies entirely outside MNI space
+    grid = aal3.on_grid((10, 10, 10), affine)
+    assert grid.n_voxels.sum() == 0 and grid.fraction_covered == 0

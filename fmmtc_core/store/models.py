@@ -1,0 +1,208 @@
+"""The cohort database schema (SQLAlchemy 2.x ORM). Migrations live in ``migrations/``.
+
+What is stored, and what is not
+-------------------------------
+- Participants are known only by their **study pseudonym** (validated: no dates, no spaces), with
+  optional site, drug and arm. Never a name, a birth date or a hospital number.
+- **Raw images are never stored.** A scan row keeps the SHA-256 of the uploaded bytes, its
+  shape, TR, atlas, the QC report, and the cleaned region time series (float32, zlib-compressed,
+  ~0.3-0.5 MB for 426 regions x 300 volumes): exactly what is needed to re-run the model and
+  re-explain a screening without the image, and nothing from which the image could be rebuilt.
+- Every screening records the calibrated probability, its band, the decision and the thresholds
+  in force, the model version, the explanation settings and completeness gap, runtimes, the
+  software version, who ran it and when; its region and top-connection attributions are child
+  rows. Observed outcomes are entered later. Every write adds an audit-log row in the same
+  transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "Participant",
+    "Scan",
+    "ModelVersion",
+    "Screening",
+    "RegionAttribution",
+    "ConnectionAttribution",
+    "Outcome",
+    "AuditLog",
+    "TABLES",
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Participant(Base):
+    __tablename__ = "participants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    site: Mapped[str | None] = mapped_column(String(64))
+    drug: Mapped[str | None] = mapped_column(String(64))
+    arm: Mapped[str | None] = mapped_column(String(64))
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+    screenings: Mapped[list[Screening]] = relationship(back_populates="participant")
+    outcomes: Mapped[list[Outcome]] = relationship(back_populates="participant")
+
+
+class Scan(Base):
+    __tablename__ = "scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # nifti | table
+    shape: Mapped[list] = mapped_column(JSON, nullable=False)
+    tr: Mapped[float] = mapped_column(Float, nullable=False)
+    atlas: Mapped[str] = mapped_column(String(64), nullable=False)
+    qc_verdict: Mapped[str] = mapped_column(String(8), nullable=False)
+    qc: Mapped[dict] = mapped_column(JSON, nullable=False)
+    n_volumes: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_regions: Mapped[int] = mapped_column(Integer, nullable=False)
+    series: Mapped[bytes | None] = mapped_column(LargeBinary)  # zlib(float32 T x R), cleaned
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    weights_sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    card: Mapped[dict] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class Screening(Base):
+    __tablename__ = "screenings"
+    __table_args__ = (
+        Index("ix_screenings_lookup", "inputs_sha256", "model_version_id"),
+        Index("ix_screenings_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    participant_id: Mapped[int] = mapped_column(
+        ForeignKey("participants.id", ondelete="RESTRICT"), nullable=False, index=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="RESTRICT"),
+                                         nullable=False)
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False)
+    # scan + sidecar + confounds content: what decides the result, with the model version
+    inputs_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    probability: Mapped[float] = mapped_column(Float, nullable=False)
+    band_low: Mapped[float] = mapped_column(Float, nullable=False)
+    band_high: Mapped[float] = mapped_column(Float, nullable=False)
+    fold_probabilities: Mapped[list] = mapped_column(JSON, nullable=False)
+    decision: Mapped[str] = mapped_column(String(32), nullable=False)
+    thresholds: Mapped[dict] = mapped_column(JSON, nullable=False)
+    share_ts: Mapped[float | None] = mapped_column(Float)
+    share_fc: Mapped[float | None] = mapped_column(Float)
+    ig_gap: Mapped[float | None] = mapped_column(Float)
+    ig_steps: Mapped[int | None] = mapped_column(Integer)
+    explanation: Mapped[dict | None] = mapped_column(JSON)  # settings, baselines, networks, F
+    runtime_s: Mapped[float] = mapped_column(Float, nullable=False)
+    stage_seconds: Mapped[dict] = mapped_column(JSON, nullable=False)
+    software_version: Mapped[str] = mapped_column(String(32), nullable=False)
+    operator: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+    participant: Mapped[Participant] = relationship(back_populates="screenings")
+    scan: Mapped[Scan] = relationship()
+    model_version: Mapped[ModelVersion] = relationship()
+    regions: Mapped[list[RegionAttribution]] = relationship(
+        back_populates="screening", cascade="all, delete-orphan",
+        order_by="RegionAttribution.region_index")
+    connections: Mapped[list[ConnectionAttribution]] = relationship(
+        back_populates="screening", cascade="all, delete-orphan",
+        order_by="ConnectionAttribution.rank")
+
+
+class RegionAttribution(Base):
+    __tablename__ = "region_attributions"
+    __table_args__ = (UniqueConstraint("screening_id", "region_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    screening_id: Mapped[int] = mapped_column(
+        ForeignKey("screenings.id", ondelete="CASCADE"), nullable=False)
+    region_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    label: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    network: Mapped[str] = mapped_column(String(64), nullable=False)
+    ts: Mapped[float] = mapped_column(Float, nullable=False)
+    fc: Mapped[float] = mapped_column(Float, nullable=False)
+    total: Mapped[float] = mapped_column(Float, nullable=False)
+
+    screening: Mapped[Screening] = relationship(back_populates="regions")
+
+
+class ConnectionAttribution(Base):
+    __tablename__ = "connection_attributions"
+    __table_args__ = (UniqueConstraint("screening_id", "rank"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    screening_id: Mapped[int] = mapped_column(
+        ForeignKey("screenings.id", ondelete="CASCADE"), nullable=False)
+    rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    region_i: Mapped[int] = mapped_column(Integer, nullable=False)
+    region_j: Mapped[int] = mapped_column(Integer, nullable=False)
+    label_i: Mapped[int] = mapped_column(Integer, nullable=False)
+    label_j: Mapped[int] = mapped_column(Integer, nullable=False)
+    score: Mapped[float] = mapped_column(Float, nullable=False)
+
+    screening: Mapped[Screening] = relationship(back_populates="connections")
+
+
+class Outcome(Base):
+    __tablename__ = "outcomes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    participant_id: Mapped[int] = mapped_column(
+        ForeignKey("participants.id", ondelete="RESTRICT"), nullable=False, index=True)
+    responder: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    entered_by: Mapped[str] = mapped_column(String(128), nullable=False)
+    entered_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    note: Mapped[str | None] = mapped_column(Text)
+
+    participant: Mapped[Participant] = relationship(back_populates="outcomes")
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    entity: Mapped[str] = mapped_column(String(64), nullable=False)
+    entity_id: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+
+#: Every table, for row counts and integrity checks.
+TABLES = (Participant, Scan, ModelVersion, Screening, RegionAttribution, ConnectionAttribution,
+          Outcome, AuditLog)

@@ -1,0 +1,332 @@
+"""The screening pipeline: one transaction per screening, reuse, every bad input leaves the
+database unchanged, concurrent writers, and a batch killed mid-way."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fmriprep_confounds, make_bold, save_nifti
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.cli import main
+from fmmtc_core.screening import QCFailedError, decide, screen, screen_batch
+from fmmtc_core.simulate import SimulationConfig, write_cohort
+from fmmtc_core.store import integrity_check, open_database, row_counts
+
+FAST = {"rel_tol": 0.05}  # explanation tolerance for speed; the explain tests check 1 %
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Six simulated HCPEx participants as region tables (the demo model's atlas)."""
+    root = tmp_path_factory.mktemp("cohort")
+    return write_cohort(root / "cohort", 6, seed=11, fmt="timeseries",
+                        config=SimulationConfig(n_volumes=200))
+
+
+@pytest.fixture(scope="module")
+def model():
+    from fmmtc_core.training import load_model
+
+    return load_model()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return open_database(f"sqlite:///{tmp_path / 'screen.db'}")
+
+
+def _scans(cohort):
+    return sorted(p for p in cohort.glob("sub-*/func/*_timeseries.tsv")
+                  if "confounds" not in p.name)
+
+
+def test_decide():
+    assert decide(0.8, (0.7, 0.9)) == "likely responder"
+    assert decide(0.8, (0.5, 0.9)) == "uncertain"  # the band reaches below the threshold
+    assert decide(0.1, (0.05, 0.3)) == "likely non-responder"
+    assert decide(0.5, (0.45, 0.55)) == "uncertain"
+    assert decide(0.7, (0.7, 0.7), {"responder": 0.9}) == "uncertain"
+    with pytest.raises(InvalidInputError, match="0 <= non_responder <= responder <= 1"):
+        decide(0.5, (0.4, 0.6), {"responder": 0.3, "non_responder": 0.5})
+
+
+def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine):
+    scan = _scans(cohort)[0]
+    stages = []
+    r = screen(scan, "PAIN-0001", model, engine, site="A", drug="pregabalin",
+               explain_kwargs=FAST, operator="alice",
+               progress=lambda stage, done, total, info: stages.append(stage))
+    assert not r.reused and 0 <= r.probability <= 1
+    assert r.band[0] <= r.probability <= r.band[1]
+    assert [s for s in dict.fromkeys(stages)] == ["validate", "parcellate", "qc", "clean",
+                                                  "predict", "explain", "save"]
+    counts = row_counts(engine)
+    assert counts == {"participants": 1, "scans": 1, "model_versions": 1, "screenings": 1,
+                      "region_attributions": 426, "connection_attributions": 20,
+                      "outcomes": 0, "audit_log": 4}
+    d = r.to_dict()
+    assert d["participant_id"] == "PAIN-0001" and len(d["regions"]) == 426
+    assert set(d["stage_seconds"]) >= {"parcellate", "clean", "predict", "explain", "save"}
+    again = screen(scan, "PAIN-0001", model, engine, explain_kwargs=FAST)
+    assert again.reused and again.screening_id == r.screening_id
+    assert again.probability == pytest.approx(r.probability)
+    assert [x["label"] for x in again.to_dict()["regions"][:10]] == \
+        [x["label"] for x in d["regions"][:10]]
+    assert row_counts(engine) == counts
+    forced = screen(scan, "PAIN-0001", model, engine, explain_kwargs=FAST, force=True)
+    assert not forced.reused and forced.screening_id != r.screening_id
+    assert row_counts(engine)["screenings"] == 2 and row_counts(engine)["scans"] == 1
+    assert integrity_check(engine) == []
+
+
+def test_stored_series_reproduce_the_prediction(cohort, model, engine):
+    from sqlalchemy.orm import Session
+
+    from fmmtc_core.explain import model_inputs
+    from fmmtc_core.store.models import Scan
+    from fmmtc_core.store.repository import decode_series
+
+    r = screen(_scans(cohort)[1], "PAIN-0002", model, engine, explain_kwargs=FAST)
+    with Session(engine) as s:
+        scan = s.query(Scan).one()
+        series = decode_series(scan.series)
+    assert series.shape == (200, 426)
+    signals = r.analysis.signals
+    np.testing.assert_array_equal(series, signals.data.astype(np.float32))
+    w, fc = model_inputs(model, signals)
+    p = model.predict(w[None], fc[None])["probability"][0]
+    assert p == pytest.approx(r.probability, rel=1e-5)
+
+
+def test_one_scan_belongs_to_one_participant(cohort, model, engine):
+    scan = _scans(cohort)[2]
+    screen(scan, "PAIN-0003", model, engine, explain_kwargs=FAST)
+    before = row_counts(engine)
+    with pytest.raises(InvalidInputError, match="already screened for participant 'PAIN-0003'"):
+        screen(scan, "PAIN-0004", model, engine, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+
+
+def _bad_inputs(tmp_path, cohort, grid_labels):
+    """(path, kwargs, message) for every class of bad input of the core data path."""
+    good = make_bold(grid_labels, 60)
+    cases = []
+
+    def nii(name, data, **kw):
+        return save_nifti(tmp_path / name, data, **kw)
+
+    p = tmp_path / "empty.nii.gz"
+    p.write_bytes(b"")
+    cases.append((p, {}, "is empty"))
+    p = tmp_path / "magic.nii"
+    p.write_bytes(b"\x00" * 500)
+    cases.append((p, {}, "wrong magic number"))
+    p = tmp_path / "corrupt.nii.gz"
+    p.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 100)
+    cases.append((p, {}, "corrupt gzip"))
+    p = tmp_path / "nonnifti.nii.gz"
+    p.write_bytes(gzip.compress(b"hello world" * 100))
+    cases.append((p, {}, "NIfTI"))
+    full = nii("full.nii.gz", good)
+    p = tmp_path / "truncated.nii.gz"
+    p.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    cases.append((p, {}, "truncated"))
+    cases.append((nii("three_d.nii.gz", good[..., 0]), {}, "3D"))
+    cases.append((nii("short.nii.gz", good[..., :5]), {}, "volumes"))
+    cases.append((nii("nan.nii.gz", np.full_like(good, np.nan)), {}, "NaN"))
+    shifted = np.array([[6.0, 0, 0, 400.0], [0, 6.0, 0, 400.0], [0, 0, 6.0, 400.0],
+                        [0, 0, 0, 1]])
+    cases.append((nii("elsewhere.nii.gz", good, affine=shifted), {}, "MNI"))
+    bad_tr = nii("badtr.nii.gz", good, sidecar={"RepetitionTime": -2})
+    cases.append((bad_tr, {}, "repetition time"))
+    side = tmp_path / "broken.json"
+    side.write_text("{not json")
+    cases.append((full, {"sidecar": side}, "JSON"))
+    conf = tmp_path / "conf.tsv"
+    fmriprep_confounds(30).to_csv(conf, sep="\t", index=False)
+    cases.append((full, {"confounds": conf}, "rows"))
+    table = tmp_path / "sub-x_seg-HCPEx_timeseries.tsv"
+    pd.DataFrame(np.random.default_rng(0).standard_normal((100, 50))).to_csv(
+        table, sep="\t", index=False)
+    cases.append((table, {}, "columns"))
+    text = tmp_path / "sub-y_timeseries.tsv"
+    text.write_text("a\tb\nfoo\tbar\n")
+    cases.append((text, {}, ""))
+    return cases
+
+
+def test_every_bad_input_leaves_every_table_unchanged(tmp_path, cohort, model, engine,
+                                                      grid_labels):
+    screen(_scans(cohort)[3], "PAIN-0005", model, engine, explain_kwargs=FAST)
+    before = row_counts(engine)
+    for path, kwargs, match in _bad_inputs(tmp_path, cohort, grid_labels):
+        with pytest.raises(InvalidInputError, match=match) as info:
+            screen(path, "PAIN-0099", model, engine, explain_kwargs=FAST, **kwargs)
+        assert row_counts(engine) == before, (path.name, str(info.value))
+    for bad_id in ("John Smith", "", "1987-03-04", "P/1"):
+        with pytest.raises(InvalidInputError, match="pseudonym|date"):
+            screen(_scans(cohort)[4], bad_id, model, engine)
+    assert row_counts(engine) == before
+    assert integrity_check(engine) == []
+
+
+def test_hard_qc_failure_stores_nothing_and_says_why(tmp_path, model, engine, grid_labels):
+    bold = save_nifti(tmp_path / "sub-q_bold.nii.gz", make_bold(grid_labels, 60))
+    conf = tmp_path / "sub-q_desc-confounds_timeseries.tsv"
+    fmriprep_confounds(60, fd_scale=3.0).to_csv(conf, sep="\t", index=False, na_rep="n/a")
+    with pytest.raises(QCFailedError, match="failed quality control and was not screened") as e:
+        screen(bold, "PAIN-0100", model, engine, confounds=conf)
+    assert e.value.report.verdict == "fail"
+    assert all(v == 0 for v in row_counts(engine).values())
+
+
+def _cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    scan = _scans(cohort)[0]
+    code, out, err = _cli(["screen", scan, "--db", db, "--json", "--tolerance", "0.05"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert {"screening_id", "participant_id", "probability", "band", "decision",
+            "modality_share", "regions", "ig_gap", "runtime_s"} <= set(d)
+    assert d["participant_id"] == scan.name.split("_")[0][4:]  # from the BIDS name
+    assert len(d["band"]) == 2 and set(d["modality_share"]) == {"ts", "fc"}
+    assert set(d["regions"][0]) == {"label", "name", "score"}
+    code, out, _ = _cli(["outcome", d["participant_id"], "responder", "--db", db], capsys)
+    assert code == 0 and "recorded" in out
+    csv = tmp_path / "export" / "screenings.csv"
+    code, out, _ = _cli(["db", "export", "--out", csv, "--db", db], capsys)
+    assert code == 0 and "1 screenings" in out
+    table = pd.read_csv(csv)
+    assert table.loc[0, "outcome"] == "responder"
+    assert table.loc[0, "probability"] == pytest.approx(d["probability"])
+    code, out, _ = _cli(["db", "check", "--db", db], capsys)
+    assert code == 0 and "ok" in out
+
+
+def test_cli_bad_input_exit_2_and_database_unchanged(tmp_path, cohort, capsys):
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    code, _, err = _cli(["screen", _scans(cohort)[0], "--db", db, "--tolerance", "0.05"], capsys)
+    assert code == 0, err
+    engine = open_database(db)
+    before = row_counts(engine)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x00" * 10)
+    for argv, match in [
+        (["screen", bad, "--participant", "P9"], "wrong magic number"),
+        (["screen", _scans(cohort)[1], "--participant", "Jane Doe"], "not a valid study"),
+        (["screen", tmp_path / "nope.nii.gz", "--participant", "P9"], "No such"),
+        (["outcome", "P404", "responder"], "No participant 'P404'"),
+        (["screen-batch", tmp_path], "has no participants.tsv"),
+        (["db", "export", "--out", tmp_path / "x.xlsx"], "must name a .csv file"),
+    ]:
+        code, out, err = _cli([*argv, "--db", db], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert match in lines[0] and "Traceback" not in err
+        assert row_counts(engine) == before
+    code, _, err = _cli(["screen", _scans(cohort)[1], "--participant", "P1",
+                         "--db", "nonsense://"], capsys)
+    assert code == 2 and "database" in err.lower()
+
+
+def test_batch_screens_a_cohort_and_imports_outcomes(tmp_path, cohort, engine):
+    url = engine.url.render_as_string(hide_password=False)
+    seen = []
+    rep = screen_batch(cohort, url=url, import_outcomes=True, explain_kwargs=FAST,
+                       progress=lambda done, total, pid: seen.append((done, total)))
+    assert len(rep.screened) == 6 and not rep.failed and rep.outcomes == 6
+    assert seen[-1] == (6, 6)
+    again = screen_batch(cohort, url=url, import_outcomes=True, explain_kwargs=FAST)
+    assert len(again.skipped) == 6 and not again.screened and again.outcomes == 0
+    counts = row_counts(engine)
+    assert counts["screenings"] == 6 and counts["outcomes"] == 6
+    from fmmtc_core.store.repository import screenings_frame
+
+    df = screenings_frame(engine)
+    assert df["simulated"].all()  # dataset_description.json says Simulated
+    assert set(df["site"].dropna()) and df["outcome"].notna().all()
+
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _fmmtc(*args):
+    return [sys.executable, "-m", "fmmtc_core.cli", *map(str, args)]
+
+
+def test_four_processes_screen_into_one_sqlite_file(tmp_path, cohort):
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    open_database(db)
+    procs = [subprocess.Popen(_fmmtc("screen", scan, "--db", db, "--tolerance", "0.05"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for scan in _scans(cohort)[:4]]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert "locked" not in err
+    engine = open_database(db)
+    counts = row_counts(engine)
+    assert counts["screenings"] == 4 and counts["participants"] == 4
+    assert counts["model_versions"] == 1 and integrity_check(engine) == []
+
+
+def test_batch_killed_mid_way_leaves_a_sound_database_and_resumes(tmp_path, cohort):
+    db_file = tmp_path / "batch.db"
+    db = f"sqlite:///{db_file}"
+    engine = open_database(db)
+    proc = subprocess.Popen(_fmmtc("screen-batch", cohort, "--db", db, "--tolerance", "0.05"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and row_counts(engine)["screenings"] < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = row_counts(engine)["screenings"]
+    assert 2 <= stored < 6, "the batch should have been killed mid-way"
+    assert integrity_check(engine) == []
+    assert row_counts(engine)["region_attributions"] == 426 * stored  # no half screening
+    done = subprocess.run(_fmmtc("screen-batch", cohort, "--db", db, "--tolerance", "0.05"),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"screened {6 - stored}, already stored {stored}" in done.stdout
+    assert row_counts(engine)["screenings"] == 6 and integrity_check(engine) == []
+
+
+def test_batch_with_workers(tmp_path, cohort):
+    db = f"sqlite:///{tmp_path / 'workers.db'}"
+    rep = screen_batch(cohort, url=db, workers=2, explain_kwargs=FAST)
+    assert len(rep.screened) == 6 and not rep.failed
+    assert row_counts(open_database(db))["screenings"] == 6
+
+
+def test_batch_reports_failed_scans_and_keeps_the_others(tmp_path, cohort, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cohort, broken)
+    victim = _scans(broken)[0]
+    victim.write_text("not\ta\ttable\n")
+    db = f"sqlite:///{tmp_path / 'b.db'}"
+    code, out, err = _cli(["screen-batch", broken, "--db", db, "--tolerance", "0.05"], capsys)
+    assert code == 2
+    assert "screened 5" in out and err.count("warning: ") == 1
+    assert err.strip().splitlines()[-1].startswith("error: 1 of 6 scans could not be screened")
+    assert row_counts(open_database(db))["screenings"] == 5
+    assert Path(victim).exists()

@@ -1,0 +1,311 @@
+"""The cohort database: locations, SQLite settings, migrations, repository functions, and
+the same behaviour on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import inspect, text
+
+from fmmtc_core import InvalidInputError
+from fmmtc_core.store import (
+    current_revision,
+    default_url,
+    downgrade,
+    head_revision,
+    integrity_check,
+    make_engine,
+    open_database,
+    row_counts,
+    session_scope,
+    upgrade,
+)
+from fmmtc_core.store import repository as repo
+
+
+def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3):
+    p = repo.get_or_create_participant(session, pseudonym, actor="t", site="S1")
+    mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
+    scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
+            "atlas": "X", "qc_verdict": "pass", "qc": {"reasons": []}, "n_volumes": 100,
+            "n_regions": n_regions,
+            "series": repo.encode_series(np.zeros((100, n_regions), np.float32))}
+    fields = {"inputs_sha256": sha, "probability": prob, "band_low": prob - 0.1,
+              "band_high": prob + 0.1, "fold_probabilities": [prob], "decision": "uncertain",
+              "thresholds": {"responder": 0.6}, "share_ts": 0.1, "share_fc": 0.9,
+              "ig_gap": 0.001, "ig_steps": 8, "explanation": {}, "runtime_s": 1.0,
+              "stage_seconds": {}, "software_version": "0"}
+    regions = [{"region_index": i, "label": i + 1, "name": f"r{i}", "network": "N",
+                "ts": 0.0, "fc": float(i), "total": float(i)} for i in range(n_regions)]
+    conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,
+              "score": 0.5}]
+    return repo.add_screening(session, participant=p, model_version=mv, scan_fields=scan,
+                              screening_fields=fields, regions=regions, connections=conns,
+                              actor="t")
+
+
+# --------------------------------------------------------------------------------------------
+# Location and SQLite settings
+# --------------------------------------------------------------------------------------------
+def test_default_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("FMMTC_DATABASE_URL", raising=False)
+    monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "d"))
+    assert default_url() == f"sqlite:///{tmp_path / 'd' / 'fmmtc.db'}"
+    monkeypatch.setenv("FMMTC_DATABASE_URL", "sqlite:///elsewhere.db")
+    assert default_url() == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("FMMTC_DATABASE_URL")
+    engine = open_database()
+    assert (tmp_path / "d" / "fmmtc.db").exists()
+    assert current_revision(engine) == head_revision()
+
+
+def test_sqlite_wal_and_foreign_keys(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path / 'x.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    with pytest.raises(InvalidInputError, match="refused the change: FOREIGN KEY"):
+        with session_scope(engine, write=True) as s:
+            s.execute(text("INSERT INTO outcomes (participant_id, responder, entered_by, "
+                           "entered_at) VALUES (999, 1, 'x', '2026-01-01')"))
+    assert row_counts(engine)["outcomes"] == 0
+
+
+@pytest.mark.parametrize("url, match", [
+    ("not a url", "is not a database URL"),
+    ("nosuchdb://x/y", "No database driver"),
+])
+def test_bad_urls(url, match):
+    with pytest.raises(InvalidInputError, match=match):
+        make_engine(url)
+
+
+def test_unwritable_sqlite_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InvalidInputError, match="Cannot create the database folder"):
+        make_engine(f"sqlite:///{blocker / 'sub' / 'x.db'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations
+# --------------------------------------------------------------------------------------------
+def _migrations_roundtrip(engine):
+    assert current_revision(engine) is None
+    assert upgrade(engine, "0001") == "0001"
+    cols = {c["name"] for c in inspect(engine).get_columns("participants")}
+    assert "simulated" not in cols
+    with engine.begin() as conn:  # data written at the previous revision
+        conn.execute(text("INSERT INTO participants (pseudonym, created_at) "
+                          "VALUES ('OLD-1', '2026-01-01 00:00:00')"))
+    assert upgrade(engine) == head_revision() == "0002"
+    cols = {c["name"] for c in inspect(engine).get_columns("participants")}
+    assert "simulated" in cols
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT pseudonym, simulated FROM participants")).one()
+    assert row[0] == "OLD-1" and not row[1]
+    indexes = {i["name"] for i in inspect(engine).get_indexes("screenings")}
+    assert {"ix_screenings_lookup", "ix_screenings_created"} <= indexes
+    assert downgrade(engine) == "0001"
+    assert "simulated" not in {c["name"] for c in inspect(engine).get_columns("participants")}
+    assert upgrade(engine) == "0002"
+    assert row_counts(engine)["participants"] == 1
+
+
+def test_migrations_sqlite(tmp_path):
+    _migrations_roundtrip(make_engine(f"sqlite:///{tmp_path / 'm.db'}"))
+
+
+def test_schema_at_head_matches_the_models(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from fmmtc_core.store.models import Base
+
+    engine = open_database(f"sqlite:///{tmp_path / 'h.db'}")
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+# --------------------------------------------------------------------------------------------
+# Repository
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, expected", [("PAIN-0042", "PAIN-0042"), ("sub-07", "07"),
+                                             (" P.1_a ", "P.1_a")])
+def test_pseudonyms_accepted(value, expected):
+    assert repo.validate_pseudonym(value) == expected
+
+
+@pytest.mark.parametrize("value, match", [
+    ("John Smith", "not a valid study pseudonym"),
+    ("", "not a valid study pseudonym"),
+    ("-x", "not a valid study pseudonym"),
+    ("x" * 65, "not a valid study pseudonym"),
+    ("P-19870304", "looks like it contains a date"),
+    ("04.03.1987", "looks like it contains a date"),
+    ("smith_1987-03-04", "looks like it contains a date"),
+])
+def test_pseudonyms_refused(value, match):
+    with pytest.raises(InvalidInputError, match=match):
+        repo.validate_pseudonym(value)
+
+
+def test_series_roundtrip():
+    x = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    np.testing.assert_array_equal(repo.decode_series(repo.encode_series(x)), x)
+
+
+def test_repository_writes_are_audited_and_atomic(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    with session_scope(engine, write=True) as s:
+        sc = _fake_screening(s)
+        sid = sc.id
+    counts = row_counts(engine)
+    assert counts["screenings"] == 1 and counts["region_attributions"] == 3
+    assert counts["audit_log"] == 4  # participant, model version, scan, screening
+    before = row_counts(engine)
+    with pytest.raises(RuntimeError):
+        with session_scope(engine, write=True) as s:
+            _fake_screening(s, "PAIN-0002", sha="b" * 64)
+            raise RuntimeError("crash before commit")
+    assert row_counts(engine) == before
+    with session_scope(engine, write=True) as s:
+        repo.record_outcome(s, "PAIN-0001", "non-responder", actor="bob")
+        repo.record_outcome(s, "PAIN-0001", "responder", actor="bob", note="corrected")
+        with pytest.raises(InvalidInputError, match="'responder' or 'non-responder'"):
+            repo.record_outcome(s, "PAIN-0001", "maybe", actor="bob")
+    df = repo.screenings_frame(engine)
+    assert df.loc[0, "outcome"] == "responder"  # the latest entry wins
+    with session_scope(engine) as s:
+        got = repo.get_screening(s, sid)
+        assert [r.total for r in got.regions] == [0.0, 1.0, 2.0]
+        assert repo.region_frame(s, sid)["total"].tolist() == [0.0, 1.0, 2.0]
+        with pytest.raises(InvalidInputError, match="No screening with id 999"):
+            repo.get_screening(s, 999)
+    means = repo.cohort_region_means(engine)
+    assert len(means) == 3 and means["responder"].all()
+    out = tmp_path / "e.csv"
+    assert repo.export_csv(engine, out) == 1
+    assert "PAIN-0001" in out.read_text()
+    assert integrity_check(engine) == []
+
+
+def test_screenings_frame_keeps_the_latest_screening_per_participant(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path / 'l.db'}")
+    with session_scope(engine, write=True) as s:
+        _fake_screening(s, prob=0.2)
+        _fake_screening(s, prob=0.9)
+    df = repo.screenings_frame(engine)
+    assert len(df) == 1 and df.loc[0, "probability"] == 0.9
+    assert len(repo.screenings_frame(engine, latest_only=False)) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: a real server on loopback
+# --------------------------------------------------------------------------------------------
+def _pg_bin() -> Path | None:
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / "initdb").exists() and (root / "pg_ctl").exists():
+            return root
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """``FMMTC_TEST_POSTGRES_URL``, or a throw-away server started on loopback for this module
+    (Debian's postgresql package; ``.ci/run`` installs it)."""
+    url = os.environ.get("FMMTC_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) and no "
+                    "FMMTC_TEST_POSTGRES_URL")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        root.chmod(0o755)
+        for parent in list(root.parents)[:-1]:
+            parent.chmod(parent.stat().st_mode | 0o011)  # let postgres reach its folder
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
+                    "-U", "fmmtc", "--no-sync"], check=True, capture_output=True)
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off"
+    started = subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
+                              "-w", "-l", str(root / "log"), "start"], capture_output=True)
+    if started.returncode:
+        pytest.skip(f"PostgreSQL did not start: {started.stderr.decode()[-300:]}")
+    try:
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "fmmtc", "fmmtc_test"], check=True, capture_output=True)
+        yield f"postgresql+psycopg://fmmtc@127.0.0.1:{port}/fmmtc_test"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
+                        "stop"], capture_output=True)
+
+
+@pytest.fixture
+def pg_engine(postgres_url):
+    engine = make_engine(postgres_url)
+    with engine.begin() as conn:  # a fresh schema per test
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    yield engine
+    engine.dispose()
+
+
+def test_postgres_migrations(pg_engine):
+    _migrations_roundtrip(pg_engine)
+
+
+def test_postgres_repository_and_rollback(pg_engine):
+    upgrade(pg_engine)
+    with session_scope(pg_engine, write=True) as s:
+        _fake_screening(s)
+    before = row_counts(pg_engine)
+    with pytest.raises(RuntimeError):
+        with session_scope(pg_engine, write=True) as s:
+            _fake_screening(s, "PAIN-0002", sha="b" * 64)
+            raise RuntimeError("crash")
+    assert row_counts(pg_engine) == before
+    assert integrity_check(pg_engine) == []
+    assert len(repo.screenings_frame(pg_engine)) == 1
+
+
+def test_postgres_screening_end_to_end(pg_engine, postgres_url, tmp_path, capsys):
+    """The real pipeline and CLI into PostgreSQL: screen, reuse, bad input unchanged, export."""
+    from fmmtc_core.cli import main
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    cohort = write_cohort(tmp_path / "c", 2, seed=3, fmt="timeseries",
+                          config=SimulationConfig(n_volumes=200))
+    assert main(["screen-batch", str(cohort), "--db", postgres_url, "--tolerance", "0.05",
+                 "--import-outcomes"]) == 0
+    counts = row_counts(pg_engine)
+    assert counts["screenings"] == 2 and counts["outcomes"] == 2
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x00" * 10)
+    capsys.readouterr()
+    assert main(["screen", str(bad), "--participant", "P1", "--db", postgres_url]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert row_counts(pg_engine) == counts
+    out = tmp_path / "x.csv"
+    assert main(["db", "export", "--out", str(out), "--db", postgres_url]) == 0
+    assert len(out.read_text().strip().splitlines()) == 3
