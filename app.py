@@ -5,14 +5,21 @@ from pathlib import Path
 import streamlit as st
 
 from fmmtc_core import __version__
+from fmmtc_core import dashboard as ui
 
 HERE = Path(__file__).parent
 
 st.set_page_config(page_title="FMM-TC Screen", page_icon=":material/neurology:", layout="wide")
 
 pages = [
-    st.Page(str(HERE / "pages" / "qc.py"), title="Scan quality", icon=":material/fact_check:",
-            default=True),
+    st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
+            icon=":material/person_search:", default=True),
+    st.Page(str(HERE / "pages" / "explore.py"), title="Attribution explorer",
+            icon=":material/neurology:"),
+    st.Page(str(HERE / "pages" / "cohort.py"), title="Cohort review",
+            icon=":material/groups:"),
+    st.Page(str(HERE / "pages" / "model.py"), title="Model", icon=":material/model_training:"),
+    st.Page(str(HERE / "pages" / "qc.py"), title="Scan quality", icon=":material/fact_check:"),
 ]
 nav = st.navigation(pages)
 
@@ -22,6 +29,11 @@ with st.sidebar:
         "Research software for neuropathic-pain trial screening from resting-state fMRI. "
         "Not a medical device."
     )
+    try:
+        model = ui.model()
+        st.caption(f"Model: {model.name} - {model.device.type.upper()}")
+    except Exception as exc:  # noqa: BLE001 - the pages show a plain error too
+        st.caption(f"Model not loaded: {exc}")
     st.caption(f"Version {__version__}")
 
 nav.run()

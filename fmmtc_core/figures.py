@@ -6,7 +6,33 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["carpet_figure", "motion_figure", "connectivity_figure", "region_series_figure"]
+__all__ = [
+    "carpet_figure",
+    "motion_figure",
+    "connectivity_figure",
+    "region_series_figure",
+    "probability_figure",
+    "brain3d_figure",
+    "connectome_figure",
+    "network_figure",
+    "glass_brain_figure",
+    "probability_histogram",
+    "roc_figure",
+    "calibration_figure",
+    "compare_regions_figure",
+    "RESPONDER_COLOR",
+    "TS_COLOR",
+    "FC_COLOR",
+    "NON_RESPONDER_COLOR",
+]
+
+#: Attribution colours: towards responder (red) / towards non-responder (blue), as nilearn's
+#: cold_hot map; used consistently on every page and in the report.
+RESPONDER_COLOR = "#c0392b"
+NON_RESPONDER_COLOR = "#2471a3"
+#: Modality colours (never red / blue, which mean towards responder / non-responder).
+TS_COLOR, FC_COLOR = "#8e7cc3", "#e69138"
+_DIVERGING = [[0.0, NON_RESPONDER_COLOR], [0.5, "#f2f2f2"], [1.0, RESPONDER_COLOR]]
 
 _FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=13)
 
@@ -105,3 +131,196 @@ def region_series_figure(data: np.ndarray, names, tr: float, columns) -> go.Figu
     fig.update_yaxes(title="signal")
     fig.update_layout(legend=dict(orientation="h", y=-0.3))
     return _layout(fig, 300)
+
+
+# --------------------------------------------------------------------------------------------
+# Screening results and explanations
+# --------------------------------------------------------------------------------------------
+def probability_figure(probability: float, band, thresholds: dict) -> go.Figure:
+    """The calibrated probability on a 0-1 scale with its band and the decision zones."""
+    lo_t, hi_t = thresholds["non_responder"], thresholds["responder"]
+    fig = go.Figure()
+    zones = [(0, lo_t, "#d6e6f2", "likely non-responder"), (lo_t, hi_t, "#eeeeee", "uncertain"),
+             (hi_t, 1, "#f5d5d0", "likely responder")]
+    for x0, x1, color, label in zones:
+        fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, fillcolor=color, line_width=0,
+                      layer="below")
+        if x1 > x0:
+            fig.add_annotation(x=(x0 + x1) / 2, y=1.18, text=label, showarrow=False,
+                               font=dict(size=12, color="#555"))
+    fig.add_trace(go.Scatter(x=[band[0], band[1]], y=[0.5, 0.5], mode="lines",
+                             line=dict(color="#1d2a33", width=6), name="band",
+                             hovertemplate="band %{x:.2f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[probability], y=[0.5], mode="markers",
+                             marker=dict(size=20, color="#1d2a33", symbol="diamond"),
+                             name="probability",
+                             hovertemplate="probability %{x:.2f}<extra></extra>"))
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.1, showgrid=False)
+    fig.update_yaxes(visible=False, range=[0, 1.35])
+    fig.update_layout(showlegend=False)
+    return _layout(fig, 150)
+
+
+def _sizes(scores, lo=4.0, hi=22.0):
+    a = np.abs(np.asarray(scores, dtype=float))
+    top = a.max() if a.size and a.max() > 0 else 1.0
+    return lo + (hi - lo) * np.sqrt(a / top)
+
+
+def brain3d_figure(centroids, scores, names, groups, *, title: str | None = None) -> go.Figure:
+    """Region centroids in MNI space, sized by |score| and coloured by its sign and size."""
+    c = np.asarray(centroids, dtype=float)
+    s = np.asarray(scores, dtype=float)
+    lim = float(np.abs(s).max()) or 1.0
+    fig = go.Figure(go.Scatter3d(
+        x=c[:, 0], y=c[:, 1], z=c[:, 2], mode="markers",
+        marker=dict(size=_sizes(s), color=s, colorscale=_DIVERGING, cmin=-lim, cmax=lim,
+                    colorbar=dict(title="score", thickness=12), opacity=0.9,
+                    line=dict(width=0)),
+        text=[f"{n} ({g})" for n, g in zip(names, groups)], customdata=s,
+        hovertemplate="%{text}<br>score %{customdata:+.3f}<extra></extra>"))
+    axis = dict(showbackground=False, showgrid=False, zeroline=False, title="")
+    fig.update_layout(scene=dict(xaxis=dict(axis, title="x (L-R)"),
+                                 yaxis=dict(axis, title="y (P-A)"),
+                                 zaxis=dict(axis, title="z (I-S)"), aspectmode="data"),
+                      scene_camera=dict(eye=dict(x=0.0, y=-1.6, z=0.9)))
+    return _layout(fig, 480, title)
+
+
+def connectome_figure(centroids, connections: list[dict], names, *,
+                      title: str | None = None) -> go.Figure:
+    """The top connections as lines between region centroids (red: towards responder)."""
+    c = np.asarray(centroids, dtype=float)
+    fig = go.Figure()
+    if connections:
+        top = max(abs(k["score"]) for k in connections) or 1.0
+        for k in connections:
+            i, j, sc = k["i"], k["j"], k["score"]
+            fig.add_trace(go.Scatter3d(
+                x=c[[i, j], 0], y=c[[i, j], 1], z=c[[i, j], 2], mode="lines",
+                line=dict(width=2 + 8 * abs(sc) / top,
+                          color=RESPONDER_COLOR if sc > 0 else NON_RESPONDER_COLOR),
+                hovertext=f"{names[i]} - {names[j]}: {sc:+.3f}", hoverinfo="text",
+                showlegend=False))
+        nodes = sorted({k["i"] for k in connections} | {k["j"] for k in connections})
+        fig.add_trace(go.Scatter3d(
+            x=c[nodes, 0], y=c[nodes, 1], z=c[nodes, 2], mode="markers",
+            marker=dict(size=5, color="#1d2a33"), text=[names[n] for n in nodes],
+            hoverinfo="text", showlegend=False))
+    fig.add_trace(go.Scatter3d(x=c[:, 0], y=c[:, 1], z=c[:, 2], mode="markers",
+                               marker=dict(size=1.5, color="#bbbbbb"), hoverinfo="skip",
+                               showlegend=False))
+    axis = dict(showbackground=False, showgrid=False, zeroline=False, title="",
+                showticklabels=False)
+    fig.update_layout(scene=dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data"),
+                      scene_camera=dict(eye=dict(x=0.0, y=-1.6, z=0.9)))
+    return _layout(fig, 440, title)
+
+
+def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
+    """Per network / lobe: time-series and connectivity attribution side by side."""
+    names = list(networks)
+    fig = go.Figure([
+        go.Bar(y=names, x=[networks[n]["ts"] for n in names], name="time series",
+               orientation="h", marker_color=TS_COLOR),
+        go.Bar(y=names, x=[networks[n]["fc"] for n in names], name="connectivity",
+               orientation="h", marker_color=FC_COLOR),
+    ])
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.15))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title="attribution (logit units; + towards responder)", zeroline=True,
+                     zerolinecolor="#999")
+    return _layout(fig, 60 + 34 * len(names), title)
+
+
+def glass_brain_figure(img, *, title: str | None = None, vmax: float | None = None,
+                       threshold: float | None = None):
+    """A nilearn glass brain of a region-score map (matplotlib figure; red +, blue -).
+
+    ``threshold`` hides weaker regions; by default the strongest ~10 % of the regions (by
+    absolute score) are shown, so the map points at a few places instead of painting the
+    whole brain.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    data = np.asanyarray(img.dataobj)
+    vmax = vmax or float(np.abs(data).max()) or 1.0
+    if threshold is None:
+        values = np.unique(np.abs(data[data != 0]))
+        threshold = float(np.quantile(values, 0.9)) if values.size else 0.0
+        threshold = min(threshold, 0.99 * vmax)
+    fig = plt.figure(figsize=(10, 3.2))
+    plotting.plot_glass_brain(img, figure=fig, display_mode="lyrz", plot_abs=False,
+                              colorbar=True, cmap="cold_hot", vmax=vmax, vmin=-vmax,
+                              threshold=threshold, title=title)
+    return fig
+
+
+def probability_histogram(probability, threshold: float, *, outcome=None) -> go.Figure:
+    """Distribution of calibrated probabilities, split by observed outcome when known."""
+    p = np.asarray(probability, dtype=float)
+    fig = go.Figure()
+    bins = dict(start=0, end=1.0001, size=0.05)
+    if outcome is None:
+        fig.add_trace(go.Histogram(x=p, xbins=bins, marker_color="#2a6f97", name="screened"))
+    else:
+        y = np.asarray(outcome, dtype=float)
+        for mask, name, color in ((np.isnan(y), "no outcome yet", "#9aa5ad"),
+                                  (y == 1, "observed responder", RESPONDER_COLOR),
+                                  (y == 0, "observed non-responder", NON_RESPONDER_COLOR)):
+            if mask.any():
+                fig.add_trace(go.Histogram(x=p[mask], xbins=bins, marker_color=color,
+                                           name=name))
+        fig.update_layout(barmode="stack")
+    fig.add_vline(x=threshold, line_dash="dash", line_color="#1d2a33",
+                  annotation_text="enrol at or above", annotation_position="top right")
+    fig.update_xaxes(title="calibrated responder probability", range=[0, 1])
+    fig.update_yaxes(title="participants")
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, 320)
+
+
+def roc_figure(perf: dict) -> go.Figure:
+    fig = go.Figure([
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"),
+                   name="chance"),
+        go.Scatter(x=perf["fpr"], y=perf["tpr"], mode="lines", line=dict(color="#2a6f97"),
+                   name=f"model (AUC {perf['auc']:.2f})"),
+    ])
+    fig.update_xaxes(title="1 - specificity", range=[0, 1])
+    fig.update_yaxes(title="sensitivity", range=[0, 1], scaleanchor="x")
+    fig.update_layout(legend=dict(x=0.45, y=0.1))
+    return _layout(fig, 340, f"ROC on {perf['n']} observed outcomes")
+
+
+def calibration_figure(perf: dict) -> go.Figure:
+    rel = perf["reliability"]
+    fig = go.Figure([
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"),
+                   name="perfect calibration"),
+        go.Scatter(x=[r["predicted"] for r in rel], y=[r["observed"] for r in rel],
+                   mode="lines+markers", marker=dict(size=[6 + 2 * np.sqrt(r["n"]) for r in rel]),
+                   text=[f"n = {r['n']}" for r in rel], line=dict(color="#2a6f97"),
+                   name="model", hovertemplate="predicted %{x:.2f}<br>observed %{y:.2f}"
+                   "<br>%{text}<extra></extra>"),
+    ])
+    fig.update_xaxes(title="predicted probability", range=[0, 1])
+    fig.update_yaxes(title="observed responder rate", range=[0, 1])
+    fig.update_layout(legend=dict(x=0.02, y=0.98))
+    return _layout(fig, 340, f"Calibration (Brier {perf['brier']:.3f})")
+
+
+def compare_regions_figure(names, series: dict[str, np.ndarray], *,
+                           title: str | None = None, colors=None) -> go.Figure:
+    """Region scores of several sources (participant, cohort means) as grouped bars."""
+    colors = colors or ["#1d2a33", RESPONDER_COLOR, NON_RESPONDER_COLOR, "#8e7cc3"]
+    fig = go.Figure([go.Bar(x=list(names), y=np.asarray(v, dtype=float), name=k,
+                            marker_color=colors[i % len(colors)])
+                     for i, (k, v) in enumerate(series.items())])
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.45))
+    fig.update_yaxes(title="score (logit units)")
+    return _layout(fig, 380, title)

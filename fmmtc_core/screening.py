@@ -447,6 +447,7 @@ def screen_batch(
     operator: str | None = None,
     import_outcomes: bool = False,
     explain_kwargs: dict | None = None,
+    pseudonym_prefix: str = "",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> BatchReport:
     """Screen every scan of a BIDS-style cohort folder into the database.
@@ -469,6 +470,8 @@ def screen_batch(
         Processes screening in parallel (each loads the model once).
     import_outcomes : bool
         Also record the ``responder`` column as observed outcomes.
+    pseudonym_prefix : str
+        Prepended to each ``participant_id`` (without its ``sub-``), e.g. ``"SIM-"``.
     progress : callable(done, total, participant) or None
     """
     import json
@@ -498,7 +501,8 @@ def screen_batch(
     jobs, report = [], BatchReport()
     with session_scope(engine) as s:
         for row in parts.to_dict("records"):
-            pid = repo.validate_pseudonym(str(row["participant_id"]))
+            pid = repo.validate_pseudonym(
+                pseudonym_prefix + str(row["participant_id"]).removeprefix("sub-"))
             _, key = inputs_digest(row["scan"], None, row["confounds"])
             if repo.find_screening(s, key, model.weights_sha256) is not None:
                 report.skipped.append(pid)
@@ -550,7 +554,8 @@ def screen_batch(
                  for r in repo.outcomes_frame(engine).itertuples()}  # latest per participant
         with session_scope(engine, write=True) as s:
             for row in parts.to_dict("records"):
-                pid = repo.validate_pseudonym(str(row["participant_id"]))
+                pid = repo.validate_pseudonym(
+                    pseudonym_prefix + str(row["participant_id"]).removeprefix("sub-"))
                 if pid in report.failed or pd_isna(row["responder"]):
                     continue
                 value = bool(int(row["responder"]))

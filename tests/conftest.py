@@ -11,6 +11,10 @@ import pytest
 
 # Derived caches (the 2 mm atlas images) go to a per-session folder, never the user's home.
 os.environ.setdefault("FMMTC_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+# Databases the tests open without naming one land here, never in the user's data folder.
+os.environ.setdefault("FMMTC_DATA_DIR", os.path.join(os.path.dirname(__file__), ".cache", "data"))
+os.environ.pop("FMMTC_DATABASE_URL", None)
+os.environ.pop("FMMTC_PASSWORD", None)
 
 #: A coarse 6 mm grid over MNI space: small enough for fast tests, still covers AAL3 well.
 GRID_SHAPE = (31, 37, 31)
@@ -111,3 +115,19 @@ def fmriprep_confounds(n_volumes, *, seed=0, fd_scale=0.1, spikes=()):
     for k in range(3):
         cols[f"cosine{k:02d}"] = np.cos(np.pi * (t + 0.5) * (k + 1) / n_volumes)
     return pd.DataFrame(cols)
+
+
+@pytest.fixture(scope="session")
+def hcpex_scans(tmp_path_factory):
+    """One simulated responder as an HCPEx region table and as a 4 mm NIfTI (demo model input)."""
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    root = tmp_path_factory.mktemp("hcpex")
+    config = SimulationConfig(n_volumes=200)
+    table = write_cohort(root / "tables", 2, seed=5, fmt="timeseries", config=config)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-96.0, -132.0, -78.0]
+    nifti = write_cohort(root / "nifti", 2, seed=5, fmt="nifti", config=config,
+                         shape=(49, 58, 49), affine=affine)
+    pick = lambda d, pat: next(d.glob(f"sub-*/func/*{pat}"))  # noqa: E731
+    return pick(table, "_seg-HCPEx_timeseries.tsv"), pick(nifti, "_bold.nii.gz")

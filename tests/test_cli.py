@@ -159,22 +159,6 @@ def test_pretrain_train_evaluate_commands(tmp_path, capsys):
     assert_one_error_line(code, err, "not an FMM-TC model folder")
 
 
-@pytest.fixture(scope="module")
-def hcpex_scans(tmp_path_factory):
-    """One simulated responder as an HCPEx region table and as a 4 mm NIfTI (demo model input)."""
-    from fmmtc_core.simulate import SimulationConfig, write_cohort
-
-    root = tmp_path_factory.mktemp("hcpex")
-    config = SimulationConfig(n_volumes=200)
-    table = write_cohort(root / "tables", 2, seed=5, fmt="timeseries", config=config)
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
-    affine[:3, 3] = [-96.0, -132.0, -78.0]
-    nifti = write_cohort(root / "nifti", 2, seed=5, fmt="nifti", config=config,
-                         shape=(49, 58, 49), affine=affine)
-    pick = lambda d, pat: next(d.glob(f"sub-*/func/*{pat}"))  # noqa: E731
-    return pick(table, "_timeseries.tsv"), pick(nifti, "_bold.nii.gz")
-
-
 @pytest.mark.parametrize("kind", [0, 1])
 def test_explain_json(hcpex_scans, capsys, kind):
     from fmmtc_core.atlas import load_atlas

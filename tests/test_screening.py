@@ -278,7 +278,7 @@ def test_four_processes_screen_into_one_sqlite_file(tmp_path, cohort):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for scan in _scans(cohort)[:4]]
     results = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert "locked" not in err
     engine = open_database(db)

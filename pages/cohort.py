@@ -1,0 +1,163 @@
+"""Cohort review: every screening, filters, enrolment thresholds, outcomes, export (layout only)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from fmmtc_core import dashboard as ui
+from fmmtc_core.cohort import filter_screenings, observed_performance, stratify
+from fmmtc_core.figures import calibration_figure, probability_histogram, roc_figure
+from fmmtc_core.store import repository as repo
+from fmmtc_core.store import session_scope
+
+ui.require_access()
+st.title("Cohort review")
+engine = ui.engine()
+
+
+@st.cache_data(show_spinner=False, ttl=5)
+def _screenings(version: int) -> pd.DataFrame:
+    return repo.screenings_frame(engine)
+
+
+version = st.session_state.setdefault("cohort_version", 0)
+df = _screenings(version)
+
+def _demo_button(label: str, primary: bool) -> None:
+    if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
+        bar = st.progress(0.0, text="Simulating...")
+        try:
+            out = ui.load_demo_cohort(
+                progress=lambda d, t, what: bar.progress(min(d / t, 1.0), text=what))
+        except Exception as exc:  # noqa: BLE001
+            bar.empty()
+            ui.plain_error(exc, "The demo cohort could not be loaded")
+            st.stop()
+        bar.empty()
+        st.session_state["cohort_version"] = version + 1
+        st.session_state["demo_loaded"] = (f"Loaded {out['screened']} simulated participants "
+                                           f"with their outcomes.")
+        st.rerun()
+
+
+if msg := st.session_state.pop("demo_loaded", None):
+    st.success(msg)
+if df.empty:
+    st.info("The cohort database is empty. Screen a participant on the Screen page, or load a "
+            "**simulated** demo cohort to see how this page works.")
+    _demo_button(f"Load the simulated demo cohort ({ui.demo_cohort_size()} participants)",
+                 primary=True)
+    st.stop()
+
+if df["simulated"].any():
+    st.warning(f"{int(df['simulated'].sum())} of {len(df)} participants are SIMULATED demo "
+               "data (pseudonyms starting SIM-), not real people.")
+
+with st.expander("Filters", expanded=False):
+    c = st.columns(4)
+    options = {col: sorted(df[col].dropna().unique().tolist())
+               for col in ("site", "drug", "decision", "qc_verdict")}
+    # An empty selection means "all" (so new sites or drugs are never silently hidden).
+    sel = {col: c[i].multiselect(col.replace("_", " ").replace("qc verdict", "QC"),
+                                 options[col], key=f"f_{col}", placeholder="all")
+           for i, col in enumerate(options)}
+    dates = pd.to_datetime(df["created_at"])
+    c1, c2 = st.columns(2)
+    span = None
+    if c1.checkbox("Only screenings between two dates", key="f_limit"):
+        span = c1.date_input("Screened between", (dates.min().date(), dates.max().date()),
+                             key="f_dates")
+    sim = c2.radio("Participants", ["all", "real only", "simulated only"], horizontal=True,
+                   key="f_sim")
+start, end = (span if isinstance(span, tuple) and len(span) == 2 else (None, None))
+view = filter_screenings(
+    df, sites=sel["site"] or None, drugs=sel["drug"] or None,
+    decisions=sel["decision"] or None, qc=sel["qc_verdict"] or None, start=start, end=end,
+    simulated={"all": None, "real only": False, "simulated only": True}[sim])
+st.caption(f"{len(view)} of {len(df)} participants (latest screening of each with each model).")
+
+show = view[["screening_id", "participant", "site", "drug", "probability", "band_low",
+             "band_high", "decision", "qc_verdict", "outcome", "simulated", "model",
+             "operator", "created_at"]].sort_values("created_at", ascending=False)
+st.dataframe(show, hide_index=True, width="stretch", column_config={
+    "screening_id": st.column_config.NumberColumn("id"),
+    "probability": st.column_config.ProgressColumn("probability", min_value=0.0,
+                                                   max_value=1.0, format="%.2f"),
+    "band_low": st.column_config.NumberColumn("band from", format="%.2f"),
+    "band_high": st.column_config.NumberColumn("band to", format="%.2f"),
+    "qc_verdict": st.column_config.TextColumn("QC"),
+    "created_at": st.column_config.DatetimeColumn("screened", format="YYYY-MM-DD HH:mm"),
+})
+st.download_button("Export these rows (CSV)", view.to_csv(index=False),
+                   file_name=f"fmmtc-cohort-{dt.date.today():%Y%m%d}.csv", mime="text/csv",
+                   key="export")
+
+st.subheader("Enrolment at a threshold")
+c1, c2 = st.columns([3, 1])
+threshold = c1.slider("Enrol participants with a responder probability of at least", 0.0, 1.0,
+                      0.6, 0.05, key="threshold")
+strict = c2.checkbox("whole band above", key="strict",
+                     help="Enrol only when the whole uncertainty band clears the threshold.")
+y = view["outcome"].map({"responder": 1.0, "non-responder": 0.0}).astype(float).to_numpy()
+s = stratify(view["probability"].to_numpy(), threshold,
+             band_low=view["band_low"].to_numpy(), require_band=strict, outcome=y)
+m = st.columns(4)
+m[0].metric("Enrolled", f"{s.n_enrolled} of {s.n_screened}")
+m[1].metric("Expected responder rate, enrolled",
+            "n/a" if s.expected_rate_enrolled is None else f"{s.expected_rate_enrolled:.0%}",
+            delta=None if s.expected_rate_enrolled is None or s.base_rate is None
+            else f"{(s.expected_rate_enrolled - s.base_rate) * 100:+.0f} points vs all")
+m[2].metric("Base rate (all screened)", "n/a" if s.base_rate is None else f"{s.base_rate:.0%}")
+m[3].metric("Number needed to screen", "n/a" if s.number_needed_to_screen is None
+            else f"{s.number_needed_to_screen:.1f}",
+            help="Participants screened per expected responder enrolled.")
+if s.observed_rate_enrolled is not None:
+    st.caption(f"Observed so far: {s.observed_rate_enrolled:.0%} responders among the "
+               f"{s.n_observed_enrolled} enrolled with an outcome "
+               f"(all with an outcome: {s.observed_base_rate:.0%}).")
+st.caption("Expected rates are means of calibrated probabilities: they hold if the model's "
+           "calibration holds on this cohort (check it below once outcomes are entered).")
+st.plotly_chart(probability_histogram(view["probability"], threshold, outcome=y),
+                width="stretch")
+
+st.subheader("Observed outcomes")
+with st.form("outcome"):
+    c1, c2, c3 = st.columns([2, 2, 3])
+    who = c1.selectbox("Participant", sorted(df["participant"]), key="o_who")
+    what = c2.radio("Outcome", ["responder", "non-responder"], key="o_what")
+    note = c3.text_input("Note (optional)", key="o_note")
+    if st.form_submit_button("Record outcome"):
+        try:
+            with session_scope(engine, write=True) as sess:
+                repo.record_outcome(sess, who, what, actor=ui.operator(), note=note or None)
+        except Exception as exc:  # noqa: BLE001
+            ui.plain_error(exc, "The outcome was not recorded")
+        else:
+            st.session_state["cohort_version"] = version + 1
+            st.session_state["outcome_saved"] = f"Recorded: {who} is a {what}."
+            st.rerun()
+if msg := st.session_state.pop("outcome_saved", None):
+    st.success(msg)
+
+perf = observed_performance(view["probability"], y)
+if perf is None:
+    st.caption("ROC and calibration appear once at least two responders and two "
+               "non-responders have an observed outcome.")
+else:
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(roc_figure(perf), width="stretch")
+    c2.plotly_chart(calibration_figure(perf), width="stretch")
+    if view.loc[np.isfinite(y), "simulated"].any():
+        st.caption("Includes simulated participants: these curves describe the demo, not the "
+                   "model's real-world performance.")
+
+if not df["participant"].str.startswith(ui.DEMO_PREFIX + "0").any():
+    st.divider()
+    st.caption("Want to try the page on more data? Add a simulated demo cohort (flagged as "
+               "simulated everywhere).")
+    _demo_button(f"Add the simulated demo cohort ({ui.demo_cohort_size()} participants)",
+                 primary=False)

@@ -1,0 +1,238 @@
+"""Screen participant: upload a scan, see QC, the calibrated prediction and why (layout only)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from fmmtc_core import dashboard as ui
+from fmmtc_core.figures import (
+    brain3d_figure,
+    carpet_figure,
+    motion_figure,
+    network_figure,
+    probability_figure,
+)
+from fmmtc_core.io import write_upload
+from fmmtc_core.screening import STAGES, QCFailedError, screen
+
+ui.require_access()
+
+# Where each stage's progress starts and ends on the bar.
+_SPAN = {"validate": (0.0, 0.05), "parcellate": (0.05, 0.45), "qc": (0.45, 0.5),
+         "clean": (0.5, 0.55), "predict": (0.55, 0.6), "explain": (0.6, 0.97),
+         "save": (0.97, 1.0)}
+_TEXT = {"validate": "Validating the file...", "parcellate": "Parcellating the scan...",
+         "qc": "Checking quality...", "clean": "Cleaning the region signals...",
+         "predict": "Predicting...", "explain": "Explaining the prediction...",
+         "save": "Saving to the cohort database..."}
+assert set(_SPAN) == set(STAGES)
+
+st.title("Screen a participant")
+st.write(
+    "Enter the participant's **study pseudonym** (never a name or birth date), upload their "
+    "resting-state fMRI (a 4D NIfTI in MNI space, e.g. fMRIPrep `space-MNI152NLin2009cAsym`, "
+    "optionally with its JSON sidecar and fMRIPrep confounds), or a region time-series table. "
+    "The result is saved to the cohort automatically; the image itself is not kept."
+)
+
+model = ui.model()
+engine = ui.engine()
+st.caption(f"Model **{model.name}** ({model.atlas} atlas, {len(model.models)} fold models) "
+           f"on **{model.device.type.upper()}**.")
+
+result_area = st.container()  # the latest result shows above the form
+has_result = st.session_state.get("screen_result") is not None
+with st.expander("Screen a participant" if not has_result else "Screen another participant",
+                 expanded=not has_result):
+    with st.form("screen"):
+        pseudonym = st.text_input("Study pseudonym", placeholder="PAIN-0042", max_chars=64,
+                                  key="pseudonym")
+        scan_file = st.file_uploader("Scan (.nii, .nii.gz, or a .tsv/.csv/.npy region table)",
+                                     type=["nii", "gz", "tsv", "csv", "npy"])
+        c1, c2 = st.columns(2)
+        sidecar_file = c1.file_uploader("JSON sidecar (optional)", type=["json"])
+        confounds_file = c2.file_uploader("fMRIPrep confounds TSV (optional)", type=["tsv"])
+        c1, c2, c3 = st.columns(3)
+        site = c1.text_input("Site (optional)")
+        drug = c2.text_input("Drug (optional)")
+        arm = c3.text_input("Arm (optional)")
+        submitted = st.form_submit_button("Screen participant", type="primary")
+    demo = st.button("Screen a simulated demo participant", key="demo",
+                     help="A synthetic scan generated on this machine (SIM-DEMO); nothing is "
+                          "downloaded.")
+
+
+def _progress_bar():
+    bar = st.progress(0.0, text="Starting...")
+
+    def cb(stage, done, total, info):
+        lo, hi = _SPAN.get(stage, (0.0, 1.0))
+        frac = lo + (hi - lo) * (done / total if total else 1.0)
+        bar.progress(min(max(frac, 0.0), 1.0), text=_TEXT.get(stage, stage))
+
+    return bar, cb
+
+
+def _run(path, participant, sidecar=None, confounds=None, simulated=False):
+    bar, cb = _progress_bar()
+    try:
+        result = screen(path, participant, model, engine, sidecar=sidecar, confounds=confounds,
+                        site=site.strip() or None, drug=drug.strip() or None,
+                        arm=arm.strip() or None, simulated=simulated, operator=ui.operator(),
+                        progress=cb)
+    except QCFailedError as exc:
+        bar.empty()
+        st.error(f"Not screened: {exc} Nothing was saved. Check the scan (or re-run "
+                 "preprocessing) and upload it again.")
+        st.session_state["screen_qc_failed"] = exc.report
+        return
+    except Exception as exc:  # noqa: BLE001 - shown as a plain sentence, never a traceback
+        bar.empty()
+        ui.plain_error(exc, "This scan cannot be used")
+        return
+    bar.empty()
+    st.session_state["screen_result"] = result
+    st.session_state["screen_simulated"] = simulated
+    st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
+    st.session_state["explore_id"] = result.screening_id
+    st.rerun()  # show the result at the top, with the form folded away
+
+
+if submitted or demo:
+    st.session_state.pop("screen_result", None)
+    st.session_state.pop("screen_qc_failed", None)
+    if demo:
+        from fmmtc_core.simulate import demo_scan
+
+        with st.spinner("Simulating a demo scan (first time only)..."):
+            path, side, conf = demo_scan()
+        _run(path, ui.DEMO_PREFIX + "DEMO", side, conf, simulated=True)
+    elif not pseudonym.strip():
+        st.error("Enter the participant's study pseudonym first (e.g. PAIN-0042).")
+    elif scan_file is None:
+        st.error("Choose a scan file to upload first.")
+    else:
+        # The upload lives only in a temporary folder for the duration of the screening.
+        with tempfile.TemporaryDirectory(prefix="fmmtc-upload-") as tmp:
+            folder = Path(tmp)
+            try:
+                path = write_upload(scan_file, scan_file.name, folder)
+                side = write_upload(sidecar_file, sidecar_file.name, folder) \
+                    if sidecar_file else None
+                conf = write_upload(confounds_file, confounds_file.name, folder) \
+                    if confounds_file else None
+            except Exception as exc:  # noqa: BLE001
+                ui.plain_error(exc, "The upload could not be read")
+            else:
+                _run(path, pseudonym, side, conf)
+
+failed = st.session_state.get("screen_qc_failed")
+if failed is not None:
+    for reason in failed.reasons:
+        st.markdown(f"- {reason}")
+
+def _show(result) -> None:
+    summary = result.to_dict()
+    simulated = st.session_state.get("screen_simulated", False)
+    if simulated:
+        st.info("SIMULATED participant: this demo scan was generated on this machine; it is "
+                "not a real person.")
+    if result.reused:
+        st.info(f"This scan was already screened with this model (screening "
+                f"{result.screening_id}); showing the stored result.")
+    else:
+        st.success(f"Saved to the cohort as screening {result.screening_id}.")
+
+    st.subheader(f"Participant {result.participant}")
+    c = st.columns(4)
+    c[0].metric("Responder probability", f"{result.probability:.0%}")
+    c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
+    c[2].metric("Decision", result.decision)
+    c[3].metric("Model", summary.get("model", model.name))
+    st.plotly_chart(probability_figure(result.probability, result.band,
+                                       summary["thresholds"]), width="stretch")
+    st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
+               "cross-validation fold models. The decision is 'likely responder' only when the "
+               "whole band clears the responder threshold.")
+
+    analysis = result.analysis
+    qc = summary["qc"]
+    with st.expander(f"Scan quality: {qc['verdict']}", expanded=qc["verdict"] != "pass"):
+        for reason in qc.get("reasons", []):
+            st.markdown(f"- {reason}")
+        if analysis is not None:
+            rep = analysis.qc
+            d = rep.to_dict()
+            m = st.columns(4)
+            m[0].metric("Volumes", d["n_volumes"])
+            m[1].metric("Median tSNR",
+                        "n/a" if d["tsnr_median"] is None else f"{d['tsnr_median']:.1f}")
+            m[2].metric("Mean FD (mm)",
+                        "n/a" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}")
+            m[3].metric("Regions covered",
+                        f"{d['n_regions'] - d['n_uncovered_regions']} / {d['n_regions']}")
+            if rep.carpet is not None:
+                st.plotly_chart(carpet_figure(rep.carpet, rep.carpet_regions,
+                                              analysis.signals.atlas.groups, rep.tr),
+                                width="stretch")
+            if rep.fd is not None or rep.dvars is not None:
+                st.plotly_chart(motion_figure(rep.tr, rep.fd, rep.dvars,
+                                              rep.thresholds.fd_threshold), width="stretch")
+        else:
+            st.caption("Stored result: open the Scan quality page to re-check the file.")
+
+    st.subheader("Why: where the model looked")
+    share = summary["modality_share"]
+    m = st.columns(3)
+    m[0].metric("Time-series share", f"{share['ts']:.0%}")
+    m[1].metric("Connectivity share", f"{share['fc']:.0%}")
+    m[2].metric("Completeness gap", f"{summary['ig_gap']:.2%}",
+                help=f"Integrated Gradients with {summary['steps']} steps: how far the "
+                     "attributions are from adding up exactly to the change in the model's "
+                     "output (kept below 1 %).")
+    st.caption("Integrated Gradients scores in logit units. **Red**: pushed towards responder; "
+               "**blue**: towards non-responder; relative to a participant with flat time "
+               "series and the training cohort's average connectivity.")
+
+    from fmmtc_core.atlas import load_atlas
+
+    atlas = load_atlas(model.atlas)
+    by_label = {r["label"]: r["score"] for r in summary["regions"]}
+    scores = np.array([by_label.get(int(lab), 0.0) for lab in atlas.labels])
+    tab1, tab2, tab3 = st.tabs(["Brain map", "3D view", "Networks"])
+    with tab1:
+        from fmmtc_core.report import glass_brain_png
+
+        png = glass_brain_png(atlas, scores)
+        st.image(png, width="stretch")
+        st.caption("The strongest 10 % of the regions; all regions are in the 3D view.")
+    with tab2:
+        st.plotly_chart(brain3d_figure(atlas.centroids_mm, scores, atlas.names, atlas.groups),
+                        width="stretch")
+    with tab3:
+        st.plotly_chart(network_figure(summary["networks"]), width="stretch")
+    group = dict(zip(atlas.labels.tolist(), atlas.groups))
+    top = pd.DataFrame(summary["regions"][:15])
+    top.insert(2, "network", [group.get(lab, "") for lab in top["label"]])
+    st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
+                 width="stretch")
+
+    from fmmtc_core.report import screening_report_html
+
+    html = screening_report_html(summary, participant=result.participant,
+                                 screening_id=result.screening_id, simulated=simulated, png=png,
+                                 operator=ui.operator())
+    st.download_button("Download the report (HTML)", html,
+                       file_name=f"fmmtc-screening-{result.screening_id}.html",
+                       mime="text/html", key="report")
+
+
+result = st.session_state.get("screen_result")
+if result is not None:
+    with result_area:
+        _show(result)

@@ -1,0 +1,122 @@
+"""End to end in a real browser: `streamlit run` on loopback, driven by Playwright in Debian's
+chromium (installed by .ci/run; no `playwright install`). Screenshots go to
+tests/screenshots/ (git-ignored)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).parent / "screenshots"
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+    data = tmp_path_factory.mktemp("e2e-data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FMMTC_DATA_DIR": str(data), "FMMTC_DEMO_COHORT_SIZE": "4"}
+    env.pop("FMMTC_DATABASE_URL", None)
+    log = open(data / "streamlit.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+         "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + (data / "streamlit.log").read_text()[-2000:])
+    yield url, data
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"])
+        context = browser.new_context(viewport={"width": 1400, "height": 2400},
+                                      accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(180_000)
+        yield pg
+        browser.close()
+
+
+def _shot(pg, name):
+    pg.wait_for_timeout(1500)  # let plots finish drawing
+    pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tmp_path):
+    url, data = server
+    pg = page
+    pg.goto(url)
+    pg.get_by_role("heading", name="Screen a participant").wait_for()
+    _shot(pg, "01-screen-empty")
+
+    pg.get_by_label("Study pseudonym").fill("PAIN-E2E")
+    pg.locator("input[type=file]").first.set_input_files(str(hcpex_scans[1]))
+    pg.locator("[data-testid=stFileChip]").first.wait_for()  # the upload has finished
+    pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
+    pg.get_by_role("button", name="Screen participant").click()
+    pg.get_by_role("heading", name="Participant PAIN-E2E").wait_for()
+    pg.get_by_text("Saved to the cohort as screening 1").wait_for()
+    pg.get_by_text("Responder probability").first.wait_for()
+    _shot(pg, "02-screen-result")
+    assert not pg.get_by_text("Traceback").count()
+
+    pg.get_by_role("link", name="Attribution explorer").click()
+    pg.get_by_role("heading", name="Attribution explorer").wait_for()
+    pg.get_by_text("IG gap").first.wait_for()
+    _shot(pg, "03-explorer")
+
+    pg.get_by_role("link", name="Cohort review").click()
+    pg.get_by_role("heading", name="Cohort review").wait_for()
+    pg.get_by_role("button", name="Add the simulated demo cohort (4 participants)").click()
+    pg.get_by_text("Loaded 4 simulated participants").wait_for()
+    _shot(pg, "04-cohort")
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Export these rows (CSV)").click()
+    csv = tmp_path / "cohort.csv"
+    dl.value.save_as(csv)
+    table = pd.read_csv(csv)
+    assert len(table) == 5 and "PAIN-E2E" in set(table["participant"])
+    assert table["simulated"].sum() == 4
+
+    pg.get_by_role("link", name="Model").click()
+    pg.get_by_role("heading", name="Cross-validation metrics (out of fold)").wait_for()
+    _shot(pg, "05-model")
+    log = (data / "streamlit.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
