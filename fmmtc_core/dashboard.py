@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,12 +31,20 @@ __all__ = [
     "operator",
     "plain_error",
     "load_demo_cohort",
+    "run_screening",
     "demo_cohort_size",
     "DEMO_PREFIX",
 ]
 
 #: Pseudonym prefix of the simulated demo participants.
 DEMO_PREFIX = "SIM-"
+
+# Screenings run in a worker process (see run_screening), not in the server: in the server's
+# script thread, torch competes for the GIL with Streamlit's event-loop thread (measured here: a
+# busy second thread made an explanation 15x slower, 2.0 s -> 29.8 s), and a long screening
+# would also stall every other user's page. The shorter switch interval keeps what does run in
+# the server (figures, cached model for the pages) responsive.
+sys.setswitchinterval(2e-4)
 
 
 def _setting(key: str) -> str | None:
@@ -169,3 +178,74 @@ def load_demo_cohort(n: int | None = None, seed: int = 2026, progress=None) -> d
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # only the derived series are kept, in the DB
     return {"screened": len(rep.screened), "failed": rep.failed, "outcomes": rep.outcomes}
+
+
+# --------------------------------------------------------------------------------------------
+# Screening in a worker process
+# --------------------------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _worker_init(model_dir: str, url: str) -> None:
+    import torch
+
+    from fmmtc_core.store import make_engine
+    from fmmtc_core.training import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    _W["model"] = load_model(model_dir)
+    _W["engine"] = make_engine(url)
+
+
+def _worker_screen(kwargs: dict, queue):
+    from fmmtc_core.screening import screen
+
+    def progress(stage, done, total, info):
+        queue.put((stage, done, total))
+
+    return screen(kwargs.pop("source"), kwargs.pop("participant"), _W["model"], _W["engine"],
+                  progress=progress, **kwargs)
+
+
+@st.cache_resource(show_spinner=False)
+def _pool(model_dir: str, url: str):
+    """One worker process per (model, database), started once; it loads the model once."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init,
+                               initargs=(model_dir, url))
+    return pool, ctx.Manager()
+
+
+def run_screening(source, participant: str, *, progress=None, **kwargs):
+    """:func:`fmmtc_core.screening.screen` in the dashboard's worker process, with progress.
+
+    Same arguments and result as ``screen`` (model and database are the active ones); errors
+    (bad input, failed QC) are raised here as they would be in-process.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+    from queue import Empty
+
+    url = engine().url.render_as_string(hide_password=False)
+    key = (str(active_model_dir()), url)
+    pool, manager = _pool(*key)
+    queue = manager.Queue()
+    job = dict(kwargs, source=str(source), participant=participant)
+    try:
+        future = pool.submit(_worker_screen, job, queue)
+        while True:
+            try:
+                item = queue.get(timeout=0.1)
+            except Empty:
+                if future.done():
+                    break
+                continue
+            if progress:
+                progress(*item, {})
+        return future.result()
+    except BrokenProcessPool:
+        _pool.clear()  # start a fresh worker next time
+        raise FMMTCError("The screening worker stopped unexpectedly (out of memory?). Nothing "
+                         "was saved; please try again.") from None

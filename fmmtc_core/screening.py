@@ -42,6 +42,9 @@ class QCFailedError(InvalidInputError):
         super().__init__(message)
         self.report = report
 
+    def __reduce__(self):  # picklable, so a worker process can hand it back
+        return (type(self), (str(self), self.report))
+
 
 def decide(probability: float, band: tuple[float, float], thresholds: dict | None = None) -> str:
     """``"likely responder"``, ``"likely non-responder"`` or ``"uncertain"``.

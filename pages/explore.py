@@ -93,10 +93,13 @@ def _panel(d: dict, key: str, *, full: bool) -> None:
                 f"{d['share_ts']:.0%} / {d['share_fc']:.0%}")
     m[3].metric("IG gap", f"{d['ig_gap']:.2%}", help=f"{d['steps']} integration steps")
     st.image(_glass(d["atlas"], tuple(reg["total"].round(6))), width="stretch")
-    tabs = st.tabs(["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
-                    "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
+    views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
+              "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
+    # One view at a time: only the chosen figure is built and drawn (3D views are costly).
+    view = st.radio("View", views, horizontal=True, key=f"{key}-view",
+                    label_visibility="collapsed")
     top = reg.reindex(reg["total"].abs().sort_values(ascending=False).index).head(15)
-    with tabs[0]:
+    if view == views[0]:
         st.plotly_chart(compare_regions_figure(
             top["name"], {"time series": top["ts"], "connectivity": top["fc"]},
             title="Top regions: time-series and connectivity attribution",
@@ -104,22 +107,20 @@ def _panel(d: dict, key: str, *, full: bool) -> None:
             width="stretch", key=f"{key}-tsfc")
         st.dataframe(top[["label", "name", "network", "ts", "fc", "total"]], hide_index=True,
                      width="stretch")
-    with tabs[1]:
+    elif view == "Networks":
         st.plotly_chart(network_figure(d["networks"]), width="stretch", key=f"{key}-net")
-    if not full:
-        return
-    with tabs[2]:
+    elif view == "Connections":
         st.plotly_chart(connectome_figure(atlas.centroids_mm, d["connections"], atlas.names),
                         width="stretch", key=f"{key}-conn")
         st.dataframe(pd.DataFrame([{"region": atlas.names[c["i"]],
                                     "region ": atlas.names[c["j"]], "score": c["score"]}
                                    for c in d["connections"]]), hide_index=True,
                      width="stretch")
-    with tabs[3]:
+    elif view == "3D":
         st.plotly_chart(brain3d_figure(atlas.centroids_mm, reg["total"].to_numpy(),
                                        atlas.names, atlas.groups), width="stretch",
                         key=f"{key}-3d")
-    with tabs[4]:
+    elif view == "Region series":
         if d["series"] is None:
             st.caption("No region series stored for this scan.")
         else:
@@ -127,7 +128,7 @@ def _panel(d: dict, key: str, *, full: bool) -> None:
             st.plotly_chart(region_series_figure(d["series"], atlas.names, d["tr"], idx),
                             width="stretch", key=f"{key}-series")
             st.caption("Cleaned region series of the four top regions (what the model saw).")
-    with tabs[5]:
+    else:
         means = _cohort_means()
         series = {f"{d['participant']}": top["total"].to_numpy()}
         for flag, name in ((True, "cohort mean, predicted responders"),

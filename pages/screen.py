@@ -18,7 +18,7 @@ from fmmtc_core.figures import (
     probability_figure,
 )
 from fmmtc_core.io import write_upload
-from fmmtc_core.screening import STAGES, QCFailedError, screen
+from fmmtc_core.screening import STAGES, QCFailedError
 
 ui.require_access()
 
@@ -67,10 +67,27 @@ with st.expander("Screen a participant" if not has_result else "Screen another p
                           "downloaded.")
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _glass(atlas_name: str, scores: tuple) -> bytes:
+    from fmmtc_core.atlas import load_atlas
+    from fmmtc_core.report import glass_brain_png
+
+    return glass_brain_png(load_atlas(atlas_name), np.asarray(scores))
+
+
 def _progress_bar():
+    import time
+
     bar = st.progress(0.0, text="Starting...")
+    last = {"stage": None, "t": 0.0}
 
     def cb(stage, done, total, info):
+        # At most ~4 updates a second (and one per stage): every update is a message to the
+        # browser and a repaint there, which would compete with the screening for the CPU.
+        now = time.monotonic()
+        if stage == last["stage"] and now - last["t"] < 0.25 and done < total:
+            return
+        last.update(stage=stage, t=now)
         lo, hi = _SPAN.get(stage, (0.0, 1.0))
         frac = lo + (hi - lo) * (done / total if total else 1.0)
         bar.progress(min(max(frac, 0.0), 1.0), text=_TEXT.get(stage, stage))
@@ -81,10 +98,10 @@ def _progress_bar():
 def _run(path, participant, sidecar=None, confounds=None, simulated=False):
     bar, cb = _progress_bar()
     try:
-        result = screen(path, participant, model, engine, sidecar=sidecar, confounds=confounds,
-                        site=site.strip() or None, drug=drug.strip() or None,
-                        arm=arm.strip() or None, simulated=simulated, operator=ui.operator(),
-                        progress=cb)
+        result = ui.run_screening(path, participant, sidecar=sidecar, confounds=confounds,
+                                  site=site.strip() or None, drug=drug.strip() or None,
+                                  arm=arm.strip() or None, simulated=simulated,
+                                  operator=ui.operator(), progress=cb)
     except QCFailedError as exc:
         bar.empty()
         st.error(f"Not screened: {exc} Nothing was saved. Check the scan (or re-run "
@@ -100,7 +117,6 @@ def _run(path, participant, sidecar=None, confounds=None, simulated=False):
     st.session_state["screen_simulated"] = simulated
     st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
     st.session_state["explore_id"] = result.screening_id
-    st.rerun()  # show the result at the top, with the form folded away
 
 
 if submitted or demo:
@@ -111,7 +127,7 @@ if submitted or demo:
 
         with st.spinner("Simulating a demo scan (first time only)..."):
             path, side, conf = demo_scan()
-        _run(path, ui.DEMO_PREFIX + "DEMO", side, conf, simulated=True)
+        _run(path, ui.DEMO_PREFIX + "DEMO", str(side), str(conf), simulated=True)
     elif not pseudonym.strip():
         st.error("Enter the participant's study pseudonym first (e.g. PAIN-0042).")
     elif scan_file is None:
@@ -204,17 +220,17 @@ def _show(result) -> None:
     atlas = load_atlas(model.atlas)
     by_label = {r["label"]: r["score"] for r in summary["regions"]}
     scores = np.array([by_label.get(int(lab), 0.0) for lab in atlas.labels])
-    tab1, tab2, tab3 = st.tabs(["Brain map", "3D view", "Networks"])
-    with tab1:
-        from fmmtc_core.report import glass_brain_png
-
-        png = glass_brain_png(atlas, scores)
+    # One view at a time: only the chosen figure is built and sent to the browser.
+    view = st.radio("View", ["Brain map", "3D view", "Networks"], horizontal=True,
+                    key="screen_view", label_visibility="collapsed")
+    png = _glass(model.atlas, tuple(np.round(scores, 6)))
+    if view == "Brain map":
         st.image(png, width="stretch")
         st.caption("The strongest 10 % of the regions; all regions are in the 3D view.")
-    with tab2:
+    elif view == "3D view":
         st.plotly_chart(brain3d_figure(atlas.centroids_mm, scores, atlas.names, atlas.groups),
                         width="stretch")
-    with tab3:
+    else:
         st.plotly_chart(network_figure(summary["networks"]), width="stretch")
     group = dict(zip(atlas.labels.tolist(), atlas.groups))
     top = pd.DataFrame(summary["regions"][:15])

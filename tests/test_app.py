@@ -189,7 +189,12 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     assert not at.exception and not _errors(at), _errors(at)
     labels = {m.label for m in at.metric}
     assert {"Probability", "Decision", "IG gap"} <= labels
-    assert len(at.tabs) == 6
+    views = at.radio(key="a-view").options
+    assert len(views) == 6
+    for view in views[1:]:  # every view draws without an error
+        at.radio(key="a-view").set_value(view)
+        at.run()
+        assert not at.exception and not _errors(at), (view, _errors(at))
     at.toggle(key="explore_compare").set_value(True)
     at.run()
     assert not at.exception
