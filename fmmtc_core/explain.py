@@ -263,8 +263,9 @@ def auto_batch_size(ens) -> int:
     """
     first = ens.models[0]
     per_point = 150 << 20
-    if first.ts_encoder is not None:
-        c = first.ts_encoder.config
+    encoder = getattr(first, "ts_encoder", None)
+    if encoder is not None:
+        c = encoder.config
         tokens = c.num_brain_voxels * c.n_patches + 1
         floats = (6 * c.hidden_size + 4 * c.intermediate_size
                   + 4 * c.num_attention_heads * c.num_landmarks)

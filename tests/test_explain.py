@@ -331,3 +331,11 @@ def test_modality_share_follows_the_modality_that_carries_the_effect(tmp_path_fa
         shares[name] = float(np.mean(s))
     print("mean time-series share:", shares)
     assert shares["ts"] > shares["fc"]
+
+
+def test_auto_batch_size_fits_the_machine():
+    from fmmtc_core.explain import auto_batch_size
+    from fmmtc_core.training import load_model
+
+    n = auto_batch_size(load_model())
+    assert 1 <= n <= 8  # CPU cap; the demo encoder needs ~0.2 GB per integration point
