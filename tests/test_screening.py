@@ -162,7 +162,7 @@ def _bad_inputs(tmp_path, cohort, grid_labels):
     cases.append((table, {}, "columns"))
     text = tmp_path / "sub-y_timeseries.tsv"
     text.write_text("a\tb\nfoo\tbar\n")
-    cases.append((text, {}, ""))
+    cases.append((text, {}, "holds 'foo'; expected numbers"))
     return cases
 
 
