@@ -39,7 +39,7 @@ def main() -> None:
     from fmmtc_core.io import load_scan
     from fmmtc_core.preprocess import clean, parcellate
     from fmmtc_core.qc import qc_report
-    from fmmtc_core.screening import screen
+    from fmmtc_core.screening import attribution_rows, screen
     from fmmtc_core.simulate import demo_scan
     from fmmtc_core.store import open_database, session_scope
     from fmmtc_core.store import repository as repo
@@ -75,10 +75,7 @@ def main() -> None:
         t0 = time.perf_counter()
         e = explain(model, w, fc, atlas=atlas)
         t["explain"] = time.perf_counter() - t0
-        regions = [{"region_index": k, "label": int(e.labels[k]), "name": e.names[k],
-                    "network": e.groups[k], "ts": float(e.region_ts[k]),
-                    "fc": float(e.region_fc[k]), "total": float(e.region_total[k])}
-                   for k in range(len(e.labels))]
+        regions, connections = attribution_rows(e)
         t0 = time.perf_counter()
         with session_scope(engine, write=True) as s:
             p = repo.get_or_create_participant(s, f"BENCH-S{i}", actor="bench")
@@ -100,11 +97,7 @@ def main() -> None:
                                                   "networks": e.networks},
                                   "runtime_s": 0.0, "stage_seconds": {},
                                   "software_version": "bench"},
-                regions=regions,
-                connections=[{"rank": k, "region_i": c["i"], "region_j": c["j"],
-                              "label_i": c["label_i"], "label_j": c["label_j"],
-                              "score": c["score"]} for k, c in enumerate(e.top_connections)],
-                actor="bench")
+                regions=regions, connections=connections, actor="bench")
         t["save"] = time.perf_counter() - t0
         return t
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -42,9 +41,7 @@ DEMO_PREFIX = "SIM-"
 # Screenings run in a worker process (see run_screening), not in the server: in the server's
 # script thread, torch competes for the GIL with Streamlit's event-loop thread (measured here: a
 # busy second thread made an explanation 15x slower, 2.0 s -> 29.8 s), and a long screening
-# would also stall every other user's page. The shorter switch interval keeps what does run in
-# the server (figures, cached model for the pages) responsive.
-sys.setswitchinterval(2e-4)
+# would also stall every other user's page.
 
 
 def _setting(key: str) -> str | None:

@@ -274,7 +274,7 @@ def auto_batch_size(ens) -> int:
     return int(max(1, min(cap, _available_bytes(ens.device) // per_point)))
 
 
-def _baseline_arrays(ens, window, fc, baseline_ts, baseline_fc):
+def _baseline_arrays(ens, window, baseline_ts, baseline_fc):
     r, t = window.shape
     if isinstance(baseline_ts, str):
         check_option("baseline_ts", baseline_ts, ("flat",))
@@ -381,7 +381,7 @@ def explain(
             raise InvalidInputError(f"fc must have shape ({r}, {r}), got {fc.shape}.")
     if not (np.isfinite(window).all() and (fc is None or np.isfinite(fc).all())):
         raise InvalidInputError("The model inputs contain NaN or infinite values.")
-    b_ts, b_fc, baseline = _baseline_arrays(ens, window, fc, baseline_ts, baseline_fc)
+    b_ts, b_fc, baseline = _baseline_arrays(ens, window, baseline_ts, baseline_fc)
     if not use_ts:
         baseline.pop("ts")
     if not use_fc:

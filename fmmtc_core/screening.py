@@ -280,6 +280,17 @@ def _summary_from_row(sc) -> dict:
     }
 
 
+def attribution_rows(e: Explanation) -> tuple[list[dict], list[dict]]:
+    """The region and top-connection rows of an explanation, as the database stores them."""
+    regions = [{"region_index": i, "label": int(e.labels[i]), "name": e.names[i],
+                "network": e.groups[i], "ts": float(e.region_ts[i]), "fc": float(e.region_fc[i]),
+                "total": float(e.region_total[i])} for i in range(len(e.labels))]
+    connections = [{"rank": k, "region_i": c["i"], "region_j": c["j"], "label_i": c["label_i"],
+                    "label_j": c["label_j"], "score": c["score"]}
+                   for k, c in enumerate(e.top_connections)]
+    return regions, connections
+
+
 def screen(
     source: str | os.PathLike,
     participant: str,
@@ -355,12 +366,7 @@ def screen(
         "n_regions": int(result.signals.n_regions),
         "series": repo.encode_series(result.signals.data),
     }
-    regions = [{"region_index": i, "label": int(e.labels[i]), "name": e.names[i],
-                "network": e.groups[i], "ts": float(e.region_ts[i]), "fc": float(e.region_fc[i]),
-                "total": float(e.region_total[i])} for i in range(len(e.labels))]
-    connections = [{"rank": k, "region_i": c["i"], "region_j": c["j"], "label_i": c["label_i"],
-                    "label_j": c["label_j"], "score": c["score"]}
-                   for k, c in enumerate(e.top_connections)]
+    regions, connections = attribution_rows(e)
     fields = {
         "inputs_sha256": key, "probability": result.probability,
         "band_low": result.band[0], "band_high": result.band[1],
@@ -513,8 +519,8 @@ def screen_batch(
             jobs.append({
                 "scan": str(row["scan"]), "participant": pid,
                 "confounds": None if row["confounds"] is None else str(row["confounds"]),
-                "site": None if pd_isna(row.get("site")) else str(row.get("site")),
-                "drug": None if pd_isna(row.get("drug")) else str(row.get("drug")),
+                "site": None if _isna(row.get("site")) else str(row.get("site")),
+                "drug": None if _isna(row.get("drug")) else str(row.get("drug")),
                 "simulated": simulated, "operator": operator,
                 "explain_kwargs": explain_kwargs or {},
             })
@@ -559,7 +565,7 @@ def screen_batch(
             for row in parts.to_dict("records"):
                 pid = repo.validate_pseudonym(
                     pseudonym_prefix + str(row["participant_id"]).removeprefix("sub-"))
-                if pid in report.failed or pd_isna(row["responder"]):
+                if pid in report.failed or _isna(row["responder"]):
                     continue
                 value = bool(int(row["responder"]))
                 if known.get(pid) == value:
@@ -570,7 +576,7 @@ def screen_batch(
     return report
 
 
-def pd_isna(value) -> bool:
+def _isna(value) -> bool:
     import pandas as pd
 
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))

@@ -50,6 +50,16 @@ def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_re
                               actor="t")
 
 
+def _assert_crash_rolls_back(engine):
+    """A write transaction interrupted by an exception leaves every table as it was."""
+    before = row_counts(engine)
+    with pytest.raises(RuntimeError):
+        with session_scope(engine, write=True) as s:
+            _fake_screening(s, "PAIN-0002", sha="b" * 64)
+            raise RuntimeError("crash before commit")
+    assert row_counts(engine) == before
+
+
 # --------------------------------------------------------------------------------------------
 # Location and SQLite settings
 # --------------------------------------------------------------------------------------------
@@ -170,12 +180,7 @@ def test_repository_writes_are_audited_and_atomic(tmp_path):
     counts = row_counts(engine)
     assert counts["screenings"] == 1 and counts["region_attributions"] == 3
     assert counts["audit_log"] == 4  # participant, model version, scan, screening
-    before = row_counts(engine)
-    with pytest.raises(RuntimeError):
-        with session_scope(engine, write=True) as s:
-            _fake_screening(s, "PAIN-0002", sha="b" * 64)
-            raise RuntimeError("crash before commit")
-    assert row_counts(engine) == before
+    _assert_crash_rolls_back(engine)
     with session_scope(engine, write=True) as s:
         repo.record_outcome(s, "PAIN-0001", "non-responder", actor="bob")
         repo.record_outcome(s, "PAIN-0001", "responder", actor="bob", note="corrected")
@@ -279,12 +284,7 @@ def test_postgres_repository_and_rollback(pg_engine):
     upgrade(pg_engine)
     with session_scope(pg_engine, write=True) as s:
         _fake_screening(s)
-    before = row_counts(pg_engine)
-    with pytest.raises(RuntimeError):
-        with session_scope(pg_engine, write=True) as s:
-            _fake_screening(s, "PAIN-0002", sha="b" * 64)
-            raise RuntimeError("crash")
-    assert row_counts(pg_engine) == before
+    _assert_crash_rolls_back(pg_engine)
     assert integrity_check(pg_engine) == []
     assert len(repo.screenings_frame(pg_engine)) == 1
 

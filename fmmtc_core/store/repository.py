@@ -6,7 +6,6 @@ decides the transaction; each write adds its audit-log row in that same transact
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import zlib
 
@@ -270,6 +269,3 @@ def export_csv(engine: Engine, path, *, latest_only: bool = False) -> int:
     df.to_csv(path, index=False)
     return len(df)
 
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
