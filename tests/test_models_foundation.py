@@ -194,3 +194,25 @@ def test_presets_match_the_paper_geometry():
     base = BrainLMConfig.base()
     n = sum(p.numel() for p in BrainLMForPretraining(base).parameters())
     assert 100e6 < n < 120e6  # BrainLM-111M
+
+
+def test_xyz_scale_multiplies_the_centroids_and_round_trips(tmp_path, config, batch):
+    window, xyz = batch
+    assert config.xyz_scale == 1.0  # the default: checkpoints without the field load unchanged
+    torch.manual_seed(0)
+    plain = BrainLMForPretraining(config).eval()
+    scaled_cfg = BrainLMConfig.tiny(num_brain_voxels=R, num_timepoints_per_voxel=T,
+                                    timepoint_patching_size=10, num_landmarks=8, xyz_scale=0.01)
+    scaled = BrainLMForPretraining(scaled_cfg).eval()
+    scaled.load_state_dict(plain.state_dict())
+    # encoder and decoder both see xyz * 0.01
+    torch.testing.assert_close(scaled.embed(window, xyz), plain.embed(window, xyz * 0.01))
+    noise = torch.rand(3, R * config.n_patches, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(scaled(window, xyz, noise=noise).loss,
+                               plain(window, xyz * 0.01, noise=noise).loss)
+    scaled.save_pretrained(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["xyz_scale"] == 0.01
+    assert load_foundation(tmp_path / "s").config.xyz_scale == 0.01
+    for bad in (0, -1.0, "mm"):
+        with pytest.raises(InvalidInputError, match="xyz_scale must be a positive number"):
+            BrainLMConfig.tiny(xyz_scale=bad)

@@ -66,6 +66,11 @@ class BrainLMConfig(PretrainedConfig):
 
     Field names follow the public BrainLM configuration so its ``config.json`` loads as is.
     ``attention_mode`` ("nystrom" or "exact") is ours; see the module docstring.
+    ``xyz_scale`` is ours too: region centroids (MNI millimetres) are multiplied by it before
+    the coordinate embedding. 1.0 (the default, so existing checkpoints load unchanged) feeds
+    millimetres; 0.01 brings them to unit size like the robust-scaled signal, so the signal
+    part of a token is not drowned by the coordinate part at initialisation
+    (``bench/foundation_probe.py`` measures the ratio).
     """
 
     model_type = "brainlm_mae"
@@ -96,6 +101,7 @@ class BrainLMConfig(PretrainedConfig):
         conv_kernel_size: int | None = 65,
         inv_coeff_init_option: bool = False,
         attention_mode: str = "nystrom",
+        xyz_scale: float = 1.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -122,6 +128,9 @@ class BrainLMConfig(PretrainedConfig):
         self.num_landmarks = num_landmarks
         self.conv_kernel_size = conv_kernel_size
         self.inv_coeff_init_option = inv_coeff_init_option
+        if not (isinstance(xyz_scale, (int, float)) and xyz_scale > 0):
+            raise InvalidInputError(f"xyz_scale must be a positive number, got {xyz_scale!r}.")
+        self.xyz_scale = float(xyz_scale)
         self.attention_mode = attention_mode
 
     # Presets ---------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ class BrainLMEmbeddings(nn.Module):
         p = t // self.config.timepoint_patching_size
         patches = signal.reshape(b, r, p, self.config.timepoint_patching_size)
         x = self.signal_embedding_projection(patches)
-        x = x + self.xyz_embedding_projection(xyz).unsqueeze(2)
+        x = x + self.xyz_embedding_projection(xyz * self.config.xyz_scale).unsqueeze(2)
         x = self.pos_embedding(x).flatten(1, 2)  # (B, R * P, H), region-major
         n = x.shape[1]
         if mask_ratio > 0:
@@ -368,7 +377,7 @@ class BrainLMDecoder(nn.Module):
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, hd))
         p = n // n_regions
         tokens = tokens.reshape(b, n_regions, p, hd)
-        tokens = tokens + self.decoder_xyz_projection(xyz).unsqueeze(2)
+        tokens = tokens + self.decoder_xyz_projection(xyz * self.config.xyz_scale).unsqueeze(2)
         tokens = self.pos_embedding(tokens).flatten(1, 2)
         h = torch.cat([x[:, :1], tokens], dim=1)
         for layer in self.decoder_layers:
