@@ -172,8 +172,10 @@ def cmd_pretrain(args) -> int:
     from fmmtc_core.training import pretrain
 
     out = pretrain(args.corpus_dir, args.out, config=args.config, atlas=args.atlas,
-                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                   progress=_stage_progress())
+                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   windows_per_subject=args.windows_per_subject,
+                   regions_per_step=args.regions_per_step, schedule=args.schedule,
+                   xyz_scale=args.xyz_scale, progress=_stage_progress())
     log = json.loads((out / "pretrain_log.json").read_text())
     print(f"wrote the pretrained encoder to {out} (final loss "
           f"{log['loss_per_epoch'][-1]:.4f} after {len(log['loss_per_epoch'])} epochs)")
@@ -498,6 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=("tiny", "small", "base"), default="small")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--windows-per-subject", type=int, default=1, metavar="N",
+                   help="random windows per subject and epoch (default 1)")
+    p.add_argument("--regions-per-step", type=int, default=None, metavar="K",
+                   help="train each batch on K random regions (default: all)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning-rate schedule (cosine: 5%% warm-up, then cosine decay)")
+    p.add_argument("--xyz-scale", type=float, default=None, metavar="S",
+                   help="multiply region centroids (mm) by S before embedding them; 0.01 is "
+                        "recommended for new encoders (default: the preset's 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atlas", default="hcpex")
     p.set_defaults(func=cmd_pretrain)

@@ -193,23 +193,60 @@ def pretrain(
     batch_size: int = 8,
     lr: float = 1e-3,
     seed: int = 0,
+    windows_per_subject: int = 1,
+    regions_per_step: int | None = None,
+    schedule: str = "constant",
+    xyz_scale: float | None = None,
     device=None,
     progress: Progress = None,
 ) -> Path:
     """Masked-reconstruction pretraining of the BrainLM encoder on an unlabelled corpus.
 
-    Each epoch draws one random window per subject. A checkpoint (weights, optimizer, epoch,
-    losses) is written after every epoch to ``OUT/checkpoint``; rerunning the same command
-    resumes from it. The result is a Hugging Face-style folder (``config.json`` +
-    ``model.safetensors``) loadable by :func:`fmmtc_core.models.load_foundation`.
+    Each epoch draws ``windows_per_subject`` random windows per subject. A checkpoint
+    (weights, optimizer, epoch, losses) is written after every epoch to ``OUT/checkpoint``;
+    rerunning the same command resumes from it. The result is a Hugging Face-style folder
+    (``config.json`` + ``model.safetensors``) loadable by
+    :func:`fmmtc_core.models.load_foundation`.
+
+    Parameters
+    ----------
+    windows_per_subject : int, default=1
+        Random windows drawn per subject and epoch (more optimizer steps from a small corpus).
+    regions_per_step : int or None, default=None
+        Train each batch on a random subset of this many regions (regions enter the encoder
+        only through their centroids, so the model stays whole-brain); None uses all. Cuts the
+        cost of a step about R / k-fold.
+    schedule : {"constant", "cosine"}, default="constant"
+        Learning rate: constant, or a 5 % linear warm-up then cosine decay to zero over all
+        steps (a function of the step, so an interrupted run resumed with the same ``epochs``
+        matches a straight one; a different ``epochs`` is a different schedule).
+    xyz_scale : float or None
+        Overrides the config's ``xyz_scale`` (0.01 feeds centroids in decimetres; see
+        :class:`~fmmtc_core.models.BrainLMConfig`).
+
+    The defaults are the settings the bundled demo encoder was built with. With them, that
+    encoder never got past predicting the median (``bench/foundation_probe.py``); the
+    README ("Foundation encoder probe") gives a recipe that does.
     """
     out = Path(out_dir)
     atlas_obj = load_atlas(atlas)
+    schedule = check_option("schedule", schedule, ("constant", "cosine"))
+    if not isinstance(windows_per_subject, int) or windows_per_subject < 1:
+        raise InvalidInputError(
+            f"windows_per_subject must be a positive integer, got {windows_per_subject!r}.")
+    if regions_per_step is not None and not 2 <= regions_per_step <= atlas_obj.n_regions:
+        raise InvalidInputError(
+            f"regions_per_step must be between 2 and the atlas's {atlas_obj.n_regions} regions, "
+            f"got {regions_per_step}.")
     if isinstance(config, str):
         preset = check_option("config", config, ("tiny", "small", "base"))
         cfg = getattr(BrainLMConfig, preset)(num_brain_voxels=atlas_obj.n_regions)
     else:
         cfg = config
+    if xyz_scale is not None:
+        if not (isinstance(xyz_scale, (int, float)) and xyz_scale > 0):
+            raise InvalidInputError(f"xyz_scale must be a positive number, got {xyz_scale!r}.")
+        cfg.xyz_scale = float(xyz_scale)
     cfg.fmmtc_atlas = atlas_obj.name
     corpus = read_cohort(corpus_dir, require_labels=False)
     subjects = prepare_cohort(corpus, atlas_obj, progress)
@@ -226,18 +263,33 @@ def pretrain(
         start, history = state["epoch"], state["history"]
     xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32, device=device)
     length = cfg.num_timepoints_per_voxel
+    steps_per_epoch = -(-len(subjects) * windows_per_subject // batch_size)
+    total_steps = max(1, epochs * steps_per_epoch)
     for epoch in range(start, epochs):
         rng = np.random.default_rng([seed, epoch])
-        windows = torch.from_numpy(_windows(subjects, length, rng))
+        windows = torch.from_numpy(np.concatenate(
+            [_windows(subjects, length, rng) for _ in range(windows_per_subject)]))
         order = torch.from_numpy(rng.permutation(len(windows)))
         model.train()
         losses = []
-        for i in range(0, len(order), batch_size):
+        for j, i in enumerate(range(0, len(order), batch_size)):
+            if schedule == "cosine":
+                step = epoch * steps_per_epoch + j
+                warm = max(1, int(0.05 * total_steps))
+                factor = (step + 1) / warm if step < warm else 0.5 * (
+                    1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
             batch = windows[order[i : i + batch_size]].to(device)
+            batch_xyz = xyz
+            if regions_per_step is not None:
+                keep = torch.from_numpy(np.sort(rng.choice(batch.shape[1], regions_per_step,
+                                                           replace=False))).to(device)
+                batch, batch_xyz = batch[:, keep], xyz[keep]
             noise = torch.from_numpy(rng.random((len(batch), batch.shape[1] * cfg.n_patches))
                                      ).float().to(device)
             with autocast(device):  # bf16 on CUDA, a no-op on CPU
-                loss = model(batch, xyz, noise=noise).loss
+                loss = model(batch, batch_xyz, noise=noise).loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,6 +310,9 @@ def pretrain(
         "corpus": str(Path(corpus_dir).resolve()), "n_subjects": len(subjects),
         "epochs": epochs, "loss_per_epoch": history, "seed": seed, "atlas": atlas_obj.name,
         "mask_ratio": cfg.mask_ratio, "fmmtc_version": __version__,
+        "batch_size": batch_size, "lr": lr, "windows_per_subject": windows_per_subject,
+        "regions_per_step": regions_per_step, "schedule": schedule,
+        "xyz_scale": cfg.xyz_scale, "steps": epochs * steps_per_epoch,
     }, indent=2))
     return out
 

@@ -147,6 +147,15 @@ def test_pretrain_train_evaluate_commands(tmp_path, capsys):
     code, out, _ = run(["pretrain", corpus, "--out", tmp_path / "f", "--config", "tiny",
                         "--epochs", "1", "--atlas", "aal3"], capsys)
     assert code == 0 and "wrote the pretrained encoder" in out
+    code, out, _ = run(["pretrain", corpus, "--out", tmp_path / "f2", "--config", "tiny",
+                        "--epochs", "1", "--atlas", "aal3", "--windows-per-subject", "2",
+                        "--regions-per-step", "32", "--schedule", "cosine", "--xyz-scale",
+                        "0.01", "--lr", "5e-4", "--batch-size", "2"], capsys)
+    log = json.loads((tmp_path / "f2" / "pretrain_log.json").read_text())
+    assert code == 0 and (log["steps"], log["regions_per_step"], log["lr"]) == (3, 32, 5e-4)
+    code, _, err = run(["pretrain", corpus, "--out", tmp_path / "f3", "--config", "tiny",
+                        "--atlas", "aal3", "--regions-per-step", "1"], capsys)
+    assert_one_error_line(code, err, "regions_per_step must be between 2 and the atlas's 166")
     # The tiny preset's 200-sample window is longer than these 60-volume scans: zero-padded.
     code, out, _ = run(["train", cohort, "--out", tmp_path / "m", "--foundation", tmp_path / "f",
                         "--folds", "2", "--epochs", "2", "--atlas", "aal3", "--json"], capsys)

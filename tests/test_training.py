@@ -78,6 +78,50 @@ def test_pretraining_writes_a_loadable_checkpoint_and_resumes(tmp_path, data):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_pretraining_options_region_subsets_cosine_schedule_and_resume(tmp_path, data):
+    """More windows per subject, random region subsets, cosine schedule, decimetre centroids:
+    recorded in the log and config, and an interrupted run, rerun with the same command, ends
+    with the same weights as a straight one (the learning rate is a function of the step)."""
+    _, corpus, _, _ = data
+    opts = dict(config=_tiny_foundation_config(), atlas="aal3", seed=0, batch_size=4,
+                windows_per_subject=2, regions_per_step=40, schedule="cosine", xyz_scale=0.01)
+    straight = pretrain(corpus, tmp_path / "a", epochs=2, **opts)
+    log = json.loads((straight / "pretrain_log.json").read_text())
+    assert (log["windows_per_subject"], log["regions_per_step"], log["schedule"]) == (2, 40,
+                                                                                      "cosine")
+    assert log["steps"] == 2 * 3 and log["xyz_scale"] == 0.01  # 6 subjects x 2 windows / 4
+    assert json.loads((straight / "config.json").read_text())["xyz_scale"] == 0.01
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(stage, done, total, info):
+        if stage == "pretrain" and done == 1:
+            raise Interrupted  # after the epoch's checkpoint was written
+
+    with pytest.raises(Interrupted):
+        pretrain(corpus, tmp_path / "b", epochs=2, progress=stop_after_first_epoch, **opts)
+    resumed = pretrain(corpus, tmp_path / "b", epochs=2, **opts)  # the same command again
+    a, b = (load_file(str(p / "model.safetensors")) for p in (straight, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(windows_per_subject=0), "windows_per_subject must be a positive integer"),
+    (dict(regions_per_step=1), "regions_per_step must be between 2 and the atlas's 166"),
+    (dict(regions_per_step=500), "regions_per_step must be between 2 and the atlas's 166"),
+    (dict(schedule="linear"), "schedule"),
+    (dict(xyz_scale=0.0), "xyz_scale must be a positive number"),
+])
+def test_pretraining_option_errors(tmp_path, data, kwargs, message):
+    _, corpus, _, _ = data
+    with pytest.raises(InvalidInputError, match=message):
+        pretrain(corpus, tmp_path / "x", config=_tiny_foundation_config(), atlas="aal3",
+                 epochs=1, **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
 def test_splits_keep_subjects_and_sites_apart():
     y = np.array([0, 1] * 20)
     sites = np.repeat(["a", "b", "c", "d", "e"], 8)
