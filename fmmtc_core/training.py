@@ -41,6 +41,7 @@ from fmmtc_core.models.fmmtc import FMMTC, PRESETS, FMMTCConfig
 from fmmtc_core.models.foundation import (
     BrainLMConfig,
     BrainLMForPretraining,
+    check_xyz_scale,
     load_foundation,
 )
 from fmmtc_core.preprocess import clean, make_window, parcellate
@@ -244,9 +245,7 @@ def pretrain(
     else:
         cfg = config
     if xyz_scale is not None:
-        if not (isinstance(xyz_scale, (int, float)) and xyz_scale > 0):
-            raise InvalidInputError(f"xyz_scale must be a positive number, got {xyz_scale!r}.")
-        cfg.xyz_scale = float(xyz_scale)
+        cfg.xyz_scale = check_xyz_scale(xyz_scale)
     cfg.fmmtc_atlas = atlas_obj.name
     corpus = read_cohort(corpus_dir, require_labels=False)
     subjects = prepare_cohort(corpus, atlas_obj, progress)

@@ -61,6 +61,13 @@ PUBLIC_UNUSED_KEYS = ("decoder.decoder_pred.weight", "decoder.decoder_pred.bias"
 _MAX_PATCHES = 5000  # length of the sinusoid table (as in the public checkpoints)
 
 
+def check_xyz_scale(value) -> float:
+    """``value`` as a float if it is a usable ``xyz_scale`` (a positive number), else an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidInputError(f"xyz_scale must be a positive number, got {value!r}.")
+    return float(value)
+
+
 class BrainLMConfig(PretrainedConfig):
     """Configuration of the BrainLM masked autoencoder (``model_type = "brainlm_mae"``).
 
@@ -128,9 +135,7 @@ class BrainLMConfig(PretrainedConfig):
         self.num_landmarks = num_landmarks
         self.conv_kernel_size = conv_kernel_size
         self.inv_coeff_init_option = inv_coeff_init_option
-        if not (isinstance(xyz_scale, (int, float)) and xyz_scale > 0):
-            raise InvalidInputError(f"xyz_scale must be a positive number, got {xyz_scale!r}.")
-        self.xyz_scale = float(xyz_scale)
+        self.xyz_scale = check_xyz_scale(xyz_scale)
         self.attention_mode = attention_mode
 
     # Presets ---------------------------------------------------------------------------------
