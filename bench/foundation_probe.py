@@ -156,13 +156,12 @@ def main() -> None:
     y_lab = labelled.participants["responder"].to_numpy().astype(bool)
     index = {int(lab): i for i, lab in enumerate(atlas.labels)}
     ts_idx = np.array([index[int(lab)] for lab in truth["ts_labels"]])
-    win = torch.from_numpy(_windows(subs, t))[:, ts_idx]  # (N, 8, T), planted regions
-    x = win.numpy()
+    full_win = torch.from_numpy(_windows(subs, t))  # (N, R, T)
+    x = full_win[:, ts_idx].numpy()  # the planted regions
     ac = ((x[:, :, 1:] * x[:, :, :-1]).sum(-1)
           / np.sqrt((x[:, :, 1:] ** 2).sum(-1) * (x[:, :, :-1] ** 2).sum(-1)))
 
     with torch.no_grad():
-        full_win = torch.from_numpy(_windows(subs, t))
         toks = torch.cat([encoder(full_win[i:i + 4], xyz, mask_ratio=0.0)[0][:, 1:]
                           for i in range(0, len(full_win), 4)])
     toks = toks.reshape(len(full_win), r, p, -1)[:, ts_idx].mean(2).flatten(1).numpy()
