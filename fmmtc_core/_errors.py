@@ -19,6 +19,25 @@ class InvalidInputError(FMMTCError, ValueError):
     """User input (a scan, a table, a sidecar, an option) cannot be used as given."""
 
 
+class ModelFileError(InvalidInputError):
+    """A model folder or one of its files cannot be used: missing, not what it claims to be
+    (e.g. a pickle renamed ``.safetensors``), truncated, of the wrong shape, or changed since its
+    card was written (SHA-256 mismatch). The message names the file and what was expected."""
+
+
+class StorageError(FMMTCError):
+    """The cohort database cannot be opened, read or written (corrupt file, unknown schema
+    revision, unreachable server, full disk). Not the user's input: the CLI exits with
+    :data:`EXIT_STORAGE` and the message says what to do."""
+
+
+#: Exit statuses of the ``fmmtc`` command (documented in the README).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug: please report it
+EXIT_BAD_INPUT = 2  # the input (scan, option, model file, identifier) cannot be used
+EXIT_STORAGE = 3  # the database cannot be opened, read or written
+
+
 class FMMTCWarning(UserWarning):
     """A recoverable oddity in the input; it is also carried by the QC report."""
 

@@ -28,6 +28,8 @@ from fmmtc_core.store.models import (
 
 __all__ = [
     "validate_pseudonym",
+    "validate_label",
+    "validate_note",
     "audit",
     "get_or_create_participant",
     "get_or_create_model_version",
@@ -65,6 +67,51 @@ def validate_pseudonym(value: str) -> str:
         raise InvalidInputError(
             f"{value!r} looks like it contains a date; enter the study pseudonym only, never a "
             "birth date.")
+    return value
+
+
+#: Site, drug, arm and operator: short labels of letters, digits, spaces and ``_ . - ( ) / +``.
+_LABEL = re.compile(r"^[\w][\w .()/+\-]{0,63}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+NOTE_MAX = 1000
+
+
+def validate_label(name: str, value: str | None, *, max_len: int = 64) -> str | None:
+    """A short free-text label (site, drug, arm, operator), stripped; ``None`` stays ``None``.
+
+    1-64 characters (``max_len``): letters (any script), digits, spaces and ``_ . - ( ) / +``,
+    starting with a letter or digit. Anything else (markup, formula prefixes such as ``=``,
+    control characters, newlines) is refused, so the value is safe to show and to export.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"The {name} must be text, got {type(value).__name__}.")
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > max_len or not _LABEL.fullmatch(value):
+        raise InvalidInputError(
+            f"Invalid {name} {value[:80]!r}: use 1-{max_len} letters, digits, spaces or "
+            "'_ . - ( ) / +', starting with a letter or digit.")
+    return value
+
+
+def validate_note(value: str | None, *, max_len: int = NOTE_MAX) -> str | None:
+    """A free-text note (outcome notes): at most ``max_len`` characters, no control characters
+    other than line breaks and tabs. Notes are escaped wherever they are shown."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"The note must be text, got {type(value).__name__}.")
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > max_len:
+        raise InvalidInputError(f"The note is {len(value)} characters long; at most {max_len} "
+                                "are allowed.")
+    if _CONTROL.search(value):
+        raise InvalidInputError("The note contains control characters; use plain text.")
     return value
 
 
