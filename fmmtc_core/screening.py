@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmmtc_core._errors import InvalidInputError
+from fmmtc_core._errors import InvalidInputError, ModelFileError
 from fmmtc_core.explain import Explanation, explain, model_inputs
 from fmmtc_core.io import load_scan
 from fmmtc_core.preprocess import RegionSignals, clean, parcellate
@@ -176,11 +176,18 @@ def analyse(
     if not qc.passed:
         raise QCFailedError("The scan failed quality control and was not screened: "
                             + "; ".join(qc.reasons), qc)
+    _check_signal_values(raw.data, scan, "as read", allow_nan=True)
     signals = clean(raw)
+    _check_signal_values(signals.data, scan, "after cleaning", allow_nan=False)
     t2 = time.perf_counter()
     times["clean"] = t2 - t1
     report("clean")
     window, fc = model_inputs(model, signals)
+    for name, arr in (("time-series window", window), ("connectivity", fc)):
+        if arr is not None and _nonfinite(arr):
+            raise InvalidInputError(
+                f"{_name(scan)}: the model input ({name}) holds non-finite values; the scan's "
+                "values are out of range. Nothing was stored.")
     pred = model.predict(window[None], fc[None])
     t3 = time.perf_counter()
     times["predict"] = t3 - t2
@@ -203,6 +210,39 @@ def analyse(
         decision=decide(probability, band, thresholds), thresholds=thresholds,
         explanation=explanation, window=window, fc=fc, stage_seconds=times,
     )
+
+
+def _name(scan) -> str:
+    path = getattr(scan, "path", None)
+    return repr(Path(path).name) if path is not None else "The scan"
+
+
+#: Largest magnitude a region value may have: float32's range with room for the arithmetic of
+#: cleaning (sums of squares over a few thousand volumes). BOLD values are O(1e4).
+MAX_ABS_VALUE = 1e15
+
+
+def _check_signal_values(data: np.ndarray, scan, when: str, *, allow_nan: bool) -> None:
+    """Refuse region values that are infinite or so large that a later stage (cleaning, float32
+    storage) would overflow, and (``allow_nan=False``) NaN in part of a region's series. A region
+    that is NaN throughout (no voxels, no values in a table) is allowed: QC reports it as
+    uncovered. Cleaning drops a region with missing values in part of its series."""
+    data = np.asarray(data)
+    whole_nan = np.isnan(data).all(axis=0)
+    live = data[:, ~whole_nan]
+    if live.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(live) | (np.abs(live) > MAX_ABS_VALUE)
+        if not allow_nan:
+            bad |= np.isnan(live)
+    if bad.any():
+        n_regions = int(bad.any(axis=0).sum())
+        raise InvalidInputError(
+            f"{_name(scan)} holds non-finite or out-of-range values {when} ({int(bad.sum())} "
+            f"value(s) in {n_regions} region(s); expected finite values below "
+            f"{MAX_ABS_VALUE:.0e} in magnitude). Check the file's units and contents; nothing "
+            "was stored.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +320,66 @@ def _summary_from_row(sc) -> dict:
     }
 
 
+def _stored_outcome(s, scan_sha: str, key: str, model, pseudonym: str,
+                    force: bool) -> ScreeningResult | None:
+    """What the database already holds for this image, as the answer to give (or a refusal).
+
+    - the image belongs to another participant: refused (one image, one participant, whatever
+      side files come with it);
+    - the same inputs (image + sidecar + confounds) were screened with this model: that
+      screening is returned, unless ``force``;
+    - the same image with other side files: refused unless ``force`` (a new revision then).
+    """
+    from fmmtc_core.store import repository as repo
+
+    scan = repo.find_scan(s, scan_sha)
+    if scan is None:
+        return None
+    owner = scan.participant.pseudonym
+    if owner != pseudonym:
+        raise InvalidInputError(
+            f"This scan was already screened for participant {owner!r}; a scan belongs to one "
+            "participant (whatever sidecar or confounds come with it). Check the pseudonym.")
+    latest = repo.latest_screening(s, scan_sha, model.weights_sha256)
+    if latest is None or force:
+        return None
+    if latest.inputs_sha256 != key:
+        raise InvalidInputError(
+            f"This scan was already screened for {owner!r} with this model (screening "
+            f"{latest.id}) with other side files (JSON sidecar or confounds). To screen it "
+            "again with these files, use --force (or 'Screen again' in the dashboard); the "
+            "earlier screening is kept.")
+    old = repo.get_screening(s, latest.id)
+    return ScreeningResult(old.id, pseudonym, old.probability, (old.band_low, old.band_high),
+                           old.decision, True, _summary_from_row(old))
+
+
+def _nonfinite(value) -> bool:
+    arr = np.asarray(value, dtype=float)
+    return arr.size > 0 and not np.isfinite(arr).all()
+
+
+def _check_storable(scan_fields: dict, fields: dict, regions: list[dict],
+                    connections: list[dict], model) -> None:
+    """Refuse, before the write transaction, anything non-finite: nothing NaN or infinite is
+    ever stored. A non-finite model output names the model (a broken calibration, say)."""
+    for name in ("probability", "band_low", "band_high", "fold_probabilities"):
+        if _nonfinite(fields[name]):
+            raise ModelFileError(
+                f"The model {model.name!r} gave a non-finite {name.replace('_', ' ')} "
+                f"({fields[name]!r}); its calibration or weights are broken. Nothing was "
+                "stored; retrain the model or choose another.")
+    for name in ("share_ts", "share_fc", "ig_gap"):
+        if fields[name] is not None and _nonfinite(fields[name]):
+            raise ModelFileError(
+                f"The explanation by model {model.name!r} is not finite ({name} = "
+                f"{fields[name]!r}); nothing was stored.")
+    if _nonfinite([r[k] for r in regions for k in ("ts", "fc", "total")]) or _nonfinite(
+            [c["score"] for c in connections]):
+        raise ModelFileError(f"The explanation by model {model.name!r} holds non-finite "
+                             "attributions; nothing was stored.")
+
+
 def attribution_rows(e: Explanation) -> tuple[list[dict], list[dict]]:
     """The region and top-connection rows of an explanation, as the database stores them."""
     regions = [{"region_index": i, "label": int(e.labels[i]), "name": e.names[i],
@@ -340,19 +440,12 @@ def screen(
     if not Path(source).is_file():
         raise InvalidInputError(f"No such scan file: {source}.")
     scan_sha, key = inputs_digest(source, sidecar, confounds)
-    with session_scope(engine) as s:
-        old = repo.find_screening(s, key, model.weights_sha256)
-        if old is not None and old.participant.pseudonym != pseudonym:
-            raise InvalidInputError(
-                f"This scan was already screened for participant {old.participant.pseudonym!r} "
-                f"(screening {old.id}); a scan belongs to one participant. Check the pseudonym.")
-        if old is not None and not force:
-            old = repo.get_screening(s, old.id)
-            if progress:
-                progress("save", 1, 1, {"reused": True})
-            return ScreeningResult(old.id, pseudonym, old.probability,
-                                   (old.band_low, old.band_high), old.decision, True,
-                                   _summary_from_row(old))
+    with session_scope(engine) as s:  # the cheap answers first: refuse or reuse
+        stored = _stored_outcome(s, scan_sha, key, model, pseudonym, force)
+    if stored is not None:
+        if progress:
+            progress("save", 1, 1, {"reused": True})
+        return stored
     result = analyse(source, model, sidecar=sidecar, confounds=confounds,
                      thresholds=thresholds, explain_kwargs=explain_kwargs, progress=progress)
     t0 = time.perf_counter()
@@ -378,9 +471,16 @@ def screen(
                         "baseline_logit": e.baseline_logit, "ig_gap_abs": e.ig_gap_abs},
         "runtime_s": 0.0, "stage_seconds": {}, "software_version": __version__,
     }
+    _check_storable(scan_fields, fields, regions, connections, model)
     for attempt in range(3):
         try:
             with session_scope(engine, write=True) as s:
+                # Checked again inside the write transaction: another process may have stored
+                # this image (under this or another pseudonym) while we computed.
+                stored = _stored_outcome(s, scan_sha, key, model, pseudonym, force)
+                if stored is not None:
+                    break
+                latest = repo.latest_screening(s, scan_sha, model.weights_sha256)
                 p = repo.get_or_create_participant(s, pseudonym, actor=operator, site=site,
                                                    drug=drug, arm=arm, simulated=simulated)
                 mv = repo.get_or_create_model_version(s, model.name, model.weights_sha256,
@@ -391,15 +491,20 @@ def screen(
                 sc = repo.add_screening(s, participant=p, model_version=mv,
                                         scan_fields=scan_fields, screening_fields=fields,
                                         regions=regions, connections=connections,
-                                        actor=operator)
+                                        actor=operator,
+                                        revision=0 if latest is None else latest.revision + 1)
                 sid = sc.id
             break
         except DatabaseError as exc:
-            # Another writer created the same participant / scan / model row first (possible
-            # on PostgreSQL, where writers do not queue): the rolled-back transaction is
-            # retried and now finds that row.
+            # The database refused the rows (a unique key or the scan's owner): another writer
+            # stored the same participant, scan, model or screening first. The transaction was
+            # rolled back; the retry looks again and finds what that writer stored.
             if not exc.conflict or attempt == 2:
                 raise
+    if stored is not None:  # lost the race to an identical screening: return that one
+        if progress:
+            progress("save", 1, 1, {"reused": True})
+        return stored
     result.stage_seconds["save"] = time.perf_counter() - t0
     if progress:
         progress("save", 1, 1, {})

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -131,3 +135,71 @@ def hcpex_scans(tmp_path_factory):
                          shape=(49, 58, 49), affine=affine)
     pick = lambda d, pat: next(d.glob(f"sub-*/func/*{pat}"))  # noqa: E731
     return pick(table, "_seg-HCPEx_timeseries.tsv"), pick(nifti, "_bold.nii.gz")
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: a real server on loopback
+# --------------------------------------------------------------------------------------------
+def _pg_bin() -> Path | None:
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / "initdb").exists() and (root / "pg_ctl").exists():
+            return root
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """``FMMTC_TEST_POSTGRES_URL``, or a throw-away server started on loopback
+    (Debian's postgresql package; ``.ci/run`` installs it), shared by the whole session."""
+    url = os.environ.get("FMMTC_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) and no "
+                    "FMMTC_TEST_POSTGRES_URL")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        root.chmod(0o755)
+        for parent in list(root.parents)[:-1]:
+            parent.chmod(parent.stat().st_mode | 0o011)  # let postgres reach its folder
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
+                    "-U", "fmmtc", "--no-sync"], check=True, capture_output=True)
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off"
+    started = subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
+                              "-w", "-l", str(root / "log"), "start"], capture_output=True)
+    if started.returncode:
+        pytest.skip(f"PostgreSQL did not start: {started.stderr.decode()[-300:]}")
+    try:
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "fmmtc", "fmmtc_test"], check=True, capture_output=True)
+        yield f"postgresql+psycopg://fmmtc@127.0.0.1:{port}/fmmtc_test"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
+                        "stop"], capture_output=True)
+
+
+@pytest.fixture
+def pg_engine(postgres_url):
+    from fmmtc_core.store import make_engine
+
+    engine = make_engine(postgres_url)
+    from sqlalchemy import text
+
+    with engine.begin() as conn:  # a fresh schema per test
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    yield engine
+    engine.dispose()

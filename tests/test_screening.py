@@ -118,6 +118,91 @@ def test_one_scan_belongs_to_one_participant(cohort, model, engine):
     assert row_counts(engine) == before
 
 
+def test_same_image_with_other_side_files_keeps_its_participant(tmp_path, cohort, model,
+                                                               engine):
+    """Identity is the image: left-out (or different) side files neither free the image for
+    another pseudonym nor silently add a second screening; --force screens it again."""
+    scan = _scans(cohort)[3]
+    first = screen(scan, "PAIN-0005", model, engine, explain_kwargs=FAST)
+    copy = tmp_path / "sub-x_seg-HCPEx_timeseries.tsv"  # the same bytes, without its sidecar
+    copy.write_bytes(scan.read_bytes())
+    side = tmp_path / "other.json"
+    side.write_text(json.dumps({"RepetitionTime": 2.0, "Atlas": "HCPEx"}))
+    before = row_counts(engine)
+    with pytest.raises(InvalidInputError, match="already screened for participant 'PAIN-0005'"):
+        screen(copy, "PAIN-0006", model, engine, sidecar=side, explain_kwargs=FAST)
+    with pytest.raises(InvalidInputError, match="with other side files .* use --force"):
+        screen(copy, "PAIN-0005", model, engine, sidecar=side, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+    again = screen(copy, "PAIN-0005", model, engine, sidecar=side, explain_kwargs=FAST,
+                   force=True)
+    assert not again.reused and again.screening_id != first.screening_id
+    assert row_counts(engine)["scans"] == 1
+
+
+def _race(monkeypatch, url, model, scan, pseudonyms):
+    """Screen ``scan`` under each pseudonym in two threads that both finish computing before
+    either stores (a barrier after the analysis): each has looked up the database and found
+    nothing, so only the write transaction and the schema can keep the outcome right."""
+    import threading
+
+    import fmmtc_core.screening as screening
+    from fmmtc_core.store import make_engine
+
+    barrier = threading.Barrier(len(pseudonyms))
+    real = screening.analyse
+
+    def analyse_then_wait(*args, **kwargs):
+        result = real(*args, **kwargs)
+        barrier.wait(timeout=300)
+        return result
+
+    monkeypatch.setattr(screening, "analyse", analyse_then_wait)
+    outcomes: dict = {}
+
+    def run(i, name):
+        try:
+            outcomes[i] = screen(scan, name, model, make_engine(url), explain_kwargs=FAST)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(pseudonyms)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return [outcomes[i] for i in range(len(pseudonyms))]
+
+
+def _race_outcomes(monkeypatch, url, model, cohort):
+    engine = open_database(url)
+    # two pseudonyms, one image: one is stored, the other is refused
+    a, b = _race(monkeypatch, url, model, _scans(cohort)[4], ["TWIN-0", "TWIN-1"])
+    stored = [r for r in (a, b) if not isinstance(r, Exception)]
+    refused = [r for r in (a, b) if isinstance(r, Exception)]
+    assert len(stored) == 1 and len(refused) == 1, (a, b)
+    assert isinstance(refused[0], InvalidInputError), refused[0]
+    assert f"already screened for participant {stored[0].participant!r}" in str(refused[0])
+    counts = row_counts(engine)
+    assert counts["scans"] == 1 and counts["screenings"] == 1 and counts["participants"] == 1
+    # one pseudonym, one image, twice at once: one screening, the other returns it
+    a, b = _race(monkeypatch, url, model, _scans(cohort)[5], ["SAME-1", "SAME-1"])
+    assert not isinstance(a, Exception) and not isinstance(b, Exception), (a, b)
+    assert a.screening_id == b.screening_id and sorted([a.reused, b.reused]) == [False, True]
+    counts = row_counts(engine)
+    assert counts["scans"] == 2 and counts["screenings"] == 2 and counts["participants"] == 2
+    assert integrity_check(engine) == []
+
+
+def test_racing_writers_sqlite(monkeypatch, tmp_path, cohort, model):
+    _race_outcomes(monkeypatch, f"sqlite:///{tmp_path / 'race.db'}", model, cohort)
+
+
+@pytest.mark.postgres
+def test_racing_writers_postgres(monkeypatch, pg_engine, postgres_url, cohort, model):
+    _race_outcomes(monkeypatch, postgres_url, model, cohort)
+
+
 def _bad_inputs(tmp_path, cohort, grid_labels):
     """(path, kwargs, message) for every class of bad input of the core data path."""
     good = make_bold(grid_labels, 60)
@@ -285,6 +370,45 @@ def test_four_processes_screen_into_one_sqlite_file(tmp_path, cohort):
     counts = row_counts(engine)
     assert counts["screenings"] == 4 and counts["participants"] == 4
     assert counts["model_versions"] == 1 and integrity_check(engine) == []
+
+
+def _two_processes(url, scan, pseudonyms):
+    procs = [subprocess.Popen(_fmmtc("screen", scan, "--participant", name, "--db", url,
+                                     "--tolerance", "0.05", "--json"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for name in pseudonyms]
+    return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=600)) for p in procs)]
+
+
+def _processes_race(url, cohort):
+    """Two processes screening one image under two pseudonyms at once: exactly one exits 0, the
+    other exits 2 with one error line; the database holds one scan under one pseudonym. The
+    same pseudonym twice at once: one screening, both exit 0."""
+    open_database(url)
+    runs = _two_processes(url, _scans(cohort)[0], ["TWIN-0", "TWIN-1"])
+    codes = sorted(code for code, _, _ in runs)
+    assert codes == [0, 2], runs
+    winner = next(json.loads(out)["participant_id"] for code, out, _ in runs if code == 0)
+    err = next(err for code, _, err in runs if code == 2)
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"already screened for participant {winner!r}" in err
+    runs = _two_processes(url, _scans(cohort)[1], ["SAME-1", "SAME-1"])
+    assert [code for code, _, _ in runs] == [0, 0], runs
+    ids = {json.loads(out)["screening_id"] for _, out, _ in runs}
+    assert len(ids) == 1
+    counts = row_counts(open_database(url))
+    assert counts["scans"] == 2 and counts["screenings"] == 2 and counts["participants"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_race_sqlite(tmp_path, cohort):
+    _processes_race(f"sqlite:///{tmp_path / 'procs.db'}", cohort)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_processes_race_postgres(pg_engine, postgres_url, cohort):
+    _processes_race(postgres_url, cohort)
 
 
 def test_batch_killed_mid_way_leaves_a_sound_database_and_resumes(tmp_path, cohort):

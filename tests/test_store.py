@@ -3,17 +3,14 @@ the same behaviour on a real PostgreSQL server."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import inspect, text
 
 from fmmtc_core import InvalidInputError
+from fmmtc_core._errors import StorageError
+from fmmtc_core.store.db import DatabaseError
 from fmmtc_core.store import (
     current_revision,
     default_url,
@@ -29,7 +26,8 @@ from fmmtc_core.store import (
 from fmmtc_core.store import repository as repo
 
 
-def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3):
+def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
+                    revision=0):
     p = repo.get_or_create_participant(session, pseudonym, actor="t", site="S1")
     mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
     scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
@@ -47,7 +45,7 @@ def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_re
               "score": 0.5}]
     return repo.add_screening(session, participant=p, model_version=mv, scan_fields=scan,
                               screening_fields=fields, regions=regions, connections=conns,
-                              actor="t")
+                              actor="t", revision=revision)
 
 
 def _assert_crash_rolls_back(engine):
@@ -80,7 +78,7 @@ def test_sqlite_wal_and_foreign_keys(tmp_path):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-    with pytest.raises(InvalidInputError, match="refused the change: FOREIGN KEY"):
+    with pytest.raises(DatabaseError, match="refused the change: FOREIGN KEY"):
         with session_scope(engine, write=True) as s:
             s.execute(text("INSERT INTO outcomes (participant_id, responder, entered_by, "
                            "entered_at) VALUES (999, 1, 'x', '2026-01-01')"))
@@ -99,13 +97,46 @@ def test_bad_urls(url, match):
 def test_unwritable_sqlite_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(InvalidInputError, match="Cannot create the database folder"):
+    with pytest.raises(StorageError, match="Cannot create the database folder"):
         make_engine(f"sqlite:///{blocker / 'sub' / 'x.db'}")
 
 
 # --------------------------------------------------------------------------------------------
 # Migrations
 # --------------------------------------------------------------------------------------------
+def _legacy_screening(conn, pseudonym: str, scan_sha: str, model_id: int = 1) -> int:
+    """A screening (with one region attribution) written with plain SQL, as revision 0002 of the
+    schema stored it; returns its id."""
+    pid = conn.execute(text("SELECT id FROM participants WHERE pseudonym = :p"),
+                       {"p": pseudonym}).scalar()
+    if pid is None:
+        conn.execute(text("INSERT INTO participants (pseudonym, simulated, created_at) "
+                          "VALUES (:p, false, '2026-01-01 00:00:00')"), {"p": pseudonym})
+        pid = conn.execute(text("SELECT id FROM participants WHERE pseudonym = :p"),
+                           {"p": pseudonym}).scalar()
+    if conn.execute(text("SELECT COUNT(*) FROM model_versions")).scalar() == 0:
+        conn.execute(text("INSERT INTO model_versions (name, weights_sha256, card, created_at) "
+                          "VALUES ('m', :w, '{}', '2026-01-01 00:00:00')"), {"w": "f" * 64})
+    scan = conn.execute(text("SELECT id FROM scans WHERE sha256 = :s"), {"s": scan_sha}).scalar()
+    if scan is None:
+        conn.execute(text(
+            "INSERT INTO scans (sha256, kind, shape, tr, atlas, qc_verdict, qc, n_volumes, "
+            "n_regions, created_at) VALUES (:s, 'table', '[100, 3]', 2.0, 'X', 'pass', '{}', "
+            "100, 3, '2026-01-01 00:00:00')"), {"s": scan_sha})
+        scan = conn.execute(text("SELECT id FROM scans WHERE sha256 = :s"),
+                            {"s": scan_sha}).scalar()
+    conn.execute(text(
+        "INSERT INTO screenings (participant_id, scan_id, model_version_id, inputs_sha256, "
+        "probability, band_low, band_high, fold_probabilities, decision, thresholds, "
+        "runtime_s, stage_seconds, software_version, operator, created_at) VALUES (:p, :s, "
+        ":m, :s2, 0.5, 0.4, 0.6, '[0.5]', 'uncertain', '{}', 1.0, '{}', '0', 't', "
+        "'2026-01-01 00:00:00')"), {"p": pid, "s": scan, "m": model_id, "s2": scan_sha})
+    sid = conn.execute(text("SELECT MAX(id) FROM screenings")).scalar()
+    conn.execute(text("INSERT INTO region_attributions (screening_id, region_index, label, name, "
+                      "network, ts, fc, total) VALUES (:i, 0, 1, 'r', 'N', 0, 1, 1)"), {"i": sid})
+    return sid
+
+
 def _migrations_roundtrip(engine):
     assert current_revision(engine) is None
     assert upgrade(engine, "0001") == "0001"
@@ -114,7 +145,7 @@ def _migrations_roundtrip(engine):
     with engine.begin() as conn:  # data written at the previous revision
         conn.execute(text("INSERT INTO participants (pseudonym, created_at) "
                           "VALUES ('OLD-1', '2026-01-01 00:00:00')"))
-    assert upgrade(engine) == head_revision() == "0002"
+    assert upgrade(engine, "0002") == "0002"
     cols = {c["name"] for c in inspect(engine).get_columns("participants")}
     assert "simulated" in cols
     with engine.connect() as conn:
@@ -124,8 +155,46 @@ def _migrations_roundtrip(engine):
     assert {"ix_screenings_lookup", "ix_screenings_created"} <= indexes
     assert downgrade(engine) == "0001"
     assert "simulated" not in {c["name"] for c in inspect(engine).get_columns("participants")}
-    assert upgrade(engine) == "0002"
+    assert upgrade(engine, "0002") == "0002"
     assert row_counts(engine)["participants"] == 1
+    # 0003: screenings written at 0002 (one image screened twice) get their owner and revisions,
+    # and keep their attributions (SQLite copies the table: no cascade may delete them).
+    with engine.begin() as conn:
+        first = _legacy_screening(conn, "OLD-1", "a" * 64)
+        again = _legacy_screening(conn, "OLD-1", "a" * 64)
+        _legacy_screening(conn, "OLD-2", "b" * 64)
+    assert upgrade(engine) == head_revision() == "0003"
+    with engine.connect() as conn:
+        revs = dict(conn.execute(text("SELECT id, revision FROM screenings")).all())
+        owner = conn.execute(text(
+            "SELECT p.pseudonym FROM scans c JOIN participants p ON p.id = c.participant_id "
+            "WHERE c.sha256 = :s"), {"s": "a" * 64}).scalar()
+    assert revs[first] == 0 and revs[again] == 1 and owner == "OLD-1"
+    counts = row_counts(engine)
+    assert counts["screenings"] == 3 and counts["region_attributions"] == 3
+    assert integrity_check(engine) == []
+    assert downgrade(engine) == "0002"
+    assert row_counts(engine) == counts
+    assert upgrade(engine) == "0003"
+    assert row_counts(engine) == counts
+
+
+def _shared_scan_blocks_the_upgrade(engine):
+    """A scan that an earlier version stored under two pseudonyms stops the 0003 upgrade with a
+    message naming them, and the database stays at 0002, unchanged."""
+    upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _legacy_screening(conn, "TWIN-0", "c" * 64)
+        _legacy_screening(conn, "TWIN-1", "c" * 64)
+    before = row_counts(engine)
+    with pytest.raises(StorageError, match=r"under more than one pseudonym .*'TWIN-0', 'TWIN-1'"):
+        upgrade(engine)
+    assert current_revision(engine) == "0002"
+    assert row_counts(engine) == before
+
+
+def test_migration_refuses_a_scan_stored_under_two_pseudonyms(tmp_path):
+    _shared_scan_blocks_the_upgrade(make_engine(f"sqlite:///{tmp_path / 't.db'}"))
 
 
 def test_migrations_sqlite(tmp_path):
@@ -206,78 +275,49 @@ def test_screenings_frame_keeps_the_latest_screening_per_participant(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'l.db'}")
     with session_scope(engine, write=True) as s:
         _fake_screening(s, prob=0.2)
-        _fake_screening(s, prob=0.9)
+        _fake_screening(s, prob=0.9, revision=1)
     df = repo.screenings_frame(engine)
     assert len(df) == 1 and df.loc[0, "probability"] == 0.9
     assert len(repo.screenings_frame(engine, latest_only=False)) == 2
 
 
+def _database_enforces_scan_identity(engine):
+    """The schema itself refuses one image under a second pseudonym and a second screening of
+    the same image, model and revision (whatever the code above it checks), and rolls back."""
+    upgrade(engine)
+    with session_scope(engine, write=True) as s:
+        _fake_screening(s, "OWNER-1", sha="d" * 64)
+    before = row_counts(engine)
+    with pytest.raises(DatabaseError, match="refused") as info:
+        with session_scope(engine, write=True) as s:
+            _fake_screening(s, "OTHER-2", sha="d" * 64)
+    assert info.value.conflict
+    with pytest.raises(DatabaseError, match="refused"):
+        with session_scope(engine, write=True) as s:
+            _fake_screening(s, "OWNER-1", sha="d" * 64)  # same revision 0 again
+    assert row_counts(engine) == before
+    with session_scope(engine, write=True) as s:  # a deliberate repeat is the next revision
+        _fake_screening(s, "OWNER-1", sha="d" * 64, revision=1)
+    assert row_counts(engine)["screenings"] == before["screenings"] + 1
+
+
+def test_database_enforces_scan_identity(tmp_path):
+    _database_enforces_scan_identity(make_engine(f"sqlite:///{tmp_path / 'i.db'}"))
+
+
 # --------------------------------------------------------------------------------------------
 # PostgreSQL: a real server on loopback
 # --------------------------------------------------------------------------------------------
-def _pg_bin() -> Path | None:
-    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (root / "initdb").exists() and (root / "pg_ctl").exists():
-            return root
-    return None
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory):
-    """``FMMTC_TEST_POSTGRES_URL``, or a throw-away server started on loopback for this module
-    (Debian's postgresql package; ``.ci/run`` installs it)."""
-    url = os.environ.get("FMMTC_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) and no "
-                    "FMMTC_TEST_POSTGRES_URL")
-    root = tmp_path_factory.mktemp("pg")
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL")
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-        root.chmod(0o755)
-        for parent in list(root.parents)[:-1]:
-            parent.chmod(parent.stat().st_mode | 0o011)  # let postgres reach its folder
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "fmmtc", "--no-sync"], check=True, capture_output=True)
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off"
-    started = subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
-                              "-w", "-l", str(root / "log"), "start"], capture_output=True)
-    if started.returncode:
-        pytest.skip(f"PostgreSQL did not start: {started.stderr.decode()[-300:]}")
-    try:
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-                        "fmmtc", "fmmtc_test"], check=True, capture_output=True)
-        yield f"postgresql+psycopg://fmmtc@127.0.0.1:{port}/fmmtc_test"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
-                        "stop"], capture_output=True)
-
-
-@pytest.fixture
-def pg_engine(postgres_url):
-    engine = make_engine(postgres_url)
-    with engine.begin() as conn:  # a fresh schema per test
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    yield engine
-    engine.dispose()
-
-
 def test_postgres_migrations(pg_engine):
     _migrations_roundtrip(pg_engine)
+
+
+def test_postgres_enforces_scan_identity(pg_engine):
+    _database_enforces_scan_identity(pg_engine)
+
+
+def test_postgres_migration_refuses_a_scan_stored_under_two_pseudonyms(pg_engine):
+    _shared_scan_blocks_the_upgrade(pg_engine)
 
 
 def test_postgres_repository_and_rollback(pg_engine):

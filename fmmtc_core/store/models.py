@@ -4,6 +4,13 @@ What is stored, and what is not
 -------------------------------
 - Participants are known only by their **study pseudonym** (validated: no dates, no spaces), with
   optional site, drug and arm. Never a name, a birth date or a hospital number.
+- **One image belongs to one participant**, whatever side files come with it: a scan row (keyed
+  by the SHA-256 of the image file) carries its participant, and a screening's
+  ``(scan_id, participant_id)`` must match it (a composite foreign key, so the database itself
+  refuses a second pseudonym for the same image, even under concurrent writers).
+- **One screening per image and model**, unless it is deliberately repeated (``--force``): each
+  repeat gets the next ``revision``, and ``(scan_id, model_version_id, revision)`` is unique, so
+  two writers racing to store the same screening cannot both succeed.
 - **Raw images are never stored.** A scan row keeps the SHA-256 of the uploaded bytes, its
   shape, TR, atlas, the QC report, and the cleaned region time series (float32, zlib-compressed,
   ~0.3-0.5 MB for 426 regions x 300 volumes): exactly what is needed to re-run the model and
@@ -25,6 +32,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -73,9 +81,13 @@ class Participant(Base):
 
 class Scan(Base):
     __tablename__ = "scans"
+    __table_args__ = (UniqueConstraint("id", "participant_id", name="uq_scans_id_participant"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    participant_id: Mapped[int] = mapped_column(
+        ForeignKey("participants.id", ondelete="RESTRICT", name="fk_scans_participant"),
+        nullable=False, index=True)
     kind: Mapped[str] = mapped_column(String(16), nullable=False)  # nifti | table
     shape: Mapped[list] = mapped_column(JSON, nullable=False)
     tr: Mapped[float] = mapped_column(Float, nullable=False)
@@ -86,6 +98,8 @@ class Scan(Base):
     n_regions: Mapped[int] = mapped_column(Integer, nullable=False)
     series: Mapped[bytes | None] = mapped_column(LargeBinary)  # zlib(float32 T x R), cleaned
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+    participant: Mapped[Participant] = relationship(foreign_keys=[participant_id])
 
 
 class ModelVersion(Base):
@@ -103,6 +117,10 @@ class Screening(Base):
     __table_args__ = (
         Index("ix_screenings_lookup", "inputs_sha256", "model_version_id"),
         Index("ix_screenings_created", "created_at"),
+        UniqueConstraint("scan_id", "model_version_id", "revision",
+                         name="uq_screenings_scan_model_revision"),
+        ForeignKeyConstraint(["scan_id", "participant_id"], ["scans.id", "scans.participant_id"],
+                             name="fk_screenings_scan_participant", ondelete="RESTRICT"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -112,6 +130,8 @@ class Screening(Base):
                                          nullable=False)
     model_version_id: Mapped[int] = mapped_column(
         ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False)
+    # 0 for the first screening of this image with this model, +1 for each forced repeat
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     # scan + sidecar + confounds content: what decides the result, with the model version
     inputs_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     probability: Mapped[float] = mapped_column(Float, nullable=False)
@@ -131,8 +151,9 @@ class Screening(Base):
     operator: Mapped[str] = mapped_column(String(128), nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
-    participant: Mapped[Participant] = relationship(back_populates="screenings")
-    scan: Mapped[Scan] = relationship()
+    participant: Mapped[Participant] = relationship(back_populates="screenings",
+                                                    foreign_keys=[participant_id])
+    scan: Mapped[Scan] = relationship(foreign_keys=[scan_id])
     model_version: Mapped[ModelVersion] = relationship()
     regions: Mapped[list[RegionAttribution]] = relationship(
         back_populates="screening", cascade="all, delete-orphan",

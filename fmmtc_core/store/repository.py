@@ -34,6 +34,8 @@ __all__ = [
     "get_or_create_participant",
     "get_or_create_model_version",
     "find_screening",
+    "find_scan",
+    "latest_screening",
     "add_screening",
     "record_outcome",
     "get_screening",
@@ -167,6 +169,22 @@ def find_screening(session: Session, inputs_sha256: str, weights_sha256: str) ->
         .order_by(Screening.id.desc()).limit(1))
 
 
+def find_scan(session: Session, sha256: str) -> Scan | None:
+    """The stored scan with this image hash (with its participant), if any."""
+    return session.scalar(select(Scan).where(Scan.sha256 == sha256)
+                          .options(selectinload(Scan.participant)))
+
+
+def latest_screening(session: Session, scan_sha256: str,
+                     weights_sha256: str) -> Screening | None:
+    """The latest revision of the screening of this image with this model, if any."""
+    return session.scalar(
+        select(Screening).join(Scan, Screening.scan_id == Scan.id)
+        .join(ModelVersion, Screening.model_version_id == ModelVersion.id)
+        .where(Scan.sha256 == scan_sha256, ModelVersion.weights_sha256 == weights_sha256)
+        .order_by(Screening.revision.desc()).limit(1))
+
+
 def encode_series(data: np.ndarray) -> bytes:
     """Cleaned region series (T, R) -> compressed bytes (little-endian float32, shape header)."""
     arr = np.ascontiguousarray(data, dtype="<f4")
@@ -182,24 +200,32 @@ def decode_series(blob: bytes) -> np.ndarray:
 
 def add_screening(session: Session, *, participant: Participant, model_version: ModelVersion,
                   scan_fields: dict, screening_fields: dict, regions: list[dict],
-                  connections: list[dict], actor: str) -> Screening:
-    """Insert a scan (if new), a screening and its attributions, and audit them."""
+                  connections: list[dict], actor: str, revision: int = 0) -> Screening:
+    """Insert a scan (if new; it then belongs to ``participant``), a screening and its
+    attributions, and audit them.
+
+    The database refuses (``IntegrityError`` at flush, a conflict in
+    :func:`~fmmtc_core.store.db.session_scope`) a scan stored under another participant and a
+    second screening with the same ``(scan, model, revision)``; the caller decides what a lost
+    race means (see :func:`fmmtc_core.screening.screen`).
+    """
     scan = session.scalar(select(Scan).where(Scan.sha256 == scan_fields["sha256"]))
     if scan is None:
-        scan = Scan(**scan_fields)
+        scan = Scan(participant=participant, **scan_fields)
         session.add(scan)
         session.flush()
         audit(session, actor, "create", "scan", scan.id,
-              {"sha256": scan.sha256, "kind": scan.kind, "qc_verdict": scan.qc_verdict})
+              {"sha256": scan.sha256, "kind": scan.kind, "qc_verdict": scan.qc_verdict,
+               "participant": participant.pseudonym})
     sc = Screening(participant=participant, scan=scan, model_version=model_version,
-                   operator=actor, **screening_fields)
+                   operator=actor, revision=revision, **screening_fields)
     sc.regions = [RegionAttribution(**r) for r in regions]
     sc.connections = [ConnectionAttribution(**c) for c in connections]
     session.add(sc)
     session.flush()
     audit(session, actor, "create", "screening", sc.id,
           {"participant": participant.pseudonym, "probability": sc.probability,
-           "decision": sc.decision, "model": model_version.name})
+           "decision": sc.decision, "model": model_version.name, "revision": revision})
     return sc
 
 
