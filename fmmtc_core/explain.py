@@ -42,6 +42,7 @@ relative to the baseline, a negative one towards "non-responder" (red / blue in 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,6 +306,27 @@ def _baseline_arrays(ens, window, baseline_ts, baseline_fc):
     return b_ts, b_fc, {"ts": name_ts, "fc": name_fc}
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _check_tolerances(rel_tol, abs_tol) -> None:
+    """Refuse completeness tolerances that cannot be met or mean nothing (before any work)."""
+    if not _is_real(rel_tol) or not math.isfinite(rel_tol) or not 0 < rel_tol < 1:
+        raise InvalidInputError(
+            "Invalid value for the 'rel_tol' parameter (--tolerance): expected a finite number "
+            "greater than 0 and less than 1 (the completeness gap relative to "
+            f"|F(x) - F(baseline)|, e.g. 0.01), but got {rel_tol!r} instead."
+        )
+    if not _is_real(abs_tol) or not math.isfinite(abs_tol) or abs_tol < 0:
+        raise InvalidInputError(
+            "Invalid value for the 'abs_tol' parameter: expected a finite number >= 0 (a gap "
+            f"in logits, e.g. 1e-4), but got {abs_tol!r} instead."
+        )
+
+
 def explain(
     ens,
     window: np.ndarray,
@@ -336,10 +358,11 @@ def explain(
     baseline_ts : "flat" or ndarray (R, T)
     baseline_fc : "cohort_mean", "zero" or ndarray (R, R)
     rel_tol : float, default=0.01
-        Stop raising the number of steps once ``|gap| <= rel_tol * |F(x) - F(b)|``.
+        Stop raising the number of steps once ``|gap| <= rel_tol * |F(x) - F(b)|``; a finite
+        number with ``0 < rel_tol < 1`` (the CLI's ``--tolerance``).
     abs_tol : float, default=1e-4
         ... or once ``|gap| <= abs_tol`` logit (when ``F(x)`` and ``F(b)`` nearly coincide a
-        relative gap means nothing).
+        relative gap means nothing); finite and >= 0.
     steps : tuple of int, default=(8, 16, 32, 64)
         Gauss-Legendre node counts tried in turn; the last is the cap.
     internal_batch_size : int or None
@@ -359,6 +382,21 @@ def explain(
     from captum.attr import IntegratedGradients
 
     t0 = time.perf_counter()
+    _check_tolerances(rel_tol, abs_tol)
+    if isinstance(n_top, bool) or not isinstance(n_top, (int, np.integer)) or n_top < 0:
+        raise InvalidInputError(
+            f"Invalid value for the 'n_top' parameter: expected an integer >= 0, but got "
+            f"{n_top!r} instead."
+        )
+    if internal_batch_size is not None and (
+        isinstance(internal_batch_size, bool)
+        or not isinstance(internal_batch_size, (int, np.integer))
+        or internal_batch_size < 1
+    ):
+        raise InvalidInputError(
+            "Invalid value for the 'internal_batch_size' parameter: expected a positive integer "
+            f"or None, but got {internal_batch_size!r} instead."
+        )
     if not steps or any(int(s) < 2 for s in steps):
         raise InvalidInputError(f"steps must be a non-empty list of integers >= 2, got {steps}.")
     first = ens.models[0]

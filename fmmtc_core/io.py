@@ -8,6 +8,12 @@ decompression pass for ``.nii.gz``, a memory map for ``.nii``), so parcellation,
 the data checks that need voxels (all-NaN, all-zero, constant) share one pass over the file.
 
 Files are told apart by content (gzip, NIfTI-1/2 and NumPy magic numbers, text), not by name.
+
+Every file is checked before it is opened: only regular files are accepted (a named pipe would
+block the read forever, a device such as ``/dev/zero`` never ends), and side files are read only
+up to a size cap (:data:`MAX_SIDECAR_BYTES`, :data:`MAX_TABLE_BYTES`,
+:data:`MAX_LABEL_TABLE_BYTES`). Images -- scans and label atlases alike -- get a memory budget
+decided from the header alone (:data:`DEFAULT_MAX_SCAN_BYTES`, ``$FMMTC_MAX_SCAN_BYTES``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import queue
 import re
+import stat
 import threading
 import warnings
 import zlib
@@ -51,13 +59,29 @@ __all__ = [
     "write_upload",
     "DEFAULT_MIN_VOLUMES",
     "DEFAULT_MAX_SCAN_BYTES",
+    "MAX_SIDECAR_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_TABLE_BYTES",
+    "MAX_LABEL_TABLE_BYTES",
     "TR_RANGE_S",
 ]
 
 #: Fewest volumes a scan may have (overridable per call).
 DEFAULT_MIN_VOLUMES = 50
 #: Largest decompressed voxel payload accepted, in bytes (``$FMMTC_MAX_SCAN_BYTES`` overrides).
+#: A label atlas image gets the same budget, counted as float64 (the working copy of its labels).
 DEFAULT_MAX_SCAN_BYTES = 8 * 1024**3
+#: Largest BIDS JSON sidecar read, bytes. Real sidecars are a few KB (slice timing of a
+#: multiband sequence adds a few hundred numbers).
+MAX_SIDECAR_BYTES = 1024**2
+#: Deepest nesting of JSON arrays and objects accepted in a sidecar (BIDS uses 2 or 3 levels).
+MAX_JSON_DEPTH = 20
+#: Largest text table read, bytes: an fMRIPrep confounds TSV or a region time-series TSV/CSV.
+#: fMRIPrep confounds of 2,000 volumes with 500 columns (every CompCor component) are ~20 MB.
+MAX_TABLE_BYTES = 64 * 1024**2
+#: Largest atlas label table read, bytes (``<label> <name>`` lines or a BIDS ``dseg.tsv``;
+#: 32,767 labels with long names stay under 4 MB).
+MAX_LABEL_TABLE_BYTES = 16 * 1024**2
 #: Plausible repetition times, seconds (multiband 0.1 s ... very slow sequences 10 s).
 TR_RANGE_S = (0.1, 10.0)
 # Disagreement between header TR and sidecar TR tolerated silently (relative).
@@ -68,6 +92,259 @@ _NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 # Voxel data are streamed in blocks of volumes of about this size.
 _BLOCK_BYTES = 64 * 1024**2
+
+
+# --------------------------------------------------------------------------------------------
+# File checks shared by every reader (scans, sidecars, confounds, label atlases and tables)
+# --------------------------------------------------------------------------------------------
+def _shown(text) -> str:
+    """A name or path for a one-line message: as is when printable, else its ``repr``."""
+    s = str(text)
+    return s if s.isprintable() else repr(s)
+
+
+def _one_line(exc) -> str:
+    """The text of an exception on one line (pandas' parser messages end in a newline)."""
+    return " ".join(str(exc).split())
+
+
+def _size(n: float) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_regular_file(
+    path: Path, what: str, expected: str, limit: int | None = None
+) -> os.stat_result:
+    """Stat ``path`` (never opening it) and refuse anything but a regular file under ``limit``.
+
+    A named pipe would block the first read forever and a device such as ``/dev/zero`` never
+    ends, so both are refused here, before any ``open``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} {_shown(path)} does not exist.") from None
+    except OSError as exc:
+        raise InvalidInputError(
+            f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}); expected {expected}."
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInputError(f"{what} {str(path)!r} is a folder; expected {expected}.")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(
+            f"{what} {str(path)!r} is not a regular file (it is {_file_type(st.st_mode)}); "
+            f"expected {expected}."
+        )
+    if limit is not None and st.st_size > limit:
+        raise InvalidInputError(
+            f"{what} {str(path)!r} is {_size(st.st_size)} ({st.st_size} bytes), over the "
+            f"{_size(limit)} limit for this kind of file; expected {expected}."
+        )
+    return st
+
+
+def _open_regular(path: Path, what: str, expected: str):
+    """Open a binary file for reading, refusing non-regular files without blocking.
+
+    ``O_NONBLOCK`` makes the open of a named pipe return at once, so a pipe swapped in after
+    the stat check is still refused by ``fstat`` instead of hanging the process.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}); expected {expected}."
+        ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InvalidInputError(
+            f"{what} {str(path)!r} is not a regular file (it is {_file_type(mode)}); "
+            f"expected {expected}."
+        )
+    return os.fdopen(fd, "rb")
+
+
+def _read_capped(path: Path, what: str, expected: str, limit: int) -> bytes:
+    """The bytes of a small side file: a regular file of at most ``limit`` bytes.
+
+    The size is checked from ``stat`` before the read, and the read itself stops at
+    ``limit + 1`` bytes, so a file that grows (or lies about its size) cannot exhaust memory.
+    """
+    _check_regular_file(path, what, expected, limit)
+    with _open_regular(path, what, expected) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInputError(
+            f"{what} {str(path)!r} is over the {_size(limit)} limit for this kind of file; "
+            f"expected {expected}."
+        )
+    return data
+
+
+def file_sha256(path: str | os.PathLike, what: str = "File", chunk: int = 4 * 1024**2) -> str:
+    """SHA-256 (hex) of a regular file's bytes, read in chunks: the package's one hasher.
+
+    A named pipe or a device is refused before it is opened (see :func:`_check_regular_file`),
+    so hashing never blocks or reads forever.
+    """
+    path = Path(path)
+    _check_regular_file(path, what, "a regular file")
+    h = hashlib.sha256()
+    with _open_regular(path, what, "a regular file") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _memory_budget(max_bytes: int | None = None) -> int:
+    """Largest in-memory image accepted, bytes: ``max_bytes``, else ``$FMMTC_MAX_SCAN_BYTES``,
+    else 8 GiB."""
+    if max_bytes is not None:
+        return _check_positive_int("max_bytes", max_bytes, "a number of bytes")
+    raw = os.environ.get("FMMTC_MAX_SCAN_BYTES")
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_SCAN_BYTES
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise InvalidInputError(
+            f"FMMTC_MAX_SCAN_BYTES is {raw!r}; expected a positive number of bytes "
+            f"(default {DEFAULT_MAX_SCAN_BYTES})."
+        )
+    return int(value)
+
+
+def _check_positive_int(name: str, value, meaning: str, flag: str | None = None) -> int:
+    """Return ``value`` if it is an integer >= 1 (not a bool), else refuse it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        where = f" ({flag})" if flag else ""
+        raise InvalidInputError(
+            f"Invalid value for the {name!r} parameter{where}: expected a positive integer "
+            f"({meaning}), but got {value!r} instead."
+        )
+    return int(value)
+
+
+def _check_nifti_header(header, label: str) -> None:
+    """Refuse NIfTI header fields that would make the read fail or the values lie.
+
+    Checked from the header alone, before any voxel is read: the data offset, the scaling
+    (``scl_slope``/``scl_inter``) and the qform quaternion. ``label`` names the file in the
+    messages (e.g. ``"'scan.nii'"`` or ``"Atlas file 'a.nii'"``).
+
+    Scaling follows the NIfTI standard as nibabel reads it: a slope of 0 or NaN means the data
+    are stored unscaled (the intercept is then ignored). An infinite slope or intercept is
+    refused, and so is a NaN intercept under a real slope (every value would be NaN).
+    """
+    if not isinstance(header, nib.Nifti1Header):  # Analyze headers have none of these fields
+        return
+    off = float(header["vox_offset"])
+    single = bool(getattr(header, "is_single", True))
+    min_off = int(header.single_vox_offset) if single else 0
+    if not math.isfinite(off) or off < min_off or off != math.floor(off):
+        where = (
+            f"the data of a single-file NIfTI start after its {min_off}-byte header"
+            if single else "a byte position"
+        )
+        raise InvalidInputError(
+            f"{label} has an invalid NIfTI header: vox_offset is {off:g}; expected a whole "
+            f"number >= {min_off} ({where})."
+        )
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    for field_name, value in (("scl_slope", slope), ("scl_inter", inter)):
+        if math.isinf(value):
+            raise InvalidInputError(
+                f"{label} has an invalid NIfTI header: {field_name} is {value:g}; expected a "
+                "finite number (a slope of 0 or NaN means unscaled data)."
+            )
+    if math.isfinite(slope) and slope != 0 and math.isnan(inter):
+        raise InvalidInputError(
+            f"{label} has an invalid NIfTI header: scl_inter is NaN while scl_slope is "
+            f"{slope:g}; expected a finite intercept for scaled data."
+        )
+    if int(header["qform_code"]) > 0:
+        bcd = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+        norm2 = sum(v * v for v in bcd) if all(math.isfinite(v) for v in bcd) else math.nan
+        thresh = abs(float(getattr(header, "quaternion_threshold", 3.6e-7)))
+        if not norm2 <= 1.0 + thresh:
+            raise InvalidInputError(
+                f"{label} has an invalid NIfTI header: the qform quaternion (b, c, d) = "
+                f"({bcd[0]:g}, {bcd[1]:g}, {bcd[2]:g}) has b^2+c^2+d^2 = {norm2:.6g}; expected "
+                "at most 1 (a unit quaternion) since qform_code is set."
+            )
+
+
+def _parse_nifti_header(head: bytes, kind: str):
+    """The fixed NIfTI-1/2 header at the start of ``head`` (nibabel header, unchecked).
+
+    Only the fixed part is parsed, as if there were no extensions: they are not needed here,
+    and parsing them from the first KB would fail on a long (e.g. AFNI) extension.
+    """
+    if kind == "nifti1":
+        cls = nib.Nifti1Header if head[344:348] == b"n+1\x00" else nib.Nifti1PairHeader
+        size = 348
+    else:
+        cls = nib.Nifti2Header if head[4:8] == b"n+2\x00" else nib.nifti2.Nifti2PairHeader
+        size = 540
+    return cls.from_fileobj(io.BytesIO(head[:size] + b"\x00" * 4), check=False)
+
+
+def _peek_nifti_header(path: Path):
+    """The NIfTI-1/2 header of a (possibly gzipped) file, or None if it does not hold one.
+
+    Reads at most 1 KB of content; the caller has checked that ``path`` is a regular file.
+    """
+    with _open_regular(path, "File", "a NIfTI image") as f:
+        head = f.read(1024)
+    if head[:2] == _GZIP_MAGIC:
+        try:
+            with _gzip.open(path, "rb") as f:
+                head = f.read(1024)
+        except _GZIP_ERRORS:
+            return None
+    if len(head) >= 348 and head[344:348] in _NIFTI1_MAGICS:
+        kind = "nifti1"
+    elif len(head) >= 540 and head[4:8] in _NIFTI2_MAGICS:
+        kind = "nifti2"
+    else:
+        return None
+    try:
+        header = _parse_nifti_header(head, kind)
+    except Exception:
+        return None
+    ndim = int(header["dim"][0])
+    return header if 1 <= ndim <= 7 else None  # nonsense ranks: the image reader reports them
+
+
+def space_unknown_message(path) -> str:
+    """The warning (and QC reason) for a NIfTI whose header sets no orientation."""
+    return (
+        f"{Path(path).name!r} has no orientation in its NIfTI header (qform_code and "
+        "sform_code are both 0), so its space is unknown; it was placed on nibabel's default "
+        "centred grid and read as MNI. Expected an MNI-space image (e.g. fMRIPrep "
+        "space-MNI152NLin2009cAsym); check the atlas overlay."
+    )
 
 
 @dataclass(eq=False)
@@ -98,6 +375,9 @@ class Scan:
         The BIDS JSON sidecar (empty when none).
     warnings : list of str
         Recoverable oddities found while loading; the QC report carries them.
+    space_known : bool
+        False for a NIfTI whose header sets no orientation (qform and sform codes both 0): its
+        affine is nibabel's default and the QC verdict is at least "warn".
     """
 
     path: Path
@@ -112,6 +392,7 @@ class Scan:
     confounds_path: Path | None = None
     sidecar: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    space_known: bool = True
     # NIfTI storage details used by iter_blocks.
     _dtype: np.dtype | None = None
     _offset: int = 0
@@ -136,17 +417,6 @@ class Scan:
     def scale(self) -> tuple[float, float]:
         """(slope, intercept) that turn stored values into data values."""
         return self._slope, self._inter
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 of the file's bytes (identifies the scan content; computed once)."""
-        if self._sha256 is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(4 * 1024**2), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
-        return self._sha256
 
     def iter_blocks(self, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_volume, block)`` with ``block`` of shape (k, n_voxels), unscaled.
@@ -208,7 +478,7 @@ class Scan:
                         data = f.read(n * vol_bytes)
                         if len(data) < n * vol_bytes:
                             put(InvalidInputError(
-                                f"{self.path.name} is truncated: the header declares "
+                                f"{_shown(self.path.name)} is truncated: the header declares "
                                 f"{self.n_volumes} volumes but the file ends inside volume "
                                 f"{t0 + len(data) // vol_bytes + 1}."
                             ))
@@ -217,7 +487,8 @@ class Scan:
                             return
             except _GZIP_ERRORS as exc:
                 put(InvalidInputError(
-                    f"{self.path.name} is a truncated or corrupt gzip file ({exc}); "
+                    f"{_shown(self.path.name)} is a truncated or corrupt gzip file "
+                    f"({_one_line(exc)}); "
                     "re-export or re-copy the scan."
                 ))
                 return
@@ -283,68 +554,151 @@ def _strip_ext(path: Path) -> str:
 
 
 def find_sidecar(path: str | os.PathLike) -> Path | None:
-    """The BIDS JSON sidecar beside ``path`` (same name, ``.json``), or None."""
+    """The BIDS JSON sidecar beside ``path`` (same name, ``.json``), or None.
+
+    Anything but a folder under that name is returned, so that a named pipe or a device posing
+    as the sidecar is refused by :func:`load_sidecar` rather than silently ignored.
+    """
     path = Path(path)
     cand = path.with_name(_strip_ext(path) + ".json")
-    return cand if cand.is_file() else None
+    return cand if cand.exists() and not cand.is_dir() else None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in JSON text (brackets inside strings not counted).
+
+    Counted without recursion, so ``"[" * 100000`` costs one vectorised pass, not a
+    ``RecursionError`` inside :func:`json.loads`.
+    """
+    body = np.frombuffer(_JSON_STRING.sub('""', text).encode("utf-8", "surrogatepass"), np.uint8)
+    step = ((body == ord("[")) | (body == ord("{"))).astype(np.int64)
+    step -= ((body == ord("]")) | (body == ord("}"))).astype(np.int64)
+    return int(np.cumsum(step).max(initial=0))
 
 
 def load_sidecar(path: str | os.PathLike) -> dict:
-    """Read a BIDS JSON sidecar; refuse files that are not a JSON object."""
+    """Read a BIDS JSON sidecar; refuse files that are not a small JSON object.
+
+    Only a regular file of at most :data:`MAX_SIDECAR_BYTES` is read, nested at most
+    :data:`MAX_JSON_DEPTH` levels. A UTF-8 byte-order mark is accepted.
+    """
     path = Path(path)
+    expected = 'a BIDS JSON sidecar such as {"RepetitionTime": 2.0}'
+    raw = _read_capped(path, "Sidecar", expected, MAX_SIDECAR_BYTES)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInputError(f"Sidecar {path} does not exist.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8-sig")
+        depth = _json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInputError(
+                f"Sidecar {path.name!r} nests JSON arrays/objects {depth} levels deep; expected "
+                f"at most {MAX_JSON_DEPTH} ({expected})."
+            )
+        data = json.loads(text)
+    except RecursionError:
         raise InvalidInputError(
-            f"Sidecar {path.name} is not valid JSON ({exc}); expected a BIDS JSON object "
-            'such as {"RepetitionTime": 2.0}.'
+            f"Sidecar {path.name!r} nests JSON too deeply; expected at most {MAX_JSON_DEPTH} "
+            f"levels ({expected})."
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
+        if isinstance(exc, InvalidInputError):
+            raise
+        raise InvalidInputError(
+            f"Sidecar {_shown(path.name)} is not valid JSON ({_one_line(exc)}); expected a "
+            'BIDS JSON object such as {"RepetitionTime": 2.0}.'
         ) from None
     if not isinstance(data, dict):
-        raise InvalidInputError(f"Sidecar {path.name} must hold a JSON object, not {type(data).__name__}.")
+        raise InvalidInputError(
+            f"Sidecar {_shown(path.name)} must hold a JSON object, not {type(data).__name__}."
+        )
     return data
 
 
-def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) -> pd.DataFrame:
-    """Read an fMRIPrep ``desc-confounds_timeseries.tsv`` (``n/a`` allowed) and check its length."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"Confounds file {path} does not exist.")
-    if path.stat().st_size == 0:
-        raise InvalidInputError(f"Confounds file {path.name} is empty.")
-    try:
-        df = pd.read_csv(path, sep="\t", na_values=["n/a", "N/A", "NaN", "nan"])
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInputError(
-            f"Confounds file {path.name} is not a tab-separated table ({exc})."
-        ) from None
+def _check_confounds(df: pd.DataFrame, label: str, n_volumes: int | None) -> pd.DataFrame:
+    """Numbers or NaN only (fMRIPrep writes ``n/a`` in the first row of derivatives), no
+    infinities, one row per volume."""
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise InvalidInputError(
-            f"Confounds file {path.name} has non-numeric columns {bad[:5]}; expected fMRIPrep "
+            f"{label} has non-numeric columns {bad[:5]}; expected fMRIPrep "
             "confounds (numbers or n/a)."
         )
+    for col in df.columns:
+        values = df[col].to_numpy(dtype=np.float64)
+        inf = np.flatnonzero(np.isinf(values))
+        if inf.size:
+            raise InvalidInputError(
+                f"{label} has non-finite values ({values[inf[0]]:g}) in column {str(col)!r} "
+                f"({inf.size} row(s), first at data row {inf[0] + 1}); expected finite numbers "
+                "or n/a."
+            )
     if n_volumes is not None and len(df) != n_volumes:
         raise InvalidInputError(
-            f"Confounds file {path.name} has {len(df)} rows but the scan has {n_volumes} "
+            f"{label} has {len(df)} rows but the scan has {n_volumes} "
             "volumes; give the confounds of this run."
         )
     return df
 
 
+def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) -> pd.DataFrame:
+    """Read an fMRIPrep ``desc-confounds_timeseries.tsv`` and check it.
+
+    Only a regular file of at most :data:`MAX_TABLE_BYTES` is read. Values must be numbers or
+    ``n/a`` (infinities are refused, naming the column), with one row per volume when
+    ``n_volumes`` is given. A UTF-8 byte-order mark is accepted.
+    """
+    path = Path(path)
+    expected = "an fMRIPrep desc-confounds_timeseries.tsv"
+    raw = _read_capped(path, "Confounds file", expected, MAX_TABLE_BYTES)
+    label = f"Confounds file {path.name!r}"
+    if not raw.strip():
+        raise InvalidInputError(f"{label} is empty.")
+    try:
+        df = pd.read_csv(io.BytesIO(raw), sep="\t", na_values=["n/a", "N/A", "NaN", "nan"],
+                         encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"{label} is not a tab-separated table ({_one_line(exc)}); expected {expected}."
+        ) from None
+    return _check_confounds(df, label, n_volumes)
+
+
+def _is_real(value) -> bool:
+    """A real number that is not a bool (JSON ``true`` loads as a Python int subclass)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _as_json(value) -> str:
+    """A sidecar value as it is written in JSON (``true``, ``"2.0"``), on one line."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        return math.inf
+
+
 def _resolve_tr(header_tr: float | None, sidecar: dict, tr: float | None, name: str, warn: list):
     side_tr = sidecar.get("RepetitionTime")
     if side_tr is not None:
-        try:
-            side_tr = float(side_tr)
-        except (TypeError, ValueError):
+        if not _is_real(side_tr):
             raise InvalidInputError(
-                f"The sidecar's RepetitionTime is {sidecar['RepetitionTime']!r}; expected a "
-                "number of seconds."
-            ) from None
+                f"The sidecar's RepetitionTime is {_as_json(side_tr)}; expected a number of "
+                "seconds written as a JSON number such as 2.0, not a string or true/false "
+                f"(sidecar of {name!r})."
+            )
+        side_tr = _as_float(side_tr)
     if tr is not None:
-        value, origin = float(tr), "the tr argument"
+        value, origin = _as_float(tr), "the tr argument"
     elif side_tr is not None:
         value, origin = side_tr, "the JSON sidecar"
         if header_tr and abs(header_tr - side_tr) > _TR_TOLERANCE * side_tr:
@@ -358,7 +712,7 @@ def _resolve_tr(header_tr: float | None, sidecar: dict, tr: float | None, name: 
         value, origin = header_tr, "the NIfTI header"
     else:
         raise InvalidInputError(
-            f"The repetition time (TR) of {name} is missing: give a BIDS JSON sidecar with "
+            f"The repetition time (TR) of {_shown(name)} is missing: give a BIDS JSON sidecar with "
             '"RepetitionTime" (seconds) or a NIfTI header with pixdim[4] set.'
         )
     if not np.isfinite(value) or value <= 0:
@@ -378,12 +732,17 @@ def _resolve_tr(header_tr: float | None, sidecar: dict, tr: float | None, name: 
 # --------------------------------------------------------------------------------------------
 # Content sniffing
 # --------------------------------------------------------------------------------------------
+_SCAN_EXPECTED = "a 4D NIfTI (.nii/.nii.gz) or a region time-series table (TSV/CSV/NPY)"
+
+
 def _sniff(path: Path) -> tuple[str, bytes, bool]:
     """Return (kind, first content bytes, gzip?); kind in nifti1/nifti2/npy/text/binary."""
-    with open(path, "rb") as f:
+    with _open_regular(path, "Scan file", _SCAN_EXPECTED) as f:
         head = f.read(1024)
     if not head:
-        raise InvalidInputError(f"{path.name} is empty (0 bytes); expected a 4D NIfTI or a table.")
+        raise InvalidInputError(
+            f"{_shown(path.name)} is empty (0 bytes); expected a 4D NIfTI or a table."
+        )
     compressed = head[:2] == _GZIP_MAGIC
     if compressed:
         try:
@@ -391,11 +750,13 @@ def _sniff(path: Path) -> tuple[str, bytes, bool]:
                 head = f.read(1024)
         except _GZIP_ERRORS as exc:
             raise InvalidInputError(
-                f"{path.name} is a truncated or corrupt gzip file ({exc}); "
+                f"{_shown(path.name)} is a truncated or corrupt gzip file ({_one_line(exc)}); "
                 "re-export or re-copy the scan."
             ) from None
         if not head:
-            raise InvalidInputError(f"{path.name} decompresses to nothing; expected a 4D NIfTI.")
+            raise InvalidInputError(
+                f"{_shown(path.name)} decompresses to nothing; expected a 4D NIfTI."
+            )
     kind = "binary"
     if len(head) >= 348 and head[344:348] in _NIFTI1_MAGICS:
         kind = "nifti1"
@@ -451,7 +812,8 @@ def load_scan(
     min_volumes : int, default=50
         Fewest volumes accepted.
     max_bytes : int or None, default=None
-        Largest decompressed voxel payload accepted (default ``$FMMTC_MAX_SCAN_BYTES`` or 8 GiB).
+        Largest decompressed voxel payload accepted (default ``$FMMTC_MAX_SCAN_BYTES`` or 8 GiB);
+        for a ``.npy`` table, the size of the table as float64.
 
     Returns
     -------
@@ -463,10 +825,25 @@ def load_scan(
         With a specific message for each kind of bad input.
     """
     path = Path(path)
+    min_volumes = _check_positive_int(
+        "min_volumes", min_volumes, "the fewest volumes accepted, default 50", "--min-volumes"
+    )
+    budget = _memory_budget(max_bytes)
+    if tr is not None and not _is_real(tr):
+        raise InvalidInputError(
+            f"Invalid value for the 'tr' parameter: expected a number of seconds, but got "
+            f"{tr!r} instead."
+        )
     if not path.exists():
-        raise InvalidInputError(f"Scan file {path} does not exist.")
+        if os.path.lexists(path):
+            raise InvalidInputError(
+                f"Scan file {str(path)!r} is a broken symbolic link; expected {_SCAN_EXPECTED}."
+            )
+        raise InvalidInputError(f"Scan file {_shown(path)} does not exist.")
     if path.is_dir():
-        raise InvalidInputError(f"{path} is a folder; expected a 4D NIfTI file or a table.")
+        raise InvalidInputError(f"{_shown(path)} is a folder; expected a 4D NIfTI file or a table.")
+    # Before any open: a named pipe would block the sniff forever, a device never ends.
+    _check_regular_file(path, "Scan file", _SCAN_EXPECTED)
     warn: list[str] = []
     if isinstance(sidecar, dict):
         side = dict(sidecar)
@@ -480,55 +857,52 @@ def load_scan(
     claims_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     if claims_nifti and kind not in ("nifti1", "nifti2", "gzip-other"):
         raise InvalidInputError(
-            f"{path.name} is not a NIfTI image (wrong magic number); expected a 4D NIfTI-1 or "
-            "NIfTI-2 file."
+            f"{_shown(path.name)} is not a NIfTI image (wrong magic number); expected a 4D "
+            "NIfTI-1 or NIfTI-2 file."
         )
     if kind in ("nifti1", "nifti2"):
-        scan = _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, warn)
+        scan = _load_nifti(path, kind, head, compressed, side, tr, min_volumes, budget, warn)
     elif kind in ("npy", "text"):
-        scan = _load_table(path, kind, side, atlas, tr, min_volumes, warn)
+        scan = _load_table(path, kind, side, atlas, tr, min_volumes, budget, warn)
     elif kind == "gzip-other":
         raise InvalidInputError(
-            f"{path.name} is gzip-compressed but does not hold a NIfTI image (no NIfTI magic "
-            "number); expected a 4D .nii.gz."
+            f"{_shown(path.name)} is gzip-compressed but does not hold a NIfTI image (no NIfTI "
+            "magic number); expected a 4D .nii.gz."
         )
     else:
         raise InvalidInputError(
-            f"{path.name} is not a NIfTI image (wrong magic number) nor a region time-series "
-            "table; expected a 4D .nii/.nii.gz or a TSV/CSV/NPY table."
+            f"{_shown(path.name)} is not a NIfTI image (wrong magic number) nor a region "
+            "time-series table; expected a 4D .nii/.nii.gz or a TSV/CSV/NPY table."
         )
     if confounds is not None:
         if isinstance(confounds, pd.DataFrame):
             df = confounds.reset_index(drop=True)
-            if len(df) != scan.n_volumes:
-                raise InvalidInputError(
-                    f"The confounds table has {len(df)} rows but the scan has "
-                    f"{scan.n_volumes} volumes; give the confounds of this run."
-                )
-            scan.confounds = df
+            scan.confounds = _check_confounds(df, "The confounds table", scan.n_volumes)
         else:
             scan.confounds = load_confounds_table(confounds, scan.n_volumes)
             scan.confounds_path = Path(confounds)
     return scan
 
 
-def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, warn) -> Scan:
-    name = path.name
+def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, budget, warn) -> Scan:
+    name = _shown(path.name)
     if head[344:348] == b"ni1\x00" or head[4:8] == b"ni2\x00":
         raise InvalidInputError(
             f"{name} is the header of a NIfTI pair (.hdr/.img); convert it to a single .nii or "
             ".nii.gz file."
         )
-    header_cls = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
     try:
-        header = header_cls.from_fileobj(io.BytesIO(head + b"\x00" * 1024), check=False)
+        header = _parse_nifti_header(head, kind)
     except Exception as exc:  # nibabel raises a variety of types on garbage
-        raise InvalidInputError(f"{name} has an unreadable NIfTI header ({exc}).") from None
+        raise InvalidInputError(
+            f"{name} has an unreadable NIfTI header ({_one_line(exc)})."
+        ) from None
     dims = [int(d) for d in header["dim"]]
     ndim = dims[0]
     shape = tuple(dims[1 : 1 + ndim]) if 1 <= ndim <= 7 else ()
     if not shape or any(d < 1 for d in shape):
         raise InvalidInputError(f"{name} has an invalid NIfTI header: dimensions {dims}.")
+    _check_nifti_header(header, repr(path.name))
     if len(shape) < 4 or (len(shape) >= 4 and shape[3] == 1 and all(d == 1 for d in shape[4:])):
         raise InvalidInputError(
             f"{name} is a 3D image (shape {shape[:3]}); expected a 4D rs-fMRI time series "
@@ -550,7 +924,6 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, 
             f"{name} stores voxels as {dtype}; expected integer or floating-point data."
         )
     # Memory budget: decided from the header alone, before any voxel is read.
-    budget = max_bytes or int(os.environ.get("FMMTC_MAX_SCAN_BYTES", DEFAULT_MAX_SCAN_BYTES))
     declared = int(np.prod(shape[:4], dtype=np.float64)) * dtype.itemsize
     if declared > budget:
         raise InvalidInputError(
@@ -571,9 +944,17 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, 
                 f"{name} is truncated: the header declares {offset + declared} bytes but the "
                 f"file holds {size}."
             )
-    affine = header.get_best_affine()
+    try:
+        affine = header.get_best_affine()
+    except Exception:  # nibabel refuses some malformed qform/sform fields
+        affine = np.full((4, 4), np.nan)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InvalidInputError(f"{name} has an invalid (singular) voxel-to-world affine.")
+    space_known = int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    if not space_known:
+        msg = space_unknown_message(path)
+        warn.append(msg)
+        warnings.warn(msg, FMMTCWarning, stacklevel=3)
     zooms = header.get_zooms()
     header_tr = float(zooms[3]) if len(zooms) > 3 else 0.0
     t_unit = header.get_xyzt_units()[1]
@@ -581,10 +962,11 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, 
         header_tr /= 1000.0
     elif t_unit == "usec":
         header_tr /= 1e6
-    tr_s = _resolve_tr(header_tr if header_tr > 0 else None, side, tr, name, warn)
-    slope, inter = header.get_slope_inter()
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    tr_s = _resolve_tr(header_tr if header_tr > 0 else None, side, tr, path.name, warn)
+    # Checked above: a slope of 0 or NaN means unscaled; a real slope has a finite intercept.
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if not np.isfinite(slope) or slope == 0:
+        slope, inter = 1.0, 0.0
     return Scan(
         path=path,
         kind="nifti",
@@ -594,6 +976,7 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, max_bytes, 
         affine=np.asarray(affine, dtype=np.float64),
         sidecar=side,
         warnings=warn,
+        space_known=space_known,
         _dtype=dtype,
         _offset=offset,
         _slope=slope,
@@ -608,6 +991,11 @@ _SEG_ENTITY = re.compile(r"(?:^|_)(?:seg|atlas)-([A-Za-z0-9]+)(?:_|$)")
 def _table_atlas_name(path: Path, side: dict, atlas) -> object:
     """The table's atlas: named by the file (sidecar ``Atlas``, ``seg-`` entity) or by ``atlas``."""
     named = side.get("Atlas")
+    if named is not None and not isinstance(named, str):
+        raise InvalidInputError(
+            f"The sidecar's Atlas is {named!r} (for {path.name!r}); expected a string: a bundled "
+            "atlas name (hcpex, aal3) or the path of a NIfTI label image."
+        )
     if not named:
         m = _SEG_ENTITY.search(_strip_ext(path))
         named = m.group(1) if m else None
@@ -616,7 +1004,7 @@ def _table_atlas_name(path: Path, side: dict, atlas) -> object:
 
         if load_atlas(named) is not load_atlas(atlas):
             raise InvalidInputError(
-                f"{path.name} holds {load_atlas(named).name} region series, but atlas "
+                f"{_shown(path.name)} holds {load_atlas(named).name} region series, but atlas "
                 f"{load_atlas(atlas).name} was requested; choose {load_atlas(named).name}."
             )
     if named:
@@ -624,16 +1012,19 @@ def _table_atlas_name(path: Path, side: dict, atlas) -> object:
     if atlas is not None:
         return atlas
     raise InvalidInputError(
-        f"Cannot tell which atlas the columns of {path.name} follow: add \"Atlas\" to its JSON "
-        "sidecar or a seg-<name> entity to its file name (e.g. sub-01_seg-HCPEx_timeseries.tsv)."
+        f"Cannot tell which atlas the columns of {_shown(path.name)} follow: add \"Atlas\" to "
+        "its JSON sidecar or a seg-<name> entity to its file name "
+        "(e.g. sub-01_seg-HCPEx_timeseries.tsv)."
     )
 
 
 def _read_text_table(path: Path) -> tuple[list[str] | None, np.ndarray]:
-    text = path.read_text(encoding="utf-8", errors="strict")
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+    raw = _read_capped(path, "Table", "a region time-series table (TSV/CSV)", MAX_TABLE_BYTES)
+    text = raw.decode("utf-8-sig", errors="strict")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise InvalidInputError(f"{path.name} holds no rows; expected one row per volume.")
+        raise InvalidInputError(f"{_shown(path.name)} holds no rows; expected one row per volume.")
     first = lines[0]
     delim = "\t" if first.count("\t") >= max(first.count(","), 1) else ","
     if delim == "," and first.count(",") == 0:
@@ -652,13 +1043,13 @@ def _read_text_table(path: Path) -> tuple[list[str] | None, np.ndarray]:
         header = [c.strip() for c in rows[0]]
         rows = rows[1:]
     if not rows:
-        raise InvalidInputError(f"{path.name} has a header but no data rows.")
+        raise InvalidInputError(f"{_shown(path.name)} has a header but no data rows.")
     width = len(header) if header else len(rows[0])
     out = np.empty((len(rows), width), dtype=np.float64)
     for i, row in enumerate(rows):
         if len(row) != width:
             raise InvalidInputError(
-                f"{path.name}, data row {i + 1} has {len(row)} cells; expected {width}."
+                f"{_shown(path.name)}, data row {i + 1} has {len(row)} cells; expected {width}."
             )
         for j, cell in enumerate(row):
             c = cell.strip()
@@ -667,17 +1058,62 @@ def _read_text_table(path: Path) -> tuple[list[str] | None, np.ndarray]:
             except ValueError:
                 col = header[j] if header else f"#{j + 1}"
                 raise InvalidInputError(
-                    f"{path.name}, data row {i + 1}, column {col!r} holds {c!r}; expected "
+                    f"{_shown(path.name)}, data row {i + 1}, column {col!r} holds {c!r}; expected "
                     "numbers (or n/a)."
                 ) from None
     return header, out
 
 
-def _load_table(path, kind, side, atlas, tr, min_volumes, warn) -> Scan:
+def _check_npy_header(path: Path, name: str, budget: int) -> None:
+    """Refuse a ``.npy`` from its header: object or non-numeric dtype, not 2D, over the memory
+    budget (as float64), or shorter than the data its header declares."""
+    fmt = np.lib.format
+    with _open_regular(path, "Scan file", _SCAN_EXPECTED) as f:
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"format version {version[0]}.{version[1]} is not supported")
+        except (ValueError, EOFError, OSError) as exc:
+            raise InvalidInputError(
+                f"{name} is not a plain numeric .npy array ({_one_line(exc)}); expected a 2D "
+                "table of volumes x regions saved with numpy.save."
+            ) from None
+        data_start = f.tell()
+    if dtype.hasobject:
+        raise InvalidInputError(
+            f"{name} is not a plain numeric .npy array (dtype {dtype}); object arrays are "
+            "refused because loading them would run code."
+        )
+    if dtype.kind not in "iuf":
+        raise InvalidInputError(f"{name} holds {dtype} values; expected numbers.")
+    if len(shape) != 2:
+        raise InvalidInputError(
+            f"{name} has shape {shape}; expected a 2D table of volumes x regions."
+        )
+    n = math.prod(int(d) for d in shape)
+    if n * 8 > budget:
+        raise InvalidInputError(
+            f"{name} declares a {shape[0]} x {shape[1]} table ({_size(n * 8)} as float64), over "
+            f"the {_size(budget)} limit; check the file or raise FMMTC_MAX_SCAN_BYTES."
+        )
+    have = path.stat().st_size
+    if data_start + n * dtype.itemsize > have:
+        raise InvalidInputError(
+            f"{name} is truncated: its header declares {data_start + n * dtype.itemsize} bytes "
+            f"but the file holds {have}."
+        )
+
+
+def _load_table(path, kind, side, atlas, tr, min_volumes, budget, warn) -> Scan:
     from fmmtc_core.atlas import load_atlas
 
-    name = path.name
+    name = _shown(path.name)
     if kind == "npy":
+        _check_npy_header(path, repr(path.name), budget)
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
@@ -686,19 +1122,23 @@ def _load_table(path, kind, side, atlas, tr, min_volumes, warn) -> Scan:
                 "because loading them would run code."
             ) from None
         except (OSError, EOFError) as exc:
-            raise InvalidInputError(f"{name} is a truncated or corrupt .npy file ({exc}).") from None
+            raise InvalidInputError(
+                f"{name} is a truncated or corrupt .npy file ({_one_line(exc)})."
+            ) from None
         if arr.dtype.kind not in "iuf":
             raise InvalidInputError(f"{name} holds {arr.dtype} values; expected numbers.")
         if arr.ndim != 2:
             raise InvalidInputError(
                 f"{name} has shape {arr.shape}; expected a 2D table of volumes x regions."
             )
-        header, data = None, arr.astype(np.float64)
+        header, data = None, np.asarray(arr, dtype=np.float64)
     else:
         try:
             header, data = _read_text_table(path)
         except UnicodeDecodeError:
-            raise InvalidInputError(f"{name} is not UTF-8 text; expected a TSV/CSV table.") from None
+            raise InvalidInputError(
+                f"{name} is not UTF-8 text; expected a TSV/CSV table."
+            ) from None
     atlas_obj = load_atlas(_table_atlas_name(path, side, atlas))
     n_regions = atlas_obj.n_regions
     if header is not None:
@@ -735,7 +1175,11 @@ def _load_table(path, kind, side, atlas, tr, min_volumes, warn) -> Scan:
     if not finite.any():
         raise InvalidInputError(f"{name} holds only NaN values; expected region time series.")
     if np.isinf(data).any():
-        raise InvalidInputError(f"{name} holds infinite values; expected finite numbers.")
+        row, col = (int(v[0]) for v in np.nonzero(np.isinf(data)))
+        raise InvalidInputError(
+            f"{name} holds infinite values (first in column {atlas_obj.names[col]!r}, data row "
+            f"{row + 1}); expected finite numbers or n/a."
+        )
     if np.nanmax(np.abs(data)) == 0:
         raise InvalidInputError(f"{name} holds only zeros; expected region time series.")
     if np.all(np.nanstd(data[:, finite.any(axis=0)], axis=0) == 0):
@@ -751,7 +1195,7 @@ def _load_table(path, kind, side, atlas, tr, min_volumes, warn) -> Scan:
         warn.append(f"{int(partial.sum())} region(s) have missing values at some volumes.")
     for w in warn:
         warnings.warn(w, FMMTCWarning, stacklevel=3)
-    tr_s = _resolve_tr(None, side, tr, name, warn)
+    tr_s = _resolve_tr(None, side, tr, path.name, warn)
     atlas_key = atlas_obj.source if atlas_obj.name not in ("HCPEx", "AAL3") else atlas_obj.name
     return Scan(
         path=path,

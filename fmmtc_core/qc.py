@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fmmtc_core.io import Scan, load_scan
+from fmmtc_core.io import Scan, load_scan, space_unknown_message
 from fmmtc_core.preprocess import RegionSignals, parcellate
 
 __all__ = ["QCThresholds", "QCReport", "qc_report", "assess_scan", "VERDICTS"]
@@ -221,7 +221,11 @@ def qc_report(
     lo, hi = th.tr_typical
     if not lo <= scan.tr <= hi:
         warns.append(f"TR {scan.tr:g} s is outside the usual {lo:g}-{hi:g} s.")
-    input_warnings = list(dict.fromkeys(signals.warnings))
+    if scan.kind == "nifti" and not scan.space_known:
+        # A reason, not only an input warning: the stored screening keeps the reasons.
+        warns.append(space_unknown_message(scan.path))
+    # Input warnings promoted to reasons above are not listed twice.
+    input_warnings = [w for w in dict.fromkeys(signals.warnings) if w not in warns]
     verdict = "fail" if fails else ("warn" if warns or input_warnings else "pass")
     return QCReport(
         verdict=verdict,

@@ -25,7 +25,6 @@ def test_load_valid_nifti_reads_header_only(bold_file):
     assert scan.shape == (31, 37, 31, 60)
     assert scan.tr == pytest.approx(2.0)
     np.testing.assert_allclose(scan.affine, GRID_AFFINE)
-    assert len(scan.sha256) == 64
     assert scan.warnings == []
 
 
@@ -147,7 +146,7 @@ def test_too_few_volumes(tmp_path, grid_labels):
         ({"RepetitionTime": 0}, "TR\\) from the JSON sidecar is 0 s; expected a positive"),
         ({"RepetitionTime": -2}, "is -2 s; expected a positive"),
         ({"RepetitionTime": 2000}, "2000 s, which is implausible .* in milliseconds"),
-        ({"RepetitionTime": "fast"}, "RepetitionTime is 'fast'; expected a number"),
+        ({"RepetitionTime": "fast"}, 'RepetitionTime is "fast"; expected a number'),
     ],
 )
 def test_bad_tr(tmp_path, grid_labels, sidecar, match):

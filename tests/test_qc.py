@@ -82,3 +82,27 @@ def test_table_scan_has_no_voxel_metrics(tmp_path, aal3):
     assert rep.tsnr_median is None and rep.carpet is None
     assert rep.verdict == "pass"
     assert rep.to_dict()["tsnr_median"] is None
+
+
+def test_unknown_space_is_a_warn_reason_listed_once(tmp_path, grid_labels, aal3):
+    import struct
+
+    from fmmtc_core._errors import FMMTCWarning
+
+    path = save_nifti(tmp_path / "noorient.nii", make_bold(grid_labels))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<hh", raw, 252, 0, 0)  # qform_code = sform_code = 0
+    path.write_bytes(bytes(raw))
+    with pytest.warns(FMMTCWarning, match="space is unknown"):
+        scan = load_scan(path)
+    # nibabel's default grid is shifted from MNI: relax coverage to isolate the space reason.
+    rep = qc_report(scan, atlas=aal3, thresholds=QCThresholds(uncovered_warn=0.9,
+                                                              uncovered_fail=0.95))
+    assert rep.verdict == "warn"
+    assert [r for r in rep.reasons if "space is unknown" in r] == [
+        "'noorient.nii' has no orientation in its NIfTI header (qform_code and sform_code are "
+        "both 0), so its space is unknown; it was placed on nibabel's default centred grid and "
+        "read as MNI. Expected an MNI-space image (e.g. fMRIPrep space-MNI152NLin2009cAsym); "
+        "check the atlas overlay."
+    ]
+    assert not any("space is unknown" in w for w in rep.warnings)
