@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmmtc_core import __version__
-from fmmtc_core._errors import InvalidInputError, check_option
+from fmmtc_core._errors import InvalidInputError, ModelFileError, check_option
 from fmmtc_core.atlas import Atlas, load_atlas
 from fmmtc_core.connectivity import connectivity
 from fmmtc_core.io import load_scan
@@ -41,8 +41,12 @@ from fmmtc_core.models.fmmtc import FMMTC, PRESETS, FMMTCConfig
 from fmmtc_core.models.foundation import (
     BrainLMConfig,
     BrainLMForPretraining,
+    _fmt_keys,
+    _one_line,
     check_xyz_scale,
     load_foundation,
+    model_file,
+    read_safetensors,
 )
 from fmmtc_core.preprocess import clean, make_window, parcellate
 
@@ -440,10 +444,6 @@ def _logits(model: FMMTC, feats: dict, idx) -> torch.Tensor:
     return model.forward_features(ts, fcm)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def train(
     cohort_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -553,6 +553,9 @@ def train(
         fold_files.append(path)
         if progress:
             progress("train", k + 1, len(splits), {})
+    # Fold files of an earlier, larger run in the same folder would join the ensemble.
+    for stale in set(out.glob("fold_*.safetensors")) - set(fold_files):
+        stale.unlink()
     a, b = fit_platt(oof, y)
     calibration_note = "fitted"
     if a <= 0:
@@ -603,7 +606,10 @@ def train(
         "metrics_out_of_fold": metrics,
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__},
-        "files": {p.name: _sha256(p) for p in sorted(out.glob("*.safetensors"))},
+        "files": _file_hashes(out, [*fold_files, out / "baseline.safetensors",
+                                    *([out / "foundation" / "config.json",
+                                       out / "foundation" / "model.safetensors"]
+                                      if encoder is not None else [])]),
         "runtime_s": round(time.perf_counter() - t0, 1),
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
@@ -617,6 +623,51 @@ def train(
 # --------------------------------------------------------------------------------------------
 # Deployed ensembles
 # --------------------------------------------------------------------------------------------
+MODEL_CARD = "model_card.json"
+
+#: Cards written by fmmtc 0.1.0 record the SHA-256 of the top-level safetensors only, not of
+#: the encoder in ``foundation/``. The bundled demo model has such a card and its files must not
+#: change, so the digests of its encoder files are pinned here: they are checked too. In any
+#: other folder, a file the model reads and its card records no digest for is refused.
+_LEGACY_ENCODER_SHA256 = {
+    "foundation/config.json": "361ba15042e55e51331c0515134a31305cbfe823b0d85c0877d4369bd35bf192",
+    "foundation/model.safetensors":
+        "dd8ee2857abb4d48331c0d27d38292cff894fa02dd92fb77019113ea8cdc4991",
+}
+
+#: Keys of a model card that loading needs, with what each must hold.
+_CARD_KEYS = {
+    "model": "an object (the network's FMMTCConfig)",
+    "atlas": "an object with the atlas 'name'",
+    "calibration": "an object with numbers 'a' and 'b'",
+    "files": "an object mapping each weights file to its SHA-256 (64 hex digits)",
+}
+
+
+def _file_sha256(path) -> str:
+    from fmmtc_core.io import file_sha256  # the package's one streaming SHA-256
+
+    return file_sha256(path, "Model file")
+
+
+def _file_hashes(root: Path, paths) -> dict[str, str]:
+    """``{path relative to root (POSIX): SHA-256}``: what a model card records of its files."""
+    return {p.relative_to(root).as_posix(): _file_sha256(p) for p in sorted(paths)}
+
+
+def _version_digest(root: Path, card_sha256: str, digests: dict[str, str]) -> str:
+    """A model version's identity: SHA-256 over the card and every ``*.safetensors`` file, each
+    entered as its path relative to the folder and then its own SHA-256 (raw bytes), in path
+    order. Unchanged since fmmtc 0.1.0, so databases keep matching their model versions."""
+    entries = {root / rel: d for rel, d in digests.items() if rel.endswith(".safetensors")}
+    entries[root / MODEL_CARD] = card_sha256
+    h = hashlib.sha256()
+    for path in sorted(entries):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(bytes.fromhex(entries[path]))
+    return h.hexdigest()
+
+
 @dataclass
 class FMMTCEnsemble:
     """The fold models of a model folder, with calibration; see :func:`load_model`."""
@@ -638,17 +689,20 @@ class FMMTCEnsemble:
 
     @property
     def weights_sha256(self) -> str:
-        """Identity of the model version: SHA-256 over its card and every weights file."""
+        """Identity of the model version: SHA-256 over its card and every weights file.
+
+        :func:`load_model` computes it once, from the digests it checked against the card, so
+        it names the files that were loaded. An ensemble built by hand hashes its ``root`` (or,
+        without one, its card) on first use.
+        """
         if self._digest is None:
-            h = hashlib.sha256()
             if self.root is None:
-                h.update(json.dumps(self.card, sort_keys=True).encode())
+                self._digest = hashlib.sha256(
+                    json.dumps(self.card, sort_keys=True).encode()).hexdigest()
             else:
-                files = sorted([*self.root.rglob("*.safetensors"), self.root / "model_card.json"])
-                for path in files:
-                    h.update(str(path.relative_to(self.root)).encode())
-                    h.update(hashlib.sha256(path.read_bytes()).digest())
-            self._digest = h.hexdigest()
+                self._digest = _version_digest(
+                    self.root, _file_sha256(self.root / MODEL_CARD),
+                    _file_hashes(self.root, self.root.rglob("*.safetensors")))
         return self._digest
 
     def logits(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
@@ -685,39 +739,185 @@ def default_model_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models" / "demo"
 
 
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _is_sha256(value) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and set(value) <= set("0123456789abcdef"))
+
+
+def _read_card(root: Path) -> tuple[dict, str]:
+    """The model card of ``root``, checked for what loading needs, and the card's SHA-256."""
+    if not root.exists():
+        raise ModelFileError(f"Model folder {str(root)!r} does not exist; expected a folder "
+                             "written by `fmmtc train`.")
+    path = root / MODEL_CARD
+    if not root.is_dir() or not path.is_file():
+        raise ModelFileError(f"{str(root)!r} is not an FMM-TC model folder (no {MODEL_CARD}); "
+                             "expected a folder written by `fmmtc train`.")
+    where = model_file(path, root)
+    raw = path.read_bytes()
+    try:
+        card = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected the model "
+                             "card written by `fmmtc train`.") from None
+    if not isinstance(card, dict):
+        raise ModelFileError(f"{where} holds a JSON {type(card).__name__}, not an object; "
+                             "expected the model card written by `fmmtc train`.")
+    missing = [k for k in _CARD_KEYS if k not in card]
+    if missing:
+        raise ModelFileError(
+            f"{where} lacks the required key(s) {', '.join(map(repr, missing))}; expected "
+            + "; ".join(f"{k!r}: {_CARD_KEYS[k]}" for k in missing) + ".")
+    atlas, cal, files = card["atlas"], card["calibration"], card["files"]
+    usable = {
+        "model": isinstance(card["model"], dict),
+        "atlas": isinstance(atlas, dict) and isinstance(atlas.get("name"), str),
+        "calibration": isinstance(cal, dict) and _is_number(cal.get("a"))
+        and _is_number(cal.get("b")),
+        "files": isinstance(files, dict) and all(_is_sha256(v) for v in files.values()),
+    }
+    for key, ok in usable.items():
+        if not ok:
+            raise ModelFileError(f"{where} has an unusable {key!r} entry; expected "
+                                 f"{_CARD_KEYS[key]}.")
+    for rel in files:
+        pure = Path(rel)
+        if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+            raise ModelFileError(f"{where} lists {rel!r} under 'files'; expected names of files "
+                                 "inside the model folder.")
+    return card, hashlib.sha256(raw).hexdigest()
+
+
+def _verify_files(root: Path, card: dict) -> dict[str, str]:
+    """Check every file the model may read against the SHA-256 its card records, before any of
+    them is parsed; return ``{path relative to root: SHA-256}`` of the checked files.
+
+    The files are every ``*.safetensors`` in the folder (any of them enters the model version's
+    identity, and a stray ``fold_K`` would join the ensemble), ``foundation/config.json`` and
+    whatever else the card lists.
+    """
+    recorded = card["files"]
+    legacy = not any(rel.startswith("foundation/") for rel in recorded)
+    used = {p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")}
+    if (root / "foundation" / "config.json").exists():
+        used.add("foundation/config.json")
+    digests = {}
+    for rel in sorted(used | set(recorded)):
+        path = root / rel
+        if not path.is_file():
+            raise ModelFileError(f"{model_file(path, root)} is missing; its card records it. "
+                                 "Restore the model folder or retrain.")
+        got = _file_sha256(path)
+        if rel in recorded:
+            if got != recorded[rel]:
+                raise ModelFileError(
+                    f"{model_file(path, root)} does not match its card (SHA-256 {got[:16]}..., "
+                    f"the card records {recorded[rel][:16]}...); the model folder was changed "
+                    "after it was written. Restore it or retrain.")
+        elif not (legacy and _LEGACY_ENCODER_SHA256.get(rel) == got):
+            hint = ("Its card was written before the encoder in foundation/ was hashed, and "
+                    "only the bundled demo's encoder is accepted without a record: restore "
+                    "the folder or retrain." if legacy and rel in _LEGACY_ENCODER_SHA256
+                    else "Remove the file, restore the folder or retrain.")
+            raise ModelFileError(
+                f"{model_file(path, root)} is not recorded in its card ({MODEL_CARD} has no "
+                f"SHA-256 for it), so it cannot be checked. {hint}")
+        digests[rel] = got
+    return digests
+
+
+def _check_state(model: FMMTC, state: dict, path: Path, root: Path) -> None:
+    """Refuse fold tensors that do not fit the card's architecture (names and shapes)."""
+    ours = {k: v for k, v in model.state_dict().items()
+            if not (model.frozen_ts and k.startswith("ts_encoder."))}  # stored once, elsewhere
+    missing, unexpected = set(ours) - set(state), set(state) - set(ours)
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(ours[k].shape)})"
+             for k in set(ours) & set(state) if state[k].shape != ours[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing: {_fmt_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_fmt_keys(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_fmt_keys(wrong)}")
+    if problems:
+        raise ModelFileError(f"{model_file(path, root)} does not fit the architecture in "
+                             f"{MODEL_CARD}: " + "; ".join(problems) + ".")
+
+
 def load_model(model_dir: str | os.PathLike | None = None, device=None) -> FMMTCEnsemble:
     """Load a model folder written by :func:`train` (safetensors + JSON only).
 
     ``model_dir=None`` loads :func:`default_model_dir` (the bundled demo model by default).
+    Every weights file (folds, baseline, the encoder in ``foundation/`` and its config) is
+    checked against the SHA-256 its card records before it is parsed, and nothing is ever
+    unpickled.
+
+    Raises
+    ------
+    ModelFileError
+        The folder or its card is missing; the card is not a JSON object, lacks a required key
+        or holds an unknown config key; a file differs from its card's SHA-256 or has none
+        recorded; a file is a pickle, truncated, or holds tensors of the wrong names or shapes
+        for the card's architecture. The message names the file and what was expected.
     """
     root = Path(model_dir) if model_dir is not None else default_model_dir()
-    card_path = root / "model_card.json"
-    if not card_path.exists():
-        raise InvalidInputError(f"{root} is not an FMM-TC model folder (no model_card.json).")
-    card = json.loads(card_path.read_text())
+    card, card_sha256 = _read_card(root)
+    where = model_file(root / MODEL_CARD, root)
+    try:
+        config = FMMTCConfig.from_dict(card["model"])
+    except InvalidInputError as exc:
+        raise ModelFileError(f"{where} does not describe a usable model: {exc}") from None
+    digests = _verify_files(root, card)  # before any weights are parsed
     device = device or select_device()
-    config = FMMTCConfig(**card["model"])
     encoder = None
     if config.use_ts and config.foundation == "pretrained":
         encoder = load_foundation(root / "foundation", encoder_only=True, device=device)
+        if encoder.config.num_timepoints_per_voxel != config.window:
+            raise ModelFileError(
+                f"{model_file(root / 'foundation' / 'config.json', root)} has "
+                f"num_timepoints_per_voxel {encoder.config.num_timepoints_per_voxel}, but "
+                f"{MODEL_CARD} gives the model a window of {config.window}; expected the encoder "
+                "the model was trained with.")
+
+    def build() -> FMMTC:
+        try:
+            return FMMTC(config, encoder).to(device)
+        except (InvalidInputError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{where} does not describe a usable model "
+                                 f"({_one_line(exc)}).") from None
+
     models = []
     for path in sorted(root.glob("fold_*.safetensors")):
-        model = FMMTC(config, encoder).to(device)
-        state = load_file(str(path), device=str(device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("ts_encoder.") or not model.frozen_ts]
-        if missing or unexpected:
-            raise InvalidInputError(
-                f"{path.name} does not match the model card: missing {missing[:3]}, "
-                f"unexpected {list(unexpected)[:3]}.")
+        model = build()
+        state = read_safetensors(path, root=root, device=device)
+        _check_state(model, state, path, root)
+        model.load_state_dict(state, strict=False)
         models.append(model.eval())
     if not models:
-        raise InvalidInputError(f"{root} holds no fold_*.safetensors model.")
-    base = load_file(str(root / "baseline.safetensors"), device=str(device))
+        raise ModelFileError(f"{str(root)!r} holds no fold_*.safetensors model; expected the "
+                             "fold files its card was written with.")
+    base_path = root / "baseline.safetensors"
+    base = read_safetensors(base_path, root=root, device=device)
+    r = config.n_regions
+    shapes = {"xyz": (r, 3), "cohort_mean_fc": (r, r), "cohort_mean_gram": (r, r)}
+    bad = [f"{k} {tuple(base[k].shape) if k in base else 'missing'}" for k in shapes
+           if (k in base or k != "cohort_mean_gram")
+           and (k not in base or tuple(base[k].shape) != shapes[k])]
+    if bad:
+        raise ModelFileError(
+            f"{model_file(base_path, root)} does not fit the card's {r} regions: "
+            f"{', '.join(bad)}; expected xyz ({r}, 3) and cohort_mean_fc ({r}, {r}).")
     extra = {k: v for k, v in base.items() if k not in ("xyz", "cohort_mean_fc")}
     return FMMTCEnsemble(models, card, base["xyz"], base["cohort_mean_fc"], device,
                          atlas=card["atlas"]["name"], window=config.window, extra=extra,
-                         root=root.resolve())
+                         root=root.resolve(),
+                         _digest=_version_digest(root.resolve(), card_sha256, digests))
 
 
 def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,

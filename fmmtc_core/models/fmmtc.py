@@ -18,7 +18,7 @@ stops parameter updates, not input gradients.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -90,6 +90,44 @@ class FMMTCConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> FMMTCConfig:
+        """The config stored by :meth:`to_dict` (a model card's ``model`` section), checked.
+
+        Raises
+        ------
+        InvalidInputError
+            ``data`` is not a dict, has unknown or missing keys, or a value of the wrong type;
+            the message names the key and what was expected.
+        """
+        if not isinstance(data, dict):
+            raise InvalidInputError(
+                f"The FMM-TC config must be an object, got a {type(data).__name__}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known), key=str)
+        if unknown:
+            raise InvalidInputError(
+                f"The FMM-TC config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"expected keys are {', '.join(map(repr, known))}.")
+        if "n_regions" not in data:
+            raise InvalidInputError("The FMM-TC config lacks the required key 'n_regions'.")
+        kinds = {"n_regions": int, "head_hidden": int, "dropout": (int, float),
+                 "fc_kwargs": dict, "foundation_config": dict, "modalities": str,
+                 "foundation": str, "fc_encoder": str, "fc_input": str, "ts_pooling": str}
+        for key, kind in kinds.items():
+            if key in data and (isinstance(data[key], bool) or not isinstance(data[key], kind)):
+                expected = {int: "an integer", dict: "an object", str: "a string"}.get(
+                    kind, "a number")
+                raise InvalidInputError(
+                    f"The FMM-TC config's {key!r} must be {expected}, got {data[key]!r}.")
+        if data["n_regions"] < 1 or data.get("head_hidden", 0) < 0 or not (
+                0 <= data.get("dropout", 0) < 1):
+            raise InvalidInputError(
+                "The FMM-TC config needs n_regions >= 1, head_hidden >= 0 and 0 <= dropout < 1; "
+                f"got {data['n_regions']!r}, {data.get('head_hidden')!r} and "
+                f"{data.get('dropout')!r}.")
+        return cls(**data)
 
 
 #: Named designs: ours (BrainNetCNN on Pearson connectivity) and the authors' reference one.

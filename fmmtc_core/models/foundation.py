@@ -43,7 +43,7 @@ from transformers.models.nystromformer.modeling_nystromformer import (
     NystromformerSelfAttention,
 )
 
-from fmmtc_core._errors import InvalidInputError, check_option
+from fmmtc_core._errors import InvalidInputError, ModelFileError, check_option
 
 __all__ = [
     "BrainLMConfig",
@@ -52,6 +52,7 @@ __all__ = [
     "PretrainingOutput",
     "load_foundation",
     "checkpoint_key_map",
+    "read_safetensors",
     "PUBLIC_UNUSED_KEYS",
 ]
 
@@ -457,6 +458,66 @@ def _fmt_keys(keys, limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def model_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``"Model file 'fold_0.safetensors' in '/models/x'"``: how refusals name a file.
+
+    Quoted with ``repr`` so that a name holding a newline still gives a one-line message.
+    ``root`` (default: the file's folder) is the folder the name is given relative to.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = str(path)
+    return f"Model file {rel!r} in {str(root)!r}"
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def read_safetensors(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                     device=None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a :class:`ModelFileError` that names it.
+
+    Nothing is ever unpickled: a pickle or ``torch.save`` archive renamed ``.safetensors`` is
+    recognised (after the safetensors parser refused it, so a valid file is never mistaken for
+    one) and refused as such; a truncated or damaged file is refused too.
+
+    Parameters
+    ----------
+    path : path
+    root : path or None
+        Folder that messages give the file's name relative to (default: its own folder).
+    device : torch.device, str or None
+        Where the tensors are placed (default: CPU).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    where = model_file(path, root)
+    if not path.is_file():
+        raise ModelFileError(f"{where} is missing; expected a safetensors file.")
+    try:
+        return load_file(str(path), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        reason = _one_line(exc)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK\x03\x04") or (magic[:1] == b"\x80" and magic[1:2] in
+                                             (b"\x02", b"\x03", b"\x04", b"\x05")):
+        kind = "a zip archive (torch.save)" if magic.startswith(b"PK") else "a pickle"
+        raise ModelFileError(
+            f"{where} is {kind}, not a safetensors file. It was not loaded, because unpickling "
+            "can run code; expected tensors in safetensors format. Restore the model folder or "
+            "convert the weights with a trusted tool.")
+    raise ModelFileError(
+        f"{where} is not a readable safetensors file ({reason}); it may be truncated or "
+        "damaged. Restore it or retrain.")
+
+
 def load_foundation(path: str | os.PathLike, *, device=None, encoder_only: bool = False):
     """Load a BrainLM checkpoint from a local Hugging Face-style directory.
 
@@ -474,46 +535,53 @@ def load_foundation(path: str | os.PathLike, *, device=None, encoder_only: bool 
 
     Raises
     ------
-    InvalidInputError
-        Missing files, a pickle-only checkpoint, another model type, missing / unexpected
-        parameters or wrong shapes (all named).
+    ModelFileError
+        Missing files, a pickle-only checkpoint or a pickle under the safetensors name, a
+        truncated file, a ``config.json`` that is not a JSON object or describes no usable
+        model, another model type, missing / unexpected parameters or wrong shapes (all named).
 
     Notes
     -----
     Regions enter through their centroids, so a checkpoint trained on BrainLM's 424-region
     A424 atlas accepts any atlas; every forward pass checks that each region has a centroid.
+    Unknown keys in ``config.json`` are kept (public BrainLM configs carry Hugging Face's).
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
-        raise InvalidInputError(f"Foundation model folder {path} does not exist.")
+        raise ModelFileError(f"Foundation model folder {str(path)!r} does not exist.")
     cfg_path, weights = path / "config.json", path / "model.safetensors"
     if not weights.exists() and any(path.glob("*.bin")):
-        raise InvalidInputError(
-            f"{path} holds only pickled PyTorch weights (*.bin). They are not loaded, because "
-            "unpickling can run code: convert them to model.safetensors with a trusted tool."
+        raise ModelFileError(
+            f"{str(path)!r} holds only pickled PyTorch weights (*.bin). They are not loaded, "
+            "because unpickling can run code: convert them to model.safetensors with a trusted "
+            "tool."
         )
     missing_files = [p.name for p in (cfg_path, weights) if not p.exists()]
     if missing_files:
-        raise InvalidInputError(
-            f"{path} is not a BrainLM checkpoint: missing {', '.join(missing_files)} (expected "
-            "config.json + model.safetensors)."
+        raise ModelFileError(
+            f"{str(path)!r} is not a BrainLM checkpoint: missing {', '.join(missing_files)} "
+            "(expected config.json + model.safetensors)."
         )
+    where = model_file(cfg_path)
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{cfg_path} is not valid JSON ({exc}).") from None
+        raw = json.loads(cfg_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected a "
+                             "BrainLM config object.") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{where} holds a JSON {type(raw).__name__}, not an object; "
+                             "expected a BrainLM config object.")
     if raw.get("model_type") != "brainlm_mae":
-        raise InvalidInputError(
-            f"{cfg_path} has model_type {raw.get('model_type')!r}; expected 'brainlm_mae'."
+        raise ModelFileError(
+            f"{where} has model_type {raw.get('model_type')!r}; expected 'brainlm_mae'."
         )
-    config = BrainLMConfig(**{k: v for k, v in raw.items() if k != "model_type"})
-    model = BrainLMForPretraining(config)
     try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises several types on corrupt files
-        raise InvalidInputError(f"{weights} is not a readable safetensors file ({exc}).") from None
+        config = BrainLMConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+        model = BrainLMForPretraining(config)
+    except (InvalidInputError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{where} does not describe a usable BrainLM model "
+                             f"({_one_line(exc)}).") from None
+    state = read_safetensors(weights)
     mapping = checkpoint_key_map(state)
     ours = model.state_dict()
     renamed = {mapping[k]: v for k, v in state.items() if mapping[k] is not None}
@@ -533,8 +601,8 @@ def load_foundation(path: str | os.PathLike, *, device=None, encoder_only: bool 
     if wrong:
         problems.append(f"has {len(wrong)} parameters of the wrong shape: {_fmt_keys(wrong)}")
     if problems:
-        raise InvalidInputError(f"Checkpoint {path} does not match its config.json: "
-                                + "; ".join(problems) + ".")
+        raise ModelFileError(f"Checkpoint {str(path)!r} does not match its config.json: "
+                             + "; ".join(problems) + ".")
     target = model.vit if encoder_only else model
     sub = ({k[4:]: v for k, v in renamed.items() if k.startswith("vit.")} if encoder_only
            else renamed)
