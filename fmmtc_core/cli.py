@@ -1,28 +1,58 @@
 """The ``fmmtc`` command.
 
-Contract shared by every sub-command: bad input exits with status 2 and one line beginning
-``error: `` on stderr that names the problem and what was expected; a Python traceback is shown
-only with ``--debug``. Progress bars go to stderr, and only when stderr is a terminal.
+Contract shared by every sub-command: a failure prints one line beginning ``error: `` on stderr
+that names the problem and what to do, and exits with one of these statuses:
+
+====  ======================================================================================
+0     success
+1     internal error: a bug (the line asks to rerun with ``--debug`` and report it)
+2     bad input: a scan, option, model file or identifier that cannot be used as given
+3     storage: the cohort database cannot be opened, read or written (damaged file, a schema
+      revision this version does not know, tables without a revision, unreachable server,
+      read-only file, full disk)
+130   interrupted (Ctrl-C)
+====  ======================================================================================
+
+A Python traceback is shown only with ``--debug``. Without it, warnings (numpy's included) and
+library log messages are silenced: a scan's oddities reach the user through the QC report.
+
+Progress: on a terminal, bars on stderr. Otherwise plain lines (``stage done/total ...``) on
+**stdout**, so that stderr carries nothing but the ``error:`` line of a failure; with ``--json``
+progress is left out, so stdout stays one JSON document. (``screen-batch`` also names each scan
+that failed on stderr, as a ``warning:`` line, before its ``error:`` line.)
+
+Cheap checks come first: ``screen``, ``screen-batch`` and ``explain`` refuse a bad pseudonym,
+label, option, scan file, model folder or database before torch and the model are loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from fmmtc_core import __version__
-from fmmtc_core._errors import FMMTCError, FMMTCWarning
+from fmmtc_core._errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_STORAGE,
+    FMMTCError,
+    FMMTCWarning,
+    InvalidInputError,
+    ModelFileError,
+    StorageError,
+)
 
 __all__ = ["main", "build_parser"]
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,8 +63,47 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+# Option types: a bad value is refused by the parser (one ``error:`` line, status 2).
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (the completeness tolerance)."""
+    value = _number(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a number between 0 and 1 (exclusive), e.g. 0.01; got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """A number from 0 to 1 (a decision threshold)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text!r}")
+    return value
+
+
 def _progress(desc: str):
-    """A ``progress(done, total)`` callback drawing a tqdm bar on a terminal, else None."""
+    """A ``progress(done, total)`` callback drawing a tqdm bar on a terminal, else None (these
+    per-volume steps are too fine for log lines)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -64,8 +133,10 @@ def _load(args):
     )
 
 
-def _write_tsv(path: Path, names, data: np.ndarray) -> None:
+def _write_tsv(path: Path, names, data) -> None:
     """XCP-D style region table: header of names, one row per volume, ``n/a`` for NaN."""
+    import numpy as np
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -144,8 +215,17 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def _stage_progress():
-    """A ``progress(stage, done, total, info)`` callback: tqdm bars on a terminal, else lines."""
+def _progress_line(text: str) -> None:
+    """One progress line when stderr is not a terminal: on stdout (see the module docstring)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _stage_progress(args=None):
+    """A ``progress(stage, done, total, info)`` callback: tqdm bars on a terminal, else lines on
+    stdout; None with ``--json`` off a terminal (stdout is the JSON document)."""
+    if not sys.stderr.isatty() and getattr(args, "json", False):
+        return None
     bars: dict = {}
 
     def cb(stage: str, done: int, total: int, info: dict) -> None:
@@ -163,7 +243,7 @@ def _stage_progress():
             if done >= total:
                 bar.close()
         elif done == total or stage == "explain":
-            sys.stderr.write(f"{stage} {done}/{total} {extra}\n")
+            _progress_line(f"{stage} {done}/{total} {extra}".rstrip())
 
     return cb
 
@@ -175,7 +255,7 @@ def cmd_pretrain(args) -> int:
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    windows_per_subject=args.windows_per_subject,
                    regions_per_step=args.regions_per_step, schedule=args.schedule,
-                   xyz_scale=args.xyz_scale, progress=_stage_progress())
+                   xyz_scale=args.xyz_scale, progress=_stage_progress(args))
     log = json.loads((out / "pretrain_log.json").read_text())
     print(f"wrote the pretrained encoder to {out} (final loss "
           f"{log['loss_per_epoch'][-1]:.4f} after {len(log['loss_per_epoch'])} epochs)")
@@ -196,7 +276,7 @@ def cmd_train(args) -> int:
     metrics = train(args.cohort_dir, args.out, foundation=args.foundation, folds=args.folds,
                     seed=args.seed, modalities=args.modalities, no_foundation=args.no_foundation,
                     preset=args.preset, atlas=args.atlas, epochs=args.epochs,
-                    progress=_stage_progress())
+                    progress=_stage_progress(args))
     if not args.json:
         print(f"wrote the model to {args.out}; out-of-fold metrics:")
     _print_metrics(metrics, args.json)
@@ -206,7 +286,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from fmmtc_core.training import evaluate
 
-    _print_metrics(evaluate(args.model_dir, args.cohort_dir, progress=_stage_progress()),
+    _print_metrics(evaluate(args.model_dir, args.cohort_dir, progress=_stage_progress(args)),
                    args.json)
     return 0
 
@@ -217,7 +297,7 @@ def cmd_build_demo(args) -> int:
     t0 = time.perf_counter()
     metrics = build_demo_model(args.out, seed=args.seed, n_subjects=args.subjects,
                                n_corpus=args.corpus, pretrain_epochs=args.pretrain_epochs,
-                               progress=_stage_progress())
+                               progress=_stage_progress(args))
     print(f"wrote the demo model to {args.out} in {time.perf_counter() - t0:.0f} s; "
           "out-of-fold metrics:")
     _print_metrics(metrics, False)
@@ -228,13 +308,59 @@ def _explain_kwargs(args) -> dict:
     return {"baseline_fc": args.baseline_fc, "rel_tol": args.tolerance}
 
 
+# --------------------------------------------------------------------------------------------
+# Cheap checks: run before torch and the model are loaded (seconds), so a refusal is quick.
+# --------------------------------------------------------------------------------------------
+def _model_dir(model: str | None) -> Path:
+    """The model folder: ``--model``, else ``$FMMTC_MODEL_DIR``, else the bundled demo model.
+
+    The same rule as :func:`fmmtc_core.training.default_model_dir`, which cannot be imported
+    here without importing torch.
+    """
+    if model:
+        return Path(model)
+    env = os.environ.get("FMMTC_MODEL_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models" / "demo"
+
+
+def _model_atlas(root: Path) -> str:
+    """The atlas named by the model card of ``root`` (a region table must follow it)."""
+    card = root / "model_card.json"
+    if not card.is_file():
+        raise ModelFileError(f"{root} is not an FMM-TC model folder (no model_card.json).")
+    try:
+        return str(json.loads(card.read_text(encoding="utf-8"))["atlas"]["name"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(
+            f"{card} is not a readable model card ({type(exc).__name__}: {exc}); re-copy or "
+            "rebuild the model folder.") from None
+
+
+def _check_scan(args, atlas: str | None) -> None:
+    """Refuse a scan that cannot be read: header, dimensions, volumes, a table's columns."""
+    from fmmtc_core.io import load_scan
+
+    # A NIfTI's header is read, not its voxels; a region table is read in full (small).
+    load_scan(args.scan, sidecar=args.sidecar, confounds=args.confounds, atlas=atlas,
+              min_volumes=args.min_volumes)
+
+
+def _labels(args, names=("site", "drug", "arm", "operator")) -> dict:
+    from fmmtc_core.store.repository import validate_label
+
+    return {name: validate_label(name, getattr(args, name, None)) for name in names}
+
+
 def cmd_explain(args) -> int:
+    model_dir = _model_dir(args.model)
+    _check_scan(args, _model_atlas(model_dir))
+
     from fmmtc_core.screening import analyse
     from fmmtc_core.training import load_model
 
-    model = load_model(args.model)
+    model = load_model(model_dir)
     result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
-                     explain_kwargs=_explain_kwargs(args), progress=_stage_progress())
+                     explain_kwargs=_explain_kwargs(args), progress=_stage_progress(args))
     out = result.to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
@@ -253,30 +379,42 @@ def cmd_explain(args) -> int:
 
 
 def _participant_from_name(scan) -> str:
-    import re
-
     m = re.search(r"sub-([A-Za-z0-9]+)", Path(scan).name)
     if not m:
-        raise FMMTCError(
+        raise InvalidInputError(
             "Name the participant with --participant (a study pseudonym such as PAIN-0042); "
             f"{Path(scan).name} has no BIDS sub-<label>.")
     return m.group(1)
 
 
 def cmd_screen(args) -> int:
-    from fmmtc_core.screening import screen
     from fmmtc_core.store import open_database
+    from fmmtc_core.store.repository import validate_pseudonym
+
+    # Cheapest first: identifiers, options, the scan's header, the model card, the database.
+    participant = validate_pseudonym(args.participant or _participant_from_name(args.scan))
+    labels = _labels(args)
+    if args.non_responder_threshold > args.responder_threshold:
+        raise InvalidInputError(
+            f"--non-responder-threshold ({args.non_responder_threshold:g}) must not exceed "
+            f"--responder-threshold ({args.responder_threshold:g}).")
+    if not Path(args.scan).exists():  # in the words of screen(), which checks it again
+        raise InvalidInputError(f"No such scan file: {str(args.scan)!r}.")
+    model_dir = _model_dir(args.model)
+    _check_scan(args, _model_atlas(model_dir))
+    engine = open_database(args.db)
+
+    from fmmtc_core.screening import screen
     from fmmtc_core.training import load_model
 
-    participant = args.participant or _participant_from_name(args.scan)
-    engine = open_database(args.db)
-    model = load_model(args.model)
+    model = load_model(model_dir)
     thresholds = {"responder": args.responder_threshold,
                   "non_responder": args.non_responder_threshold}
     result = screen(args.scan, participant, model, engine, sidecar=args.sidecar,
-                    confounds=args.confounds, site=args.site, drug=args.drug, arm=args.arm,
-                    thresholds=thresholds, explain_kwargs=_explain_kwargs(args),
-                    operator=args.operator, force=args.force, progress=_stage_progress())
+                    confounds=args.confounds, site=labels["site"], drug=labels["drug"],
+                    arm=labels["arm"], thresholds=thresholds,
+                    explain_kwargs=_explain_kwargs(args), operator=labels["operator"],
+                    force=args.force, progress=_stage_progress(args))
     out = result.to_dict()
     if args.json:
         print(json.dumps(out, indent=2, default=str))
@@ -295,26 +433,36 @@ def cmd_screen(args) -> int:
 
 
 def cmd_screen_batch(args) -> int:
+    from fmmtc_core.store import open_database
+
+    operator = _labels(args, ("operator",))["operator"]
+    root = Path(args.cohort_dir)
+    if not (root / "participants.tsv").is_file():
+        raise InvalidInputError(f"{root} has no participants.tsv; expected a BIDS-style cohort.")
+    model_dir = _model_dir(args.model)
+    _model_atlas(model_dir)
+    open_database(args.db).dispose()  # refuse a database that cannot be used before the model
+
     from fmmtc_core.screening import screen_batch
 
     bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    tty = sys.stderr.isatty()
 
     def progress(done, total, pid):
         nonlocal bar
-        if sys.stderr.isatty():
+        if tty:
+            from tqdm import tqdm
+
             if bar is None:
                 bar = tqdm(total=total, desc="screen", unit="scan")
             bar.update(done - bar.n)
             if pid:
                 bar.set_postfix_str(pid)
         elif pid:
-            sys.stderr.write(f"screen {done}/{total} {pid}\n")
+            _progress_line(f"screen {done}/{total} {pid}")
 
-    report = screen_batch(args.cohort_dir, model_dir=args.model, url=args.db,
-                          workers=args.workers, operator=args.operator,
-                          import_outcomes=args.import_outcomes,
+    report = screen_batch(root, model_dir=model_dir, url=args.db, workers=args.workers,
+                          operator=operator, import_outcomes=args.import_outcomes,
                           explain_kwargs=_explain_kwargs(args), progress=progress)
     if bar is not None:
         bar.close()
@@ -322,7 +470,7 @@ def cmd_screen_batch(args) -> int:
           f"failed {len(report.failed)}"
           + (f", outcomes imported {report.outcomes}" if args.import_outcomes else ""))
     for pid, reason in report.failed.items():
-        sys.stderr.write(f"warning: {pid}: {reason}\n")
+        sys.stderr.write(f"warning: {pid}: {_one_line(reason)}\n")
     if report.failed:
         raise FMMTCError(f"{len(report.failed)} of {len(report.failed) + len(report.screened)} "
                          "scans could not be screened (reasons above); the others are stored.")
@@ -330,21 +478,27 @@ def cmd_screen_batch(args) -> int:
 
 
 def cmd_outcome(args) -> int:
-    from fmmtc_core.screening import default_operator
     from fmmtc_core.store import open_database, session_scope
-    from fmmtc_core.store.repository import record_outcome
+    from fmmtc_core.store.repository import (
+        default_operator,
+        record_outcome,
+        validate_note,
+        validate_pseudonym,
+    )
 
+    participant = validate_pseudonym(args.participant)
+    operator = _labels(args, ("operator",))["operator"] or default_operator()
+    note = validate_note(args.note)
     engine = open_database(args.db)
     with session_scope(engine, write=True) as s:
-        record_outcome(s, args.participant, args.outcome,
-                       actor=args.operator or default_operator(), note=args.note)
-    print(f"recorded: {args.participant} {args.outcome}")
+        record_outcome(s, participant, args.outcome, actor=operator, note=note)
+    print(f"recorded: {participant} {args.outcome}")
     return 0
 
 
 def cmd_db(args) -> int:
     from fmmtc_core.store import (
-        current_revision,
+        check_schema,
         downgrade,
         head_revision,
         integrity_check,
@@ -353,8 +507,12 @@ def cmd_db(args) -> int:
         upgrade,
     )
     from fmmtc_core.store.db import _redact
-    from fmmtc_core.store.repository import export_csv
 
+    if args.action == "export":  # the cheap check first
+        if not args.out:
+            raise InvalidInputError("db export needs --out FILE.csv.")
+        if Path(args.out).suffix.lower() != ".csv":
+            raise InvalidInputError(f"--out must name a .csv file, got {Path(args.out).name!r}.")
     engine = make_engine(args.db)
     if args.action == "upgrade":
         print(f"database at revision {upgrade(engine)} (head {head_revision()}): "
@@ -362,7 +520,7 @@ def cmd_db(args) -> int:
     elif args.action == "downgrade":
         print(f"database at revision {downgrade(engine, '-1')}")
     elif args.action == "status":
-        rev = current_revision(engine)
+        rev = check_schema(engine)
         print(f"{_redact(str(engine.url))}: revision {rev} (head {head_revision()})")
         if rev:
             for table, n in row_counts(engine).items():
@@ -371,14 +529,12 @@ def cmd_db(args) -> int:
         upgrade(engine)
         problems = integrity_check(engine)
         if problems:
-            raise FMMTCError("database check failed: " + "; ".join(problems[:5]))
+            raise StorageError("database check failed: " + "; ".join(problems[:5]))
         print("database check: ok")
     elif args.action == "export":
-        if not args.out:
-            raise FMMTCError("db export needs --out FILE.csv.")
+        from fmmtc_core.store.repository import export_csv
+
         out = Path(args.out)
-        if out.suffix.lower() != ".csv":
-            raise FMMTCError(f"--out must name a .csv file, got {out.name!r}.")
         upgrade(engine)
         out.parent.mkdir(parents=True, exist_ok=True)
         n = export_csv(engine, out)
@@ -400,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("scan", metavar="SCAN", help="4D NIfTI (.nii/.nii.gz) or region table")
         p.add_argument("--sidecar", metavar="JSON", help="BIDS JSON sidecar (default: beside SCAN)")
         p.add_argument("--confounds", metavar="TSV", help="fMRIPrep desc-confounds_timeseries.tsv")
-        p.add_argument("--min-volumes", type=int, default=50, help="fewest volumes (default 50)")
+        p.add_argument("--min-volumes", type=_positive_int, default=50, metavar="N",
+                       help="fewest volumes (default 50)")
         if atlas:
             p.add_argument("--atlas", default=None,
                            help="hcpex (default), aal3, or a NIfTI label image")
@@ -425,9 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder (default: $FMMTC_MODEL_DIR or the bundled demo model)")
     p.add_argument("--baseline-fc", choices=("cohort_mean", "zero"), default="cohort_mean",
                    help="connectivity baseline (default: the training cohort's mean)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="completeness gap to reach, relative to |F(x) - F(baseline)| (0.01)")
-    p.add_argument("--top", type=int, default=15, help="regions listed without --json")
+    p.add_argument("--tolerance", type=_open_fraction, default=0.01,
+                   help="completeness gap to reach, relative to |F(x) - F(baseline)|; "
+                        "between 0 and 1 (default 0.01)")
+    p.add_argument("--top", type=_positive_int, default=15,
+                   help="regions listed without --json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_explain)
 
@@ -440,8 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     def explain_args(p):
         p.add_argument("--baseline-fc", choices=("cohort_mean", "zero"), default="cohort_mean",
                        help="connectivity baseline (default: the training cohort's mean)")
-        p.add_argument("--tolerance", type=float, default=0.01,
-                       help="completeness gap to reach, relative to |F(x) - F(baseline)|")
+        p.add_argument("--tolerance", type=_open_fraction, default=0.01,
+                       help="completeness gap to reach, relative to |F(x) - F(baseline)|; "
+                            "between 0 and 1 (default 0.01)")
 
     p = sub.add_parser("screen", help="screen one scan and store it in the cohort database")
     scan_args(p, atlas=False)
@@ -453,15 +613,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site")
     p.add_argument("--drug")
     p.add_argument("--arm")
-    p.add_argument("--responder-threshold", type=float, default=0.6)
-    p.add_argument("--non-responder-threshold", type=float, default=0.4)
+    p.add_argument("--responder-threshold", type=_probability, default=0.6,
+                   help="probability at or above which a whole band is a likely responder")
+    p.add_argument("--non-responder-threshold", type=_probability, default=0.4,
+                   help="probability at or below which a whole band is a likely non-responder")
     p.add_argument("--force", action="store_true", help="screen again even if already stored")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("screen-batch", help="screen every scan of a BIDS-style cohort folder")
     p.add_argument("cohort_dir", metavar="COHORT_DIR")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="parallel processes, at least 1 (default 1)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the demo model)")
     db_arg(p)
     explain_args(p)
@@ -545,36 +708,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text) -> str:
+    """``text`` on one line (a driver's message may span several)."""
+    return " ".join(str(text).split())
+
+
+@contextmanager
+def _quiet(debug: bool):
+    """Silence warnings and library log messages around a command, unless ``debug``.
+
+    Input oddities reach the user through the QC report; numpy's RuntimeWarnings and the like
+    would only add lines to stderr, where a failure prints exactly one. Worker processes
+    (``screen-batch --workers``) inherit the setting through ``PYTHONWARNINGS``.
+    """
+    import logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FMMTCWarning)
+        if debug:
+            yield
+            return
+        warnings.simplefilter("ignore")
+        old_disable = logging.root.manager.disable
+        old_env = os.environ.get("PYTHONWARNINGS")
+        logging.disable(logging.WARNING)
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        try:
+            yield
+        finally:
+            logging.disable(old_disable)
+            if old_env is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = old_env
+
+
+def _as_storage_error(exc: BaseException, args) -> StorageError | None:
+    """A database driver error that escaped the store layer, as a :class:`StorageError`."""
+    if "sqlalchemy" not in sys.modules and "sqlite3" not in sys.modules:
+        return None  # no database was touched
+    from fmmtc_core.store.db import default_url, storage_error
+
+    return storage_error(exc, getattr(args, "db", None) or default_url())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fmmtc`` command; returns the exit status."""
+    """Entry point of the ``fmmtc`` command; returns the exit status (see the module
+    docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def fail(message, status: int) -> int:
+        sys.stderr.write(f"error: {_one_line(message)}\n")
+        return status
+
     try:
-        with warnings.catch_warnings():
-            # Input oddities reach the user through the QC report; keep stderr readable.
-            warnings.simplefilter("ignore", FMMTCWarning)
+        with _quiet(args.debug):
             return int(args.func(args) or 0)
+    except StorageError as exc:
+        if args.debug:
+            raise
+        return fail(exc, EXIT_STORAGE)
     except FMMTCError as exc:
         if args.debug:
             raise
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_BAD_INPUT
+        return fail(exc, EXIT_BAD_INPUT)
     except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
         if args.debug:
             raise
-        sys.stderr.write(f"error: {exc.strerror or exc}: {exc.filename}\n")
-        return EXIT_BAD_INPUT
+        return fail(f"{exc.strerror or exc}: {exc.filename}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        return 130
-    except Exception as exc:  # an internal bug: still one line, with a hint
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
         if args.debug:
             raise
-        sys.stderr.write(
-            f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and "
-            "report it\n"
-        )
-        return EXIT_INTERNAL
+        storage = _as_storage_error(exc, args)
+        if storage is not None:
+            return fail(storage, EXIT_STORAGE)
+        # An internal bug: still one line, with a hint.
+        return fail(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug and "
+                    "report it", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,30 +8,41 @@
 - Any other SQLAlchemy URL works the same way; PostgreSQL is tested
   (``postgresql+psycopg://user@host/db``).
 - The schema is created and upgraded by Alembic (:func:`upgrade`), never by ``create_all``.
+- A database that cannot be used (damaged file, a schema revision this version does not know,
+  tables without a revision, an unreachable server, a read-only file, a full disk) raises
+  :class:`~fmmtc_core._errors.StorageError` with one line that says what to do
+  (:func:`storage_error`); the CLI exits with status 3.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DataError,
+    DBAPIError,
     IntegrityError,
     NoSuchModuleError,
-    OperationalError,
+    NotSupportedError,
+    ProgrammingError,
 )
 from sqlalchemy.orm import Session
 
-from fmmtc_core._errors import InvalidInputError
+from fmmtc_core._errors import InvalidInputError, StorageError
 from fmmtc_core.store.models import TABLES
 
 __all__ = [
     "DatabaseError",
+    "storage_error",
+    "check_schema",
     "data_dir",
     "default_url",
     "make_engine",
@@ -46,8 +57,12 @@ __all__ = [
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
+#: Seconds to wait for a database server to answer before giving up (a URL's own
+#: ``?connect_timeout=`` wins).
+CONNECT_TIMEOUT_S = 5
 
-class DatabaseError(InvalidInputError):
+
+class DatabaseError(StorageError):
     """The database refused or could not take a change; the transaction was rolled back.
 
     ``conflict`` is True for a constraint violation (e.g. two writers creating the same
@@ -76,20 +91,151 @@ def default_url() -> str:
     return f"sqlite:///{data_dir() / 'fmmtc.db'}"
 
 
-def _redact(url: str) -> str:
+def _redact(url: str | URL) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparseable URL>"
 
 
+# --------------------------------------------------------------------------------------------
+# Storage errors: one line that says what happened and what to do
+# --------------------------------------------------------------------------------------------
+_SERVER_UNREACHABLE = re.compile(
+    r"connection refused|could not connect|connection failed|timeout expired|timed out|"
+    r"could not translate host name|name or service not known|no route to host|"
+    r"network is unreachable|server closed the connection|connection reset|"
+    r"no such file or directory.*socket|is the server running", re.I)
+_LOGIN_REFUSED = re.compile(
+    r"password authentication failed|no password supplied|authentication failed|"
+    r"role .* does not exist|pg_hba\.conf", re.I)
+
+
+def _driver_error(exc: BaseException) -> BaseException | None:
+    """The database driver's own exception behind ``exc``, or None if ``exc`` is not one.
+
+    Programming mistakes (bad SQL, a value of the wrong type) are bugs, not storage problems,
+    and are left alone; so are constraint violations, which :func:`session_scope` reports.
+    """
+    if isinstance(exc, (IntegrityError, ProgrammingError, DataError, NotSupportedError)):
+        return None
+    if isinstance(exc, DBAPIError):
+        return exc.orig if exc.orig is not None else exc
+    if isinstance(exc, sqlite3.Error) and not isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+        return exc
+    if type(exc).__module__.split(".")[0] in ("psycopg", "psycopg2") and (
+            type(exc).__name__ in ("OperationalError", "InterfaceError", "DatabaseError")):
+        return exc
+    return None
+
+
+def _one_line(text_: str, url: URL | None) -> str:
+    line = " ".join(str(text_).split())
+    if url is not None and url.password:
+        line = line.replace(str(url.password), "***")
+    return line.rstrip(".")
+
+
+def storage_error(exc: BaseException, url: str | URL | None = None) -> StorageError | None:
+    """The :class:`StorageError` for a database driver error ``exc`` (None for anything else).
+
+    The message is one line naming the database (password hidden) and what to do: restore a
+    damaged file from a backup, start the server or fix the URL, make a read-only file
+    writable, free disk space.
+    """
+    orig = _driver_error(exc)
+    if orig is None:
+        return None
+    try:
+        parsed = make_url(url) if url is not None else None
+    except ArgumentError:
+        parsed = None
+    detail = _one_line(str(orig) or type(orig).__name__, parsed)
+    where = _redact(parsed) if parsed is not None else "the database"
+    code = str(getattr(orig, "sqlite_errorname", "") or "")
+    state = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    low = detail.lower()
+    sqlite = isinstance(orig, sqlite3.Error) or (
+        parsed is not None and parsed.get_backend_name() == "sqlite")
+    if sqlite:
+        file = f"'{parsed.database}'" if parsed is not None and parsed.database else where
+        if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (
+                "not a database" in low or "malformed" in low):
+            return StorageError(
+                f"The database file {file} is damaged or not a SQLite database; restore it from "
+                f"a backup ({detail}).")
+        if code.startswith("SQLITE_READONLY") or "readonly" in low or "read-only" in low:
+            return StorageError(
+                f"The database file {file} is read-only ({detail}); make the file and its "
+                "folder writable for this user, or work on a writable copy.")
+        if code == "SQLITE_FULL" or "disk is full" in low:
+            return StorageError(
+                f"The disk holding the database file {file} is full ({detail}); free some "
+                "space and run the command again (the unfinished change was rolled back).")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in low:
+            return StorageError(
+                f"The database file {file} stayed locked by another process ({detail}); run "
+                "the command again when that process has finished.")
+        if code.startswith("SQLITE_CANTOPEN") or "unable to open" in low:
+            return StorageError(
+                f"Cannot open the database file {file} ({detail}); check that the path names "
+                "a file in a folder this user can write to.")
+        if code.startswith("SQLITE_IOERR") or "i/o error" in low:
+            return StorageError(
+                f"Reading or writing the database file {file} failed with a disk error "
+                f"({detail}); check the disk, and restore the file from a backup if the error "
+                "comes back.")
+        return StorageError(f"The database file {file} could not be used ({detail}).")
+    if state == "53100" or "disk full" in low or "no space left" in low:
+        return StorageError(
+            f"The database server at {where} has no disk space left ({detail}); ask its "
+            "administrator to free some, then run the command again.")
+    if state == "25006" or "read-only transaction" in low:
+        return StorageError(
+            f"The database at {where} is read-only ({detail}); use a server or user that "
+            "may write to it.")
+    if state == "3D000" or re.search(r"database .* does not exist", low):
+        return StorageError(
+            f"The database server at {where} has no such database ({detail}); create it "
+            "(e.g. createdb) or fix the database name in the URL.")
+    if state.startswith("28") or _LOGIN_REFUSED.search(detail):
+        return StorageError(
+            f"The database server at {where} refused the login ({detail}); check the user "
+            "name and password in the URL.")
+    if state.startswith("08") or _SERVER_UNREACHABLE.search(detail):
+        return StorageError(
+            f"Cannot reach the database server at {where} ({detail}); check that it is "
+            "running and the URL.")
+    return StorageError(f"The database at {where} could not be used ({detail}).")
+
+
+@contextmanager
+def _storage(url: str | URL) -> Iterator[None]:
+    """Re-raise database driver errors met inside the block as :class:`StorageError`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        err = storage_error(exc, url)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     """An engine for ``url`` (default :func:`default_url`), configured as described above.
+
+    Nothing is connected yet. A server's connection attempt gives up after
+    :data:`CONNECT_TIMEOUT_S` seconds (unless the URL sets ``connect_timeout``).
 
     Raises
     ------
     InvalidInputError
-        For a malformed URL, an unknown driver, or a SQLite file whose folder cannot be made.
+        For a malformed URL or an unknown driver.
+    StorageError
+        For a SQLite file whose folder cannot be made.
     """
     url = url or default_url()
     try:
@@ -100,16 +246,21 @@ def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
             "postgresql+psycopg://user@host/dbname.") from None
     kwargs: dict = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        # A SQLite URI filename (file:...?mode=ro&uri=true) names an existing file: no folder.
+        if parsed.database and parsed.database != ":memory:" and (
+                not parsed.database.startswith("file:")):
             folder = Path(parsed.database).expanduser().resolve().parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise InvalidInputError(
-                    f"Cannot create the database folder {folder}: {exc.strerror}.") from None
+                raise StorageError(
+                    f"Cannot create the database folder {folder}: {exc.strerror}; choose a "
+                    "writable location (--db, FMMTC_DATABASE_URL or FMMTC_DATA_DIR).") from None
         kwargs["connect_args"] = {"timeout": 60}
     else:
         kwargs["pool_pre_ping"] = True
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
@@ -152,10 +303,16 @@ def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
         with session.begin():
             yield session
     except IntegrityError as exc:
-        raise DatabaseError(f"The database refused the change: {exc.orig}.",
+        detail = _one_line(str(exc.orig), engine.url)
+        raise DatabaseError(f"The database refused the change: {detail}.",
                             conflict=True) from exc
-    except OperationalError as exc:
-        raise DatabaseError(f"The database could not be written: {exc.orig}.") from exc
+    except DatabaseError:
+        raise
+    except Exception as exc:
+        err = storage_error(exc, engine.url)
+        if err is None:
+            raise
+        raise DatabaseError(str(err)) from exc
     finally:
         session.close()
 
@@ -171,16 +328,48 @@ def _alembic_config(connection):
     return cfg
 
 
+@contextmanager
+def _migrating(engine: Engine) -> Iterator:
+    """A connection with one open transaction for Alembic.
+
+    On SQLite, foreign keys are switched off for the migration (SQLite's documented procedure
+    for schema changes): a batch migration copies a table and drops the old one, and with
+    foreign keys on, that drop would cascade into the child rows (region attributions of every
+    screening). Violations are checked before the commit instead.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        raw.execute("PRAGMA foreign_keys = OFF")  # outside a transaction, or it is ignored
+        try:
+            with conn.begin():
+                yield conn
+                bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if bad:
+                    raise StorageError(
+                        f"The migration would leave {len(bad)} row(s) pointing at missing rows "
+                        f"(first: {tuple(bad[0])}); nothing was changed.")
+        finally:
+            raw.execute("PRAGMA foreign_keys = ON")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str:
-    """Apply the migrations up to ``revision``; returns the revision the database is at."""
+    """Apply the migrations up to ``revision``; returns the revision the database is at.
+
+    Raises
+    ------
+    StorageError
+        The database cannot be used (see :func:`check_schema` and :func:`storage_error`).
+    """
     from alembic import command
 
-    try:
-        with engine.begin() as conn:
+    with _storage(engine.url):
+        check_schema(engine)
+        with _migrating(engine) as conn:
             command.upgrade(_alembic_config(conn), revision)
-    except OperationalError as exc:
-        raise InvalidInputError(
-            f"Cannot open the database {_redact(str(engine.url))}: {exc.orig}.") from None
     return current_revision(engine)
 
 
@@ -188,30 +377,81 @@ def downgrade(engine: Engine, revision: str = "-1") -> str:
     """Undo migrations down to ``revision`` (default: one step)."""
     from alembic import command
 
-    with engine.begin() as conn:
-        command.downgrade(_alembic_config(conn), revision)
+    with _storage(engine.url):
+        check_schema(engine)
+        with _migrating(engine) as conn:
+            command.downgrade(_alembic_config(conn), revision)
     return current_revision(engine)
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None for a new, empty database)."""
     from alembic.runtime.migration import MigrationContext
 
-    with engine.connect() as conn:
+    with _storage(engine.url), engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def head_revision() -> str:
+def _scripts():
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    return ScriptDirectory.from_config(cfg).get_current_head()
+    return ScriptDirectory.from_config(cfg)
+
+
+def head_revision() -> str:
+    return _scripts().get_current_head()
+
+
+def check_schema(engine: Engine) -> str | None:
+    """The database's schema revision, once it is clear that this version can use it.
+
+    Raises
+    ------
+    StorageError
+        The database cannot be read; it is at a revision this version does not know (written
+        by a newer fmmtc); or it holds fmmtc tables without a revision (not made by Alembic),
+        which no migration could safely change.
+    """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
+    with _storage(engine.url), engine.connect() as conn:
+        rev = MigrationContext.configure(conn).get_current_revision()
+        if rev is None:
+            ours = {m.__tablename__ for m in TABLES}
+            found = sorted(ours & set(inspect(conn).get_table_names()))
+    if rev is None:
+        if found:
+            raise StorageError(
+                f"The database {_where(engine)} has fmmtc tables ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}) but no alembic_version table, so its "
+                "schema revision is unknown and fmmtc will not change it; restore it from a "
+                "backup, or use a new database.")
+        return None
+    try:
+        known = _scripts().get_revision(rev) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise StorageError(
+            f"The database is at schema revision {rev!r}, which this version of fmmtc does "
+            "not know; upgrade fmmtc (or use the database with the version that wrote it).")
+    return rev
+
+
+def _where(engine: Engine) -> str:
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database:
+        return f"file '{url.database}'"
+    return _redact(url)
 
 
 def row_counts(engine: Engine) -> dict[str, int]:
     """Rows in every table (the "database unchanged" check of the tests and the CLI)."""
-    with Session(engine) as s:
+    with _storage(engine.url), Session(engine) as s:
         return {m.__tablename__: int(s.scalar(select(func.count()).select_from(m)))
                 for m in TABLES}
 
@@ -220,7 +460,7 @@ def integrity_check(engine: Engine) -> list[str]:
     """Problems found (empty when sound): SQLite's integrity and foreign-key checks; on other
     databases, orphaned child rows."""
     problems: list[str] = []
-    with engine.connect() as conn:
+    with _storage(engine.url), engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             res = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
             if res != ["ok"]:
