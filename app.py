@@ -11,6 +11,14 @@ HERE = Path(__file__).parent
 
 st.set_page_config(page_title="FMM-TC Screen", page_icon=":material/neurology:", layout="wide")
 
+if not ui.access_granted():
+    # The gate lives here, once, for every page present and future: until the visitor signs in,
+    # the navigation holds the sign-in page only, so no page script (and no upload widget or
+    # stored data) runs whatever URL is asked for, and the sidebar names nothing.
+    st.navigation([st.Page(ui.sign_in_page, title="Sign in", icon=":material/lock:",
+                           url_path="sign-in", default=True)], position="hidden").run()
+    st.stop()
+
 pages = [
     st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
             icon=":material/person_search:", default=True),

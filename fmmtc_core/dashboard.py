@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
@@ -27,6 +29,11 @@ __all__ = [
     "installed_models",
     "active_model_dir",
     "require_access",
+    "access_granted",
+    "sign_in_page",
+    "staged_uploads",
+    "label_problem",
+    "upload_root",
     "operator",
     "plain_error",
     "load_demo_cohort",
@@ -101,11 +108,99 @@ def model():
     return _model(str(active_model_dir()))
 
 
-def require_access() -> None:
-    """Stop the page until the user has given the configured password (if one is set)."""
-    password = _setting("FMMTC_PASSWORD")
-    if not password or st.session_state.get("authenticated"):
-        return
+#: Sign-in throttling: after FREE_ATTEMPTS wrong passwords (per browser session and per client
+#: address, within WINDOW_S), each further attempt waits 2, 4, 8 ... (at most MAX_DELAY_S)
+#: seconds after the last one; LOCK_AFTER wrong passwords lock that client out for LOCK_S.
+FREE_ATTEMPTS, MAX_DELAY_S, LOCK_AFTER, LOCK_S, WINDOW_S = 3, 60.0, 10, 900.0, 900.0
+
+
+class _Throttle:
+    """Failed sign-ins per key (client address, browser session), shared by all sessions of the
+    server process (``st.cache_resource``), thread-safe."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, []) if now - t < WINDOW_S]
+        self._failures[key] = times
+        return times
+
+    def wait_s(self, keys, now: float) -> float:
+        """Seconds before the next attempt is allowed (0 when allowed now)."""
+        wait = 0.0
+        with self._lock:
+            for key in keys:
+                times = self._recent(key, now)
+                n = len(times)
+                if n >= LOCK_AFTER:
+                    wait = max(wait, times[-1] + LOCK_S - now)
+                elif n >= FREE_ATTEMPTS:
+                    delay = min(2.0 ** (n - FREE_ATTEMPTS + 1), MAX_DELAY_S)
+                    wait = max(wait, times[-1] + delay - now)
+        return max(0.0, wait)
+
+    def fail(self, keys, now: float) -> None:
+        with self._lock:
+            for key in keys:
+                self._recent(key, now).append(now)
+
+    def clear(self, keys) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+
+@st.cache_resource(show_spinner=False)
+def _throttle() -> _Throttle:
+    return _Throttle()
+
+
+def client_address() -> str:
+    """The browser's address as the server sees it (``"unknown"`` when Streamlit cannot tell,
+    e.g. in tests or behind some proxies)."""
+    try:
+        address = st.context.ip_address
+    except Exception:  # noqa: BLE001 - older Streamlit or no request context
+        return "unknown"
+    return address if isinstance(address, str) and address else "unknown"
+
+
+def _audit_sign_in(action: str, name: str, client: str) -> None:
+    """Record a sign-in (or a failed one) in the audit log; the log must never stop a sign-in."""
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.store.repository import audit
+
+    try:
+        with session_scope(engine(), write=True) as s:
+            audit(s, name if action == "sign-in" else NOT_SIGNED_IN, action, "session", None,
+                  {"name": name[:64], "client": client})
+    except Exception as exc:  # noqa: BLE001 - a database problem shows on the pages themselves
+        import logging
+
+        logging.getLogger(__name__).warning("could not audit a %s: %s", action, exc)
+
+
+#: Who the audit log names for actions before anyone has signed in.
+NOT_SIGNED_IN = "not signed in"
+
+
+def access_granted() -> bool:
+    """True when no password is configured or this browser session has signed in."""
+    return not _setting("FMMTC_PASSWORD") or bool(st.session_state.get("authenticated"))
+
+
+def sign_in_page() -> None:
+    """The only page a visitor sees until signed in (see ``app.py``): name + password, with
+    throttling of wrong passwords and every attempt in the audit log."""
+    import time
+
+    from fmmtc_core.store.repository import validate_label
+
+    password = _setting("FMMTC_PASSWORD") or ""
     st.title("FMM-TC Screen")
     st.write("This dashboard is protected. Enter your name (for the audit log) and the team "
              "password.")
@@ -113,23 +208,104 @@ def require_access() -> None:
         name = st.text_input("Your name or initials")
         given = st.text_input("Password", type="password")
         ok = st.form_submit_button("Sign in", type="primary")
-    if ok:
-        if not name.strip():
-            st.error("Enter your name or initials: every screening records who ran it.")
-        elif hmac.compare_digest(given.encode(), password.encode()):
-            st.session_state["authenticated"] = True
-            st.session_state["operator"] = name.strip()
-            st.rerun()
-        else:
-            st.error("That password is not correct. Ask your study coordinator for it.")
-    st.stop()
+    if not ok:
+        return
+    client = client_address()
+    if "session_key" not in st.session_state:
+        import secrets
+
+        st.session_state["session_key"] = secrets.token_hex(8)
+    keys = (f"client:{client}", f"session:{st.session_state['session_key']}")
+    throttle = _throttle()
+    now = time.monotonic()
+    wait = throttle.wait_s(keys, now)
+    if wait > 0:
+        st.error(f"Too many wrong passwords. Try again in {int(wait) + 1} seconds.")
+        return
+    try:
+        name = validate_label("name", name) or ""
+    except FMMTCError as exc:
+        st.error(str(exc))
+        return
+    if not name:
+        st.error("Enter your name or initials: every screening records who ran it.")
+    elif hmac.compare_digest(given.encode(), password.encode()):
+        throttle.clear(keys)
+        _audit_sign_in("sign-in", name, client)
+        st.session_state["authenticated"] = True
+        st.session_state["operator"] = name
+        st.rerun()
+    else:
+        throttle.fail(keys, now)
+        _audit_sign_in("sign-in failed", name, client)
+        st.error("That password is not correct. Ask your study coordinator for it.")
+
+
+def require_access() -> None:
+    """Stop the page unless :func:`access_granted` (pages keep this as a second line: the
+    frame in ``app.py`` already shows only the sign-in page until then)."""
+    if not access_granted():
+        st.stop()
 
 
 def operator() -> str:
-    """Who is using the dashboard (audit log): the signed-in name, else the server's user."""
-    from fmmtc_core.screening import default_operator
+    """Who is using the dashboard (audit log): the signed-in name, else ``FMMTC_OPERATOR``,
+    else "not signed in" (never the server's OS user, which says nothing about the person)."""
+    return st.session_state.get("operator") or _setting("FMMTC_OPERATOR") or NOT_SIGNED_IN
 
-    return st.session_state.get("operator") or default_operator()
+
+#: Staging folders older than this are left over from a killed server and are removed.
+STALE_UPLOAD_S = 3600
+
+
+def upload_root() -> Path:
+    """Where uploads are staged while they are checked: ``<data folder>/uploads``, readable by
+    the server's user only. Leftovers of a killed server are removed here."""
+    import shutil
+    import time
+
+    from fmmtc_core.store import data_dir
+
+    root = Path(_setting("FMMTC_DATA_DIR") or data_dir()) / "uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    now = time.time()
+    for old in root.glob("upload-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_UPLOAD_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return root
+
+
+@contextmanager
+def staged_uploads(*files) -> Iterator[list[Path | None]]:
+    """Write uploaded files (Streamlit ``UploadedFile`` or None) into a private folder (mode
+    0700, see :func:`upload_root`) and delete it on leaving the block, whatever happens: the raw
+    scan is on disk only while it is being checked or screened."""
+    import shutil
+
+    from fmmtc_core.io import write_upload
+
+    folder = Path(tempfile.mkdtemp(prefix="upload-", dir=upload_root()))
+    try:
+        yield [None if f is None else write_upload(f, f.name, folder) for f in files]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def label_problem(**labels: str | None) -> str | None:
+    """The first invalid label (site, drug, arm ...) as a sentence, or None when all are valid
+    (see :func:`fmmtc_core.store.repository.validate_label`)."""
+    from fmmtc_core.store.repository import validate_label
+
+    for name, value in labels.items():
+        try:
+            validate_label(name, value)
+        except FMMTCError as exc:
+            return str(exc)
+    return None
 
 
 def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> None:
@@ -158,7 +334,8 @@ def load_demo_cohort(n: int | None = None, seed: int = 2026, progress=None) -> d
     import shutil
 
     n = n or demo_cohort_size()
-    folder = Path(tempfile.mkdtemp(prefix="fmmtc-demo-cohort-"))
+    upload_root()  # the data folder exists
+    folder = Path(tempfile.mkdtemp(prefix="demo-cohort-", dir=upload_root()))
     try:
         root = write_cohort(folder / "cohort", n, seed=seed, fmt="timeseries",
                             config=SimulationConfig(n_volumes=240),

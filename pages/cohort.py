@@ -92,7 +92,7 @@ st.dataframe(show, hide_index=True, width="stretch", column_config={
     "qc_verdict": st.column_config.TextColumn("QC"),
     "created_at": st.column_config.DatetimeColumn("screened", format="YYYY-MM-DD HH:mm"),
 })
-st.download_button("Export these rows (CSV)", view.to_csv(index=False),
+st.download_button("Export these rows (CSV)", repo.csv_text(view),
                    file_name=f"fmmtc-cohort-{dt.date.today():%Y%m%d}.csv", mime="text/csv",
                    key="export")
 

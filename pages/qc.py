@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import streamlit as st
 
 from fmmtc_core import FMMTCError
+from fmmtc_core import dashboard as ui
 from fmmtc_core.atlas import BUNDLED_ATLASES
 from fmmtc_core.connectivity import connectivity
 from fmmtc_core.figures import (
@@ -17,7 +15,6 @@ from fmmtc_core.figures import (
     motion_figure,
     region_series_figure,
 )
-from fmmtc_core.io import write_upload
 from fmmtc_core.preprocess import clean
 from fmmtc_core.qc import assess_scan
 
@@ -26,6 +23,8 @@ VERDICT_STYLE = {
     "warn": (st.warning, "Usable, with warnings"),
     "fail": (st.error, "Failed quality control: this scan would not be screened"),
 }
+
+ui.require_access()  # app.py gates every page; this is a second line
 
 st.title("Scan quality")
 st.write(
@@ -82,11 +81,9 @@ if submitted or demo:
     elif scan_file is None:
         st.error("Choose a scan file to upload first.")
     else:
-        folder = Path(tempfile.mkdtemp(prefix="fmmtc-upload-"))
-        path = write_upload(scan_file, scan_file.name, folder)
-        side = write_upload(sidecar_file, sidecar_file.name, folder) if sidecar_file else None
-        conf = write_upload(confounds_file, confounds_file.name, folder) if confounds_file else None
-        st.session_state["qc_result"] = run_check(path, side, conf)
+        # The upload is on disk only while it is checked (a private folder, deleted after).
+        with ui.staged_uploads(scan_file, sidecar_file, confounds_file) as (path, side, conf):
+            st.session_state["qc_result"] = run_check(path, side, conf)
         st.session_state["qc_simulated"] = False
 
 result = st.session_state.get("qc_result")

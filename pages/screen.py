@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -17,7 +14,6 @@ from fmmtc_core.figures import (
     network_figure,
     probability_figure,
 )
-from fmmtc_core.io import write_upload
 from fmmtc_core.screening import STAGES, QCFailedError
 
 ui.require_access()
@@ -61,6 +57,9 @@ with st.expander("Screen a participant" if not has_result else "Screen another p
         site = c1.text_input("Site (optional)")
         drug = c2.text_input("Drug (optional)")
         arm = c3.text_input("Arm (optional)")
+        force = st.checkbox("Screen again", key="force",
+                            help="Screen this image again even if it was screened before with "
+                                 "this model (the earlier screening is kept).")
         submitted = st.form_submit_button("Screen participant", type="primary")
     demo = st.button("Screen a simulated demo participant", key="demo",
                      help="A synthetic scan generated on this machine (SIM-DEMO); nothing is "
@@ -101,7 +100,8 @@ def _run(path, participant, sidecar=None, confounds=None, simulated=False):
         result = ui.run_screening(path, participant, sidecar=sidecar, confounds=confounds,
                                   site=site.strip() or None, drug=drug.strip() or None,
                                   arm=arm.strip() or None, simulated=simulated,
-                                  operator=ui.operator(), progress=cb)
+                                  force=force and not simulated, operator=ui.operator(),
+                                  progress=cb)
     except QCFailedError as exc:
         bar.empty()
         st.error(f"Not screened: {exc} Nothing was saved. Check the scan (or re-run "
@@ -132,20 +132,16 @@ if submitted or demo:
         st.error("Enter the participant's study pseudonym first (e.g. PAIN-0042).")
     elif scan_file is None:
         st.error("Choose a scan file to upload first.")
+    elif (problem := ui.label_problem(site=site, drug=drug, arm=arm)) is not None:
+        st.error(f"Not screened: {problem} Nothing was saved.")
     else:
-        # The upload lives only in a temporary folder for the duration of the screening.
-        with tempfile.TemporaryDirectory(prefix="fmmtc-upload-") as tmp:
-            folder = Path(tmp)
-            try:
-                path = write_upload(scan_file, scan_file.name, folder)
-                side = write_upload(sidecar_file, sidecar_file.name, folder) \
-                    if sidecar_file else None
-                conf = write_upload(confounds_file, confounds_file.name, folder) \
-                    if confounds_file else None
-            except Exception as exc:  # noqa: BLE001
-                ui.plain_error(exc, "The upload could not be read")
-            else:
-                _run(path, pseudonym, side, conf)
+        # The upload is on disk only for the duration of the screening (a private folder
+        # under the data folder, deleted on leaving the block whatever happens).
+        try:
+            with ui.staged_uploads(scan_file, sidecar_file, confounds_file) as staged:
+                _run(staged[0], pseudonym, staged[1], staged[2])
+        except OSError as exc:
+            ui.plain_error(exc, "The upload could not be read")
 
 failed = st.session_state.get("screen_qc_failed")
 if failed is not None:

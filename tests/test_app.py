@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_bold, save_nifti
+from conftest import fake_screening, make_bold, save_nifti
 from streamlit.testing.v1 import AppTest
 
 from fmmtc_core.store import open_database, row_counts
@@ -17,10 +17,20 @@ APP = str(ROOT / "app.py")
 
 @pytest.fixture
 def db(tmp_path, monkeypatch):
-    """A fresh cohort database for each test (the app's default location, moved)."""
+    """A fresh cohort database for each test (the app's default location, moved). After the
+    test, no staged upload may be left, neither under the data folder nor in the temp folder."""
+    import tempfile
+
+    from fmmtc_core import dashboard
+
+    dashboard._throttle.clear()  # failed sign-ins of an earlier test do not count here
     monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "4")
-    return f"sqlite:///{tmp_path / 'data' / 'fmmtc.db'}"
+    before = set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*"))
+    yield f"sqlite:///{tmp_path / 'data' / 'fmmtc.db'}"
+    staged = tmp_path / "data" / "uploads"
+    assert not list(staged.glob("upload-*")) if staged.exists() else True
+    assert set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*")) <= before
 
 
 def _app(page: str | None = None) -> AppTest:
@@ -98,6 +108,24 @@ def test_bad_upload_shows_a_plain_error_and_stores_nothing(db, name, content, ma
     assert len(at.error) == 1
     assert at.error[0].value.startswith("This scan cannot be used: ")
     assert match in at.error[0].value and "Traceback" not in at.error[0].value
+    assert all(v == 0 for v in _counts(db).values())
+
+
+@pytest.mark.parametrize("field, value", [("Site (optional)", "=cmd|' /C calc'!A0"),
+                                          ("Drug (optional)", "<b>x</b>"),
+                                          ("Arm (optional)", "a" * 65)])
+def test_bad_labels_are_refused_before_the_screening(db, hcpex_scans, field, value):
+    table = hcpex_scans[0]
+    at = _app()
+    at.text_input(key="pseudonym").input("PAIN-0044")
+    next(t for t in at.text_input if t.label == field).input(value)
+    at.file_uploader[0].upload(table.name, table.read_bytes(), "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 1 and errors[0].startswith("Not screened: Invalid ")
+    assert errors[0].endswith("Nothing was saved.")
     assert all(v == 0 for v in _counts(db).values())
 
 
@@ -209,6 +237,89 @@ def test_model_page_shows_the_card(db):
     assert any("| model |" in md.value for md in at.markdown)  # the ablation table
 
 
+def _store_a_screening(db, pseudonym="LEAK-0001"):
+    from fmmtc_core.store import session_scope
+
+    with session_scope(open_database(db), write=True) as s:
+        fake_screening(s, pseudonym, site="HIDDEN-SITE")
+
+
+def _everything_shown(at) -> str:
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "text", "info",
+                 "warning", "error", "success", "metric"):
+        for el in getattr(at, kind):
+            parts.append(str(getattr(el, "value", "")) + str(getattr(el, "label", "")))
+    for el in at.sidebar:
+        parts.append(str(getattr(el, "value", "")))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("page", [None, "screen", "explore", "cohort", "model", "qc"])
+def test_every_page_is_gated_before_sign_in(db, monkeypatch, page):
+    """With a password set, no page (asked for by its path) shows stored data, an upload
+    widget or the model before sign-in; the sign-in form is all there is."""
+    _store_a_screening(db)
+    monkeypatch.setenv("FMMTC_PASSWORD", "s3cret")
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    if page:
+        try:
+            at.switch_page(f"pages/{page}.py")
+        except Exception:  # noqa: BLE001 - not in the navigation at all: also gated
+            pass
+        at.run()
+    assert not at.exception
+    assert not at.file_uploader and not at.dataframe
+    shown = _everything_shown(at)
+    assert "LEAK-0001" not in shown and "HIDDEN-SITE" not in shown
+    assert "fmmtc-demo" not in shown and "Model:" not in shown
+    assert [t.value for t in at.title] == ["FMM-TC Screen"]
+    assert len(at.text_input) == 2
+
+
+def test_wrong_passwords_are_throttled_and_audited(db, monkeypatch):
+    from sqlalchemy import text
+
+    from fmmtc_core import dashboard
+
+    monkeypatch.setenv("FMMTC_PASSWORD", "s3cret")
+    at = _app()
+    at.text_input[0].input("mallory")
+    for _ in range(dashboard.FREE_ATTEMPTS):
+        at.text_input[1].input("guess")
+        at.form_submit_button[0].click()
+        at.run()
+        assert _errors(at) == ["That password is not correct. Ask your study coordinator for it."]
+    at.text_input[1].input("s3cret")  # the right one, too soon: still refused
+    at.form_submit_button[0].click()
+    at.run()
+    assert _errors(at)[0].startswith("Too many wrong passwords. Try again in")
+    assert at.title[0].value == "FMM-TC Screen"
+    with open_database(db).connect() as conn:
+        rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
+    assert rows == [("not signed in", "sign-in failed")] * dashboard.FREE_ATTEMPTS
+
+
+def test_throttle_delays_then_locks_out():
+    from fmmtc_core.dashboard import FREE_ATTEMPTS, LOCK_AFTER, LOCK_S, _Throttle
+
+    t, keys, now = _Throttle(), ("client:1.2.3.4",), 1000.0
+    for i in range(FREE_ATTEMPTS):
+        assert t.wait_s(keys, now + i) == 0
+        t.fail(keys, now + i)
+    last = now + FREE_ATTEMPTS - 1
+    assert t.wait_s(keys, last) == pytest.approx(2.0)  # then 4, 8, ... seconds
+    t.fail(keys, last + 2)
+    assert t.wait_s(keys, last + 2) == pytest.approx(4.0)
+    assert t.wait_s(("client:5.6.7.8",), last) == 0  # another client is not affected
+    for i in range(LOCK_AFTER):
+        t.fail(keys, last + 3 + i)
+    assert t.wait_s(keys, last + 3 + LOCK_AFTER) == pytest.approx(LOCK_S - 1)
+    t.clear(keys)
+    assert t.wait_s(keys, last + 3 + LOCK_AFTER) == 0
+
+
 def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
     from sqlalchemy import text
 
@@ -229,8 +340,9 @@ def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
     at.run()
     assert not _errors(at)
     with open_database(db).connect() as conn:
-        actors = {r[0] for r in conn.execute(text("SELECT actor FROM audit_log"))}
-    assert actors == {"dr who"}
+        rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
+    assert rows[0] == ("not signed in", "sign-in failed") and rows[1] == ("dr who", "sign-in")
+    assert {actor for actor, _ in rows[1:]} == {"dr who"}
 
 
 # --------------------------------------------------------------------------------------------
