@@ -22,6 +22,7 @@ from fmmtc_core.explain import Explanation, explain, model_inputs
 from fmmtc_core.io import load_scan
 from fmmtc_core.preprocess import RegionSignals, clean, parcellate
 from fmmtc_core.qc import QCReport, QCThresholds, qc_report
+from fmmtc_core.store.repository import default_operator
 
 __all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES",
            "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest"]
@@ -248,39 +249,32 @@ def _check_signal_values(data: np.ndarray, scan, when: str, *, allow_nan: bool) 
 # --------------------------------------------------------------------------------------------
 # Screening into the cohort database
 # --------------------------------------------------------------------------------------------
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def inputs_digest(source, sidecar=None, confounds=None) -> tuple[str, str]:
     """(scan SHA-256, SHA-256 of everything that decides the result: scan, sidecar, confounds).
 
-    The sidecar is the one given or the one found beside the scan, as :func:`load_scan` would.
+    The scan hash is the image's identity (one image, one participant); the second decides
+    whether a stored screening can be reused. The sidecar is the one given or the one found
+    beside the scan, as :func:`load_scan` would. Side files are checked (regular files within
+    their size limits) before they are read, so a pipe or a device never blocks the hashing.
     """
-    from fmmtc_core.io import find_sidecar
+    from fmmtc_core.io import (
+        MAX_SIDECAR_BYTES,
+        MAX_TABLE_BYTES,
+        _check_regular_file,
+        file_sha256,
+        find_sidecar,
+    )
 
-    scan_sha = file_sha256(source)
+    scan_sha = file_sha256(source, "Scan file")
     h = hashlib.sha256(scan_sha.encode())
     side = sidecar if sidecar is not None else find_sidecar(source)
-    for extra in (side, confounds):
+    for extra, what, limit in ((side, "Sidecar", MAX_SIDECAR_BYTES),
+                               (confounds, "Confounds file", MAX_TABLE_BYTES)):
         h.update(b"|")
-        if extra is not None and Path(extra).exists():
-            h.update(file_sha256(extra).encode())
+        if extra is not None:
+            _check_regular_file(Path(extra), what, "a regular file", limit)
+            h.update(file_sha256(extra, what).encode())
     return scan_sha, h.hexdigest()
-
-
-def default_operator() -> str:
-    """Who runs a screening when nobody is named: ``FMMTC_OPERATOR`` or the OS user."""
-    import getpass
-
-    try:
-        return os.environ.get("FMMTC_OPERATOR") or getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user database entry in some containers
-        return "unknown"
 
 
 @dataclass
@@ -435,10 +429,13 @@ def screen(
     from fmmtc_core.store import repository as repo
     from fmmtc_core.store.db import DatabaseError, session_scope
 
-    operator = operator or default_operator()
-    pseudonym = repo.validate_pseudonym(participant)  # fail fast, before any work
-    if not Path(source).is_file():
-        raise InvalidInputError(f"No such scan file: {source}.")
+    # Fail fast, before any work: identifiers and labels, then the files.
+    pseudonym = repo.validate_pseudonym(participant)
+    operator = repo.validate_label("operator", operator) or default_operator()
+    site, drug, arm = (repo.validate_label(name, value)
+                       for name, value in (("site", site), ("drug", drug), ("arm", arm)))
+    if not Path(source).exists():
+        raise InvalidInputError(f"No such scan file: {str(source)!r}.")
     scan_sha, key = inputs_digest(source, sidecar, confounds)
     with session_scope(engine) as s:  # the cheap answers first: refuse or reuse
         stored = _stored_outcome(s, scan_sha, key, model, pseudonym, force)
@@ -607,7 +604,7 @@ def screen_batch(
             simulated = bool(json.loads(desc.read_text()).get("Simulated", False))
         except (ValueError, AttributeError):
             simulated = False
-    operator = operator or default_operator()
+    operator = repo.validate_label("operator", operator) or default_operator()
     engine = open_database(url)
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     model = load_model(model_dir)

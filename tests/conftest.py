@@ -137,6 +137,33 @@ def hcpex_scans(tmp_path_factory):
     return pick(table, "_seg-HCPEx_timeseries.tsv"), pick(nifti, "_bold.nii.gz")
 
 
+def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
+                   revision=0, site="S1"):
+    """Store a screening with made-up numbers through the repository (no model, no scan): for
+    tests of the database, the export and the pages. Labels are not validated here, as rows
+    written by an older version would not have been."""
+    from fmmtc_core.store import repository as repo
+
+    p = repo.get_or_create_participant(session, pseudonym, actor="t", site=site)
+    mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
+    scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
+            "atlas": "X", "qc_verdict": "pass", "qc": {"reasons": []}, "n_volumes": 100,
+            "n_regions": n_regions,
+            "series": repo.encode_series(np.zeros((100, n_regions), np.float32))}
+    fields = {"inputs_sha256": sha, "probability": prob, "band_low": prob - 0.1,
+              "band_high": prob + 0.1, "fold_probabilities": [prob], "decision": "uncertain",
+              "thresholds": {"responder": 0.6}, "share_ts": 0.1, "share_fc": 0.9,
+              "ig_gap": 0.001, "ig_steps": 8, "explanation": {}, "runtime_s": 1.0,
+              "stage_seconds": {}, "software_version": "0"}
+    regions = [{"region_index": i, "label": i + 1, "name": f"r{i}", "network": "N",
+                "ts": 0.0, "fc": float(i), "total": float(i)} for i in range(n_regions)]
+    conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,
+              "score": 0.5}]
+    return repo.add_screening(session, participant=p, model_version=mv, scan_fields=scan,
+                              screening_fields=fields, regions=regions, connections=conns,
+                              actor="t", revision=revision)
+
+
 # --------------------------------------------------------------------------------------------
 # PostgreSQL: a real server on loopback
 # --------------------------------------------------------------------------------------------

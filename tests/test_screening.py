@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fmriprep_confounds, make_bold, save_nifti
+from conftest import fake_screening, fmriprep_confounds, make_bold, save_nifti
 
 from fmmtc_core import InvalidInputError
+from fmmtc_core._errors import ModelFileError
 from fmmtc_core.cli import main
 from fmmtc_core.screening import QCFailedError, decide, screen, screen_batch
 from fmmtc_core.simulate import SimulationConfig, write_cohort
@@ -264,6 +265,73 @@ def test_every_bad_input_leaves_every_table_unchanged(tmp_path, cohort, model, e
             screen(_scans(cohort)[4], bad_id, model, engine)
     assert row_counts(engine) == before
     assert integrity_check(engine) == []
+
+
+def test_values_that_overflow_are_refused_and_nothing_non_finite_is_stored(tmp_path, cohort,
+                                                                          model, engine):
+    """Finite but absurd values (+-1e308 in two regions) pass no stage: refused before the
+    database is touched, with the file named."""
+    table = pd.read_csv(_scans(cohort)[0], sep="\t")
+    table.iloc[:, 3] = 1e308
+    table.iloc[::2, 7] = -1e308
+    bad = tmp_path / "sub-huge_seg-HCPEx_timeseries.tsv"
+    table.to_csv(bad, sep="\t", index=False)
+    bad.with_suffix(".json").write_text(_scans(cohort)[0].with_suffix(".json").read_text())
+    before = row_counts(engine)
+    with pytest.raises(InvalidInputError, match=r"'sub-huge_seg-HCPEx_timeseries.tsv' holds "
+                       r"non-finite or out-of-range values as read \(\d+ value\(s\) in 2 "
+                       r"region\(s\)"):
+        screen(bad, "PAIN-0100", model, engine, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+
+
+def test_a_non_finite_model_output_names_the_model_and_stores_nothing(monkeypatch, cohort,
+                                                                      model, engine):
+    real = model.predict
+
+    def broken(window, fc):  # what a NaN calibration or NaN weights give
+        out = real(window, fc)
+        return {**out, "probability": out["probability"] * np.nan}
+
+    monkeypatch.setattr(model, "predict", broken)
+    before = row_counts(engine)
+    with pytest.raises(ModelFileError, match=r"The model 'fmmtc-demo' gave a non-finite "
+                       r"probability .* Nothing was stored"):
+        screen(_scans(cohort)[1], "PAIN-0101", model, engine, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+
+
+@pytest.mark.parametrize("field, value", [("site", "=cmd|' /C calc'!A0"),
+                                          ("drug", "<script>alert(1)</script>"),
+                                          ("arm", "a" * 65), ("operator", "x\ny")])
+def test_labels_are_validated_before_any_work(cohort, model, engine, field, value):
+    with pytest.raises(InvalidInputError, match=f"Invalid {field} "):
+        screen(_scans(cohort)[0], "PAIN-0102", model, engine, **{field: value})
+    assert all(v == 0 for v in row_counts(engine).values())
+
+
+def test_export_neutralises_spreadsheet_formulas(tmp_path):
+    """A site stored before labels were validated (or typed into another tool) cannot run as
+    a formula in the exported CSV; numbers stay numbers."""
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.store import repository as repo
+
+    df = pd.DataFrame({"participant": ["P1", "P2", "P3"],
+                       "site": ["=cmd|' /C calc'!A0", "+1+1", "@SUM(A1)"],
+                       "probability": [-0.5, 0.25, 1.0]})
+    text = repo.csv_text(df)
+    assert "'=cmd|" in text and "'+1+1" in text and "'@SUM" in text
+    back = pd.read_csv(__import__("io").StringIO(text))
+    assert back["probability"].tolist() == [-0.5, 0.25, 1.0]
+    assert not any(str(v).startswith(("=", "+", "-", "@")) for v in back["site"])
+    engine = open_database(f"sqlite:///{tmp_path / 'x.db'}")
+    with session_scope(engine, write=True) as s:  # unvalidated, as an old row would be
+        fake_screening(s, "OLD-1", site='=HYPERLINK("http://x")')
+    out = tmp_path / "e.csv"
+    assert main(["db", "export", "--out", str(out), "--db", str(engine.url)]) == 0
+    exported = out.read_text()
+    assert "'=HYPERLINK" in exported
+    assert "=HYPERLINK" not in exported.replace("'=HYPERLINK", "")
 
 
 def test_hard_qc_failure_stores_nothing_and_says_why(tmp_path, model, engine, grid_labels):

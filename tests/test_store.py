@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import fake_screening
 from sqlalchemy import inspect, text
 
 from fmmtc_core import InvalidInputError
@@ -26,34 +27,12 @@ from fmmtc_core.store import (
 from fmmtc_core.store import repository as repo
 
 
-def _fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
-                    revision=0):
-    p = repo.get_or_create_participant(session, pseudonym, actor="t", site="S1")
-    mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
-    scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
-            "atlas": "X", "qc_verdict": "pass", "qc": {"reasons": []}, "n_volumes": 100,
-            "n_regions": n_regions,
-            "series": repo.encode_series(np.zeros((100, n_regions), np.float32))}
-    fields = {"inputs_sha256": sha, "probability": prob, "band_low": prob - 0.1,
-              "band_high": prob + 0.1, "fold_probabilities": [prob], "decision": "uncertain",
-              "thresholds": {"responder": 0.6}, "share_ts": 0.1, "share_fc": 0.9,
-              "ig_gap": 0.001, "ig_steps": 8, "explanation": {}, "runtime_s": 1.0,
-              "stage_seconds": {}, "software_version": "0"}
-    regions = [{"region_index": i, "label": i + 1, "name": f"r{i}", "network": "N",
-                "ts": 0.0, "fc": float(i), "total": float(i)} for i in range(n_regions)]
-    conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,
-              "score": 0.5}]
-    return repo.add_screening(session, participant=p, model_version=mv, scan_fields=scan,
-                              screening_fields=fields, regions=regions, connections=conns,
-                              actor="t", revision=revision)
-
-
 def _assert_crash_rolls_back(engine):
     """A write transaction interrupted by an exception leaves every table as it was."""
     before = row_counts(engine)
     with pytest.raises(RuntimeError):
         with session_scope(engine, write=True) as s:
-            _fake_screening(s, "PAIN-0002", sha="b" * 64)
+            fake_screening(s, "PAIN-0002", sha="b" * 64)
             raise RuntimeError("crash before commit")
     assert row_counts(engine) == before
 
@@ -244,7 +223,7 @@ def test_series_roundtrip():
 def test_repository_writes_are_audited_and_atomic(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'r.db'}")
     with session_scope(engine, write=True) as s:
-        sc = _fake_screening(s)
+        sc = fake_screening(s)
         sid = sc.id
     counts = row_counts(engine)
     assert counts["screenings"] == 1 and counts["region_attributions"] == 3
@@ -274,8 +253,8 @@ def test_repository_writes_are_audited_and_atomic(tmp_path):
 def test_screenings_frame_keeps_the_latest_screening_per_participant(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'l.db'}")
     with session_scope(engine, write=True) as s:
-        _fake_screening(s, prob=0.2)
-        _fake_screening(s, prob=0.9, revision=1)
+        fake_screening(s, prob=0.2)
+        fake_screening(s, prob=0.9, revision=1)
     df = repo.screenings_frame(engine)
     assert len(df) == 1 and df.loc[0, "probability"] == 0.9
     assert len(repo.screenings_frame(engine, latest_only=False)) == 2
@@ -286,18 +265,18 @@ def _database_enforces_scan_identity(engine):
     the same image, model and revision (whatever the code above it checks), and rolls back."""
     upgrade(engine)
     with session_scope(engine, write=True) as s:
-        _fake_screening(s, "OWNER-1", sha="d" * 64)
+        fake_screening(s, "OWNER-1", sha="d" * 64)
     before = row_counts(engine)
     with pytest.raises(DatabaseError, match="refused") as info:
         with session_scope(engine, write=True) as s:
-            _fake_screening(s, "OTHER-2", sha="d" * 64)
+            fake_screening(s, "OTHER-2", sha="d" * 64)
     assert info.value.conflict
     with pytest.raises(DatabaseError, match="refused"):
         with session_scope(engine, write=True) as s:
-            _fake_screening(s, "OWNER-1", sha="d" * 64)  # same revision 0 again
+            fake_screening(s, "OWNER-1", sha="d" * 64)  # same revision 0 again
     assert row_counts(engine) == before
     with session_scope(engine, write=True) as s:  # a deliberate repeat is the next revision
-        _fake_screening(s, "OWNER-1", sha="d" * 64, revision=1)
+        fake_screening(s, "OWNER-1", sha="d" * 64, revision=1)
     assert row_counts(engine)["screenings"] == before["screenings"] + 1
 
 
@@ -323,7 +302,7 @@ def test_postgres_migration_refuses_a_scan_stored_under_two_pseudonyms(pg_engine
 def test_postgres_repository_and_rollback(pg_engine):
     upgrade(pg_engine)
     with session_scope(pg_engine, write=True) as s:
-        _fake_screening(s)
+        fake_screening(s)
     _assert_crash_rolls_back(pg_engine)
     assert integrity_check(pg_engine) == []
     assert len(repo.screenings_frame(pg_engine)) == 1

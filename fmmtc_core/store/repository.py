@@ -30,6 +30,7 @@ __all__ = [
     "validate_pseudonym",
     "validate_label",
     "validate_note",
+    "default_operator",
     "audit",
     "get_or_create_participant",
     "get_or_create_model_version",
@@ -44,6 +45,7 @@ __all__ = [
     "cohort_region_means",
     "outcomes_frame",
     "export_csv",
+    "csv_text",
     "encode_series",
     "decode_series",
 ]
@@ -115,6 +117,21 @@ def validate_note(value: str | None, *, max_len: int = NOTE_MAX) -> str | None:
     if _CONTROL.search(value):
         raise InvalidInputError("The note contains control characters; use plain text.")
     return value
+
+
+def default_operator() -> str:
+    """Who runs a screening when nobody is named: ``FMMTC_OPERATOR`` (validated like every
+    label), else the OS user (when it is a valid label), else ``"unknown"``."""
+    import getpass
+    import os
+
+    env = os.environ.get("FMMTC_OPERATOR")
+    if env:
+        return validate_label("operator (FMMTC_OPERATOR)", env)
+    try:
+        return validate_label("operator", getpass.getuser()) or "unknown"
+    except Exception:  # noqa: BLE001 - no user database entry, or an odd user name
+        return "unknown"
 
 
 def audit(session: Session, actor: str, action: str, entity: str, entity_id: int | None,
@@ -236,6 +253,10 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
         raise InvalidInputError(
             f"Outcome must be 'responder' or 'non-responder', got {outcome!r}.")
     pseudonym = validate_pseudonym(pseudonym)
+    actor = validate_label("operator", actor)
+    note = validate_note(note)
+    if actor is None:
+        raise InvalidInputError("Name who enters the outcome (the audit log records it).")
     p = session.scalar(select(Participant).where(Participant.pseudonym == pseudonym))
     if p is None:
         raise InvalidInputError(
@@ -336,9 +357,35 @@ def outcomes_frame(engine: Engine) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["participant", "responder", "entered_by", "entered_at"])
 
 
+#: A cell starting with one of these is read as a formula by spreadsheet programs.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|")
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """``df`` as CSV text that is safe to open in a spreadsheet (CSV/formula injection).
+
+    Every text cell that starts with ``= + - @``, a tab, a line break or ``|`` is prefixed with
+    a single quote (the OWASP recommendation), so it is shown as text and never run; numbers
+    stay numbers. Every CSV the project writes goes through here (``fmmtc db export`` and the
+    dashboard's download).
+    """
+    def neutral(value):
+        if isinstance(value, str) and value.startswith(_FORMULA_START):
+            return "'" + value
+        return value
+
+    safe = df.copy()
+    for col in safe.columns:
+        if pd.api.types.is_object_dtype(safe[col]) or pd.api.types.is_string_dtype(safe[col]):
+            safe[col] = safe[col].map(neutral)
+    return safe.to_csv(index=False)
+
+
 def export_csv(engine: Engine, path, *, latest_only: bool = False) -> int:
-    """Write every screening (one row each) to a CSV file; returns the number of rows."""
+    """Write every screening (one row each) to a CSV file (see :func:`csv_text`); returns the
+    number of rows."""
     df = screenings_frame(engine, latest_only=latest_only)
-    df.to_csv(path, index=False)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(csv_text(df))
     return len(df)
 
