@@ -37,3 +37,16 @@ def test_glass_brain_png():
     atlas = load_atlas("aal3")
     png = glass_brain_png(atlas, np.linspace(-1, 1, atlas.n_regions))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_every_text_field_is_escaped():
+    """Each value that can come from a user or the database is escaped: the test fails if any
+    one field reaches the page as markup."""
+    bad = "<script>alert(1)</script>"
+    summary = {**SUMMARY, "model": bad, "decision": bad, "created_at": bad, "baseline": bad,
+               "qc": {"verdict": bad, "reasons": [bad]},
+               "regions": [{"label": 1, "name": bad, "score": 0.5}],
+               "networks": {bad: {"ts": 0.1, "fc": 0.15, "total": 0.25}}}
+    html = screening_report_html(summary, participant=bad, screening_id=1, operator=bad)
+    assert "<script" not in html
+    assert html.count("&lt;script&gt;") >= 9
