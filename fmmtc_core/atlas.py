@@ -263,32 +263,6 @@ class Atlas:
         }
 
 
-def _resample_nearest(
-    data: np.ndarray, src_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
-) -> np.ndarray:
-    """Nearest-neighbour resampling of a label volume onto another grid (voxels outside -> 0)."""
-    # Map every target voxel centre to source voxel indices; a single affine composition, done
-    # axis by axis so memory stays at a few arrays of the target size.
-    vox2vox = np.linalg.inv(src_affine) @ affine
-    ii, jj, kk = (np.arange(n, dtype=np.float64) for n in shape)
-    out = np.zeros(shape, dtype=data.dtype)
-    coords = []
-    for row in range(3):
-        a = vox2vox[row]
-        c = (
-            a[0] * ii[:, None, None]
-            + a[1] * jj[None, :, None]
-            + a[2] * kk[None, None, :]
-            + a[3]
-        )
-        coords.append(np.rint(c).astype(np.int64))
-    valid = np.ones(shape, dtype=bool)
-    for c, n in zip(coords, data.shape[:3]):
-        valid &= (c >= 0) & (c < n)
-    out[valid] = data[coords[0][valid], coords[1][valid], coords[2][valid]]
-    return out
-
-
 _LABEL_TABLE_EXPECTED = "a label table ('<label> <name>' lines or a BIDS dseg.tsv)"
 
 
@@ -461,8 +435,13 @@ def _to_cache_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
     factor = CACHE_VOXEL_MM / zooms
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * factor
-    shape = tuple(int(np.ceil(n / f)) for n, f in zip(data.shape[:3], factor))
-    return _resample_nearest(data, affine, shape, new_affine), new_affine
+    shape = tuple(int(np.ceil(n / f)) for n, f in zip(data.shape[:3], factor, strict=True))
+    from nilearn.image import resample_img
+
+    out = resample_img(nib.Nifti1Image(data, affine), target_affine=new_affine,
+                       target_shape=shape, interpolation="nearest", force_resample=True,
+                       copy_header=True)
+    return np.asarray(out.dataobj, dtype=data.dtype), new_affine
 
 
 def _load_bundled(key: str) -> Atlas:
