@@ -108,9 +108,11 @@ _AAL_LOBES: tuple[tuple[str, str], ...] = (
 
 
 def cache_dir() -> Path:
-    """Directory for derived, re-computable files (``$FMMTC_CACHE_DIR`` or ``~/.cache/fmmtc``)."""
-    root = os.environ.get("FMMTC_CACHE_DIR") or Path.home() / ".cache" / "fmmtc"
-    return Path(root)
+    """Directory for derived, re-computable files (see :func:`fmmtc_core.config.cache_dir`:
+    ``$FMMTC_CACHE_DIR``, else under the data folder when one is set, else ``~/.cache/fmmtc``)."""
+    from fmmtc_core import config
+
+    return config.cache_dir()
 
 
 def _package_atlas_dir() -> Path:

@@ -149,3 +149,18 @@ def test_grid_far_outside_the_atlas_covers_no_region(aal3):
     affine[:3, 3] = 400.0  # the field of view lies entirely outside MNI space
     grid = aal3.on_grid((10, 10, 10), affine)
     assert grid.n_voxels.sum() == 0 and grid.fraction_covered == 0
+
+
+def test_cache_stays_under_the_data_folder_unless_set(monkeypatch, tmp_path):
+    """A deployment that names its data folder keeps its caches there too (not in ~/.cache)."""
+    from fmmtc_core.atlas import cache_dir
+
+    monkeypatch.delenv("FMMTC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "data"))
+    assert cache_dir() == tmp_path / "data" / "cache"
+    monkeypatch.setenv("FMMTC_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("FMMTC_CACHE_DIR")
+    monkeypatch.delenv("FMMTC_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "fmmtc"

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session
 
+from fmmtc_core import config
 from fmmtc_core._errors import InvalidInputError, StorageError
 from fmmtc_core.store.models import TABLES
 
@@ -75,20 +75,13 @@ class DatabaseError(StorageError):
 
 
 def data_dir() -> Path:
-    """Folder of the default SQLite database."""
-    env = os.environ.get("FMMTC_DATA_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "fmmtc"
+    """Folder of the default SQLite database (:func:`fmmtc_core.config.data_dir`)."""
+    return config.data_dir()
 
 
 def default_url() -> str:
     """``FMMTC_DATABASE_URL``, else ``sqlite:///<data_dir>/fmmtc.db``."""
-    env = os.environ.get("FMMTC_DATABASE_URL")
-    if env:
-        return env
-    return f"sqlite:///{data_dir() / 'fmmtc.db'}"
+    return config.database_url()
 
 
 def _redact(url: str | URL) -> str:

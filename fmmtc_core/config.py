@@ -1,0 +1,119 @@
+"""One place for the package's settings: defaults, environment variables and named constants.
+
+Every environment variable the package reads is read here, and every number that more than one
+module (or the CLI, the QC report and the dashboard) must agree on is named here. Nothing in
+this module imports anything heavy, so the CLI can read settings before torch loads.
+
+Environment variables
+---------------------
+``FMMTC_DATA_DIR``
+    The data folder: the default SQLite database, staged uploads and (unless
+    ``FMMTC_CACHE_DIR`` is set) the derived caches. Default ``$XDG_DATA_HOME/fmmtc``, else
+    ``~/.local/share/fmmtc``.
+``FMMTC_CACHE_DIR``
+    Derived caches (the 2 mm atlas images, simulated demo scans). Default: when
+    ``FMMTC_DATA_DIR`` is set, ``<data folder>/cache`` (everything of a deployment stays under
+    its data folder); else ``$XDG_CACHE_HOME/fmmtc``, else ``~/.cache/fmmtc``.
+``FMMTC_DATABASE_URL``
+    Any SQLAlchemy URL; default ``sqlite:///<data folder>/fmmtc.db``.
+``FMMTC_MODEL_DIR``
+    The model used when none is named; default the bundled demo model.
+``FMMTC_MAX_SCAN_BYTES``
+    Memory budget for one image, decided from its header (default 8 GiB).
+``FMMTC_DEVICE``
+    ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
+``FMMTC_OPERATOR``
+    Who runs screenings when nobody is named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "BAND_PASS_HZ",
+    "FD_THRESHOLD_MM",
+    "STD_DVARS_THRESHOLD",
+    "FD_MEAN_FAIL_MM",
+    "DEFAULT_MAX_SCAN_BYTES",
+    "data_dir",
+    "cache_dir",
+    "database_url",
+    "model_dir_setting",
+    "max_scan_bytes_setting",
+    "device_setting",
+    "operator_setting",
+]
+
+#: Decision thresholds on the calibrated probability: likely responder when the whole band is
+#: at or above ``responder``, likely non-responder at or below ``non_responder``.
+DEFAULT_THRESHOLDS = {"responder": 0.6, "non_responder": 0.4}
+
+#: Band-pass of the cleaning step, Hz (the resting-state band).
+BAND_PASS_HZ = (0.01, 0.1)
+
+#: A volume is high-motion above this framewise displacement (Power et al. 2012), mm.
+FD_THRESHOLD_MM = 0.5
+
+#: ... or above this standardised DVARS.
+STD_DVARS_THRESHOLD = 1.5
+
+#: QC fails a scan whose mean framewise displacement exceeds this, mm.
+FD_MEAN_FAIL_MM = 0.5
+
+#: Default memory budget for one image (bytes), decided from its header.
+DEFAULT_MAX_SCAN_BYTES = 8 * 1024**3
+
+
+def _env(key: str) -> str | None:
+    value = os.environ.get(key)
+    return value if value else None
+
+
+def data_dir() -> Path:
+    """The data folder (``FMMTC_DATA_DIR``, else ``$XDG_DATA_HOME/fmmtc``, else
+    ``~/.local/share/fmmtc``)."""
+    env = _env("FMMTC_DATA_DIR")
+    if env:
+        return Path(env)
+    xdg = _env("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "fmmtc"
+
+
+def cache_dir() -> Path:
+    """The cache folder (see the module docstring)."""
+    env = _env("FMMTC_CACHE_DIR")
+    if env:
+        return Path(env)
+    if _env("FMMTC_DATA_DIR"):
+        return data_dir() / "cache"
+    xdg = _env("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fmmtc"
+
+
+def database_url() -> str:
+    """``FMMTC_DATABASE_URL``, else ``sqlite:///<data folder>/fmmtc.db``."""
+    return _env("FMMTC_DATABASE_URL") or f"sqlite:///{data_dir() / 'fmmtc.db'}"
+
+
+def model_dir_setting() -> Path | None:
+    """``FMMTC_MODEL_DIR`` as a path, or None (then the bundled demo model is used)."""
+    env = _env("FMMTC_MODEL_DIR")
+    return Path(env) if env else None
+
+
+def max_scan_bytes_setting() -> str | None:
+    """``FMMTC_MAX_SCAN_BYTES`` as written (validated where it is used), or None."""
+    return _env("FMMTC_MAX_SCAN_BYTES")
+
+
+def device_setting() -> str | None:
+    """``FMMTC_DEVICE`` as written, or None (CUDA when available)."""
+    return _env("FMMTC_DEVICE")
+
+
+def operator_setting() -> str | None:
+    """``FMMTC_OPERATOR`` as written, or None."""
+    return _env("FMMTC_OPERATOR")
