@@ -24,6 +24,7 @@ RUN TORCH_PIN=$(grep -E '^torch==' requirements.txt) \
     && pip install "$TORCH_PIN" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
     && pip install -r requirements.txt
 COPY fmmtc_core ./fmmtc_core
+COPY fmmtc_app ./fmmtc_app
 COPY app.py ./
 COPY pages ./pages
 COPY assets ./assets

@@ -1,6 +1,8 @@
 # Two commands set up a fresh machine (see README):
 #   make run   - install into .venv and start the dashboard on the embedded default
-#   make test  - install into .venv (plus test tools) and run the whole test suite
+#   make test  - install into .venv (plus test tools) and run the whole test suite (CI)
+#   make test-fast - the daily tier: no slow, PostgreSQL or browser tests (under 2 minutes)
+#   make typecheck - mypy on fmmtc_core (settings in pyproject.toml [tool.mypy]; CI runs it)
 # pip only (never uv/poetry): requirements.txt pins torch==2.13.0, which pip takes from local disk
 # on our machines instead of downloading a multi-GB CUDA build.
 
@@ -10,7 +12,7 @@ BIN := $(VENV)/bin
 PORT ?= 8501
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev bench clean-venv
+.PHONY: run test test-fast typecheck install install-dev bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,12 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not slow and not postgres and not browser" $(PYTEST_ARGS)
+
+typecheck: install-dev
+	$(BIN)/mypy
 
 bench: install-dev
 	$(BIN)/python bench/bench_parcellate.py

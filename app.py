@@ -4,18 +4,19 @@ from pathlib import Path
 
 import streamlit as st
 
+from fmmtc_app import session
+from fmmtc_app.access import access_granted, sign_in_page
 from fmmtc_core import __version__
-from fmmtc_core import dashboard as ui
 
 HERE = Path(__file__).parent
 
 st.set_page_config(page_title="FMM-TC Screen", page_icon=":material/neurology:", layout="wide")
 
-if not ui.access_granted():
+if not access_granted():
     # The gate lives here, once, for every page present and future: until the visitor signs in,
     # the navigation holds the sign-in page only, so no page script (and no upload widget or
     # stored data) runs whatever URL is asked for, and the sidebar names nothing.
-    st.navigation([st.Page(ui.sign_in_page, title="Sign in", icon=":material/lock:",
+    st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/lock:",
                            url_path="sign-in", default=True)], position="hidden").run()
     st.stop()
 
@@ -38,7 +39,7 @@ with st.sidebar:
         "Not a medical device."
     )
     try:
-        model = ui.model()
+        model = session.model()
         st.caption(f"Model: {model.name} - {model.device.type.upper()}")
     except Exception as exc:  # noqa: BLE001 - the pages show a plain error too
         st.caption(f"Model not loaded: {exc}")

@@ -54,7 +54,10 @@ def main() -> None:
     from fmmtc_core.atlas import load_atlas
     from fmmtc_core.models.foundation import BrainLMConfig
     from fmmtc_core.simulate import SimulationConfig, write_cohort
-    from fmmtc_core.training import prepare_cohort, pretrain, read_cohort, train
+    from fmmtc_core.bids import read_cohort
+    from fmmtc_core.pipeline import prepare_cohort
+    from fmmtc_core.pretraining import pretrain
+    from fmmtc_core.training import train
 
     t0 = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="fmmtc-ablation-"))

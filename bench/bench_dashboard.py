@@ -142,7 +142,7 @@ def main() -> None:
     from fmmtc_core.screening import screen
     from fmmtc_core.simulate import demo_scan
     from fmmtc_core.store import open_database
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     # distinct scans of the same size: a scan belongs to one participant, so each run needs its own
     scans = [demo_scan(seed=7 + i)[0] for i in range(args.repeat + 1)]

@@ -95,7 +95,7 @@ def worker(spec: dict) -> dict:
     from captum.attr import IntegratedGradients
 
     from fmmtc_core.explain import _ensemble_logit_fn, auto_batch_size, explain
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     torch.set_num_threads(2)
     ens = load_model(spec["model"])

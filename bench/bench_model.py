@@ -48,7 +48,7 @@ def main() -> None:
 
     from fmmtc_core.models.fmmtc import FMMTC, FMMTCConfig
     from fmmtc_core.models.foundation import BrainLMConfig, BrainLMModel
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     demo = load_model(args.model)
     rows = []
@@ -60,8 +60,8 @@ def main() -> None:
         one_f = np.tanh(rng.standard_normal((1, r, r))).astype(np.float32)
         many_w = rng.standard_normal((args.batch, r, t)).astype(np.float32)
         many_f = np.tanh(rng.standard_normal((args.batch, r, r))).astype(np.float32)
-        lat = _time(lambda: ens.predict(one_w, one_f), args.repeat)
-        per_batch = _time(lambda: ens.predict(many_w, many_f), max(2, args.repeat // 2))
+        lat = _time(lambda: ens.predict_proba(one_w, one_f), args.repeat)
+        per_batch = _time(lambda: ens.predict_proba(many_w, many_f), max(2, args.repeat // 2))
         n_params = sum(p.numel() for m in ens.models[:1] for p in m.parameters())
         rows.append((name, len(ens.models), n_params, lat, args.batch / per_batch))
 

@@ -35,15 +35,16 @@ def main() -> None:
     import torch
 
     from fmmtc_core.atlas import load_atlas
-    from fmmtc_core.explain import explain, model_inputs
+    from fmmtc_core.explain import explain
     from fmmtc_core.io import load_scan
-    from fmmtc_core.preprocess import clean, parcellate
+    from fmmtc_core.models.ensemble import load_model
+    from fmmtc_core.preprocess import clean, parcellate, prepare
     from fmmtc_core.qc import qc_report
-    from fmmtc_core.screening import attribution_rows, screen
+    from fmmtc_core.screening import screen
+    from fmmtc_core.summary import attribution_rows, explanation_scores
     from fmmtc_core.simulate import demo_scan
     from fmmtc_core.store import open_database, session_scope
     from fmmtc_core.store import repository as repo
-    from fmmtc_core.training import load_model
 
     torch.set_num_threads(2)
     bold, side, conf = demo_scan()
@@ -69,13 +70,14 @@ def main() -> None:
         sig = clean(raw)
         t["clean"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        w, fc = model_inputs(model, sig)
-        model.predict(w[None], fc[None])
+        inputs = prepare(sig, model.window)
+        w, fc = inputs.window, inputs.fc
+        model.predict_proba(w[None], fc[None])
         t["predict"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         e = explain(model, w, fc, atlas=atlas)
         t["explain"] = time.perf_counter() - t0
-        regions, connections = attribution_rows(e)
+        regions, connections = attribution_rows(*explanation_scores(e))
         t0 = time.perf_counter()
         with session_scope(engine, write=True) as s:
             p = repo.get_or_create_participant(s, f"BENCH-S{i}", actor="bench")

@@ -75,7 +75,9 @@ def main() -> None:
     from fmmtc_core.atlas import load_atlas
     from fmmtc_core.models.foundation import BrainLMForPretraining, load_foundation
     from fmmtc_core.simulate import SimulationConfig, write_cohort
-    from fmmtc_core.training import _windows, prepare_cohort, read_cohort
+    from fmmtc_core.bids import read_cohort
+    from fmmtc_core.pipeline import prepare_cohort
+    from fmmtc_core.preprocess import prepare
 
     torch.manual_seed(args.seed)
     encoder = load_foundation(args.foundation, encoder_only=True)
@@ -88,8 +90,10 @@ def main() -> None:
         corpus = write_cohort(Path(tmp) / "corpus", args.subjects, seed=args.seed,
                               fmt="timeseries", labelled=False, atlas=atlas)
         subjects = prepare_cohort(read_cohort(corpus, require_labels=False), atlas)
-    windows = torch.from_numpy(_windows(subjects, cfg.num_timepoints_per_voxel,
-                                        np.random.default_rng(args.seed)))
+    rng = np.random.default_rng(args.seed)
+    windows = torch.from_numpy(np.stack([
+        prepare(s, cfg.num_timepoints_per_voxel, rng=rng, with_fc=False).window
+        for s in subjects]))
     n, r, t = windows.shape
     p, ps = cfg.n_patches, cfg.timepoint_patching_size
     xyz = torch.tensor(np.nan_to_num(atlas.centroids_mm), dtype=torch.float32)
@@ -156,7 +160,8 @@ def main() -> None:
     y_lab = labelled.participants["responder"].to_numpy().astype(bool)
     index = {int(lab): i for i, lab in enumerate(atlas.labels)}
     ts_idx = np.array([index[int(lab)] for lab in truth["ts_labels"]])
-    full_win = torch.from_numpy(_windows(subs, t))  # (N, R, T)
+    full_win = torch.from_numpy(np.stack([prepare(s, t, with_fc=False).window
+                                          for s in subs]))  # (N, R, T)
     x = full_win[:, ts_idx].numpy()  # the planted regions
     ac = ((x[:, :, 1:] * x[:, :, :-1]).sum(-1)
           / np.sqrt((x[:, :, 1:] ** 2).sum(-1) * (x[:, :, :-1] ** 2).sum(-1)))

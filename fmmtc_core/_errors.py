@@ -25,6 +25,18 @@ class ModelFileError(InvalidInputError):
     card was written (SHA-256 mismatch). The message names the file and what was expected."""
 
 
+class QCFailedError(InvalidInputError):
+    """The scan failed hard quality control: it is neither cleaned nor predicted. ``report``
+    (a :class:`fmmtc_core.qc.QCReport`) says why."""
+
+    def __init__(self, message: str, report) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self):  # picklable, so a worker process can hand it back
+        return (type(self), (str(self), self.report))
+
+
 class StorageError(FMMTCError):
     """The cohort database cannot be opened, read or written (corrupt file, unknown schema
     revision, unreachable server, full disk). Not the user's input: the CLI exits with

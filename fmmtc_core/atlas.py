@@ -29,9 +29,11 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from fmmtc_core._errors import InvalidInputError
 from fmmtc_core.io import (
@@ -213,7 +215,7 @@ class Atlas:
         affine : ndarray, shape (4, 4)
             Voxel-to-MNI-mm affine of the scan.
         """
-        shape = tuple(int(s) for s in shape[:3])
+        shape = cast("tuple[int, int, int]", tuple(int(s) for s in shape[:3]))
         affine = np.asarray(affine, dtype=np.float64)
         key = (shape, np.round(affine, 5).tobytes())
         cached = self._grid_cache.get(key)
@@ -358,7 +360,7 @@ def _region_stats(data: np.ndarray, affine: np.ndarray, labels: np.ndarray):
 @lru_cache(maxsize=1)
 def _aal3_reference() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     adir = _package_atlas_dir()
-    img = nib.load(adir / "AAL3.nii")
+    img = cast(SpatialImage, nib.load(adir / "AAL3.nii"))
     return (
         np.asanyarray(img.dataobj).astype(np.int16),
         img.affine.copy(),
@@ -457,7 +459,7 @@ def _load_bundled(key: str) -> Atlas:
     meta_path = cdir / f"{stem}_res-2mm_{tag}.json"
     if img_path.exists() and meta_path.exists():
         try:
-            img = nib.load(img_path)
+            img = cast(SpatialImage, nib.load(img_path))
             meta = json.loads(meta_path.read_text())
             return Atlas(
                 name=meta["name"],
@@ -472,7 +474,7 @@ def _load_bundled(key: str) -> Atlas:
             )
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
-    native = nib.load(src)
+    native = cast(SpatialImage, nib.load(src))
     # HCPEx ships float32 labels: round before casting so 12.999999 stays 13.
     data = np.rint(np.asanyarray(native.dataobj)).astype(np.int16)
     table = _read_label_table(adir / f"{stem}.txt")
@@ -520,7 +522,7 @@ def _open_label_image(path: Path):
     if raw_header is not None:
         _check_nifti_header(raw_header, f"Atlas file {path.name!r}")
     try:
-        img = nib.load(path)
+        img = cast(SpatialImage, nib.load(path))
     except Exception as exc:
         raise InvalidInputError(
             f"Atlas file {name} is not a readable NIfTI label image ({_one_line(exc)})."
@@ -605,7 +607,9 @@ def _load_cached(key: str, labels_file: str | None) -> Atlas:
     return _build_atlas(stem, data.astype(np.int16), img.affine, table, str(path))
 
 
-def load_atlas(atlas: str | os.PathLike | Atlas = "hcpex", labels_file=None) -> Atlas:
+def load_atlas(
+    atlas: str | os.PathLike | Atlas = "hcpex", labels_file: str | os.PathLike | None = None
+) -> Atlas:
     """Load a bundled atlas by name or a user label image by path.
 
     Parameters

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fmmtc_core import __version__
+from fmmtc_core.config import DEFAULT_THRESHOLDS
 from fmmtc_core._errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -121,18 +122,6 @@ def _progress(desc: str):
     return cb
 
 
-def _load(args):
-    from fmmtc_core.io import load_scan
-
-    return load_scan(
-        args.scan,
-        sidecar=args.sidecar,
-        confounds=args.confounds,
-        atlas=getattr(args, "atlas", None),
-        min_volumes=args.min_volumes,
-    )
-
-
 def _write_tsv(path: Path, names, data) -> None:
     """XCP-D style region table: header of names, one row per volume, ``n/a`` for NaN."""
     import numpy as np
@@ -147,15 +136,18 @@ def _write_tsv(path: Path, names, data) -> None:
 
 
 def cmd_parcellate(args) -> int:
-    from fmmtc_core.preprocess import clean, parcellate
+    from fmmtc_core.pipeline import load_and_clean, volume_progress
+    from fmmtc_core.preprocess import CleaningSettings
 
     out = Path(args.out)
     if out.suffix.lower() != ".tsv":
         raise FMMTCError(f"--out must name a .tsv file, got {out.name!r}.")
-    scan = _load(args)
-    signals = parcellate(scan, args.atlas, progress=_progress("parcellate"))
-    if args.clean:
-        signals = clean(signals, scrub=args.scrub)
+    prep = load_and_clean(args.scan, args.atlas, sidecar=args.sidecar, confounds=args.confounds,
+                          min_volumes=args.min_volumes,
+                          cleaning=CleaningSettings(scrub=args.scrub) if args.clean else None,
+                          progress=volume_progress(_progress("parcellate")))
+    signals = prep.signals if args.clean else prep.raw
+    assert signals is not None  # cleaned signals exist when cleaning was asked for
     _write_tsv(out, signals.atlas.names, signals.data)
     side = {
         "RepetitionTime": signals.tr,
@@ -249,7 +241,7 @@ def _stage_progress(args=None):
 
 
 def cmd_pretrain(args) -> int:
-    from fmmtc_core.training import pretrain
+    from fmmtc_core.pretraining import pretrain
 
     out = pretrain(args.corpus_dir, args.out, config=args.config, atlas=args.atlas,
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -292,7 +284,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_build_demo(args) -> int:
-    from fmmtc_core.training import build_demo_model
+    from fmmtc_core.demo import build_demo_model
 
     t0 = time.perf_counter()
     metrics = build_demo_model(args.out, seed=args.seed, n_subjects=args.subjects,
@@ -314,13 +306,11 @@ def _explain_kwargs(args) -> dict:
 def _model_dir(model: str | None) -> Path:
     """The model folder: ``--model``, else ``$FMMTC_MODEL_DIR``, else the bundled demo model.
 
-    The same rule as :func:`fmmtc_core.training.default_model_dir`, which cannot be imported
-    here without importing torch.
+    The rule of :func:`fmmtc_core.config.default_model_dir` (cheap: no torch).
     """
-    if model:
-        return Path(model)
-    env = os.environ.get("FMMTC_MODEL_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models" / "demo"
+    from fmmtc_core.config import default_model_dir
+
+    return Path(model) if model else default_model_dir()
 
 
 def _model_atlas(root: Path) -> str:
@@ -356,7 +346,7 @@ def cmd_explain(args) -> int:
     _check_scan(args, _model_atlas(model_dir))
 
     from fmmtc_core.screening import analyse
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     model = load_model(model_dir)
     result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
@@ -366,6 +356,7 @@ def cmd_explain(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     e = result.explanation
+    assert e is not None  # analyse() explains by default
     print(f"responder probability {result.probability:.2f} "
           f"[{result.band[0]:.2f}, {result.band[1]:.2f}]: {result.decision}")
     print(f"modality share: time series {e.modality_share['ts']:.1%}, "
@@ -405,7 +396,7 @@ def cmd_screen(args) -> int:
     engine = open_database(args.db)
 
     from fmmtc_core.screening import screen
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     model = load_model(model_dir)
     thresholds = {"responder": args.responder_threshold,
@@ -613,9 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site")
     p.add_argument("--drug")
     p.add_argument("--arm")
-    p.add_argument("--responder-threshold", type=_probability, default=0.6,
+    p.add_argument("--responder-threshold", type=_probability,
+                   default=DEFAULT_THRESHOLDS["responder"],
                    help="probability at or above which a whole band is a likely responder")
-    p.add_argument("--non-responder-threshold", type=_probability, default=0.4,
+    p.add_argument("--non-responder-threshold", type=_probability,
+                   default=DEFAULT_THRESHOLDS["non_responder"],
                    help="probability at or below which a whole band is a likely non-responder")
     p.add_argument("--force", action="store_true", help="screen again even if already stored")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -15,7 +15,11 @@ import pandas as pd
 
 from fmmtc_core._errors import InvalidInputError
 
-__all__ = ["Stratification", "stratify", "observed_performance", "filter_screenings"]
+__all__ = ["Stratification", "stratify", "observed_performance", "filter_screenings",
+           "outcome_values"]
+
+#: Bins of every reliability curve and ECE the project reports.
+RELIABILITY_BINS = 10
 
 
 @dataclass
@@ -89,7 +93,41 @@ def stratify(probability, threshold: float, *, band_low=None, require_band: bool
     return out
 
 
-def observed_performance(probability, outcome, *, n_bins: int = 5) -> dict | None:
+def outcome_values(outcomes) -> np.ndarray:
+    """Observed outcomes as numbers: 1.0 for ``"responder"``, 0.0 for ``"non-responder"``,
+    NaN where none is known (the ``outcome`` column of
+    :func:`fmmtc_core.store.repository.screenings_frame`), as :func:`stratify` and
+    :func:`observed_performance` take them.
+
+    Examples
+    --------
+    >>> outcome_values(["responder", None, "non-responder"]).tolist()
+    [1.0, nan, 0.0]
+    """
+    return pd.Series(list(outcomes), dtype=object).map(
+        {"responder": 1.0, "non-responder": 0.0}).astype(float).to_numpy()
+
+
+def reliability(probability, outcome, n_bins: int = RELIABILITY_BINS) -> list[dict]:
+    """Reliability (calibration) bins: equal-width bins of the predicted probability, each
+    non-empty one with its mean prediction, observed responder rate and size. The one binning
+    the project uses (the cohort page's curve and the training metrics' ECE)."""
+    p = np.asarray(probability, dtype=float)
+    y = np.asarray(outcome, dtype=float)
+    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)  # bin b: [b/n, (b+1)/n)
+    return [{"bin": b, "predicted": float(p[idx == b].mean()),
+             "observed": float(y[idx == b].mean()), "n": int((idx == b).sum())}
+            for b in range(n_bins) if (idx == b).any()]
+
+
+def expected_calibration_error(probability, outcome, n_bins: int = RELIABILITY_BINS) -> float:
+    """ECE: the size-weighted mean |observed - predicted| over the :func:`reliability` bins."""
+    bins = reliability(probability, outcome, n_bins)
+    total = sum(b["n"] for b in bins)
+    return float(sum(abs(b["observed"] - b["predicted"]) * b["n"] for b in bins) / total)
+
+
+def observed_performance(probability, outcome, *, n_bins: int = RELIABILITY_BINS) -> dict | None:
     """ROC curve, AUC and a reliability curve on participants with an observed outcome.
 
     Returns None when fewer than two outcomes of each kind are known (no curve is meaningful).
@@ -103,14 +141,7 @@ def observed_performance(probability, outcome, *, n_bins: int = 5) -> dict | Non
     if (y == 1).sum() < 2 or (y == 0).sum() < 2:
         return None
     fpr, tpr, _ = roc_curve(y, p)
-    edges = np.linspace(0, 1, n_bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    rel = []
-    for b in range(n_bins):
-        m = idx == b
-        if m.any():
-            rel.append({"bin": b, "predicted": float(p[m].mean()), "observed": float(y[m].mean()),
-                        "n": int(m.sum())})
+    rel = reliability(p, y, n_bins)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(y, p)),
             "reliability": rel, "n": int(y.size), "n_responders": int(y.sum()),
             "brier": float(np.mean((p - y) ** 2))}

@@ -42,6 +42,8 @@ __all__ = [
     "cache_dir",
     "database_url",
     "model_dir_setting",
+    "default_model_dir",
+    "DEMO_MODEL_DIR",
     "max_scan_bytes_setting",
     "device_setting",
     "operator_setting",
@@ -98,10 +100,19 @@ def database_url() -> str:
     return _env("FMMTC_DATABASE_URL") or f"sqlite:///{data_dir() / 'fmmtc.db'}"
 
 
+#: The bundled demonstration model (trained on simulated data only).
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "demo"
+
+
 def model_dir_setting() -> Path | None:
     """``FMMTC_MODEL_DIR`` as a path, or None (then the bundled demo model is used)."""
     env = _env("FMMTC_MODEL_DIR")
     return Path(env) if env else None
+
+
+def default_model_dir() -> Path:
+    """The model used when none is named: ``$FMMTC_MODEL_DIR``, else :data:`DEMO_MODEL_DIR`."""
+    return model_dir_setting() or DEMO_MODEL_DIR
 
 
 def max_scan_bytes_setting() -> str | None:

@@ -23,7 +23,18 @@ _R_CLIP = 1.0 - 1e-7
 
 
 def fisher_z(r: np.ndarray) -> np.ndarray:
-    """Fisher z-transform ``arctanh(r)`` with r clipped to +-(1 - 1e-7); diagonal set to 0."""
+    """Fisher z-transform ``arctanh(r)`` with r clipped to +-(1 - 1e-7); diagonal set to 0.
+
+    Parameters
+    ----------
+    r : array-like
+        Correlation coefficients; a square (or stack of square) matrix has its diagonal zeroed.
+
+    Returns
+    -------
+    ndarray of float64
+        Fisher z values, same shape as ``r``.
+    """
     z = np.arctanh(np.clip(np.asarray(r, dtype=np.float64), -_R_CLIP, _R_CLIP))
     if z.ndim >= 2 and z.shape[-1] == z.shape[-2]:
         idx = np.arange(z.shape[-1])
@@ -32,7 +43,18 @@ def fisher_z(r: np.ndarray) -> np.ndarray:
 
 
 def inverse_fisher_z(z: np.ndarray) -> np.ndarray:
-    """``tanh(z)``, the correlation coefficient of a Fisher z value; diagonal set to 1."""
+    """``tanh(z)``, the correlation coefficient of a Fisher z value; diagonal set to 1.
+
+    Parameters
+    ----------
+    z : array-like
+        Fisher z values; a square (or stack of square) matrix has its diagonal set to 1.
+
+    Returns
+    -------
+    ndarray of float64
+        Correlation coefficients, same shape as ``z``.
+    """
     r = np.tanh(np.asarray(z, dtype=np.float64))
     if r.ndim >= 2 and r.shape[-1] == r.shape[-2]:
         idx = np.arange(r.shape[-1])
@@ -75,7 +97,7 @@ def connectivity(
         raise InvalidInputError(f"Expected a (time, regions) array, got shape {x.shape}.")
     if x.shape[0] < 3:
         raise InvalidInputError(f"Connectivity needs at least 3 time points, got {x.shape[0]}.")
-    live = np.isfinite(x).all(axis=0)
+    live = np.asarray(np.isfinite(x).all(axis=0))
     live[live] = x[:, live].std(axis=0) > 0
     if live.sum() < 2:
         raise InvalidInputError("Connectivity needs at least 2 regions with signal.")

@@ -57,8 +57,6 @@ from fmmtc_core.atlas import Atlas, load_atlas
 __all__ = [
     "Explanation",
     "explain",
-    "explain_signals",
-    "model_inputs",
     "region_summaries",
     "region_map",
     "auto_batch_size",
@@ -225,21 +223,6 @@ def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool):
     return forward
 
 
-def model_inputs(ens, signals) -> tuple[np.ndarray, np.ndarray | None]:
-    """The model's inputs for cleaned region signals: window (R, T) and connectivity (R, R).
-
-    Exactly what :meth:`~fmmtc_core.training.FMMTCEnsemble.predict` is given in screening: the
-    centred, robust-scaled window of the model's length and the Fisher-z connectivity of the
-    whole cleaned scan.
-    """
-    from fmmtc_core.connectivity import connectivity
-    from fmmtc_core.preprocess import make_window
-
-    window = make_window(signals, ens.window).astype(np.float32)
-    fc = connectivity(signals).astype(np.float32)
-    return window, fc
-
-
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -347,14 +330,16 @@ def explain(
     Parameters
     ----------
     ens : FMMTCEnsemble
-        A loaded model folder (:func:`fmmtc_core.training.load_model`). The explanation of the
-        fold ensemble is the mean of the fold models' attributions (computed as the attribution
-        of the mean logit, which is the same thing; see the module docstring).
+        A loaded model folder (:func:`fmmtc_core.models.ensemble.load_model`). The explanation
+        of the fold ensemble is the mean of the fold models' attributions (computed as the
+        attribution of the mean logit, which is the same thing; see the module docstring).
     window : ndarray (R, T)
-        Robust-scaled region time-series window of the model's length.
+        Robust-scaled region time-series window of the model's length
+        (:func:`fmmtc_core.preprocess.prepare`).
     fc : ndarray (R, R) or None
-        Fisher-z connectivity of the cleaned scan (ignored by ``fc_input="gram"`` models, whose
-        connectivity input is the window's Gram matrix).
+        Fisher-z connectivity of the cleaned scan (:func:`fmmtc_core.preprocess.prepare`;
+        ignored by ``fc_input="gram"`` models, whose connectivity input is the window's Gram
+        matrix).
     baseline_ts : "flat" or ndarray (R, T)
     baseline_fc : "cohort_mean", "zero" or ndarray (R, R)
     rel_tol : float, default=0.01
@@ -477,13 +462,6 @@ def explain(
     )
 
 
-def explain_signals(ens, signals, **kwargs) -> Explanation:
-    """:func:`explain` from cleaned :class:`~fmmtc_core.preprocess.RegionSignals`."""
-    window, fc = model_inputs(ens, signals)
-    kwargs.setdefault("atlas", signals.atlas)
-    return explain(ens, window, fc, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------
 # Brain maps
 # --------------------------------------------------------------------------------------------
@@ -497,10 +475,19 @@ def region_map(atlas: Atlas, scores: np.ndarray) -> nib.Nifti1Image:
     if scores.shape != (atlas.n_regions,):
         raise InvalidInputError(
             f"Expected {atlas.n_regions} region scores for {atlas.name}, got shape {scores.shape}.")
-    labels = np.asanyarray(atlas.labels_img.dataobj).astype(np.int64)
-    lut = np.zeros(max(int(labels.max()), int(np.max(atlas.labels))) + 1, np.float32)
-    lut[np.asarray(atlas.labels, dtype=np.int64)] = scores
-    data = lut[np.clip(labels, 0, None)]
-    img = nib.Nifti1Image(data, atlas.labels_img.affine)
-    img.header.set_data_dtype(np.float32)
-    return img
+    from nilearn.regions import signals_to_img_labels
+
+    # nilearn paints one value per label present in the image, in sorted label order: a
+    # region that vanished from the (resampled) image has no voxels to carry its score, and a
+    # label of the image that is no region of the atlas gets 0.
+    present = np.unique(np.asanyarray(atlas.labels_img.dataobj)).astype(np.int64)
+    present = present[present != 0]
+    by_label = dict(zip(np.asarray(atlas.labels, dtype=np.int64).tolist(), scores.tolist(),
+                        strict=True))
+    values = np.array([by_label.get(int(lab), 0.0) for lab in present], dtype=np.float32)
+    img = signals_to_img_labels(values[None, :], atlas.labels_img)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = data[..., 0] if data.ndim == 4 else data
+    out = nib.Nifti1Image(data, atlas.labels_img.affine)
+    out.header.set_data_dtype(np.float32)
+    return out

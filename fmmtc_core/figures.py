@@ -6,6 +6,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from fmmtc_core.config import FD_THRESHOLD_MM
+
 __all__ = [
     "carpet_figure",
     "motion_figure",
@@ -81,7 +83,8 @@ def carpet_figure(carpet: np.ndarray, regions: np.ndarray, groups, tr: float) ->
     return _layout(fig, 320)
 
 
-def motion_figure(tr: float, fd=None, dvars=None, fd_threshold: float = 0.5) -> go.Figure:
+def motion_figure(tr: float, fd=None, dvars=None,
+                  fd_threshold: float = FD_THRESHOLD_MM) -> go.Figure:
     """Framewise displacement (mm) and DVARS (% signal) over time (s)."""
     rows = [r for r in (("FD (mm)", fd), ("DVARS (%)", dvars)) if r[1] is not None]
     fig = make_subplots(rows=max(len(rows), 1), cols=1, shared_xaxes=True, vertical_spacing=0.08)

@@ -29,21 +29,27 @@ import queue
 import re
 import stat
 import threading
+import types
 import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, cast
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from fmmtc_core._docs import fill_doc
 from fmmtc_core._errors import FMMTCWarning, InvalidInputError
 
+_gzip: types.ModuleType
+_InflateError: type[Exception]
 try:  # ISA-L inflates gzip about twice as fast as zlib (same format, same results).
     from isal import igzip as _gzip
-    from isal.isal_zlib import error as _InflateError
+    # isal's stub declares `error: Exception` (an instance); at run time it is the class.
+    from isal.isal_zlib import error as _InflateError  # type: ignore[assignment]
 except ImportError:  # pragma: no cover - isal is in requirements.txt; stay usable without it
     _gzip = gzip
     _InflateError = zlib.error
@@ -205,6 +211,25 @@ def file_sha256(path: str | os.PathLike, what: str = "File", chunk: int = 4 * 10
 
     A named pipe or a device is refused before it is opened (see :func:`_check_regular_file`),
     so hashing never blocks or reads forever.
+
+    Parameters
+    ----------
+    path : str or path
+        The file to hash.
+    what : str, default="File"
+        What the file is, for error messages (e.g. ``"Scan"``).
+    chunk : int, default=4 MiB
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        64 lowercase hexadecimal digits.
+
+    Raises
+    ------
+    InvalidInputError
+        ``path`` is missing, not a regular file or unreadable.
     """
     path = Path(path)
     _check_regular_file(path, what, "a regular file")
@@ -220,7 +245,9 @@ def _memory_budget(max_bytes: int | None = None) -> int:
     else 8 GiB."""
     if max_bytes is not None:
         return _check_positive_int("max_bytes", max_bytes, "a number of bytes")
-    raw = os.environ.get("FMMTC_MAX_SCAN_BYTES")
+    from fmmtc_core.config import max_scan_bytes_setting
+
+    raw = max_scan_bytes_setting()
     if raw is None or not raw.strip():
         return DEFAULT_MAX_SCAN_BYTES
     try:
@@ -302,7 +329,7 @@ def _parse_nifti_header(head: bytes, kind: str):
     and parsing them from the first KB would fail on a long (e.g. AFNI) extension.
     """
     if kind == "nifti1":
-        cls = nib.Nifti1Header if head[344:348] == b"n+1\x00" else nib.Nifti1PairHeader
+        cls = nib.Nifti1Header if head[344:348] == b"n+1\x00" else nib.nifti1.Nifti1PairHeader
         size = 348
     else:
         cls = nib.Nifti2Header if head[4:8] == b"n+2\x00" else nib.nifti2.Nifti2PairHeader
@@ -389,7 +416,6 @@ class Scan:
     table: np.ndarray | None = None
     atlas_name: str | None = None
     confounds: pd.DataFrame | None = None
-    confounds_path: Path | None = None
     sidecar: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     space_known: bool = True
@@ -405,13 +431,19 @@ class Scan:
     def shape(self) -> tuple[int, ...]:
         """(X, Y, Z, T) for a NIfTI, (T, R) for a table."""
         if self.kind == "nifti":
+            assert self.spatial_shape is not None  # set for every NIfTI scan
             return (*self.spatial_shape, self.n_volumes)
+        assert self.table is not None  # set for every table scan
         return tuple(self.table.shape)
 
     @property
     def n_voxels(self) -> int:
         """Voxels per volume (NIfTI) or regions (table)."""
-        return int(np.prod(self.spatial_shape)) if self.kind == "nifti" else self.table.shape[1]
+        if self.kind == "nifti":
+            assert self.spatial_shape is not None  # set for every NIfTI scan
+            return int(np.prod(self.spatial_shape))
+        assert self.table is not None  # set for every table scan
+        return self.table.shape[1]
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -429,6 +461,7 @@ class Scan:
         if self.kind != "nifti":
             raise TypeError("iter_blocks reads NIfTI voxel data; a table is already in memory.")
         nvox = self.n_voxels
+        assert self._dtype is not None  # set by load_scan for every NIfTI scan
         itemsize = self._dtype.itemsize
         k = max(1, min(self.n_volumes, block_bytes // max(1, nvox * itemsize)))
         if not self._compressed:
@@ -454,6 +487,7 @@ class Scan:
         At most three blocks are alive at once (consumer, queue, worker).
         """
         nvox = self.n_voxels
+        assert self._dtype is not None  # set by load_scan for every NIfTI scan
         vol_bytes = nvox * self._dtype.itemsize
         ready: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
@@ -518,12 +552,27 @@ def _skip(f, n: int) -> None:
         n -= len(chunk)
 
 
-def write_upload(data, name: str, folder: str | os.PathLike) -> Path:
+def write_upload(data: bytes | bytearray | memoryview | IO[bytes], name: str,
+                 folder: str | os.PathLike) -> Path:
     """Write an uploaded file (bytes or a binary file object) into ``folder`` under a safe name.
 
     Only the last path component of ``name`` is kept and characters outside ``[A-Za-z0-9._-]``
     become ``_``, so a crafted name cannot escape ``folder``. The extension is preserved because
-    sidecars and confounds are matched by name. Returns the written path.
+    sidecars and confounds are matched by name.
+
+    Parameters
+    ----------
+    data : bytes, bytearray, memoryview or binary file object
+        The upload's content; a file object is rewound (when it can seek) and copied in chunks.
+    name : str
+        The name the client gave the file.
+    folder : str or path
+        Where to write it (created when missing).
+
+    Returns
+    -------
+    Path
+        The written file: ``folder`` / the sanitised name (``upload`` when nothing is left).
     """
     base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(str(name).replace("\\", "/")).name).lstrip(".")
     if not base:
@@ -558,6 +607,16 @@ def find_sidecar(path: str | os.PathLike) -> Path | None:
 
     Anything but a folder under that name is returned, so that a named pipe or a device posing
     as the sidecar is refused by :func:`load_sidecar` rather than silently ignored.
+
+    Parameters
+    ----------
+    path : str or path
+        The scan (NIfTI or table).
+
+    Returns
+    -------
+    Path or None
+        ``<scan name without extension>.json`` when it exists, else None.
     """
     path = Path(path)
     cand = path.with_name(_strip_ext(path) + ".json")
@@ -584,6 +643,21 @@ def load_sidecar(path: str | os.PathLike) -> dict:
 
     Only a regular file of at most :data:`MAX_SIDECAR_BYTES` is read, nested at most
     :data:`MAX_JSON_DEPTH` levels. A UTF-8 byte-order mark is accepted.
+
+    Parameters
+    ----------
+    path : str or path
+        The ``.json`` sidecar.
+
+    Returns
+    -------
+    dict
+        The JSON object.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a regular file, too large, too deeply nested, not UTF-8, not JSON or not an object.
     """
     path = Path(path)
     expected = 'a BIDS JSON sidecar such as {"RepetitionTime": 2.0}'
@@ -648,6 +722,24 @@ def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) 
     Only a regular file of at most :data:`MAX_TABLE_BYTES` is read. Values must be numbers or
     ``n/a`` (infinities are refused, naming the column), with one row per volume when
     ``n_volumes`` is given. A UTF-8 byte-order mark is accepted.
+
+    Parameters
+    ----------
+    path : str or path
+        The confounds table (tab-separated, a header of confound names).
+    n_volumes : int or None, default=None
+        Volumes of the scan; the table must have that many rows. None checks no row count.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One float column per confound, one row per volume (``n/a`` read as NaN).
+
+    Raises
+    ------
+    InvalidInputError
+        Not a regular file, too large, empty, not a TSV, non-numeric or infinite values, or
+        a row count other than ``n_volumes``.
     """
     path = Path(path)
     expected = "an fMRIPrep desc-confounds_timeseries.tsv"
@@ -780,6 +872,7 @@ def _sniff(path: Path) -> tuple[str, bytes, bool]:
     return kind, head, compressed
 
 
+@fill_doc
 def load_scan(
     path: str | os.PathLike,
     *,
@@ -798,11 +891,8 @@ def load_scan(
         A 4D NIfTI-1/2 (``.nii``, ``.nii.gz``; float or scaled integer data) in MNI space, or a
         region time-series table (TSV/CSV with a header of region names, or ``.npy``), one row
         per volume.
-    sidecar : path, dict or None, default=None
-        BIDS JSON sidecar. Looked up beside ``path`` when None. Its ``RepetitionTime`` wins over
-        the header's (a disagreement is a warning); its ``Atlas`` names a table's atlas.
-    confounds : path, DataFrame or None, default=None
-        fMRIPrep ``desc-confounds_timeseries.tsv`` of the same run.
+    %(sidecar)s
+    %(confounds)s
     atlas : str, path, Atlas or None, default=None
         Atlas of a table that does not name one (by the sidecar's ``Atlas`` or the file name's
         ``seg-<name>`` entity); a table naming another atlas is refused. Ignored for NIfTI
@@ -880,7 +970,6 @@ def load_scan(
             scan.confounds = _check_confounds(df, "The confounds table", scan.n_volumes)
         else:
             scan.confounds = load_confounds_table(confounds, scan.n_volumes)
-            scan.confounds_path = Path(confounds)
     return scan
 
 
@@ -972,7 +1061,7 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, budget, war
         kind="nifti",
         n_volumes=n_vol,
         tr=tr_s,
-        spatial_shape=tuple(spatial),
+        spatial_shape=cast("tuple[int, int, int]", tuple(spatial)),  # 3 dims, checked above
         affine=np.asarray(affine, dtype=np.float64),
         sidecar=side,
         warnings=warn,
@@ -988,7 +1077,7 @@ def _load_nifti(path, kind, head, compressed, side, tr, min_volumes, budget, war
 _SEG_ENTITY = re.compile(r"(?:^|_)(?:seg|atlas)-([A-Za-z0-9]+)(?:_|$)")
 
 
-def _table_atlas_name(path: Path, side: dict, atlas) -> object:
+def _table_atlas_name(path: Path, side: dict, atlas) -> Any:
     """The table's atlas: named by the file (sidecar ``Atlas``, ``seg-`` entity) or by ``atlas``."""
     named = side.get("Atlas")
     if named is not None and not isinstance(named, str):
@@ -1026,7 +1115,7 @@ def _read_text_table(path: Path) -> tuple[list[str] | None, np.ndarray]:
     if not lines:
         raise InvalidInputError(f"{_shown(path.name)} holds no rows; expected one row per volume.")
     first = lines[0]
-    delim = "\t" if first.count("\t") >= max(first.count(","), 1) else ","
+    delim: str | None = "\t" if first.count("\t") >= max(first.count(","), 1) else ","
     if delim == "," and first.count(",") == 0:
         delim = None  # whitespace-separated single column or plain numbers
     rows = list(csv.reader(lines, delimiter=delim)) if delim else [ln.split() for ln in lines]

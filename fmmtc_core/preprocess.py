@@ -1,4 +1,4 @@
-"""Parcellate a scan into region time series, clean them, and prepare model windows.
+"""Parcellate a scan into region time series, clean them, and prepare the model's inputs.
 
 The parcellation fast path reads the 4D image once, block by block (see
 :meth:`fmmtc_core.io.Scan.iter_blocks`), gathers the voxels of the atlas in region order and sums
@@ -9,6 +9,10 @@ block of the file plus a few vectors the size of the atlas, whatever the number 
 
 Cleaning uses nilearn's signal tools (``nilearn.signal.clean``, fMRIPrep confounds through
 ``load_confounds_strategy``): we do not reimplement filtering or regression.
+
+:func:`prepare` turns cleaned region signals into the model's inputs (window and connectivity);
+training, evaluation, screening and explanation all take their inputs from it, and
+:func:`preprocessing_card` describes it, with the cleaning settings, in a model card.
 """
 
 from __future__ import annotations
@@ -19,23 +23,30 @@ import tempfile
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fmmtc_core._errors import FMMTCWarning, InvalidInputError, check_option
 from fmmtc_core.atlas import Atlas, load_atlas
+from fmmtc_core.config import BAND_PASS_HZ, FD_THRESHOLD_MM, STD_DVARS_THRESHOLD
+from fmmtc_core.connectivity import connectivity
 from fmmtc_core.io import Scan
 
 __all__ = [
     "RegionSignals",
     "VoxelStats",
+    "CleaningSettings",
+    "ModelInputs",
     "parcellate",
     "clean",
     "make_window",
     "robust_scale",
+    "prepare",
+    "preprocessing_card",
     "MIN_ATLAS_OVERLAP",
     "CONFOUND_STRATEGIES",
 ]
@@ -136,10 +147,6 @@ class RegionSignals:
     def n_regions(self) -> int:
         return int(self.data.shape[1])
 
-    def to_frame(self) -> pd.DataFrame:
-        """The series as a DataFrame with region names as columns (XCP-D layout)."""
-        return pd.DataFrame(self.data, columns=list(self.atlas.names))
-
 
 # --------------------------------------------------------------------------------------------
 # Parcellation
@@ -170,6 +177,7 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
         constant data, a truncated file.
     """
     if scan.kind == "table":
+        assert scan.atlas_name is not None and scan.table is not None  # set for every table
         tab_atlas = load_atlas(scan.atlas_name)
         if atlas is not None and load_atlas(atlas) is not tab_atlas:
             raise InvalidInputError(
@@ -189,6 +197,7 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
         )
 
     atlas = load_atlas("hcpex" if atlas is None else atlas)
+    assert scan.spatial_shape is not None and scan.affine is not None  # set for every NIfTI
     warn = list(scan.warnings)
     same_grid = scan.spatial_shape == atlas.labels_img.shape[:3] and np.allclose(
         scan.affine, atlas.labels_img.affine, atol=1e-4
@@ -289,6 +298,7 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
             combine(pending.popleft().result())
     any_nan = state["any_nan"]
 
+    assert ref is not None  # set from the first block; a scan has at least one volume
     slope, inter = scan.scale
     data = sums * slope + inter
     mean_c = s1 / n_vol
@@ -401,16 +411,32 @@ def _fmriprep_confounds(confounds: pd.DataFrame, strategy: str, **kwargs):
     return selected, sample_mask
 
 
+@dataclass(frozen=True)
+class CleaningSettings:
+    """The arguments of :func:`clean`, as one value: what a pipeline runs and a card records.
+
+    Attributes are :func:`clean`'s keyword arguments, with its defaults.
+    """
+
+    detrend: bool = True
+    low_pass: float | None = BAND_PASS_HZ[1]
+    high_pass: float | None = BAND_PASS_HZ[0]
+    strategy: str | None = "simple"
+    scrub: bool = False
+    fd_threshold: float = FD_THRESHOLD_MM
+    std_dvars_threshold: float = STD_DVARS_THRESHOLD
+
+
 def clean(
     signals: RegionSignals,
     *,
     detrend: bool = True,
-    low_pass: float | None = 0.1,
-    high_pass: float | None = 0.01,
+    low_pass: float | None = BAND_PASS_HZ[1],
+    high_pass: float | None = BAND_PASS_HZ[0],
     strategy: str | None = "simple",
     scrub: bool = False,
-    fd_threshold: float = 0.5,
-    std_dvars_threshold: float = 1.5,
+    fd_threshold: float = FD_THRESHOLD_MM,
+    std_dvars_threshold: float = STD_DVARS_THRESHOLD,
 ) -> RegionSignals:
     """Detrend, band-pass filter and regress confounds out of region series (nilearn).
 
@@ -456,7 +482,8 @@ def clean(
     sample_mask = None
     if signals.confounds is not None and (strategy is not None or scrub):
         preset = "scrubbing" if scrub else strategy
-        kwargs = {}
+        assert preset is not None  # the branch needs a strategy or scrubbing
+        kwargs: dict[str, float] = {}
         if preset == "scrubbing":
             kwargs = {"fd_threshold": fd_threshold, "std_dvars_threshold": std_dvars_threshold}
         selected, sample_mask = _fmriprep_confounds(signals.confounds, preset, **kwargs)
@@ -601,3 +628,96 @@ def make_window(
     if x.shape[0] < length:
         x = np.concatenate([x, np.zeros((length - x.shape[0], x.shape[1]), np.float32)], axis=0)
     return np.ascontiguousarray(x.T, dtype=np.float32)
+
+
+# The arguments prepare() passes on; preprocessing_card() records the same values.
+_WINDOW_ARGS: dict[str, Any] = {"target_tr": None, "scale": True}
+_FC_ARGS: dict[str, Any] = {"kind": "correlation", "shrinkage": False, "fisher": True}
+
+
+@dataclass(eq=False)
+class ModelInputs:
+    """The inputs of an FMM-TC model for one scan (see :func:`prepare`).
+
+    Attributes
+    ----------
+    window : ndarray (R, T) float32
+        Robust-scaled region time-series window (regions x samples).
+    fc : ndarray (R, R) float32 or None
+        Fisher-z functional connectivity of the whole cleaned series; None when not asked for.
+    """
+
+    window: np.ndarray
+    fc: np.ndarray | None
+
+
+def prepare(
+    signals: RegionSignals,
+    length: int,
+    *,
+    rng: np.random.Generator | None = None,
+    with_fc: bool = True,
+) -> ModelInputs:
+    """The model's inputs for cleaned region signals: the one path from signals to a model.
+
+    Training, evaluation, pretraining, screening and explanation all take their inputs from
+    here, so a model is never given inputs built otherwise than those it was trained on.
+
+    Parameters
+    ----------
+    signals : RegionSignals
+        Cleaned region signals (:func:`clean`).
+    length : int
+        Window length in samples (the model's ``window``).
+    rng : numpy.random.Generator or None, default=None
+        Crop the window at a random position drawn from ``rng`` (pretraining's augmentation);
+        None crops it centred (training, evaluation, screening). A series no longer than
+        ``length`` is never cropped (and draws nothing from ``rng``).
+    with_fc : bool, default=True
+        Compute the connectivity (pretraining needs only windows).
+
+    Returns
+    -------
+    ModelInputs
+        ``window`` from :func:`make_window` at the scan's own sampling; ``fc`` the Pearson
+        correlation of the whole cleaned series, Fisher z
+        (:func:`fmmtc_core.connectivity.connectivity`).
+    """
+    start: int | str = "center"
+    n = signals.n_volumes
+    if rng is not None and n > length:
+        start = int(rng.integers(0, n - length + 1))
+    window = make_window(signals, length, start=start, **_WINDOW_ARGS)
+    fc = connectivity(signals, **_FC_ARGS) if with_fc else None
+    return ModelInputs(window=window, fc=fc)
+
+
+def preprocessing_card(cleaning: CleaningSettings, length: int) -> dict:
+    """The ``preprocessing`` block of a model card: the settings of the code that ran.
+
+    Parameters
+    ----------
+    cleaning : CleaningSettings
+        What the cohort was cleaned with.
+    length : int
+        The window length given to :func:`prepare`.
+
+    Returns
+    -------
+    dict
+        ``parcellation``, ``cleaning`` (the arguments of :func:`clean`), ``window`` (length,
+        crop and the arguments of :func:`make_window`, with their meaning in words) and
+        ``connectivity`` (the arguments of :func:`~fmmtc_core.connectivity.connectivity`).
+    """
+    target_tr = _WINDOW_ARGS["target_tr"]
+    return {
+        "parcellation": "mean of voxels per region",  # parcellate() has no other strategy
+        "cleaning": asdict(cleaning),
+        "window": {
+            "length": int(length), "crop": "centred", **_WINDOW_ARGS,
+            "scaling": "per-region median/IQR" if _WINDOW_ARGS["scale"] else "none",
+            "tr": ("native sampling (no resampling)" if target_tr is None
+                   else f"resampled to TR {target_tr:g} s"),
+        },
+        "connectivity": dict(_FC_ARGS),
+    }

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
-from fmmtc_core.io import Scan, load_scan, space_unknown_message
+from fmmtc_core._docs import fill_doc
+from fmmtc_core.config import FD_MEAN_FAIL_MM, FD_THRESHOLD_MM, STD_DVARS_THRESHOLD
+from fmmtc_core.io import Scan, space_unknown_message
+from fmmtc_core.pipeline import load_and_clean, volume_progress
 from fmmtc_core.preprocess import RegionSignals, parcellate
 
-__all__ = ["QCThresholds", "QCReport", "qc_report", "assess_scan", "VERDICTS"]
-
-VERDICTS = ("pass", "warn", "fail")
+__all__ = ["QCThresholds", "QCReport", "qc_report", "assess_scan"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class QCThresholds:
     uncovered_warn: float = 0.05
     uncovered_fail: float = 0.25
     fd_mean_warn: float = 0.25
-    fd_mean_fail: float = 0.5
-    fd_threshold: float = 0.5
-    std_dvars_threshold: float = 1.5
+    fd_mean_fail: float = FD_MEAN_FAIL_MM
+    fd_threshold: float = FD_THRESHOLD_MM
+    std_dvars_threshold: float = STD_DVARS_THRESHOLD
     scrubbed_warn: float = 0.2
     scrubbed_fail: float = 0.5
     tsnr_warn: float = 30.0
@@ -88,10 +90,6 @@ class QCReport:
     def passed(self) -> bool:
         """True unless the verdict is "fail"."""
         return self.verdict != "fail"
-
-    @property
-    def fraction_uncovered(self) -> float:
-        return len(self.uncovered_regions) / max(self.n_regions, 1)
 
     def to_dict(self, *, series: bool = False) -> dict:
         """JSON-friendly summary (NaN -> None). ``series=True`` adds FD, DVARS and carpet."""
@@ -252,6 +250,7 @@ def qc_report(
     )
 
 
+@fill_doc
 def assess_scan(
     path,
     *,
@@ -264,7 +263,19 @@ def assess_scan(
 ) -> tuple[Scan, RegionSignals, QCReport]:
     """Load, validate, parcellate and quality-control a scan file in one call.
 
-    Parameters are those of :func:`fmmtc_core.io.load_scan` and :func:`parcellate`.
+    The first stages of :func:`fmmtc_core.pipeline.load_and_clean`, without cleaning.
+
+    Parameters
+    ----------
+    path : str or path
+        4D NIfTI or region time-series table (see :func:`fmmtc_core.io.load_scan`).
+    %(sidecar)s
+    %(confounds)s
+    atlas, min_volumes
+        As for :func:`fmmtc_core.io.load_scan` and :func:`parcellate`.
+    thresholds : QCThresholds or None
+        QC limits; None uses the defaults.
+    %(progress_volumes)s
 
     Returns
     -------
@@ -276,7 +287,8 @@ def assess_scan(
     InvalidInputError
         For every kind of bad input (see :func:`fmmtc_core.io.load_scan`).
     """
-    kwargs = {} if min_volumes is None else {"min_volumes": min_volumes}
-    scan = load_scan(path, sidecar=sidecar, confounds=confounds, atlas=atlas, **kwargs)
-    signals = parcellate(scan, None if scan.kind == "table" else atlas, progress=progress)
-    return scan, signals, qc_report(scan, signals, thresholds=thresholds)
+    prep = load_and_clean(path, atlas, sidecar=sidecar, confounds=confounds,
+                          min_volumes=min_volumes, qc=partial(qc_report, thresholds=thresholds),
+                          cleaning=None, progress=volume_progress(progress))
+    assert prep.qc is not None  # a QC function was given
+    return prep.scan, prep.raw, prep.qc

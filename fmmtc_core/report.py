@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmmtc_core import __version__
+
+if TYPE_CHECKING:
+    from fmmtc_core.summary import ScreeningSummary
 
 __all__ = ["screening_report_html", "glass_brain_png"]
 
@@ -80,40 +84,40 @@ def _environment():
     return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def screening_report_html(summary: dict, *, participant: str, screening_id: int,
-                          simulated: bool = False, png: bytes | None = None,
-                          operator: str | None = None, n_regions: int = 15) -> str:
-    """Render a screening summary (``ScreeningResult.to_dict()`` or a stored one) as HTML.
+def screening_report_html(summary: ScreeningSummary, *, png: bytes | None = None,
+                          n_regions: int = 15) -> str:
+    """Render a screening (fresh or stored: the same :class:`ScreeningSummary`) as HTML.
 
     The page is self-contained (inline CSS and image, no scripts, no network) and every text
-    value is escaped by the template engine (jinja2, autoescape on).
+    value is escaped by the template engine (jinja2, autoescape on). It carries the screening's
+    date and time with its time zone and who ran it.
     """
-    from fmmtc_core.screening import DEFAULT_THRESHOLDS
+    from fmmtc_core.config import DEFAULT_THRESHOLDS
 
-    t = {**DEFAULT_THRESHOLDS, **(summary.get("thresholds") or {})}
-    qc = summary.get("qc") or {}
-    share = summary.get("modality_share") or {}
-    names = {r["label"]: r["name"] for r in summary.get("regions", [])}
+    t = {**DEFAULT_THRESHOLDS, **summary.thresholds}
+    names = {r.label: r.name for r in summary.regions}
     tables = [
         {"title": "Top regions", "headers": ["label", "region", "score"],
-         "rows": [(r["label"], r["name"], f"{r['score']:+.4f}")
-                  for r in summary.get("regions", [])[:n_regions]]},
+         "rows": [(r.label, r.name, f"{r.score:+.4f}") for r in summary.regions[:n_regions]]},
         {"title": "Top connections", "headers": ["region", "region", "score"],
-         "rows": [(names.get(c["label_i"], c["label_i"]), names.get(c["label_j"], c["label_j"]),
-                   f"{c['score']:+.4f}") for c in summary.get("top_connections", [])[:10]]},
+         "rows": [(names.get(c.label_i, c.label_i), names.get(c.label_j, c.label_j),
+                   f"{c.score:+.4f}") for c in summary.connections[:10]]},
         {"title": "Networks / lobes", "headers": ["group", "time series", "connectivity",
                                                   "total"],
          "rows": [(k, f"{v['ts']:+.3f}", f"{v['fc']:+.3f}", f"{v['total']:+.3f}")
-                  for k, v in (summary.get("networks") or {}).items()]},
+                  for k, v in summary.networks.items()]},
     ]
+    baseline = summary.baseline or {}
     return _environment().from_string(_TEMPLATE).render(
-        participant=participant, screening_id=screening_id, operator=operator,
-        created_at=str(summary.get("created_at", "")), simulated=simulated,
-        probability=summary["probability"], band=summary["band"], decision=summary["decision"],
-        responder_threshold=t["responder"], non_responder_threshold=t["non_responder"],
-        model=str(summary.get("model", "")), qc_verdict=str(qc.get("verdict", "")),
-        qc_reasons=list(qc.get("reasons", [])), share_ts=share.get("ts", 0.0),
-        share_fc=share.get("fc", 0.0), baseline=str(summary.get("baseline")),
-        ig_gap=summary.get("ig_gap") or 0.0, steps=summary.get("steps"),
+        participant=summary.participant, screening_id=summary.screening_id,
+        operator=summary.operator,
+        created_at=summary.created_at.strftime("%Y-%m-%d %H:%M %Z").strip(),
+        simulated=summary.simulated, probability=summary.probability, band=summary.band,
+        decision=summary.decision, responder_threshold=t["responder"],
+        non_responder_threshold=t["non_responder"], model=summary.model,
+        qc_verdict=summary.qc_verdict, qc_reasons=list(summary.qc_reasons),
+        share_ts=summary.share_ts or 0.0, share_fc=summary.share_fc or 0.0,
+        baseline=", ".join(f"{k}: {v}" for k, v in baseline.items()) or "not recorded",
+        ig_gap=summary.ig_gap or 0.0, steps=summary.ig_steps,
         png=base64.b64encode(png).decode() if png else None, tables=tables,
         version=__version__)

@@ -12,17 +12,31 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+import datetime as dt
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmmtc_core._errors import InvalidInputError, ModelFileError
-from fmmtc_core.explain import Explanation, explain, model_inputs
-from fmmtc_core.io import load_scan
-from fmmtc_core.preprocess import RegionSignals, clean, parcellate
+from fmmtc_core import config
+from fmmtc_core._docs import fill_doc
+from fmmtc_core._errors import InvalidInputError, ModelFileError, QCFailedError
+from fmmtc_core.atlas import load_atlas
+from fmmtc_core.bids import read_cohort
+from fmmtc_core.explain import Explanation, explain
+from fmmtc_core.io import Scan
+from fmmtc_core.pipeline import load_and_clean, scan_name
+from fmmtc_core.preprocess import RegionSignals, prepare
 from fmmtc_core.qc import QCReport, QCThresholds, qc_report
 from fmmtc_core.store.repository import default_operator
+from fmmtc_core.summary import ScreeningSummary
+
+if TYPE_CHECKING:  # torch and sqlalchemy load only when a screening runs
+    from sqlalchemy import Engine
+
+    from fmmtc_core.models.ensemble import FMMTCEnsemble
 
 __all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES",
            "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest"]
@@ -31,20 +45,9 @@ __all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES
 STAGES = ("validate", "parcellate", "qc", "clean", "predict", "explain", "save")
 
 #: Decision thresholds on the calibrated probability (the team can change them).
-DEFAULT_THRESHOLDS = {"responder": 0.6, "non_responder": 0.4}
+DEFAULT_THRESHOLDS = config.DEFAULT_THRESHOLDS
 
 Progress = Callable[[str, int, int, dict], None] | None
-
-
-class QCFailedError(InvalidInputError):
-    """The scan failed hard quality control: it is not predicted (the report says why)."""
-
-    def __init__(self, message: str, report: QCReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-    def __reduce__(self):  # picklable, so a worker process can hand it back
-        return (type(self), (str(self), self.report))
 
 
 def decide(probability: float, band: tuple[float, float], thresholds: dict | None = None) -> str:
@@ -71,7 +74,7 @@ def decide(probability: float, band: tuple[float, float], thresholds: dict | Non
 class Analysis:
     """Everything one screening computes (see :func:`analyse`)."""
 
-    scan: object
+    scan: Scan
     signals: RegionSignals  # cleaned
     qc: QCReport
     probability: float
@@ -104,9 +107,10 @@ class Analysis:
         return out
 
 
+@fill_doc
 def analyse(
     source: str | os.PathLike,
-    model,
+    model: FMMTCEnsemble,
     *,
     sidecar=None,
     confounds=None,
@@ -122,9 +126,9 @@ def analyse(
     ----------
     source : path
         4D NIfTI or region time-series table (see :func:`fmmtc_core.io.load_scan`).
-    model : FMMTCEnsemble
-        From :func:`fmmtc_core.training.load_model`; its atlas parcellates the scan.
-    sidecar, confounds : path or None
+    %(model)s
+    %(sidecar)s
+    %(confounds)s
     thresholds : dict or None
         Decision thresholds (:data:`DEFAULT_THRESHOLDS`).
     qc_thresholds : QCThresholds or None
@@ -137,113 +141,45 @@ def analyse(
     InvalidInputError
         Bad input of any kind; :class:`QCFailedError` when the scan fails hard QC.
     """
-    from fmmtc_core.atlas import load_atlas
-
-    times: dict[str, float] = {}
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     decide(0.5, (0.5, 0.5), thresholds)  # validate the thresholds before any work
-
-    def report(stage, done=1, total=1, info=None):
-        if progress:
-            progress(stage, done, total, info or {})
-
     atlas = load_atlas(model.atlas)
+    prep = load_and_clean(source, atlas, sidecar=sidecar, confounds=confounds,
+                          qc=partial(qc_report, thresholds=qc_thresholds), progress=progress)
+    # Both were asked for: the default cleaning and a QC function.
+    assert prep.signals is not None and prep.qc is not None
+    times = dict(prep.stage_seconds)
     t0 = time.perf_counter()
-    report("validate", 0, 1)
-    scan = load_scan(source, sidecar=sidecar, confounds=confounds, atlas=atlas)
-    t_load = time.perf_counter()
-    times["load"] = t_load - t0
-    report("validate", 1, 1)
-
-    parcellated = []
-
-    def parc_progress(done, total):
-        parcellated.append(done)
-        report("parcellate", done, total)
-
-    raw = parcellate(scan, None if scan.kind == "table" else atlas, progress=parc_progress)
-    if not parcellated:  # a region table: already parcellated
-        report("parcellate", 1, 1, {"table": True})
-    t_parc = time.perf_counter()
-    times["parcellate"] = t_parc - t_load
-    qc = qc_report(scan, raw, thresholds=qc_thresholds)
-    t1 = time.perf_counter()
-    times["qc"] = t1 - t_parc
-    report("qc", 1, 1, {"verdict": qc.verdict})
-    if raw.atlas.n_regions != atlas.n_regions:
-        raise InvalidInputError(
-            f"The table has {raw.atlas.n_regions} regions ({raw.atlas.name}); the model expects "
-            f"{atlas.n_regions} ({atlas.name}).")
-    if not qc.passed:
-        raise QCFailedError("The scan failed quality control and was not screened: "
-                            + "; ".join(qc.reasons), qc)
-    _check_signal_values(raw.data, scan, "as read", allow_nan=True)
-    signals = clean(raw)
-    _check_signal_values(signals.data, scan, "after cleaning", allow_nan=False)
-    t2 = time.perf_counter()
-    times["clean"] = t2 - t1
-    report("clean")
-    window, fc = model_inputs(model, signals)
-    for name, arr in (("time-series window", window), ("connectivity", fc)):
+    inputs = prepare(prep.signals, model.window)
+    assert inputs.fc is not None  # prepare computes the connectivity by default
+    for name, arr in (("time-series window", inputs.window), ("connectivity", inputs.fc)):
         if arr is not None and _nonfinite(arr):
             raise InvalidInputError(
-                f"{_name(scan)}: the model input ({name}) holds non-finite values; the scan's "
-                "values are out of range. Nothing was stored.")
-    pred = model.predict(window[None], fc[None])
-    t3 = time.perf_counter()
-    times["predict"] = t3 - t2
-    report("predict")
+                f"{scan_name(prep.scan)}: the model input ({name}) holds non-finite values; the "
+                "scan's values are out of range. Nothing was stored.")
+    pred = model.predict_proba(inputs.window[None], inputs.fc[None])
+    t1 = time.perf_counter()
+    times["predict"] = t1 - t0
+    if progress:
+        progress("predict", 1, 1, {})
     probability = float(pred["probability"][0])
     band = (float(pred["band"][0, 0]), float(pred["band"][0, 1]))
-    cal = model.card["calibration"]
-    fold_p = 1.0 / (1.0 + np.exp(-(cal["a"] * pred["fold_logits"][:, 0] + cal["b"])))
+    fold_p = model.fold_probabilities(pred["fold_logits"][:, 0])
     explanation = None
     if with_explanation:
         def exp_progress(stage, done, total, info):
-            report("explain", done, total, info)
+            if progress:
+                progress("explain", done, total, info or {})
 
-        explanation = explain(model, window, fc, atlas=atlas, progress=exp_progress,
-                              **(explain_kwargs or {}))
-        times["explain"] = time.perf_counter() - t3
+        explanation = explain(model, inputs.window, inputs.fc, atlas=atlas,
+                              progress=exp_progress, **(explain_kwargs or {}))
+        times["explain"] = time.perf_counter() - t1
     return Analysis(
-        scan=scan, signals=signals, qc=qc, probability=probability, band=band,
+        scan=prep.scan, signals=prep.signals, qc=prep.qc, probability=probability, band=band,
         fold_probabilities=[float(p) for p in fold_p],
         decision=decide(probability, band, thresholds), thresholds=thresholds,
-        explanation=explanation, window=window, fc=fc, stage_seconds=times,
+        explanation=explanation, window=inputs.window, fc=inputs.fc, stage_seconds=times,
     )
-
-
-def _name(scan) -> str:
-    path = getattr(scan, "path", None)
-    return repr(Path(path).name) if path is not None else "The scan"
-
-
-#: Largest magnitude a region value may have: float32's range with room for the arithmetic of
-#: cleaning (sums of squares over a few thousand volumes). BOLD values are O(1e4).
-MAX_ABS_VALUE = 1e15
-
-
-def _check_signal_values(data: np.ndarray, scan, when: str, *, allow_nan: bool) -> None:
-    """Refuse region values that are infinite or so large that a later stage (cleaning, float32
-    storage) would overflow, and (``allow_nan=False``) NaN in part of a region's series. A region
-    that is NaN throughout (no voxels, no values in a table) is allowed: QC reports it as
-    uncovered. Cleaning drops a region with missing values in part of its series."""
-    data = np.asarray(data)
-    whole_nan = np.isnan(data).all(axis=0)
-    live = data[:, ~whole_nan]
-    if live.size == 0:
-        return
-    with np.errstate(invalid="ignore"):
-        bad = np.isinf(live) | (np.abs(live) > MAX_ABS_VALUE)
-        if not allow_nan:
-            bad |= np.isnan(live)
-    if bad.any():
-        n_regions = int(bad.any(axis=0).sum())
-        raise InvalidInputError(
-            f"{_name(scan)} holds non-finite or out-of-range values {when} ({int(bad.sum())} "
-            f"value(s) in {n_regions} region(s); expected finite values below "
-            f"{MAX_ABS_VALUE:.0e} in magnitude). Check the file's units and contents; nothing "
-            "was stored.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,39 +215,39 @@ def inputs_digest(source, sidecar=None, confounds=None) -> tuple[str, str]:
 
 @dataclass
 class ScreeningResult:
-    """A stored screening: its id, whether it was reused, and the in-memory analysis (None when
-    an earlier screening was returned)."""
+    """A stored screening: its summary, and the in-memory analysis (None when an earlier
+    screening was returned)."""
 
-    screening_id: int
-    participant: str
-    probability: float
-    band: tuple[float, float]
-    decision: str
-    reused: bool
-    summary: dict
+    summary: ScreeningSummary
     analysis: Analysis | None = None
 
+    @property
+    def screening_id(self) -> int:
+        assert self.summary.screening_id is not None
+        return self.summary.screening_id
+
+    @property
+    def participant(self) -> str:
+        return self.summary.participant
+
+    @property
+    def probability(self) -> float:
+        return self.summary.probability
+
+    @property
+    def band(self) -> tuple[float, float]:
+        return self.summary.band
+
+    @property
+    def decision(self) -> str:
+        return self.summary.decision
+
+    @property
+    def reused(self) -> bool:
+        return self.summary.reused
+
     def to_dict(self) -> dict:
-        return {"screening_id": self.screening_id, "participant_id": self.participant,
-                "reused": self.reused, **self.summary}
-
-
-def _summary_from_row(sc) -> dict:
-    regions = sorted(sc.regions, key=lambda r: -abs(r.total))
-    exp = sc.explanation or {}
-    return {
-        "probability": sc.probability, "band": [sc.band_low, sc.band_high],
-        "decision": sc.decision, "thresholds": sc.thresholds,
-        "qc": {"verdict": sc.scan.qc_verdict, "reasons": sc.scan.qc.get("reasons", [])},
-        "modality_share": {"ts": sc.share_ts, "fc": sc.share_fc},
-        "regions": [{"label": r.label, "name": r.name, "score": r.total} for r in regions],
-        "top_connections": [{"i": c.region_i, "j": c.region_j, "label_i": c.label_i,
-                             "label_j": c.label_j, "score": c.score} for c in sc.connections],
-        "networks": exp.get("networks", {}),
-        "ig_gap": sc.ig_gap, "steps": sc.ig_steps, "baseline": exp.get("baseline"),
-        "stage_seconds": sc.stage_seconds, "runtime_s": sc.runtime_s,
-        "model": sc.model_version.name, "created_at": sc.created_at.isoformat(),
-    }
+        return self.summary.to_dict()
 
 
 def _stored_outcome(s, scan_sha: str, key: str, model, pseudonym: str,
@@ -343,9 +279,8 @@ def _stored_outcome(s, scan_sha: str, key: str, model, pseudonym: str,
             f"{latest.id}) with other side files (JSON sidecar or confounds). To screen it "
             "again with these files, use --force (or 'Screen again' in the dashboard); the "
             "earlier screening is kept.")
-    old = repo.get_screening(s, latest.id)
-    return ScreeningResult(old.id, pseudonym, old.probability, (old.band_low, old.band_high),
-                           old.decision, True, _summary_from_row(old))
+    return ScreeningResult(ScreeningSummary.from_row(repo.get_screening(s, latest.id),
+                                                     reused=True))
 
 
 def _nonfinite(value) -> bool:
@@ -353,43 +288,35 @@ def _nonfinite(value) -> bool:
     return arr.size > 0 and not np.isfinite(arr).all()
 
 
-def _check_storable(scan_fields: dict, fields: dict, regions: list[dict],
-                    connections: list[dict], model) -> None:
+def _check_storable(summary: ScreeningSummary, model) -> None:
     """Refuse, before the write transaction, anything non-finite: nothing NaN or infinite is
     ever stored. A non-finite model output names the model (a broken calibration, say)."""
-    for name in ("probability", "band_low", "band_high", "fold_probabilities"):
-        if _nonfinite(fields[name]):
+    outputs = {"probability": summary.probability, "band": summary.band,
+               "fold probabilities": summary.fold_probabilities}
+    for name, value in outputs.items():
+        if _nonfinite(value):
             raise ModelFileError(
-                f"The model {model.name!r} gave a non-finite {name.replace('_', ' ')} "
-                f"({fields[name]!r}); its calibration or weights are broken. Nothing was "
-                "stored; retrain the model or choose another.")
+                f"The model {model.name!r} gave a non-finite {name} ({value!r}); its "
+                "calibration or weights are broken. Nothing was stored; retrain the model or "
+                "choose another.")
     for name in ("share_ts", "share_fc", "ig_gap"):
-        if fields[name] is not None and _nonfinite(fields[name]):
+        value = getattr(summary, name)
+        if value is not None and _nonfinite(value):
             raise ModelFileError(
-                f"The explanation by model {model.name!r} is not finite ({name} = "
-                f"{fields[name]!r}); nothing was stored.")
-    if _nonfinite([r[k] for r in regions for k in ("ts", "fc", "total")]) or _nonfinite(
-            [c["score"] for c in connections]):
+                f"The explanation by model {model.name!r} is not finite ({name} = {value!r}); "
+                "nothing was stored.")
+    if _nonfinite([v for r in summary.regions for v in (r.ts, r.fc, r.score)]) or _nonfinite(
+            [c.score for c in summary.connections]):
         raise ModelFileError(f"The explanation by model {model.name!r} holds non-finite "
                              "attributions; nothing was stored.")
 
 
-def attribution_rows(e: Explanation) -> tuple[list[dict], list[dict]]:
-    """The region and top-connection rows of an explanation, as the database stores them."""
-    regions = [{"region_index": i, "label": int(e.labels[i]), "name": e.names[i],
-                "network": e.groups[i], "ts": float(e.region_ts[i]), "fc": float(e.region_fc[i]),
-                "total": float(e.region_total[i])} for i in range(len(e.labels))]
-    connections = [{"rank": k, "region_i": c["i"], "region_j": c["j"], "label_i": c["label_i"],
-                    "label_j": c["label_j"], "score": c["score"]}
-                   for k, c in enumerate(e.top_connections)]
-    return regions, connections
-
-
+@fill_doc
 def screen(
     source: str | os.PathLike,
     participant: str,
-    model,
-    engine,
+    model: FMMTCEnsemble,
+    engine: Engine,
     *,
     sidecar=None,
     confounds=None,
@@ -415,11 +342,13 @@ def screen(
     Parameters
     ----------
     source : path
+        4D NIfTI or region time-series table (see :func:`fmmtc_core.io.load_scan`).
     participant : str
         Study pseudonym (validated; a leading ``sub-`` is dropped).
-    model : FMMTCEnsemble
-    engine : sqlalchemy.Engine
-        From :func:`fmmtc_core.store.open_database`.
+    %(model)s
+    %(engine)s
+    %(sidecar)s
+    %(confounds)s
     operator : str or None
         Who runs it (audit log); default :func:`default_operator`.
     progress : callable(stage, done, total, info) or None
@@ -446,29 +375,20 @@ def screen(
     result = analyse(source, model, sidecar=sidecar, confounds=confounds,
                      thresholds=thresholds, explain_kwargs=explain_kwargs, progress=progress)
     t0 = time.perf_counter()
-    e = result.explanation
     scan = result.scan
-    qc = result.qc.to_dict()
     scan_fields = {
         "sha256": scan_sha, "kind": scan.kind, "shape": [int(v) for v in scan.shape],
         "tr": float(result.signals.tr), "atlas": result.signals.atlas.name,
-        "qc_verdict": result.qc.verdict, "qc": qc, "n_volumes": int(result.signals.n_volumes),
-        "n_regions": int(result.signals.n_regions),
+        "qc_verdict": result.qc.verdict, "qc": result.qc.to_dict(),
+        "n_volumes": int(result.signals.n_volumes), "n_regions": int(result.signals.n_regions),
         "series": repo.encode_series(result.signals.data),
     }
-    regions, connections = attribution_rows(e)
-    fields = {
-        "inputs_sha256": key, "probability": result.probability,
-        "band_low": result.band[0], "band_high": result.band[1],
-        "fold_probabilities": result.fold_probabilities, "decision": result.decision,
-        "thresholds": result.thresholds, "share_ts": e.modality_share["ts"],
-        "share_fc": e.modality_share["fc"], "ig_gap": e.ig_gap, "ig_steps": e.steps,
-        "explanation": {"settings": e.settings, "baseline": e.baseline,
-                        "networks": e.networks, "logit": e.logit,
-                        "baseline_logit": e.baseline_logit, "ig_gap_abs": e.ig_gap_abs},
-        "runtime_s": 0.0, "stage_seconds": {}, "software_version": __version__,
-    }
-    _check_storable(scan_fields, fields, regions, connections, model)
+    summary = ScreeningSummary.from_analysis(result, participant=pseudonym, model=model.name,
+                                             operator=operator, simulated=simulated)
+    _check_storable(summary, model)
+    regions, connections = summary.attribution_rows()
+    e = result.explanation
+    assert e is not None
     for attempt in range(3):
         try:
             with session_scope(engine, write=True) as s:
@@ -483,8 +403,25 @@ def screen(
                 mv = repo.get_or_create_model_version(s, model.name, model.weights_sha256,
                                                       model.card, actor=operator)
                 result.stage_seconds["save"] = time.perf_counter() - t0
-                fields["stage_seconds"] = {k: float(v) for k, v in result.stage_seconds.items()}
-                fields["runtime_s"] = result.runtime_s
+                summary = replace(summary, stage_seconds={
+                    k: float(v) for k, v in result.stage_seconds.items()})
+                fields = {
+                    "inputs_sha256": key, "probability": summary.probability,
+                    "band_low": summary.band[0], "band_high": summary.band[1],
+                    "fold_probabilities": list(summary.fold_probabilities),
+                    "decision": summary.decision, "thresholds": summary.thresholds,
+                    "share_ts": summary.share_ts, "share_fc": summary.share_fc,
+                    "ig_gap": summary.ig_gap, "ig_steps": summary.ig_steps,
+                    "explanation": {"settings": e.settings, "baseline": summary.baseline,
+                                    "networks": summary.networks, "logit": summary.logit,
+                                    "baseline_logit": summary.baseline_logit,
+                                    "ig_gap_abs": summary.ig_gap_abs},
+                    "runtime_s": summary.runtime_s, "stage_seconds": summary.stage_seconds,
+                    "software_version": __version__,
+                    # the summary's time, so the fresh and the stored screening agree
+                    "created_at": summary.created_at.astimezone(dt.timezone.utc)
+                    .replace(tzinfo=None),
+                }
                 sc = repo.add_screening(s, participant=p, model_version=mv,
                                         scan_fields=scan_fields, screening_fields=fields,
                                         regions=regions, connections=connections,
@@ -502,13 +439,9 @@ def screen(
         if progress:
             progress("save", 1, 1, {"reused": True})
         return stored
-    result.stage_seconds["save"] = time.perf_counter() - t0
     if progress:
         progress("save", 1, 1, {})
-    summary = result.to_dict()
-    summary["model"] = model.name
-    return ScreeningResult(sid, pseudonym, result.probability, result.band, result.decision,
-                           False, summary, result)
+    return ScreeningResult(replace(summary, screening_id=sid), result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,8 +463,8 @@ _WORKER: dict = {}
 def _worker_init(model_dir, url, threads) -> None:
     import torch
 
+    from fmmtc_core.models.ensemble import load_model
     from fmmtc_core.store import make_engine
-    from fmmtc_core.training import load_model
 
     torch.set_num_threads(threads)
     _WORKER["model"] = load_model(model_dir)
@@ -574,7 +507,7 @@ def screen_batch(
         ``participants.tsv`` (``participant_id``; optional ``site``, ``drug``, ``responder``) and
         ``sub-*/func/`` scans, as written by ``fmmtc simulate``.
     model_dir : path or None
-        Model folder (default: :func:`fmmtc_core.training.default_model_dir`).
+        Model folder (default: :func:`fmmtc_core.models.ensemble.default_model_dir`).
     url : str or None
         Database URL (default location when None).
     workers : int
@@ -588,10 +521,10 @@ def screen_batch(
     import json
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from fmmtc_core.models.ensemble import default_model_dir, load_model
     from fmmtc_core.store import open_database
     from fmmtc_core.store import repository as repo
     from fmmtc_core.store.db import session_scope
-    from fmmtc_core.training import default_model_dir, load_model, read_cohort
 
     if workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {workers}.")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -541,6 +542,7 @@ def write_nifti(
     tmp = path.with_name(f".{path.name}.part")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        f: io.BufferedIOBase
         if path.name.endswith(".gz"):
             f = gzip.open(tmp, "wb", compresslevel=compresslevel)
         else:
@@ -639,8 +641,9 @@ def write_cohort(
             pd.DataFrame(subject.signals, columns=list(atlas.names)).to_csv(
                 func / f"{stem}.tsv", sep="\t", index=False, float_format="%.6g")
             (func / f"{stem}.json").write_text(json.dumps(side | {"Atlas": atlas.name}, indent=2))
-        row = {"participant_id": sub}
+        row: dict[str, object] = {"participant_id": sub}
         if labelled:
+            assert resp is not None  # labelled cohorts draw a responder for every subject
             row["responder"] = int(resp)
         row |= {"site": f"site{int(sites[i]) + 1}", "drug": str(drugs[i])}
         rows.append(row)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from fmmtc_core import dashboard as ui
-from fmmtc_core.cohort import filter_screenings, observed_performance, stratify
+from fmmtc_app import session
+from fmmtc_app.access import require_access
+from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size, load_demo_cohort
+from fmmtc_core.config import DEFAULT_THRESHOLDS
+from fmmtc_core.cohort import filter_screenings, observed_performance, outcome_values, stratify
 from fmmtc_core.figures import calibration_figure, probability_histogram, roc_figure
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 
-ui.require_access()
+require_access()
 st.title("Cohort review")
-engine = ui.engine()
+engine = session.engine()
 
 
 @st.cache_data(show_spinner=False, ttl=5)
@@ -31,11 +33,11 @@ def _demo_button(label: str, primary: bool) -> None:
     if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
         bar = st.progress(0.0, text="Simulating...")
         try:
-            out = ui.load_demo_cohort(
+            out = load_demo_cohort(
                 progress=lambda d, t, what: bar.progress(min(d / t, 1.0), text=what))
         except Exception as exc:  # noqa: BLE001
             bar.empty()
-            ui.plain_error(exc, "The demo cohort could not be loaded")
+            session.plain_error(exc, "The demo cohort could not be loaded")
             st.stop()
         bar.empty()
         st.session_state["cohort_version"] = version + 1
@@ -49,7 +51,7 @@ if msg := st.session_state.pop("demo_loaded", None):
 if df.empty:
     st.info("The cohort database is empty. Screen a participant on the Screen page, or load a "
             "**simulated** demo cohort to see how this page works.")
-    _demo_button(f"Load the simulated demo cohort ({ui.demo_cohort_size()} participants)",
+    _demo_button(f"Load the simulated demo cohort ({demo_cohort_size()} participants)",
                  primary=True)
     st.stop()
 
@@ -99,10 +101,10 @@ st.download_button("Export these rows (CSV)", repo.csv_text(view),
 st.subheader("Enrolment at a threshold")
 c1, c2 = st.columns([3, 1])
 threshold = c1.slider("Enrol participants with a responder probability of at least", 0.0, 1.0,
-                      0.6, 0.05, key="threshold")
+                      DEFAULT_THRESHOLDS["responder"], 0.05, key="threshold")
 strict = c2.checkbox("whole band above", key="strict",
                      help="Enrol only when the whole uncertainty band clears the threshold.")
-y = view["outcome"].map({"responder": 1.0, "non-responder": 0.0}).astype(float).to_numpy()
+y = outcome_values(view["outcome"])
 s = stratify(view["probability"].to_numpy(), threshold,
              band_low=view["band_low"].to_numpy(), require_band=strict, outcome=y)
 m = st.columns(4)
@@ -133,9 +135,10 @@ with st.form("outcome"):
     if st.form_submit_button("Record outcome"):
         try:
             with session_scope(engine, write=True) as sess:
-                repo.record_outcome(sess, who, what, actor=ui.operator(), note=note or None)
+                repo.record_outcome(sess, who, what, actor=session.operator(),
+                                    note=note or None)
         except Exception as exc:  # noqa: BLE001
-            ui.plain_error(exc, "The outcome was not recorded")
+            session.plain_error(exc, "The outcome was not recorded")
         else:
             st.session_state["cohort_version"] = version + 1
             st.session_state["outcome_saved"] = f"Recorded: {who} is a {what}."
@@ -151,13 +154,13 @@ else:
     c1, c2 = st.columns(2)
     c1.plotly_chart(roc_figure(perf), width="stretch")
     c2.plotly_chart(calibration_figure(perf), width="stretch")
-    if view.loc[np.isfinite(y), "simulated"].any():
+    if view.loc[view["outcome"].notna(), "simulated"].any():
         st.caption("Includes simulated participants: these curves describe the demo, not the "
                    "model's real-world performance.")
 
-if not df["participant"].str.startswith(ui.DEMO_PREFIX + "0").any():
+if not df["participant"].str.startswith(DEMO_PREFIX + "0").any():
     st.divider()
     st.caption("Want to try the page on more data? Add a simulated demo cohort (flagged as "
                "simulated everywhere).")
-    _demo_button(f"Add the simulated demo cohort ({ui.demo_cohort_size()} participants)",
+    _demo_button(f"Add the simulated demo cohort ({demo_cohort_size()} participants)",
                  primary=False)

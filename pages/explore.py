@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from fmmtc_core import dashboard as ui
+from fmmtc_app import session
+from fmmtc_app.access import require_access
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.figures import (
     FC_COLOR,
@@ -17,12 +17,15 @@ from fmmtc_core.figures import (
     network_figure,
     region_series_figure,
 )
+from fmmtc_core.report import glass_brain_png
+from fmmtc_core.review import top_regions
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
+from fmmtc_core.store.repository import ScreeningRecord
 
-ui.require_access()
+require_access()
 st.title("Attribution explorer")
-engine = ui.engine()
+engine = session.engine()
 df = repo.screenings_frame(engine, latest_only=False)
 if df.empty:
     st.info("No screenings yet. Screen a participant, or load the simulated demo cohort on the "
@@ -50,22 +53,9 @@ if compare:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _load(screening_id: int) -> dict:
+def _load(screening_id: int) -> ScreeningRecord:
     with session_scope(engine) as s:
-        sc = repo.get_screening(s, screening_id)
-        regions = repo.region_frame(s, screening_id)
-        return {
-            "participant": sc.participant.pseudonym, "simulated": sc.participant.simulated,
-            "probability": sc.probability, "band": (sc.band_low, sc.band_high),
-            "decision": sc.decision, "share_ts": sc.share_ts, "share_fc": sc.share_fc,
-            "ig_gap": sc.ig_gap, "steps": sc.ig_steps, "model": sc.model_version.name,
-            "atlas": sc.scan.atlas, "tr": sc.scan.tr,
-            "networks": (sc.explanation or {}).get("networks", {}),
-            "connections": [{"i": c.region_i, "j": c.region_j, "score": c.score}
-                            for c in sc.connections],
-            "series": repo.decode_series(sc.scan.series) if sc.scan.series else None,
-            "regions": regions,
-        }
+        return repo.screening_record(s, screening_id)
 
 
 @st.cache_data(show_spinner=False, ttl=60)
@@ -75,30 +65,29 @@ def _cohort_means() -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _glass(atlas_name: str, scores: tuple) -> bytes:
-    from fmmtc_core.report import glass_brain_png
-
-    return glass_brain_png(load_atlas(atlas_name), np.asarray(scores))
+    return glass_brain_png(load_atlas(atlas_name), scores)
 
 
-def _panel(d: dict, key: str, *, full: bool) -> None:
-    atlas = load_atlas(d["atlas"])
-    reg = d["regions"]
-    if d["simulated"]:
+def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
+    atlas = load_atlas(d.atlas)
+    reg = d.regions
+    sm = d.summary
+    if sm.simulated:
         st.info("SIMULATED participant (demo data).")
     m = st.columns(4)
-    m[0].metric("Probability", f"{d['probability']:.0%}",
-                help=f"band {d['band'][0]:.0%} - {d['band'][1]:.0%}")
-    m[1].metric("Decision", d["decision"])
+    m[0].metric("Probability", f"{sm.probability:.0%}",
+                help=f"band {sm.band[0]:.0%} - {sm.band[1]:.0%}")
+    m[1].metric("Decision", sm.decision)
     m[2].metric("Time series / connectivity",
-                f"{d['share_ts']:.0%} / {d['share_fc']:.0%}")
-    m[3].metric("IG gap", f"{d['ig_gap']:.2%}", help=f"{d['steps']} integration steps")
-    st.image(_glass(d["atlas"], tuple(reg["total"].round(6))), width="stretch")
+                f"{sm.share_ts or 0:.0%} / {sm.share_fc or 0:.0%}")
+    m[3].metric("IG gap", f"{sm.ig_gap or 0:.2%}", help=f"{sm.ig_steps} integration steps")
+    st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
     views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
               "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
     # One view at a time: only the chosen figure is built and drawn (3D views are costly).
     view = st.radio("View", views, horizontal=True, key=f"{key}-view",
                     label_visibility="collapsed")
-    top = reg.reindex(reg["total"].abs().sort_values(ascending=False).index).head(15)
+    top = top_regions(reg, "total")
     if view == views[0]:
         st.plotly_chart(compare_regions_figure(
             top["name"], {"time series": top["ts"], "connectivity": top["fc"]},
@@ -108,29 +97,28 @@ def _panel(d: dict, key: str, *, full: bool) -> None:
         st.dataframe(top[["label", "name", "network", "ts", "fc", "total"]], hide_index=True,
                      width="stretch")
     elif view == "Networks":
-        st.plotly_chart(network_figure(d["networks"]), width="stretch", key=f"{key}-net")
+        st.plotly_chart(network_figure(sm.networks), width="stretch", key=f"{key}-net")
     elif view == "Connections":
-        st.plotly_chart(connectome_figure(atlas.centroids_mm, d["connections"], atlas.names),
+        st.plotly_chart(connectome_figure(atlas.centroids_mm,
+                                          d.connections.to_dict("records"), atlas.names),
                         width="stretch", key=f"{key}-conn")
-        st.dataframe(pd.DataFrame([{"region": atlas.names[c["i"]],
-                                    "region ": atlas.names[c["j"]], "score": c["score"]}
-                                   for c in d["connections"]]), hide_index=True,
-                     width="stretch")
+        st.dataframe(d.connections[["name_i", "name_j", "score"]], hide_index=True,
+                     width="stretch", column_config={"name_i": "region", "name_j": "region "})
     elif view == "3D":
         st.plotly_chart(brain3d_figure(atlas.centroids_mm, reg["total"].to_numpy(),
                                        atlas.names, atlas.groups), width="stretch",
                         key=f"{key}-3d")
     elif view == "Region series":
-        if d["series"] is None:
+        if d.series is None:
             st.caption("No region series stored for this scan.")
         else:
             idx = top["region_index"].head(4).to_numpy()
-            st.plotly_chart(region_series_figure(d["series"], atlas.names, d["tr"], idx),
+            st.plotly_chart(region_series_figure(d.series, atlas.names, d.tr, idx),
                             width="stretch", key=f"{key}-series")
             st.caption("Cleaned region series of the four top regions (what the model saw).")
     else:
         means = _cohort_means()
-        series = {f"{d['participant']}": top["total"].to_numpy()}
+        series = {sm.participant: top["total"].to_numpy()}
         for flag, name in ((True, "cohort mean, predicted responders"),
                            (False, "cohort mean, predicted non-responders")):
             sub = means[means["responder"] == flag].set_index("region_index")["mean"]

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
+from fmmtc_app.access import require_access
+from fmmtc_app.uploads import staged_uploads
 from fmmtc_core import FMMTCError
-from fmmtc_core import dashboard as ui
 from fmmtc_core.atlas import BUNDLED_ATLASES
-from fmmtc_core.connectivity import connectivity
 from fmmtc_core.figures import (
     carpet_figure,
     connectivity_figure,
     motion_figure,
     region_series_figure,
 )
-from fmmtc_core.preprocess import clean
 from fmmtc_core.qc import assess_scan
+from fmmtc_core.review import complete_regions, region_quality, scan_connectivity
 
 VERDICT_STYLE = {
     "pass": (st.success, "Passed quality control"),
@@ -24,7 +23,7 @@ VERDICT_STYLE = {
     "fail": (st.error, "Failed quality control: this scan would not be screened"),
 }
 
-ui.require_access()  # app.py gates every page; this is a second line
+require_access()  # app.py gates every page; this is a second line
 
 st.title("Scan quality")
 st.write(
@@ -82,7 +81,7 @@ if submitted or demo:
         st.error("Choose a scan file to upload first.")
     else:
         # The upload is on disk only while it is checked (a private folder, deleted after).
-        with ui.staged_uploads(scan_file, sidecar_file, confounds_file) as (path, side, conf):
+        with staged_uploads(scan_file, sidecar_file, confounds_file) as (path, side, conf):
             st.session_state["qc_result"] = run_check(path, side, conf)
         st.session_state["qc_simulated"] = False
 
@@ -120,23 +119,11 @@ if result is not None:
             st.plotly_chart(motion_figure(report.tr, report.fd, report.dvars,
                                           report.thresholds.fd_threshold), width="stretch")
     with tab2:
-        fc = connectivity(clean(signals))
-        st.plotly_chart(connectivity_figure(fc, atlas.names, atlas.groups), width="stretch")
+        st.plotly_chart(connectivity_figure(scan_connectivity(signals), atlas.names,
+                                            atlas.groups), width="stretch")
         st.caption("Pearson correlation of the cleaned region series, as Fisher z, regions "
                    "grouped by lobe.")
     with tab3:
-        import pandas as pd
-
-        table = pd.DataFrame({
-            "label": atlas.labels,
-            "region": atlas.names,
-            "group": atlas.groups,
-            "hemisphere": atlas.hemispheres,
-            "voxels": np.where(signals.n_voxels >= 0, signals.n_voxels, np.nan),
-            "tSNR": report.tsnr_regions if report.tsnr_regions is not None else np.nan,
-            "covered": ~np.isin(atlas.names, report.uncovered_regions),
-        })
-        st.dataframe(table, hide_index=True, width="stretch")
-        ok = np.flatnonzero(np.isfinite(signals.data).all(axis=0))
-        st.plotly_chart(region_series_figure(signals.data, atlas.names, report.tr, ok[:4]),
-                        width="stretch")
+        st.dataframe(region_quality(signals, report), hide_index=True, width="stretch")
+        st.plotly_chart(region_series_figure(signals.data, atlas.names, report.tr,
+                                             complete_regions(signals, 4)), width="stretch")

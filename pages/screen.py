@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
-from fmmtc_core import dashboard as ui
+from fmmtc_app import session
+from fmmtc_app.access import require_access
+from fmmtc_app.demo import DEMO_PREFIX
+from fmmtc_app.uploads import staged_uploads
+from fmmtc_core.atlas import load_atlas
 from fmmtc_core.figures import (
     brain3d_figure,
     carpet_figure,
@@ -14,9 +16,11 @@ from fmmtc_core.figures import (
     network_figure,
     probability_figure,
 )
+from fmmtc_core.report import glass_brain_png, screening_report_html
+from fmmtc_core.review import region_scores, top_regions
 from fmmtc_core.screening import STAGES, QCFailedError
 
-ui.require_access()
+require_access()
 
 # Where each stage's progress starts and ends on the bar.
 _SPAN = {"validate": (0.0, 0.05), "parcellate": (0.05, 0.45), "qc": (0.45, 0.5),
@@ -36,8 +40,7 @@ st.write(
     "The result is saved to the cohort automatically; the image itself is not kept."
 )
 
-model = ui.model()
-engine = ui.engine()
+model = session.model()
 st.caption(f"Model **{model.name}** ({model.atlas} atlas, {len(model.models)} fold models) "
            f"on **{model.device.type.upper()}**.")
 
@@ -68,10 +71,7 @@ with st.expander("Screen a participant" if not has_result else "Screen another p
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _glass(atlas_name: str, scores: tuple) -> bytes:
-    from fmmtc_core.atlas import load_atlas
-    from fmmtc_core.report import glass_brain_png
-
-    return glass_brain_png(load_atlas(atlas_name), np.asarray(scores))
+    return glass_brain_png(load_atlas(atlas_name), scores)
 
 
 def _progress_bar():
@@ -97,10 +97,10 @@ def _progress_bar():
 def _run(path, participant, sidecar=None, confounds=None, simulated=False):
     bar, cb = _progress_bar()
     try:
-        result = ui.run_screening(path, participant, sidecar=sidecar, confounds=confounds,
+        result = session.run_screening(path, participant, sidecar=sidecar, confounds=confounds,
                                   site=site.strip() or None, drug=drug.strip() or None,
                                   arm=arm.strip() or None, simulated=simulated,
-                                  force=force and not simulated, operator=ui.operator(),
+                                  force=force and not simulated, operator=session.operator(),
                                   progress=cb)
     except QCFailedError as exc:
         bar.empty()
@@ -110,7 +110,7 @@ def _run(path, participant, sidecar=None, confounds=None, simulated=False):
         return
     except Exception as exc:  # noqa: BLE001 - shown as a plain sentence, never a traceback
         bar.empty()
-        ui.plain_error(exc, "This scan cannot be used")
+        session.plain_error(exc, "This scan cannot be used")
         return
     bar.empty()
     st.session_state["screen_result"] = result
@@ -127,21 +127,21 @@ if submitted or demo:
 
         with st.spinner("Simulating a demo scan (first time only)..."):
             path, side, conf = demo_scan()
-        _run(path, ui.DEMO_PREFIX + "DEMO", str(side), str(conf), simulated=True)
+        _run(path, DEMO_PREFIX + "DEMO", str(side), str(conf), simulated=True)
     elif not pseudonym.strip():
         st.error("Enter the participant's study pseudonym first (e.g. PAIN-0042).")
     elif scan_file is None:
         st.error("Choose a scan file to upload first.")
-    elif (problem := ui.label_problem(site=site, drug=drug, arm=arm)) is not None:
+    elif (problem := session.label_problem(site=site, drug=drug, arm=arm)) is not None:
         st.error(f"Not screened: {problem} Nothing was saved.")
     else:
         # The upload is on disk only for the duration of the screening (a private folder
         # under the data folder, deleted on leaving the block whatever happens).
         try:
-            with ui.staged_uploads(scan_file, sidecar_file, confounds_file) as staged:
+            with staged_uploads(scan_file, sidecar_file, confounds_file) as staged:
                 _run(staged[0], pseudonym, staged[1], staged[2])
         except OSError as exc:
-            ui.plain_error(exc, "The upload could not be read")
+            session.plain_error(exc, "The upload could not be read")
 
 failed = st.session_state.get("screen_qc_failed")
 if failed is not None:
@@ -149,8 +149,8 @@ if failed is not None:
         st.markdown(f"- {reason}")
 
 def _show(result) -> None:
-    summary = result.to_dict()
-    simulated = st.session_state.get("screen_simulated", False)
+    summary = result.summary
+    simulated = summary.simulated
     if simulated:
         st.info("SIMULATED participant: this demo scan was generated on this machine; it is "
                 "not a real person.")
@@ -165,17 +165,17 @@ def _show(result) -> None:
     c[0].metric("Responder probability", f"{result.probability:.0%}")
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
-    c[3].metric("Model", summary.get("model", model.name))
+    c[3].metric("Model", summary.model)
     st.plotly_chart(probability_figure(result.probability, result.band,
-                                       summary["thresholds"]), width="stretch")
+                                       summary.thresholds), width="stretch")
     st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
                "cross-validation fold models. The decision is 'likely responder' only when the "
                "whole band clears the responder threshold.")
 
     analysis = result.analysis
-    qc = summary["qc"]
-    with st.expander(f"Scan quality: {qc['verdict']}", expanded=qc["verdict"] != "pass"):
-        for reason in qc.get("reasons", []):
+    with st.expander(f"Scan quality: {summary.qc_verdict}",
+                     expanded=summary.qc_verdict != "pass"):
+        for reason in summary.qc_reasons:
             st.markdown(f"- {reason}")
         if analysis is not None:
             rep = analysis.qc
@@ -199,27 +199,24 @@ def _show(result) -> None:
             st.caption("Stored result: open the Scan quality page to re-check the file.")
 
     st.subheader("Why: where the model looked")
-    share = summary["modality_share"]
     m = st.columns(3)
-    m[0].metric("Time-series share", f"{share['ts']:.0%}")
-    m[1].metric("Connectivity share", f"{share['fc']:.0%}")
-    m[2].metric("Completeness gap", f"{summary['ig_gap']:.2%}",
-                help=f"Integrated Gradients with {summary['steps']} steps: how far the "
+    m[0].metric("Time-series share", f"{summary.share_ts or 0:.0%}")
+    m[1].metric("Connectivity share", f"{summary.share_fc or 0:.0%}")
+    m[2].metric("Completeness gap", f"{summary.ig_gap or 0:.2%}",
+                help=f"Integrated Gradients with {summary.ig_steps} steps: how far the "
                      "attributions are from adding up exactly to the change in the model's "
                      "output (kept below 1 %).")
     st.caption("Integrated Gradients scores in logit units. **Red**: pushed towards responder; "
                "**blue**: towards non-responder; relative to a participant with flat time "
                "series and the training cohort's average connectivity.")
 
-    from fmmtc_core.atlas import load_atlas
-
     atlas = load_atlas(model.atlas)
-    by_label = {r["label"]: r["score"] for r in summary["regions"]}
-    scores = np.array([by_label.get(int(lab), 0.0) for lab in atlas.labels])
+    regions = region_scores(summary.regions, atlas)
+    scores = regions["score"].to_numpy()
     # One view at a time: only the chosen figure is built and sent to the browser.
     view = st.radio("View", ["Brain map", "3D view", "Networks"], horizontal=True,
                     key="screen_view", label_visibility="collapsed")
-    png = _glass(model.atlas, tuple(np.round(scores, 6)))
+    png = _glass(model.atlas, tuple(regions["score"].round(6)))
     if view == "Brain map":
         st.image(png, width="stretch")
         st.caption("The strongest 10 % of the regions; all regions are in the 3D view.")
@@ -227,18 +224,12 @@ def _show(result) -> None:
         st.plotly_chart(brain3d_figure(atlas.centroids_mm, scores, atlas.names, atlas.groups),
                         width="stretch")
     else:
-        st.plotly_chart(network_figure(summary["networks"]), width="stretch")
-    group = dict(zip(atlas.labels.tolist(), atlas.groups))
-    top = pd.DataFrame(summary["regions"][:15])
-    top.insert(2, "network", [group.get(lab, "") for lab in top["label"]])
+        st.plotly_chart(network_figure(summary.networks), width="stretch")
+    top = top_regions(regions)[["label", "name", "network", "score"]]
     st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
                  width="stretch")
 
-    from fmmtc_core.report import screening_report_html
-
-    html = screening_report_html(summary, participant=result.participant,
-                                 screening_id=result.screening_id, simulated=simulated, png=png,
-                                 operator=ui.operator())
+    html = screening_report_html(summary, png=png)
     st.download_button("Download the report (HTML)", html,
                        file_name=f"fmmtc-screening-{result.screening_id}.html",
                        mime="text/html", key="report")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +21,128 @@ os.environ.setdefault("FMMTC_CACHE_DIR", os.path.join(os.path.dirname(__file__),
 os.environ.setdefault("FMMTC_DATA_DIR", os.path.join(os.path.dirname(__file__), ".cache", "data"))
 os.environ.pop("FMMTC_DATABASE_URL", None)
 os.environ.pop("FMMTC_PASSWORD", None)
+
+# --------------------------------------------------------------------------------------------
+# Test tiers: `make test-fast` runs `-m "not slow and not postgres and not browser"`
+# --------------------------------------------------------------------------------------------
+#: Tests taking more than ~10 s on a 2-core machine, marked here for the modules whose tests
+#: do not mark themselves (``file::test-name`` glob patterns, parametrisations included).
+SLOW = (
+    "test_training.py::*",  # pretraining and training runs
+    "test_model_files.py::*",  # its module fixture trains a tiny model
+    "test_cli.py::test_pretrain_train_evaluate_commands",
+    "test_cli.py::test_explain_*",  # explanations of the session's simulated scans
+    "test_explain.py::test_modality_share_follows_the_modality_that_carries_the_effect",
+    "test_explain.py::test_demo_model_ranks_the_planted_connectivity_regions_first",
+    "test_screening.py::test_racing_writers_*",
+    "test_screening.py::test_*_processes_*",
+    "test_screening.py::test_batch_*",
+    "test_screening.py::test_same_image_with_other_side_files_keeps_its_participant",
+    "test_screening.py::test_a_non_finite_model_output_names_the_model_and_stores_nothing",
+    "test_screening.py::test_every_bad_input_leaves_every_table_unchanged",
+    "test_screening.py::test_cli_screen_json_outcome_export",
+)
+
+#: Fixtures that start (or need) a PostgreSQL server.
+POSTGRES_FIXTURES = {"pg_engine", "postgres_url"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = f"{Path(str(item.fspath)).name}::{item.name}"
+        if any(fnmatch.fnmatchcase(where, pattern) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
+        if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+# --------------------------------------------------------------------------------------------
+# No test may leave a process behind (the dashboard's worker, a batch pool, a server ...)
+# --------------------------------------------------------------------------------------------
+#: Seconds the child processes get to exit once the last test has finished.
+ORPHAN_GRACE_S = 10.0
+
+#: Helpers multiprocessing keeps for the life of the process that uses it: not leaks.
+_INFRASTRUCTURE = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) for every process, from /proc (no psutil needed)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces and ')'
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def live_descendants(pid: int | None = None) -> dict[int, str]:
+    """Running descendants of ``pid`` (default: this process) -> command line; zombies and
+    multiprocessing's own helpers left out."""
+    pid = os.getpid() if pid is None else pid
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, stack = {}, list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        stack.extend(children.get(child, []))
+        if table[child][1] == "Z":
+            continue
+        cmd = _cmdline(child)
+        if not any(name in cmd for name in _INFRASTRUCTURE):
+            found[child] = cmd
+    return found
+
+
+def _become_subreaper() -> bool:
+    """Adopt the orphans of our descendants (Linux ``PR_SET_CHILD_SUBREAPER``): a process left
+    behind by a server that the tests started and stopped stays in our tree, where
+    :func:`live_descendants` sees it, instead of moving to init."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def pytest_sessionstart(session):
+    if Path("/proc/self/stat").exists():
+        _become_subreaper()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when processes started by the tests outlive them (after a grace period).
+
+    Checked here, after every fixture (the PostgreSQL server's included) has been torn down,
+    not in a fixture whose teardown could run before another session fixture's."""
+    if not Path("/proc/self/stat").exists():
+        return  # not Linux: nothing to read
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    left = live_descendants()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = live_descendants()
+    if left:
+        listing = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
+        session.config.get_terminal_writer().line(
+            f"FAILED: {len(left)} process(es) started by the tests are still running "
+            f"{ORPHAN_GRACE_S:g} s after the last test:\n{listing}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 #: A coarse 6 mm grid over MNI space: small enough for fast tests, still covers AAL3 well.
 GRID_SHAPE = (31, 37, 31)

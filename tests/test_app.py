@@ -15,15 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _worker_stopped_after_the_module():
+    """The pages start the server's screening worker in this process: stop it (and check it is
+    gone) when the module is done, as a server's exit would."""
+    yield
+    from fmmtc_app import worker
+
+    started = worker.current()
+    worker.shutdown()
+    assert worker.current() is None
+    if started is not None:
+        assert not started.alive
+
+
 @pytest.fixture
 def db(tmp_path, monkeypatch):
     """A fresh cohort database for each test (the app's default location, moved). After the
     test, no staged upload may be left, neither under the data folder nor in the temp folder."""
     import tempfile
 
-    from fmmtc_core import dashboard
+    from fmmtc_app import access
 
-    dashboard._throttle.clear()  # failed sign-ins of an earlier test do not count here
+    access._throttle.clear()  # failed sign-ins of an earlier test do not count here
     monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "4")
     before = set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*"))
@@ -62,6 +76,7 @@ def test_every_page_renders_on_an_empty_database(db, page, title):
     assert not at.error
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_screen_a_nifti_upload_shows_the_result_and_stores_it(db, hcpex_scans):
     nifti = hcpex_scans[1]
     at = _app()
@@ -80,6 +95,7 @@ def test_screen_a_nifti_upload_shows_the_result_and_stores_it(db, hcpex_scans):
     assert counts["screenings"] == 1 and counts["region_attributions"] == 426
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_screen_a_table_with_its_sidecar(db, hcpex_scans):
     table = hcpex_scans[0]
     at = _app()
@@ -114,12 +130,11 @@ def test_bad_upload_shows_a_plain_error_and_stores_nothing(db, name, content, ma
 @pytest.mark.parametrize("field, value", [("Site (optional)", "=cmd|' /C calc'!A0"),
                                           ("Drug (optional)", "<b>x</b>"),
                                           ("Arm (optional)", "a" * 65)])
-def test_bad_labels_are_refused_before_the_screening(db, hcpex_scans, field, value):
-    table = hcpex_scans[0]
+def test_bad_labels_are_refused_before_the_screening(db, field, value):
     at = _app()
     at.text_input(key="pseudonym").input("PAIN-0044")
     next(t for t in at.text_input if t.label == field).input(value)
-    at.file_uploader[0].upload(table.name, table.read_bytes(), "text/tab-separated-values")
+    at.file_uploader[0].upload("t.tsv", b"a\tb\n1\t2\n", "text/tab-separated-values")
     at.form_submit_button[0].click()
     at.run()
     assert not at.exception
@@ -129,7 +144,7 @@ def test_bad_labels_are_refused_before_the_screening(db, hcpex_scans, field, val
     assert all(v == 0 for v in _counts(db).values())
 
 
-def test_screen_asks_for_pseudonym_and_file(db, hcpex_scans):
+def test_screen_asks_for_pseudonym_and_file(db, tmp_path, grid_labels):
     at = _app()
     at.form_submit_button[0].click()
     at.run()
@@ -138,8 +153,8 @@ def test_screen_asks_for_pseudonym_and_file(db, hcpex_scans):
     at.form_submit_button[0].click()
     at.run()
     assert _errors(at) == ["Choose a scan file to upload first."]
-    at.text_input(key="pseudonym").input("Jane Doe")
-    nifti = hcpex_scans[1]
+    at.text_input(key="pseudonym").input("Jane Doe")  # refused by screen(), in the worker
+    nifti = save_nifti(tmp_path / "sub-j_bold.nii.gz", make_bold(grid_labels, 20))
     at.file_uploader[0].upload(nifti.name, nifti.read_bytes(), "application/gzip")
     at.form_submit_button[0].click()
     at.run()
@@ -164,6 +179,7 @@ def test_qc_failure_is_explained_and_not_stored(db, tmp_path, grid_labels):
     assert all(v == 0 for v in _counts(db).values())
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_demo_participant_is_labelled_as_simulated(db):
     at = _app()
     at.button(key="demo").click()
@@ -173,6 +189,7 @@ def test_demo_participant_is_labelled_as_simulated(db):
     assert at.subheader[0].value == "Participant SIM-DEMO"
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at = _app("cohort")
     at.button(key="load_demo").click()
@@ -208,6 +225,7 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     assert _counts(db)["outcomes"] == 5
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_explorer_shows_and_compares_stored_screenings(db):
     at = _app("cohort")
     at.button(key="load_demo").click()
@@ -234,7 +252,9 @@ def test_model_page_shows_the_card(db):
     labels = {m.label: m.value for m in at.metric}
     assert labels["AUC"] == "0.890"
     assert any("SIMULATED" in w.value for w in at.warning)
-    assert any("| model |" in md.value for md in at.markdown)  # the ablation table
+    ablation = [d.value for d in at.dataframe if "model" in d.value.columns]
+    assert len(ablation) == 1 and len(ablation[0]) == 4
+    assert any("generated by `python bench/ablation.py" in c.value for c in at.caption)
 
 
 def _store_a_screening(db, pseudonym="LEAK-0001"):
@@ -281,12 +301,12 @@ def test_every_page_is_gated_before_sign_in(db, monkeypatch, page):
 def test_wrong_passwords_are_throttled_and_audited(db, monkeypatch):
     from sqlalchemy import text
 
-    from fmmtc_core import dashboard
+    from fmmtc_app.access import FREE_ATTEMPTS
 
     monkeypatch.setenv("FMMTC_PASSWORD", "s3cret")
     at = _app()
     at.text_input[0].input("mallory")
-    for _ in range(dashboard.FREE_ATTEMPTS):
+    for _ in range(FREE_ATTEMPTS):
         at.text_input[1].input("guess")
         at.form_submit_button[0].click()
         at.run()
@@ -298,11 +318,11 @@ def test_wrong_passwords_are_throttled_and_audited(db, monkeypatch):
     assert at.title[0].value == "FMM-TC Screen"
     with open_database(db).connect() as conn:
         rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
-    assert rows == [("not signed in", "sign-in failed")] * dashboard.FREE_ATTEMPTS
+    assert rows == [("not signed in", "sign-in failed")] * FREE_ATTEMPTS
 
 
 def test_throttle_delays_then_locks_out():
-    from fmmtc_core.dashboard import FREE_ATTEMPTS, LOCK_AFTER, LOCK_S, _Throttle
+    from fmmtc_app.access import FREE_ATTEMPTS, LOCK_AFTER, LOCK_S, _Throttle
 
     t, keys, now = _Throttle(), ("client:1.2.3.4",), 1000.0
     for i in range(FREE_ATTEMPTS):
@@ -320,6 +340,7 @@ def test_throttle_delays_then_locks_out():
     assert t.wait_s(keys, last + 3 + LOCK_AFTER) == 0
 
 
+@pytest.mark.slow  # a screening (or four) in the worker
 def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
     from sqlalchemy import text
 
@@ -343,6 +364,40 @@ def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
         rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
     assert rows[0] == ("not signed in", "sign-in failed") and rows[1] == ("dr who", "sign-in")
     assert {actor for actor, _ in rows[1:]} == {"dr who"}
+
+
+# --------------------------------------------------------------------------------------------
+# The app is a client of the core
+# --------------------------------------------------------------------------------------------
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_core_never_imports_streamlit():
+    offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "fmmtc_core").rglob("*.py"))
+                 if "streamlit" in _imports(p)]
+    assert offenders == []
+
+
+def test_pages_hold_layout_only():
+    """No SQL and no array science in a page: they call the core (and fmmtc_app)."""
+    for page in sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]:
+        assert not _imports(page) & {"numpy", "sqlalchemy", "torch", "scipy"}, page.name
+
+
+def test_the_worker_module_stays_light():
+    """The worker process imports fmmtc_app.worker: no Streamlit there (nor in the package's
+    __init__), so a worker does not pay for it."""
+    assert "streamlit" not in _imports(ROOT / "fmmtc_app" / "worker.py")
+    assert _imports(ROOT / "fmmtc_app" / "__init__.py") == set()
 
 
 # --------------------------------------------------------------------------------------------

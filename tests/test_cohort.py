@@ -59,3 +59,15 @@ def test_filter_screenings():
     assert len(filter_screenings(df, decisions=[])) == 0
     assert len(filter_screenings(df, start="2026-01-15", end="2026-02-01")) == 1
     assert len(filter_screenings(df, simulated=False)) == 2
+
+
+def test_one_reliability_binning_for_the_page_and_the_metrics():
+    from fmmtc_core.cohort import RELIABILITY_BINS, expected_calibration_error, reliability
+
+    p = np.array([0.05, 0.1, 0.3, 0.3, 0.95, 1.0])
+    y = np.array([0, 0, 1, 0, 1, 1])
+    bins = reliability(p, y)
+    assert [b["bin"] for b in bins] == [0, 1, 3, 9]  # [b/10, (b+1)/10); 1.0 joins the last
+    assert sum(b["n"] for b in bins) == 6 and RELIABILITY_BINS == 10
+    assert expected_calibration_error(p, y) == pytest.approx(
+        (0.05 + 0.1 + 2 * 0.2 + 2 * 0.025) / 6)

@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(__file__).parent / "screenshots"
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(),
-    reason=f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,26 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("streamlit did not start: " + (data / "streamlit.log").read_text()[-2000:])
-    yield url, data
-    proc.terminate()
+    yield url, data, proc
+    from conftest import live_descendants
+
+    workers = live_descendants(proc.pid)  # the screening worker, once a page has screened
+    proc.terminate()  # as a service manager stops the server
     proc.wait(timeout=30)
     log.close()
+    deadline = time.time() + 15
+    while workers and time.time() < deadline:
+        time.sleep(0.2)
+        workers = {pid: cmd for pid, cmd in workers.items() if _running(pid)}
+    assert not workers, f"the server left its worker processes running: {workers}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +98,7 @@ def _shot(pg, name):
 
 
 def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tmp_path):
-    url, data = server
+    url, data, proc = server
     pg = page
     pg.goto(url)
     pg.get_by_role("heading", name="Screen a participant").wait_for()

@@ -271,7 +271,7 @@ def test_demo_model_ranks_the_planted_connectivity_regions_first():
     never saw) are explained and the planted regions must lead the ranking. We reach 1.00 on
     average (README, "Explanations"); the test asks for 0.75, 40x chance.
     """
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     ens = load_model()
     atlas = load_atlas("hcpex")
@@ -303,7 +303,9 @@ def test_modality_share_follows_the_modality_that_carries_the_effect(tmp_path_fa
     """
     from fmmtc_core.models.foundation import BrainLMConfig
     from fmmtc_core.simulate import write_cohort
-    from fmmtc_core.training import load_model, pretrain, train
+    from fmmtc_core.models.ensemble import load_model
+    from fmmtc_core.pretraining import pretrain
+    from fmmtc_core.training import train
 
     root = tmp_path_factory.mktemp("share")
     base = dict(n_volumes=80, n_sites=1, noise_sd=0.2)
@@ -336,7 +338,7 @@ def test_modality_share_follows_the_modality_that_carries_the_effect(tmp_path_fa
 
 def test_auto_batch_size_fits_the_machine():
     from fmmtc_core.explain import auto_batch_size
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     n = auto_batch_size(load_model())
     assert 1 <= n <= 8  # CPU cap; the demo encoder needs ~0.2 GB per integration point

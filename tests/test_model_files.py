@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from fmmtc_core._errors import ModelFileError
 from fmmtc_core.models.foundation import BrainLMConfig, load_foundation
 from fmmtc_core.simulate import SimulationConfig, write_cohort
-from fmmtc_core.training import default_model_dir, load_model, pretrain, train
+from fmmtc_core.models.ensemble import default_model_dir, load_model
+from fmmtc_core.pretraining import pretrain
+from fmmtc_core.training import train
 
 #: The bundled demo's model-version id as fmmtc 0.1.0 computed it: databases hold it.
 DEMO_WEIGHTS_SHA256 = "5ac7fadba538130bd7cea0e6d1988dbe08977ba519cdbeaa9965d6d7fa5b9231"
@@ -97,7 +99,7 @@ def test_bundled_demo_loads_with_its_version_id_unchanged(monkeypatch):
     ens = load_model(device="cpu")
     assert len(ens.models) == 5
     # The demo's card predates hashing foundation/: its encoder is checked against the
-    # digests pinned in training.py, and its version id is the one databases already hold.
+    # digests pinned in models/ensemble.py, and its version id is the one databases already hold.
     assert not any(rel.startswith("foundation/") for rel in ens.card["files"])
     assert ens.weights_sha256 == DEMO_WEIGHTS_SHA256
     assert _version_id_as_in_0_1_0(default_model_dir()) == DEMO_WEIGHTS_SHA256
@@ -313,3 +315,22 @@ def test_cli_refuses_a_pickled_fold_with_one_error_line(folder, built, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: Model file 'fold_0.safetensors' in ") and "is a pickle" in err
+
+
+def test_write_model_folder_hashes_what_it_writes_and_drops_stale_folds(tmp_path):
+    from fmmtc_core.models.ensemble import write_model_folder
+
+    base = {"xyz": torch.zeros(3, 3), "cohort_mean_fc": torch.zeros(3, 3)}
+    states = [{"w": torch.full((2,), float(k))} for k in range(3)]
+    out = write_model_folder(tmp_path / "m", fold_states=states, baseline=base, encoder=None,
+                             card={"name": "m"})
+    card = _card(out)
+    assert card["name"] == "m" and set(card["files"]) == {
+        "fold_0.safetensors", "fold_1.safetensors", "fold_2.safetensors", "baseline.safetensors"}
+    for rel, digest in card["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+    # A smaller run into the same folder: the third fold would otherwise join the ensemble.
+    write_model_folder(out, fold_states=states[:2], baseline=base, encoder=None, card={})
+    assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0.safetensors",
+                                                          "fold_1.safetensors"]
+    assert load_file(str(out / "fold_1.safetensors"))["w"].tolist() == [1.0, 1.0]

@@ -37,7 +37,7 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    from fmmtc_core.training import load_model
+    from fmmtc_core.models.ensemble import load_model
 
     return load_model()
 
@@ -81,6 +81,18 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
     assert set(d["stage_seconds"]) >= {"parcellate", "clean", "predict", "explain", "save"}
     again = screen(scan, "PAIN-0001", model, engine, explain_kwargs=FAST)
     assert again.reused and again.screening_id == r.screening_id
+    # One shape: the fresh and the stored screening give the same typed summary
+    from dataclasses import replace
+
+    from fmmtc_core.report import screening_report_html
+
+    fresh, stored = r.summary, again.summary
+    assert replace(stored, reused=False) == replace(
+        fresh, regions=stored.regions, fold_probabilities=stored.fold_probabilities)
+    assert [x.label for x in stored.regions[:20]] == [x.label for x in fresh.regions[:20]]
+    assert fresh.created_at.tzinfo is not None and fresh.operator == "alice"
+    html = screening_report_html(fresh)
+    assert fresh.created_at.strftime("%Y-%m-%d %H:%M UTC") in html and "run by alice" in html
     assert again.probability == pytest.approx(r.probability)
     assert [x["label"] for x in again.to_dict()["regions"][:10]] == \
         [x["label"] for x in d["regions"][:10]]
@@ -94,7 +106,7 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
 def test_stored_series_reproduce_the_prediction(cohort, model, engine):
     from sqlalchemy.orm import Session
 
-    from fmmtc_core.explain import model_inputs
+    from fmmtc_core.preprocess import prepare
     from fmmtc_core.store.models import Scan
     from fmmtc_core.store.repository import decode_series
 
@@ -105,8 +117,8 @@ def test_stored_series_reproduce_the_prediction(cohort, model, engine):
     assert series.shape == (200, 426)
     signals = r.analysis.signals
     np.testing.assert_array_equal(series, signals.data.astype(np.float32))
-    w, fc = model_inputs(model, signals)
-    p = model.predict(w[None], fc[None])["probability"][0]
+    inputs = prepare(signals, model.window)
+    p = model.predict_proba(inputs.window[None], inputs.fc[None])["probability"][0]
     assert p == pytest.approx(r.probability, rel=1e-5)
 
 
@@ -287,13 +299,13 @@ def test_values_that_overflow_are_refused_and_nothing_non_finite_is_stored(tmp_p
 
 def test_a_non_finite_model_output_names_the_model_and_stores_nothing(monkeypatch, cohort,
                                                                       model, engine):
-    real = model.predict
+    real = model.predict_proba
 
     def broken(window, fc):  # what a NaN calibration or NaN weights give
         out = real(window, fc)
         return {**out, "probability": out["probability"] * np.nan}
 
-    monkeypatch.setattr(model, "predict", broken)
+    monkeypatch.setattr(model, "predict_proba", broken)
     before = row_counts(engine)
     with pytest.raises(ModelFileError, match=r"The model 'fmmtc-demo' gave a non-finite "
                        r"probability .* Nothing was stored"):
@@ -360,7 +372,8 @@ def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
             "modality_share", "regions", "ig_gap", "runtime_s"} <= set(d)
     assert d["participant_id"] == scan.name.split("_")[0][4:]  # from the BIDS name
     assert len(d["band"]) == 2 and set(d["modality_share"]) == {"ts", "fc"}
-    assert set(d["regions"][0]) == {"label", "name", "score"}
+    assert set(d["regions"][0]) == {"label", "name", "score", "ts", "fc", "network"}
+    assert d["created_at"].endswith("+00:00") and d["operator"]
     code, out, _ = _cli(["outcome", d["participant_id"], "responder", "--db", db], capsys)
     assert code == 0 and "recorded" in out
     csv = tmp_path / "export" / "screenings.csv"

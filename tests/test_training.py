@@ -13,15 +13,11 @@ from safetensors.torch import load_file
 from fmmtc_core import InvalidInputError
 from fmmtc_core.models.foundation import BrainLMConfig
 from fmmtc_core.simulate import SimulationConfig, write_cohort
-from fmmtc_core.training import (
-    _splits,
-    binary_metrics,
-    evaluate,
-    load_model,
-    pretrain,
-    read_cohort,
-    train,
-)
+from fmmtc_core.bids import read_cohort
+from fmmtc_core.models.ensemble import load_model
+from fmmtc_core.preprocess import CleaningSettings, preprocessing_card
+from fmmtc_core.pretraining import pretrain
+from fmmtc_core.training import _splits, binary_metrics, evaluate, train
 
 SIM = SimulationConfig(n_volumes=60, fc_effect=0.6, n_sites=4)
 
@@ -162,13 +158,15 @@ def test_train_writes_model_folder_and_predicts(tmp_path, data):
     assert card["training"]["split"] == "stratified, grouped by site"
     assert card["calibration"]["a"] >= 0
     assert set(card["files"]) >= {"fold_0.safetensors", "baseline.safetensors"}
+    # The preprocessing block is built from the settings that ran, not written by hand.
+    assert card["preprocessing"] == preprocessing_card(CleaningSettings(), 40)
     # Fold files hold only what was trained: the frozen encoder is stored once.
     assert not any(k.startswith("ts_encoder.") for k in load_file(str(out / "fold_0.safetensors")))
     oof = pd.read_csv(out / "oof_predictions.tsv", sep="\t")
     assert len(oof) == 24 and oof["probability"].between(0, 1).all()
     ens = load_model(out)
     assert len(ens.models) == 4 and ens.window == 40
-    pred = ens.predict(np.random.default_rng(0).standard_normal((2, 166, 40)),
+    pred = ens.predict_proba(np.random.default_rng(0).standard_normal((2, 166, 40)),
                        np.zeros((2, 166, 166)))
     assert pred["probability"].shape == (2,)
     assert np.all(pred["band"][:, 0] <= pred["probability"] + 1e-9)
@@ -210,7 +208,7 @@ def test_fc_only_and_scratch_ablations_train(tmp_path, data):
 
 
 def test_build_demo_model_is_labelled_simulated(tmp_path):
-    from fmmtc_core.training import DEMO_NOTE, build_demo_model
+    from fmmtc_core.demo import DEMO_NOTE, build_demo_model
 
     out = tmp_path / "demo"
     metrics = build_demo_model(out, n_corpus=3, n_subjects=20, pretrain_epochs=1, epochs=2)
@@ -224,7 +222,7 @@ def test_build_demo_model_is_labelled_simulated(tmp_path):
 
 
 def test_default_model_is_the_bundled_demo(monkeypatch, tmp_path):
-    from fmmtc_core.training import default_model_dir
+    from fmmtc_core.models.ensemble import default_model_dir
 
     monkeypatch.delenv("FMMTC_MODEL_DIR", raising=False)
     ens = load_model()

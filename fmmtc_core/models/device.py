@@ -1,14 +1,15 @@
-"""Device selection: CUDA whenever one is present, else CPU; ``FMMTC_DEVICE`` overrides."""
+"""Device selection (CUDA whenever one is present, else CPU; ``FMMTC_DEVICE`` overrides),
+mixed precision and seeding."""
 
 from __future__ import annotations
 
-import os
 
+import numpy as np
 import torch
 
 from fmmtc_core._errors import InvalidInputError
 
-__all__ = ["select_device", "autocast"]
+__all__ = ["select_device", "autocast", "seed_all"]
 
 
 def select_device(prefer: str | None = None) -> torch.device:
@@ -20,7 +21,9 @@ def select_device(prefer: str | None = None) -> torch.device:
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default ``$FMMTC_DEVICE``, else CUDA when
         available, else CPU. Asking for CUDA on a machine without it is an error.
     """
-    choice = prefer or os.environ.get("FMMTC_DEVICE") or (
+    from fmmtc_core.config import device_setting
+
+    choice = prefer or device_setting() or (
         "cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(choice)
@@ -38,3 +41,9 @@ def autocast(device: torch.device):
     """bf16 autocast on CUDA (halves memory, tensor cores); a no-op context on CPU."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=device.type == "cuda")
+
+
+def seed_all(seed: int) -> None:
+    """Seed numpy's global generator and torch's (CPU and CUDA): runs are reproducible on CPU."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -24,6 +24,8 @@ Gram matrix it is given is normalised by the window length (see :func:`gram_matr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,11 +43,13 @@ def gram_matrix(window: torch.Tensor) -> torch.Tensor:
 
 def _row_filter(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv`` with kernel (1, R) applied to (B, C, R, R): (B, O, R)."""
+    assert conv.bias is not None  # _E2E's convolutions have a bias
     return torch.einsum("bcij,ocj->boi", x, conv.weight[:, :, 0, :]) + conv.bias[:, None]
 
 
 def _col_filter(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv`` with kernel (R, 1) applied to (B, C, R, R'): (B, O, R')."""
+    assert conv.bias is not None  # _E2E's convolutions have a bias
     return torch.einsum("bcij,oci->boj", x, conv.weight[:, :, :, 0]) + conv.bias[:, None]
 
 
@@ -142,11 +146,29 @@ class ResNetGramEncoder(nn.Module):
         return self.fc(pooled)
 
 
-FC_ENCODERS = {"brainnetcnn": BrainNetCNN, "resnet18": ResNetGramEncoder}
+FC_ENCODERS: dict[str, type[BrainNetCNN] | type[ResNetGramEncoder]] = {
+    "brainnetcnn": BrainNetCNN, "resnet18": ResNetGramEncoder}
 
 
-def build_fc_encoder(name: str, n_regions: int, **kwargs) -> nn.Module:
-    """Instantiate an FC encoder by name (``"brainnetcnn"`` or ``"resnet18"``)."""
+def build_fc_encoder(
+    name: str, n_regions: int, **kwargs: Any
+) -> BrainNetCNN | ResNetGramEncoder:
+    """Instantiate an FC encoder by name.
+
+    Parameters
+    ----------
+    name : {"brainnetcnn", "resnet18"}
+        The encoder (a key of :data:`FC_ENCODERS`).
+    n_regions : int
+        Regions of the atlas (the side of the connectivity matrix).
+    **kwargs
+        Passed to the encoder's constructor (e.g. ``out_dim``).
+
+    Returns
+    -------
+    BrainNetCNN or ResNetGramEncoder
+        The new, randomly initialised encoder.
+    """
     from fmmtc_core._errors import check_option
 
     name = check_option("fc_encoder", name, tuple(FC_ENCODERS))

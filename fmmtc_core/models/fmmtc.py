@@ -19,12 +19,18 @@ stops parameter updates, not input gradients.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from fmmtc_core._errors import InvalidInputError, check_option
-from fmmtc_core.models.fc_encoder import build_fc_encoder, gram_matrix
+from fmmtc_core.models.fc_encoder import (
+    BrainNetCNN,
+    ResNetGramEncoder,
+    build_fc_encoder,
+    gram_matrix,
+)
 from fmmtc_core.models.foundation import BrainLMConfig, BrainLMModel
 
 __all__ = ["FMMTCConfig", "FMMTC", "PRESETS"]
@@ -112,13 +118,13 @@ class FMMTCConfig:
                 f"expected keys are {', '.join(map(repr, known))}.")
         if "n_regions" not in data:
             raise InvalidInputError("The FMM-TC config lacks the required key 'n_regions'.")
-        kinds = {"n_regions": int, "head_hidden": int, "dropout": (int, float),
+        kinds: dict[str, type | tuple[type, ...]] = {"n_regions": int, "head_hidden": int, "dropout": (int, float),
                  "fc_kwargs": dict, "foundation_config": dict, "modalities": str,
                  "foundation": str, "fc_encoder": str, "fc_input": str, "ts_pooling": str}
         for key, kind in kinds.items():
             if key in data and (isinstance(data[key], bool) or not isinstance(data[key], kind)):
-                expected = {int: "an integer", dict: "an object", str: "a string"}.get(
-                    kind, "a number")
+                names: dict[object, str] = {int: "an integer", dict: "an object", str: "a string"}
+                expected = names.get(kind, "a number")
                 raise InvalidInputError(
                     f"The FMM-TC config's {key!r} must be {expected}, got {data[key]!r}.")
         if data["n_regions"] < 1 or data.get("head_hidden", 0) < 0 or not (
@@ -131,7 +137,7 @@ class FMMTCConfig:
 
 
 #: Named designs: ours (BrainNetCNN on Pearson connectivity) and the authors' reference one.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "default": {"fc_encoder": "brainnetcnn", "fc_input": "correlation", "head_hidden": 64},
     "paper": {"fc_encoder": "resnet18", "fc_input": "gram", "head_hidden": 0},
 }
@@ -156,7 +162,7 @@ class FMMTC(nn.Module):
                     p.requires_grad_(False)
                 self.ts_encoder.eval()
             dims += foundation.config.hidden_size
-        self.fc_encoder = None
+        self.fc_encoder: BrainNetCNN | ResNetGramEncoder | None = None
         if config.use_fc:
             self.fc_encoder = build_fc_encoder(config.fc_encoder, config.n_regions,
                                                **config.fc_kwargs)
@@ -176,11 +182,13 @@ class FMMTC(nn.Module):
     def train(self, mode: bool = True) -> FMMTC:
         super().train(mode)
         if self.frozen_ts:
+            assert self.ts_encoder is not None  # frozen_ts implies it
             self.ts_encoder.eval()  # no dropout noise from a frozen encoder
         return self
 
     def embed_ts(self, window: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
         """TS representation (B, hidden): the foundation model's CLS token (or token mean)."""
+        assert self.ts_encoder is not None, "this model has no time-series branch"
         return self.ts_encoder.embed(window, xyz, pooling=self.config.ts_pooling)
 
     def fc_matrix(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
@@ -194,10 +202,12 @@ class FMMTC(nn.Module):
     def forward_features(self, ts_embedding: torch.Tensor | None,
                          fc_matrix: torch.Tensor | None) -> torch.Tensor:
         """Logits from a precomputed TS embedding and the FC encoder input (training path)."""
-        parts = []
+        parts: list[torch.Tensor] = []
         if self.config.use_ts:
+            assert ts_embedding is not None, "a model with a TS branch needs its embedding"
             parts.append(ts_embedding)
         if self.config.use_fc:
+            assert self.fc_encoder is not None  # built when config.use_fc
             parts.append(self.fc_encoder(fc_matrix))
         return self.head(torch.cat(parts, dim=1)).squeeze(1)
 

@@ -33,6 +33,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -180,7 +181,8 @@ def _layer_config(config: BrainLMConfig, decoder: bool) -> NystromformerConfig:
         layer_norm_eps=config.layer_norm_eps,
         num_landmarks=config.num_landmarks,
         segment_means_seq_len=config.segment_means_seq_len,
-        conv_kernel_size=config.conv_kernel_size,
+        # transformers types it int, but its attention takes None as "no convolution".
+        conv_kernel_size=config.conv_kernel_size,  # type: ignore[arg-type]
         inv_coeff_init_option=config.inv_coeff_init_option,
     )
 
@@ -236,6 +238,8 @@ def _nystrom_layer(config: BrainLMConfig, decoder: bool) -> NystromformerLayer:
 class _SinusoidalTime(nn.Module):
     """Sinusoidal encoding of the time-patch index (a persistent buffer, as in the checkpoints)."""
 
+    pe: torch.Tensor  # registered buffer
+
     def __init__(self, dim: int, dropout: float) -> None:
         super().__init__()
         position = torch.arange(_MAX_PATCHES).unsqueeze(1)
@@ -287,6 +291,7 @@ class BrainLMEmbeddings(nn.Module):
 
 
 class _BrainLMPreTrained(PreTrainedModel):
+    config: BrainLMConfig
     config_class = BrainLMConfig
     base_model_prefix = "vit"
     main_input_name = "signal_vectors"
@@ -343,7 +348,7 @@ class BrainLMModel(_BrainLMPreTrained):
         xyz = _check_inputs(self.config, signal_vectors, xyz_vectors)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         x, mask, ids_restore = self.embeddings(signal_vectors, xyz, ratio, noise)
-        for layer in self.encoder.layer:
+        for layer in cast(nn.ModuleList, self.encoder.layer):
             x = layer(x)[0]
         return self.layernorm(x), mask, ids_restore
 
@@ -584,7 +589,7 @@ def load_foundation(path: str | os.PathLike, *, device=None, encoder_only: bool 
     state = read_safetensors(weights)
     mapping = checkpoint_key_map(state)
     ours = model.state_dict()
-    renamed = {mapping[k]: v for k, v in state.items() if mapping[k] is not None}
+    renamed = {name: v for k, v in state.items() if (name := mapping[k]) is not None}
     unexpected = set(renamed) - set(ours)
     needed = set(ours)
     if encoder_only or not any(k.startswith("decoder.") for k in renamed):

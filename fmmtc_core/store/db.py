@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import URL, make_url
@@ -336,6 +337,7 @@ def _migrating(engine: Engine) -> Iterator:
         return
     with engine.connect() as conn:
         raw = conn.connection.driver_connection
+        assert raw is not None  # an open connection has its DBAPI connection
         raw.execute("PRAGMA foreign_keys = OFF")  # outside a transaction, or it is ignored
         try:
             with conn.begin():
@@ -349,7 +351,7 @@ def _migrating(engine: Engine) -> Iterator:
             raw.execute("PRAGMA foreign_keys = ON")
 
 
-def upgrade(engine: Engine, revision: str = "head") -> str:
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Apply the migrations up to ``revision``; returns the revision the database is at.
 
     Raises
@@ -366,7 +368,7 @@ def upgrade(engine: Engine, revision: str = "head") -> str:
     return current_revision(engine)
 
 
-def downgrade(engine: Engine, revision: str = "-1") -> str:
+def downgrade(engine: Engine, revision: str = "-1") -> str | None:
     """Undo migrations down to ``revision`` (default: one step)."""
     from alembic import command
 
@@ -445,7 +447,8 @@ def _where(engine: Engine) -> str:
 def row_counts(engine: Engine) -> dict[str, int]:
     """Rows in every table (the "database unchanged" check of the tests and the CLI)."""
     with _storage(engine.url), Session(engine) as s:
-        return {m.__tablename__: int(s.scalar(select(func.count()).select_from(m)))
+        # COUNT(*) always returns one row, so scalar() is never None here.
+        return {m.__tablename__: int(cast(int, s.scalar(select(func.count()).select_from(m))))
                 for m in TABLES}
 
 

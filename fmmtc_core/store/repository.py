@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from fmmtc_core._errors import InvalidInputError
+from fmmtc_core.summary import ScreeningSummary
 from fmmtc_core.store.models import (
     AuditLog,
     ConnectionAttribution,
@@ -40,6 +42,8 @@ __all__ = [
     "add_screening",
     "record_outcome",
     "get_screening",
+    "ScreeningRecord",
+    "screening_record",
     "screenings_frame",
     "region_frame",
     "cohort_region_means",
@@ -123,11 +127,13 @@ def default_operator() -> str:
     """Who runs a screening when nobody is named: ``FMMTC_OPERATOR`` (validated like every
     label), else the OS user (when it is a valid label), else ``"unknown"``."""
     import getpass
-    import os
 
-    env = os.environ.get("FMMTC_OPERATOR")
+    from fmmtc_core.config import operator_setting
+
+    # A blank FMMTC_OPERATOR validates to None: fall through to the OS user as when it is unset.
+    env = validate_label("operator (FMMTC_OPERATOR)", operator_setting())
     if env:
-        return validate_label("operator (FMMTC_OPERATOR)", env)
+        return env
     try:
         return validate_label("operator", getpass.getuser()) or "unknown"
     except Exception:  # noqa: BLE001 - no user database entry, or an odd user name
@@ -253,10 +259,11 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
         raise InvalidInputError(
             f"Outcome must be 'responder' or 'non-responder', got {outcome!r}.")
     pseudonym = validate_pseudonym(pseudonym)
-    actor = validate_label("operator", actor)
+    label = validate_label("operator", actor)
     note = validate_note(note)
-    if actor is None:
+    if label is None:
         raise InvalidInputError("Name who enters the outcome (the audit log records it).")
+    actor = label
     p = session.scalar(select(Participant).where(Participant.pseudonym == pseudonym))
     if p is None:
         raise InvalidInputError(
@@ -278,6 +285,59 @@ def get_screening(session: Session, screening_id: int) -> Screening:
     if sc is None:
         raise InvalidInputError(f"No screening with id {screening_id}.")
     return sc
+
+
+@dataclass
+class ScreeningRecord:
+    """A stored screening as the explorer shows it: its :class:`ScreeningSummary` (the one
+    shape every reader of a screening uses) plus what only the explorer needs.
+
+    Attributes
+    ----------
+    summary : ScreeningSummary
+    atlas : str
+        Atlas of the scan's region series.
+    tr : float
+        Repetition time, seconds.
+    regions : pandas.DataFrame
+        One row per region in the atlas's order: ``region_index``, ``label``, ``name``,
+        ``network``, ``ts``, ``fc``, ``total`` (logit units), see :func:`region_frame`.
+    connections : pandas.DataFrame
+        The top connections, strongest first: ``i``, ``j`` (region indices), ``label_i``,
+        ``label_j``, ``name_i``, ``name_j``, ``score`` (logit units).
+    series : numpy.ndarray or None
+        The cleaned region series (volumes x regions) the model saw, when stored.
+    """
+
+    summary: ScreeningSummary
+    atlas: str
+    tr: float
+    regions: pd.DataFrame
+    connections: pd.DataFrame
+    series: np.ndarray | None = None
+
+
+def screening_record(session: Session, screening_id: int) -> ScreeningRecord:
+    """The stored screening ``screening_id`` as a :class:`ScreeningRecord`.
+
+    Raises
+    ------
+    InvalidInputError
+        When there is no such screening.
+    """
+    sc = get_screening(session, screening_id)
+    regions = region_frame(session, screening_id)
+    names = dict(zip(regions["region_index"], regions["name"], strict=True))
+    connections = pd.DataFrame(
+        [{"i": c.region_i, "j": c.region_j, "label_i": c.label_i, "label_j": c.label_j,
+          "name_i": names.get(c.region_i, str(c.label_i)),
+          "name_j": names.get(c.region_j, str(c.label_j)), "score": c.score}
+         for c in sc.connections],  # by rank
+        columns=["i", "j", "label_i", "label_j", "name_i", "name_j", "score"])
+    return ScreeningRecord(
+        summary=ScreeningSummary.from_row(sc), atlas=sc.scan.atlas, tr=sc.scan.tr,
+        regions=regions, connections=connections,
+        series=decode_series(sc.scan.series) if sc.scan.series else None)
 
 
 def _latest_outcomes(session: Session) -> dict[int, bool]:

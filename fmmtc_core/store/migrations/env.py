@@ -26,7 +26,9 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
-        engine = create_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        assert url is not None, "alembic.ini or the caller sets sqlalchemy.url"
+        engine = create_engine(url)
         with engine.connect() as conn:
             _run(conn)
         engine.dispose()

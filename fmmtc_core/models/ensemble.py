@@ -1,0 +1,508 @@
+"""The deployed model: a folder of fold models with their card, written and loaded here.
+
+A model folder holds ``fold_K.safetensors`` (one per cross-validation fold),
+``baseline.safetensors`` (region centroids and the explanation baselines), ``foundation/`` (the
+frozen encoder, when the model uses one) and ``model_card.json``, which records the SHA-256 of
+every one of those files. :func:`write_model_folder` writes it, :func:`load_model` checks every
+file against its card before parsing it and returns an :class:`FMMTCEnsemble`. Nothing is ever
+unpickled.
+
+Calibration lives here too: :func:`fit_platt` fits the Platt map on out-of-fold logits at
+training time, :func:`platt` applies it, and the ensemble applies it to its fold logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fmmtc_core._errors import InvalidInputError, ModelFileError
+from fmmtc_core.io import file_sha256
+from fmmtc_core.models.device import autocast, select_device
+from fmmtc_core.models.fmmtc import FMMTC, FMMTCConfig
+from fmmtc_core.models.foundation import (
+    BrainLMModel,
+    _fmt_keys,
+    _one_line,
+    load_foundation,
+    model_file,
+    read_safetensors,
+)
+
+__all__ = [
+    "FMMTCEnsemble",
+    "MODEL_CARD",
+    "default_model_dir",
+    "fit_platt",
+    "load_model",
+    "platt",
+    "write_model_folder",
+]
+
+MODEL_CARD = "model_card.json"
+
+#: Cards written by fmmtc 0.1.0 record the SHA-256 of the top-level safetensors only, not of
+#: the encoder in ``foundation/``. The bundled demo model has such a card and its files must not
+#: change, so the digests of its encoder files are pinned here: they are checked too. In any
+#: other folder, a file the model reads and its card records no digest for is refused.
+_LEGACY_ENCODER_SHA256 = {
+    "foundation/config.json": "361ba15042e55e51331c0515134a31305cbfe823b0d85c0877d4369bd35bf192",
+    "foundation/model.safetensors":
+        "dd8ee2857abb4d48331c0d27d38292cff894fa02dd92fb77019113ea8cdc4991",
+}
+
+#: Keys of a model card that loading needs, with what each must hold.
+_CARD_KEYS = {
+    "model": "an object (the network's FMMTCConfig)",
+    "atlas": "an object with the atlas 'name'",
+    "calibration": "an object with numbers 'a' and 'b'",
+    "files": "an object mapping each weights file to its SHA-256 (64 hex digits)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+def platt(logits, a: float, b: float) -> np.ndarray:
+    """Platt-calibrated probability ``sigmoid(a * logit + b)``.
+
+    Parameters
+    ----------
+    logits : array-like
+        Logits of any shape.
+    a, b : float
+        Slope and intercept (a model card's ``calibration``).
+
+    Returns
+    -------
+    ndarray of float64, the shape of ``logits``
+    """
+    return 1.0 / (1.0 + np.exp(-np.asarray(a * np.asarray(logits) + b, dtype=float)))
+
+
+def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(a, b)`` of :func:`platt`, fitted by (lightly regularised) ML.
+
+    Parameters
+    ----------
+    logits : ndarray (N,)
+        Out-of-fold logits.
+    y : ndarray (N,)
+        Labels, 1 (responder) or 0.
+
+    Returns
+    -------
+    a, b : float
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=100.0)
+    lr.fit(np.asarray(logits).reshape(-1, 1), np.asarray(y).astype(int))
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+# --------------------------------------------------------------------------------------------
+# File identity
+# --------------------------------------------------------------------------------------------
+def _file_sha256(path) -> str:
+    return file_sha256(path, "Model file")  # the package's one streaming SHA-256
+
+
+def _file_hashes(root: Path, paths) -> dict[str, str]:
+    """``{path relative to root (POSIX): SHA-256}``: what a model card records of its files."""
+    return {p.relative_to(root).as_posix(): _file_sha256(p) for p in sorted(paths)}
+
+
+def _version_digest(root: Path, card_sha256: str, digests: dict[str, str]) -> str:
+    """A model version's identity: SHA-256 over the card and every ``*.safetensors`` file, each
+    entered as its path relative to the folder and then its own SHA-256 (raw bytes), in path
+    order. Unchanged since fmmtc 0.1.0, so databases keep matching their model versions."""
+    entries = {root / rel: d for rel, d in digests.items() if rel.endswith(".safetensors")}
+    entries[root / MODEL_CARD] = card_sha256
+    h = hashlib.sha256()
+    for path in sorted(entries):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(bytes.fromhex(entries[path]))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The ensemble
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FMMTCEnsemble:
+    """The fold models of a model folder, with calibration; see :func:`load_model`."""
+
+    models: list[FMMTC]
+    card: dict
+    xyz: torch.Tensor
+    cohort_mean_fc: torch.Tensor
+    device: torch.device
+    atlas: str = ""
+    window: int = 200
+    extra: dict = field(default_factory=dict)
+    root: Path | None = None
+    _digest: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name") or (self.root.name if self.root else "model"))
+
+    @property
+    def weights_sha256(self) -> str:
+        """Identity of the model version: SHA-256 over its card and every weights file.
+
+        :func:`load_model` computes it once, from the digests it checked against the card, so
+        it names the files that were loaded. An ensemble built by hand hashes its ``root`` (or,
+        without one, its card) on first use.
+        """
+        if self._digest is None:
+            if self.root is None:
+                self._digest = hashlib.sha256(
+                    json.dumps(self.card, sort_keys=True).encode()).hexdigest()
+            else:
+                self._digest = _version_digest(
+                    self.root, _file_sha256(self.root / MODEL_CARD),
+                    _file_hashes(self.root, self.root.rglob("*.safetensors")))
+        return self._digest
+
+    def logits(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
+        """Per-fold logits.
+
+        The fold models share one frozen encoder, so its embedding is computed once.
+
+        Parameters
+        ----------
+        window : Tensor (B, R, T)
+            Robust-scaled region windows.
+        fc : Tensor (B, R, R) or None
+            Fisher-z connectivity.
+
+        Returns
+        -------
+        Tensor (K, B)
+            One row per fold model.
+        """
+        first = self.models[0]
+        if not first.frozen_ts:
+            return torch.stack([m(window, fc, self.xyz) for m in self.models])
+        ts = first.embed_ts(window, self.xyz)
+        return torch.stack([
+            m.forward_features(ts, m.fc_matrix(window, fc) if m.config.use_fc else None)
+            for m in self.models])
+
+    def fold_probabilities(self, fold_logits: np.ndarray) -> np.ndarray:
+        """Calibrated probability of each fold model.
+
+        Parameters
+        ----------
+        fold_logits : ndarray (K,) or (K, B)
+            Per-fold logits (``predict_proba(...)["fold_logits"]``).
+
+        Returns
+        -------
+        ndarray of float64, the shape of ``fold_logits``
+        """
+        cal = self.card["calibration"]
+        return platt(fold_logits, cal["a"], cal["b"])
+
+    def predict_proba(self, window: np.ndarray, fc: np.ndarray | None) -> dict:
+        """Calibrated responder probability and its band over the fold models.
+
+        Parameters
+        ----------
+        window : ndarray (B, R, T)
+            Model input windows (:func:`fmmtc_core.preprocess.prepare`).
+        fc : ndarray (B, R, R) or None
+            Fisher-z connectivity (:func:`fmmtc_core.preprocess.prepare`).
+
+        Returns
+        -------
+        dict
+            ``probability`` (B,): the calibrated mean fold logit; ``band`` (B, 2): the
+            calibrated fold probabilities' min and max; ``fold_logits`` (K, B).
+        """
+        w = torch.as_tensor(window, dtype=torch.float32, device=self.device)
+        f = None if fc is None else torch.as_tensor(fc, dtype=torch.float32, device=self.device)
+        with torch.no_grad(), autocast(self.device):
+            lg = self.logits(w, f).float().cpu().numpy()
+        cal = self.card["calibration"]
+        p = self.fold_probabilities(lg)
+        return {
+            "probability": platt(lg.mean(0), cal["a"], cal["b"]),
+            "band": np.stack([p.min(0), p.max(0)], axis=1),
+            "fold_logits": lg,
+        }
+
+
+def default_model_dir() -> Path:
+    """The model used when none is named: ``$FMMTC_MODEL_DIR``, else the bundled demo model.
+
+    Returns
+    -------
+    Path
+    """
+    from fmmtc_core import config
+
+    return config.default_model_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a model folder
+# --------------------------------------------------------------------------------------------
+def write_model_folder(
+    out: str | os.PathLike,
+    *,
+    fold_states: Sequence[dict[str, torch.Tensor]],
+    baseline: dict[str, torch.Tensor],
+    encoder: BrainLMModel | None,
+    card: dict,
+) -> Path:
+    """Write a model folder that :func:`load_model` reads.
+
+    Parameters
+    ----------
+    out : path
+        The folder; created if needed. Fold files of an earlier, larger run in it are removed
+        (they would join the ensemble).
+    fold_states : sequence of dict of str to Tensor
+        Each fold model's tensors (without the shared frozen encoder), written as
+        ``fold_K.safetensors``.
+    baseline : dict of str to Tensor
+        ``xyz`` (R, 3) and ``cohort_mean_fc`` (R, R) (optionally ``cohort_mean_gram``), written
+        as ``baseline.safetensors``.
+    encoder : BrainLMModel or None
+        The frozen encoder the folds share, written to ``foundation/``; None when the model has
+        none (connectivity only, or an encoder trained inside every fold).
+    card : dict
+        The model card; its ``files`` entry (SHA-256 of every file written) is filled in here.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, state in enumerate(fold_states):
+        path = out / f"fold_{k}.safetensors"
+        save_file({n: v.detach().cpu().contiguous() for n, v in state.items()}, str(path))
+        written.append(path)
+    for stale in set(out.glob("fold_*.safetensors")) - set(written):
+        stale.unlink()
+    save_file({n: v.detach().cpu().contiguous() for n, v in baseline.items()},
+              str(out / "baseline.safetensors"))
+    written.append(out / "baseline.safetensors")
+    if encoder is not None:
+        encoder.save_pretrained(out / "foundation")
+        written += [out / "foundation" / "config.json", out / "foundation" / "model.safetensors"]
+    card = {**card, "files": _file_hashes(out, written)}
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a model folder
+# --------------------------------------------------------------------------------------------
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _is_sha256(value) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and set(value) <= set("0123456789abcdef"))
+
+
+def _read_card(root: Path) -> tuple[dict, str]:
+    """The model card of ``root``, checked for what loading needs, and the card's SHA-256."""
+    if not root.exists():
+        raise ModelFileError(f"Model folder {str(root)!r} does not exist; expected a folder "
+                             "written by `fmmtc train`.")
+    path = root / MODEL_CARD
+    if not root.is_dir() or not path.is_file():
+        raise ModelFileError(f"{str(root)!r} is not an FMM-TC model folder (no {MODEL_CARD}); "
+                             "expected a folder written by `fmmtc train`.")
+    where = model_file(path, root)
+    raw = path.read_bytes()
+    try:
+        card = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected the model "
+                             "card written by `fmmtc train`.") from None
+    if not isinstance(card, dict):
+        raise ModelFileError(f"{where} holds a JSON {type(card).__name__}, not an object; "
+                             "expected the model card written by `fmmtc train`.")
+    missing = [k for k in _CARD_KEYS if k not in card]
+    if missing:
+        raise ModelFileError(
+            f"{where} lacks the required key(s) {', '.join(map(repr, missing))}; expected "
+            + "; ".join(f"{k!r}: {_CARD_KEYS[k]}" for k in missing) + ".")
+    atlas, cal, files = card["atlas"], card["calibration"], card["files"]
+    usable = {
+        "model": isinstance(card["model"], dict),
+        "atlas": isinstance(atlas, dict) and isinstance(atlas.get("name"), str),
+        "calibration": isinstance(cal, dict) and _is_number(cal.get("a"))
+        and _is_number(cal.get("b")),
+        "files": isinstance(files, dict) and all(_is_sha256(v) for v in files.values()),
+    }
+    for key, ok in usable.items():
+        if not ok:
+            raise ModelFileError(f"{where} has an unusable {key!r} entry; expected "
+                                 f"{_CARD_KEYS[key]}.")
+    for rel in files:
+        pure = Path(rel)
+        if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+            raise ModelFileError(f"{where} lists {rel!r} under 'files'; expected names of files "
+                                 "inside the model folder.")
+    return card, hashlib.sha256(raw).hexdigest()
+
+
+def _verify_files(root: Path, card: dict) -> dict[str, str]:
+    """Check every file the model may read against the SHA-256 its card records, before any of
+    them is parsed; return ``{path relative to root: SHA-256}`` of the checked files.
+
+    The files are every ``*.safetensors`` in the folder (any of them enters the model version's
+    identity, and a stray ``fold_K`` would join the ensemble), ``foundation/config.json`` and
+    whatever else the card lists.
+    """
+    recorded = card["files"]
+    legacy = not any(rel.startswith("foundation/") for rel in recorded)
+    used = {p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")}
+    if (root / "foundation" / "config.json").exists():
+        used.add("foundation/config.json")
+    digests = {}
+    for rel in sorted(used | set(recorded)):
+        path = root / rel
+        if not path.is_file():
+            raise ModelFileError(f"{model_file(path, root)} is missing; its card records it. "
+                                 "Restore the model folder or retrain.")
+        got = _file_sha256(path)
+        if rel in recorded:
+            if got != recorded[rel]:
+                raise ModelFileError(
+                    f"{model_file(path, root)} does not match its card (SHA-256 {got[:16]}..., "
+                    f"the card records {recorded[rel][:16]}...); the model folder was changed "
+                    "after it was written. Restore it or retrain.")
+        elif not (legacy and _LEGACY_ENCODER_SHA256.get(rel) == got):
+            hint = ("Its card was written before the encoder in foundation/ was hashed, and "
+                    "only the bundled demo's encoder is accepted without a record: restore "
+                    "the folder or retrain." if legacy and rel in _LEGACY_ENCODER_SHA256
+                    else "Remove the file, restore the folder or retrain.")
+            raise ModelFileError(
+                f"{model_file(path, root)} is not recorded in its card ({MODEL_CARD} has no "
+                f"SHA-256 for it), so it cannot be checked. {hint}")
+        digests[rel] = got
+    return digests
+
+
+def _check_state(model: FMMTC, state: dict, path: Path, root: Path) -> None:
+    """Refuse fold tensors that do not fit the card's architecture (names and shapes)."""
+    ours = {k: v for k, v in model.state_dict().items()
+            if not (model.frozen_ts and k.startswith("ts_encoder."))}  # stored once, elsewhere
+    missing, unexpected = set(ours) - set(state), set(state) - set(ours)
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(ours[k].shape)})"
+             for k in set(ours) & set(state) if state[k].shape != ours[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing: {_fmt_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_fmt_keys(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_fmt_keys(wrong)}")
+    if problems:
+        raise ModelFileError(f"{model_file(path, root)} does not fit the architecture in "
+                             f"{MODEL_CARD}: " + "; ".join(problems) + ".")
+
+
+def load_model(model_dir: str | os.PathLike | None = None,
+               device: torch.device | str | None = None) -> FMMTCEnsemble:
+    """Load a model folder written by :func:`write_model_folder` (safetensors + JSON only).
+
+    Every weights file (folds, baseline, the encoder in ``foundation/`` and its config) is
+    checked against the SHA-256 its card records before it is parsed, and nothing is ever
+    unpickled.
+
+    Parameters
+    ----------
+    model_dir : path or None, default=None
+        The model folder; None loads :func:`default_model_dir` (the bundled demo model unless
+        ``$FMMTC_MODEL_DIR`` names another).
+    device : torch.device, str or None, default=None
+        Where the models run; default :func:`~fmmtc_core.models.device.select_device`.
+
+    Returns
+    -------
+    FMMTCEnsemble
+
+    Raises
+    ------
+    ModelFileError
+        The folder or its card is missing; the card is not a JSON object, lacks a required key
+        or holds an unknown config key; a file differs from its card's SHA-256 or has none
+        recorded; a file is a pickle, truncated, or holds tensors of the wrong names or shapes
+        for the card's architecture. The message names the file and what was expected.
+    """
+    root = Path(model_dir) if model_dir is not None else default_model_dir()
+    card, card_sha256 = _read_card(root)
+    where = model_file(root / MODEL_CARD, root)
+    try:
+        config = FMMTCConfig.from_dict(card["model"])
+    except InvalidInputError as exc:
+        raise ModelFileError(f"{where} does not describe a usable model: {exc}") from None
+    digests = _verify_files(root, card)  # before any weights are parsed
+    # A str ("cpu") becomes a torch.device: autocast() and the models read device.type.
+    device = torch.device(device) if device else select_device()
+    encoder = None
+    if config.use_ts and config.foundation == "pretrained":
+        encoder = load_foundation(root / "foundation", encoder_only=True, device=device)
+        if encoder.config.num_timepoints_per_voxel != config.window:
+            raise ModelFileError(
+                f"{model_file(root / 'foundation' / 'config.json', root)} has "
+                f"num_timepoints_per_voxel {encoder.config.num_timepoints_per_voxel}, but "
+                f"{MODEL_CARD} gives the model a window of {config.window}; expected the encoder "
+                "the model was trained with.")
+
+    def build() -> FMMTC:
+        try:
+            return FMMTC(config, encoder).to(device)
+        except (InvalidInputError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{where} does not describe a usable model "
+                                 f"({_one_line(exc)}).") from None
+
+    models = []
+    for path in sorted(root.glob("fold_*.safetensors")):
+        model = build()
+        state = read_safetensors(path, root=root, device=device)
+        _check_state(model, state, path, root)
+        model.load_state_dict(state, strict=False)
+        models.append(model.eval())
+    if not models:
+        raise ModelFileError(f"{str(root)!r} holds no fold_*.safetensors model; expected the "
+                             "fold files its card was written with.")
+    base_path = root / "baseline.safetensors"
+    base = read_safetensors(base_path, root=root, device=device)
+    r = config.n_regions
+    shapes = {"xyz": (r, 3), "cohort_mean_fc": (r, r), "cohort_mean_gram": (r, r)}
+    bad = [f"{k} {tuple(base[k].shape) if k in base else 'missing'}" for k in shapes
+           if (k in base or k != "cohort_mean_gram")
+           and (k not in base or tuple(base[k].shape) != shapes[k])]
+    if bad:
+        raise ModelFileError(
+            f"{model_file(base_path, root)} does not fit the card's {r} regions: "
+            f"{', '.join(bad)}; expected xyz ({r}, 3) and cohort_mean_fc ({r}, {r}).")
+    extra = {k: v for k, v in base.items() if k not in ("xyz", "cohort_mean_fc")}
+    return FMMTCEnsemble(models, card, base["xyz"], base["cohort_mean_fc"], device,
+                         atlas=card["atlas"]["name"], window=config.window, extra=extra,
+                         root=root.resolve(),
+                         _digest=_version_digest(root.resolve(), card_sha256, digests))

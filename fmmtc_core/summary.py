@@ -1,0 +1,187 @@
+"""The typed summary of a screening: the one shape the CLI's JSON, the HTML report, the pages
+and the database writer read (built by :meth:`ScreeningSummary.from_analysis` for a fresh
+screening and :meth:`ScreeningSummary.from_row` for a stored one).
+
+Plain dataclasses with no heavy imports, so the store and the report can use them without
+loading the model code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fmmtc_core.explain import Explanation
+    from fmmtc_core.screening import Analysis
+
+__all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
+           "attribution_rows"]
+
+
+@dataclass(frozen=True)
+class RegionScore:
+    """One region's attribution (logit units): time series, connectivity and their sum."""
+
+    region_index: int
+    label: int
+    name: str
+    network: str
+    ts: float
+    fc: float
+    score: float  # ts + fc
+
+
+@dataclass(frozen=True)
+class ConnectionScore:
+    """One of the strongest connections (regions ``i`` and ``j`` by index and label)."""
+
+    i: int
+    j: int
+    label_i: int
+    label_j: int
+    score: float
+
+
+@dataclass(frozen=True)
+class ScreeningSummary:
+    """Everything a screening says, in one typed record: the one shape that the CLI's JSON, the
+    HTML report, the dashboard pages and the database writer read.
+
+    Built in one place: :meth:`from_analysis` (a fresh screening) or :meth:`from_row` (a stored
+    one), so a fresh and a stored screening of the same scan look the same.
+    """
+
+    participant: str
+    probability: float
+    band: tuple[float, float]
+    fold_probabilities: tuple[float, ...]
+    decision: str
+    thresholds: dict[str, float]
+    qc_verdict: str
+    qc_reasons: tuple[str, ...]
+    model: str
+    created_at: dt.datetime  # timezone-aware (UTC)
+    operator: str
+    share_ts: float | None = None
+    share_fc: float | None = None
+    regions: tuple[RegionScore, ...] = ()  # sorted by |score|, largest first
+    connections: tuple[ConnectionScore, ...] = ()  # strongest first
+    networks: dict[str, dict[str, float]] = field(default_factory=dict)
+    ig_gap: float | None = None
+    ig_gap_abs: float | None = None
+    ig_steps: int | None = None
+    baseline: dict | None = None
+    logit: float | None = None
+    baseline_logit: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    screening_id: int | None = None  # None until stored
+    reused: bool = False
+    simulated: bool = False
+
+    @property
+    def runtime_s(self) -> float:
+        return float(sum(self.stage_seconds.values()))
+
+    @classmethod
+    def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,
+                      created_at: dt.datetime | None = None,
+                      simulated: bool = False) -> ScreeningSummary:
+        """The summary of a fresh analysis (``created_at`` defaults to now, UTC)."""
+        e = a.explanation
+        extra: dict = {}
+        if e is not None:
+            regions, connections = explanation_scores(e)
+            extra = dict(
+                share_ts=float(e.modality_share["ts"]), share_fc=float(e.modality_share["fc"]),
+                regions=regions, connections=connections, networks=dict(e.networks), ig_gap=float(e.ig_gap),
+                ig_gap_abs=float(e.ig_gap_abs), ig_steps=int(e.steps), baseline=e.baseline,
+                logit=float(e.logit), baseline_logit=float(e.baseline_logit))
+        return cls(
+            participant=participant, probability=float(a.probability),
+            band=(float(a.band[0]), float(a.band[1])),
+            fold_probabilities=tuple(float(p) for p in a.fold_probabilities),
+            decision=a.decision, thresholds=dict(a.thresholds), qc_verdict=a.qc.verdict,
+            qc_reasons=tuple(a.qc.reasons), model=model, operator=operator,
+            created_at=created_at or dt.datetime.now(dt.timezone.utc), simulated=simulated,
+            stage_seconds={k: float(v) for k, v in a.stage_seconds.items()}, **extra)
+
+    @classmethod
+    def from_row(cls, sc, *, reused: bool = False) -> ScreeningSummary:
+        """The summary of a stored screening (an ORM row with its relations loaded)."""
+        exp = sc.explanation or {}
+        regions = sorted(sc.regions, key=lambda r: (-abs(r.total), r.region_index))
+        created = sc.created_at
+        if created.tzinfo is None:  # the database keeps UTC without a zone
+            created = created.replace(tzinfo=dt.timezone.utc)
+        return cls(
+            participant=sc.participant.pseudonym, probability=float(sc.probability),
+            band=(float(sc.band_low), float(sc.band_high)),
+            fold_probabilities=tuple(float(p) for p in sc.fold_probabilities),
+            decision=sc.decision, thresholds=dict(sc.thresholds),
+            qc_verdict=sc.scan.qc_verdict, qc_reasons=tuple((sc.scan.qc or {}).get("reasons", [])),
+            model=sc.model_version.name, created_at=created, operator=sc.operator,
+            share_ts=sc.share_ts, share_fc=sc.share_fc,
+            regions=tuple(RegionScore(r.region_index, r.label, r.name, r.network, r.ts, r.fc,
+                                      r.total) for r in regions),
+            connections=tuple(ConnectionScore(c.region_i, c.region_j, c.label_i, c.label_j,
+                                              c.score) for c in sc.connections),
+            networks=exp.get("networks", {}), ig_gap=sc.ig_gap,
+            ig_gap_abs=exp.get("ig_gap_abs"), ig_steps=sc.ig_steps,
+            baseline=exp.get("baseline"), logit=exp.get("logit"),
+            baseline_logit=exp.get("baseline_logit"), stage_seconds=dict(sc.stage_seconds),
+            screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated))
+
+    def to_dict(self, *, n_regions: int | None = None) -> dict:
+        """JSON-ready (the ``fmmtc screen --json`` output)."""
+        regions = self.regions if n_regions is None else self.regions[:n_regions]
+        return {
+            "screening_id": self.screening_id, "participant_id": self.participant,
+            "reused": self.reused, "simulated": self.simulated,
+            "probability": self.probability, "band": list(self.band),
+            "fold_probabilities": list(self.fold_probabilities), "decision": self.decision,
+            "thresholds": self.thresholds,
+            "qc": {"verdict": self.qc_verdict, "reasons": list(self.qc_reasons)},
+            "modality_share": {"ts": self.share_ts, "fc": self.share_fc},
+            "regions": [{"label": r.label, "name": r.name, "score": r.score, "ts": r.ts,
+                         "fc": r.fc, "network": r.network} for r in regions],
+            "top_connections": [vars(c) for c in self.connections],
+            "networks": self.networks, "ig_gap": self.ig_gap, "ig_gap_abs": self.ig_gap_abs,
+            "steps": self.ig_steps, "baseline": self.baseline, "logit": self.logit,
+            "baseline_logit": self.baseline_logit,
+            "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
+            "runtime_s": round(self.runtime_s, 4), "model": self.model,
+            "operator": self.operator, "created_at": self.created_at.isoformat(),
+        }
+
+    def attribution_rows(self) -> tuple[list[dict], list[dict]]:
+        """The region and top-connection rows as the database stores them."""
+        return attribution_rows(self.regions, self.connections)
+
+
+def explanation_scores(e: Explanation) -> tuple[tuple[RegionScore, ...],
+                                                 tuple[ConnectionScore, ...]]:
+    """An explanation's region scores (sorted by |score|, largest first) and top connections."""
+    order = np.argsort(-np.abs(e.region_total), kind="stable")
+    regions = tuple(RegionScore(int(i), int(e.labels[i]), str(e.names[i]), str(e.groups[i]),
+                                float(e.region_ts[i]), float(e.region_fc[i]),
+                                float(e.region_total[i])) for i in order)
+    connections = tuple(ConnectionScore(int(c["i"]), int(c["j"]), int(c["label_i"]),
+                                        int(c["label_j"]), float(c["score"]))
+                        for c in e.top_connections)
+    return regions, connections
+
+
+def attribution_rows(regions, connections) -> tuple[list[dict], list[dict]]:
+    """Region and connection scores as the database's attribution rows (regions in atlas
+    order, connections by rank)."""
+    region_rows = sorted(({"region_index": r.region_index, "label": r.label, "name": r.name,
+                           "network": r.network, "ts": r.ts, "fc": r.fc, "total": r.score}
+                          for r in regions), key=lambda d: d["region_index"])
+    connection_rows = [{"rank": k, "region_i": c.i, "region_j": c.j, "label_i": c.label_i,
+                        "label_j": c.label_j, "score": c.score}
+                       for k, c in enumerate(connections)]
+    return region_rows, connection_rows

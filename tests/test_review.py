@@ -1,0 +1,119 @@
+"""What the pages read off core results (fmmtc_core.review, cohort.outcome_values,
+repository.screening_record): plain tables built in the core, laid out by the pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fake_screening
+
+from fmmtc_core._errors import InvalidInputError
+from fmmtc_core.cohort import outcome_values
+from fmmtc_core.qc import assess_scan
+from fmmtc_core.review import (
+    complete_regions,
+    region_quality,
+    region_scores,
+    scan_connectivity,
+    top_regions,
+)
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory, grid_labels):
+    from conftest import make_bold, save_nifti
+
+    path = save_nifti(tmp_path_factory.mktemp("review") / "sub-r_bold.nii.gz",
+                      make_bold(grid_labels))
+    return assess_scan(path, atlas="aal3")
+
+
+def test_region_quality_lists_every_region_with_its_coverage(checked, aal3):
+    _, signals, report = checked
+    table = region_quality(signals, report)
+    assert list(table.columns) == ["label", "region", "group", "hemisphere", "voxels", "tSNR",
+                                   "covered"]
+    assert len(table) == aal3.n_regions and table["label"].tolist() == aal3.labels.tolist()
+    assert set(table.loc[~table["covered"], "region"]) == set(report.uncovered_regions)
+    assert (table["voxels"].dropna() >= 0).all()
+    assert table["tSNR"].notna().any()
+
+
+def test_region_quality_of_a_table_has_no_voxel_counts(tmp_path, aal3):
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).standard_normal((60, aal3.n_regions)))
+    (tmp_path / "t.json").write_text('{"RepetitionTime": 2.0, "Atlas": "aal3"}')
+    _, signals, report = assess_scan(tmp_path / "t.npy", sidecar=tmp_path / "t.json")
+    table = region_quality(signals, report)
+    assert table["voxels"].isna().all() and table["tSNR"].isna().all()
+
+
+def test_scan_connectivity_is_the_fisher_z_of_the_cleaned_series(checked):
+    from fmmtc_core.connectivity import connectivity
+    from fmmtc_core.preprocess import clean
+
+    _, signals, _ = checked
+    fc = scan_connectivity(signals)
+    assert fc.shape == (signals.n_regions, signals.n_regions)
+    np.testing.assert_allclose(fc, connectivity(clean(signals)))
+    np.testing.assert_allclose(np.diag(fc), 0.0)
+
+
+def test_complete_regions_skip_regions_without_values(checked):
+    _, signals, _ = checked
+    ok = complete_regions(signals)
+    assert np.isfinite(signals.data[:, ok]).all()
+    missing = np.setdiff1d(np.arange(signals.n_regions), ok)
+    assert all(np.isnan(signals.data[:, i]).any() for i in missing)
+    assert complete_regions(signals, 4).tolist() == ok[:4].tolist()
+
+
+def test_region_scores_put_a_summary_in_atlas_order(aal3):
+    summary = [{"label": int(aal3.labels[2]), "name": aal3.names[2], "score": -0.5},
+               {"label": int(aal3.labels[0]), "name": aal3.names[0], "score": 0.25}]
+    table = region_scores(summary, aal3)
+    assert len(table) == aal3.n_regions
+    assert table["region_index"].tolist() == list(range(aal3.n_regions))
+    assert table["network"].tolist() == list(aal3.groups)
+    assert table["score"].iloc[:3].tolist() == [0.25, 0.0, -0.5]
+    assert table["score"].iloc[3:].eq(0.0).all()
+    top = top_regions(table, n=2)
+    assert top["label"].tolist() == [int(aal3.labels[2]), int(aal3.labels[0])]
+
+
+def test_top_regions_rank_by_absolute_value_and_keep_ties_in_order():
+    table = pd.DataFrame({"name": list("abcd"), "total": [0.1, -0.3, 0.3, 0.0]})
+    assert top_regions(table, "total", 3)["name"].tolist() == ["b", "c", "a"]
+
+
+def test_outcome_values():
+    y = outcome_values(pd.Series(["responder", None, "non-responder", "unknown"]))
+    assert y[0] == 1.0 and y[2] == 0.0 and np.isnan(y[1]) and np.isnan(y[3])
+    assert outcome_values([]).shape == (0,)
+
+
+def test_screening_record_holds_plain_values(tmp_path):
+    from fmmtc_core.store import open_database, session_scope
+    from fmmtc_core.store import repository as repo
+
+    engine = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    with session_scope(engine, write=True) as s:
+        sid = fake_screening(s, "PAIN-0007", n_regions=3, prob=0.7).id
+    with session_scope(engine) as s:
+        rec = repo.screening_record(s, sid)
+    assert isinstance(rec, repo.ScreeningRecord)
+    sm = rec.summary  # the same typed summary a fresh screening has
+    assert (sm.screening_id, sm.participant, sm.simulated) == (sid, "PAIN-0007", False)
+    assert sm.probability == pytest.approx(0.7)
+    assert sm.band == pytest.approx((0.6, 0.8))
+    assert (sm.model, rec.atlas, rec.tr, sm.ig_steps) == ("m", "X", 2.0, 8)
+    assert sm.created_at.tzinfo is not None and sm.operator == "t"
+    assert [r.name for r in sm.regions] == ["r2", "r1", "r0"]  # by |score|
+    assert rec.regions["name"].tolist() == ["r0", "r1", "r2"]
+    assert rec.connections.to_dict("records") == [
+        {"i": 0, "j": 1, "label_i": 1, "label_j": 2, "name_i": "r0", "name_j": "r1",
+         "score": 0.5}]
+    assert rec.series.shape == (100, 3)
+    with session_scope(engine) as s, pytest.raises(InvalidInputError, match="No screening "):
+        repo.screening_record(s, 99)
+    engine.dispose()
