@@ -112,12 +112,16 @@ def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tm
     pg.get_by_role("heading", name="Participant PAIN-E2E").wait_for()
     pg.get_by_text("Saved to the cohort as screening 1").wait_for()
     pg.get_by_text("Responder probability").first.wait_for()
+    pg.locator("[data-testid=stImage] img").first.wait_for()  # the brain map was drawn
+    pg.locator("[data-testid=stDataFrame]").first.wait_for()  # the top-regions table
     _shot(pg, "02-screen-result")
     assert not pg.get_by_text("Traceback").count()
 
     pg.get_by_role("link", name="Attribution explorer").click()
     pg.get_by_role("heading", name="Attribution explorer").wait_for()
     pg.get_by_text("IG gap").first.wait_for()
+    pg.locator("[data-testid=stImage] img").first.wait_for()  # the brain map was drawn
+    pg.locator("[data-testid=stPlotlyChart]").first.wait_for()  # the default view's chart
     _shot(pg, "03-explorer")
 
     pg.get_by_role("link", name="Cohort review").click()

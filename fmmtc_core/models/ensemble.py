@@ -35,6 +35,7 @@ from fmmtc_core.models.foundation import (
     _one_line,
     load_foundation,
     model_file,
+    read_json_object,
     read_safetensors,
 )
 
@@ -335,14 +336,7 @@ def _read_card(root: Path) -> tuple[dict, str]:
                              "expected a folder written by `fmmtc train`.")
     where = model_file(path, root)
     raw = path.read_bytes()
-    try:
-        card = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected the model "
-                             "card written by `fmmtc train`.") from None
-    if not isinstance(card, dict):
-        raise ModelFileError(f"{where} holds a JSON {type(card).__name__}, not an object; "
-                             "expected the model card written by `fmmtc train`.")
+    card = read_json_object(path, where, "the model card written by `fmmtc train`", raw)
     missing = [k for k in _CARD_KEYS if k not in card]
     if missing:
         raise ModelFileError(

@@ -482,6 +482,20 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def read_json_object(path: Path, where: str, expected: str, raw: bytes | None = None) -> dict:
+    """A JSON object from a model folder (``raw``: the file's bytes, when already read), or a
+    :class:`ModelFileError` that names the file (``where``) and what was ``expected``."""
+    try:
+        value = json.loads(path.read_bytes() if raw is None else raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected "
+                             f"{expected}.") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{where} holds a JSON {type(value).__name__}, not an object; "
+                             f"expected {expected}.")
+    return value
+
+
 def read_safetensors(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
                      device=None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or a :class:`ModelFileError` that names it.
@@ -568,14 +582,7 @@ def load_foundation(path: str | os.PathLike, *, device=None, encoder_only: bool 
             "(expected config.json + model.safetensors)."
         )
     where = model_file(cfg_path)
-    try:
-        raw = json.loads(cfg_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{where} is not valid JSON ({_one_line(exc)}); expected a "
-                             "BrainLM config object.") from None
-    if not isinstance(raw, dict):
-        raise ModelFileError(f"{where} holds a JSON {type(raw).__name__}, not an object; "
-                             "expected a BrainLM config object.")
+    raw = read_json_object(cfg_path, where, "a BrainLM config object")
     if raw.get("model_type") != "brainlm_mae":
         raise ModelFileError(
             f"{where} has model_type {raw.get('model_type')!r}; expected 'brainlm_mae'."
