@@ -71,8 +71,14 @@ def _throttle() -> _Throttle:
 
 
 def client_address() -> str:
-    """The browser's address as the server sees it (``"unknown"`` when Streamlit cannot tell,
-    e.g. in tests or behind some proxies)."""
+    """The browser's address as the server sees it (one key of the sign-in throttling).
+
+    Returns
+    -------
+    str
+        The client's IP address; ``"unknown"`` when Streamlit cannot tell (e.g. in tests or
+        behind some proxies).
+    """
     try:
         address = st.context.ip_address
     except Exception:  # noqa: BLE001 - older Streamlit or no request context
@@ -94,7 +100,14 @@ def _audit_sign_in(action: str, name: str, client: str) -> None:
 
 
 def access_granted() -> bool:
-    """True when no password is configured or this browser session has signed in."""
+    """Whether this browser session may see the pages.
+
+    Returns
+    -------
+    bool
+        True when no password is configured (``FMMTC_PASSWORD``) or this browser session has
+        signed in.
+    """
     return not setting("FMMTC_PASSWORD") or bool(st.session_state.get("authenticated"))
 
 

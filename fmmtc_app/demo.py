@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fmmtc_app import worker
 from fmmtc_app.session import active_model_dir, database_url, operator, setting
 from fmmtc_app.uploads import staging_folder
@@ -13,22 +15,51 @@ DEMO_PREFIX = "SIM-"
 
 
 def demo_cohort_size() -> int:
-    """Participants of the demo cohort (``FMMTC_DEMO_COHORT_SIZE``, default 24, at least 4)."""
+    """Participants of the demo cohort.
+
+    Returns
+    -------
+    int
+        ``FMMTC_DEMO_COHORT_SIZE`` (at least 4); 24 when unset or not an integer.
+    """
     try:
         return max(4, int(setting("FMMTC_DEMO_COHORT_SIZE") or 24))
     except ValueError:
         return 24
 
 
-def load_demo_cohort(n: int | None = None, seed: int = 2026, progress=None) -> dict:
-    """Simulate a labelled demo cohort (region tables) and screen it into the database in the
-    worker process, with its outcomes, every participant flagged as simulated (pseudonyms
-    ``SIM-001`` ...). ``progress(done, total, what)``.
+def load_demo_cohort(n: int | None = None, seed: int = 2026,
+                     progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Simulate a labelled demo cohort and screen it into the database, outcomes included.
+
+    Runs in the worker process with the active model and database: region tables of 240
+    volumes are simulated in a staging folder (removed afterwards), screened, and their
+    outcomes entered; every participant is flagged as simulated (pseudonyms
+    :data:`DEMO_PREFIX` + the cohort's number, e.g. ``SIM-001``). Scans already stored with
+    this model (same content) are skipped.
+
+    Parameters
+    ----------
+    n : int or None, default=None
+        Participants; None (or 0): :func:`demo_cohort_size`.
+    seed : int, default=2026
+        Seed of the simulation.
+    progress : callable(done, total, what) or None, default=None
+        Called in this thread as the job advances (simulation, then screening), ``what`` a
+        short sentence to show.
 
     Returns
     -------
     dict
         ``screened`` (count), ``failed`` (participant -> reason), ``outcomes`` (count).
+
+    Raises
+    ------
+    fmmtc_app.worker.WorkerCrashedError
+        The worker process died during the job.
+    FMMTCError
+        The job failed (e.g. the model or the database cannot be used); an internal error
+        comes back as another exception.
     """
     n = n or demo_cohort_size()
     # Only the derived series are kept (in the database): the simulated files go with the folder.

@@ -4,12 +4,20 @@ plain-sentence errors, and screenings run in the server's worker process (:mod:`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
 from fmmtc_app import worker as _worker
 from fmmtc_core._errors import FMMTCError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from fmmtc_core.models.ensemble import FMMTCEnsemble
+    from fmmtc_core.screening import ScreeningResult
 
 __all__ = [
     "setting",
@@ -30,7 +38,19 @@ NOT_SIGNED_IN = "not signed in"
 
 
 def setting(key: str) -> str | None:
-    """A setting from the environment, else from ``.streamlit/secrets.toml``, else None."""
+    """A setting from the environment, else from ``.streamlit/secrets.toml``, else None.
+
+    Parameters
+    ----------
+    key : str
+        The variable's name, e.g. ``"FMMTC_PASSWORD"`` (the same key in ``secrets.toml``).
+
+    Returns
+    -------
+    str or None
+        The environment's value when set and not empty, else the secrets file's value, else
+        None (also when there is no secrets file).
+    """
     value = os.environ.get(key)
     if value:
         return value
@@ -47,15 +67,35 @@ def _engine(url: str | None):
     return open_database(url)
 
 
-def engine():
-    """The cohort database engine (created and migrated once per server process)."""
+def engine() -> Engine:
+    """The cohort database engine (created and migrated once per server process and URL).
+
+    Returns
+    -------
+    sqlalchemy.Engine
+        For the ``FMMTC_DATABASE_URL`` setting (environment or secrets), else
+        :func:`fmmtc_core.store.default_url`; shared by every session (``st.cache_resource``).
+
+    Raises
+    ------
+    InvalidInputError
+        The URL is malformed or names an unknown driver.
+    StorageError
+        The database cannot be opened or upgraded.
+    """
     from fmmtc_core.store import default_url
 
     return _engine(setting("FMMTC_DATABASE_URL") or default_url())
 
 
 def database_url() -> str:
-    """The URL of :func:`engine`, password included (handed to the worker process only)."""
+    """The URL of :func:`engine`, password included (handed to the worker process only).
+
+    Returns
+    -------
+    str
+        The URL as a string, never to be shown on a page.
+    """
     return engine().url.render_as_string(hide_password=False)
 
 
@@ -67,7 +107,16 @@ def _model(model_dir: str):
 
 
 def installed_models() -> dict[str, Path]:
-    """Model folders to choose from: the default one and every folder in FMMTC_MODELS_DIR."""
+    """Model folders to choose from: the default one and every folder in FMMTC_MODELS_DIR.
+
+    Returns
+    -------
+    dict of str to Path
+        Folder name -> folder, the default model
+        (:func:`fmmtc_core.models.ensemble.default_model_dir`) first, then every sub-folder of
+        ``FMMTC_MODELS_DIR`` holding a ``model_card.json``, by name (a name already taken is
+        skipped).
+    """
     from fmmtc_core.models.ensemble import default_model_dir
 
     found = {default_model_dir().name: default_model_dir()}
@@ -79,7 +128,14 @@ def installed_models() -> dict[str, Path]:
 
 
 def active_model_dir() -> Path:
-    """The folder of the model this browser session uses (chosen on the Model page)."""
+    """The folder of the model this browser session uses (chosen on the Model page).
+
+    Returns
+    -------
+    Path
+        One of :func:`installed_models`; the first one when the session has chosen none (or
+        one no longer installed), which is then remembered.
+    """
     models = installed_models()
     name = st.session_state.get("model_name")
     if name not in models:
@@ -88,20 +144,49 @@ def active_model_dir() -> Path:
     return models[name]
 
 
-def model():
-    """The active model (cached per folder), for what the pages show about it."""
+def model() -> FMMTCEnsemble:
+    """The active model (cached per folder), for what the pages show about it.
+
+    Returns
+    -------
+    FMMTCEnsemble
+        :func:`fmmtc_core.models.ensemble.load_model` of :func:`active_model_dir`, loaded in
+        the server process (screenings run in the worker's own copy).
+
+    Raises
+    ------
+    ModelFileError
+        The model folder cannot be used.
+    """
     return _model(str(active_model_dir()))
 
 
 def operator() -> str:
-    """Who is using the dashboard (audit log): the signed-in name, else ``FMMTC_OPERATOR``,
-    else "not signed in" (never the server's OS user, which says nothing about the person)."""
+    """Who is using the dashboard (audit log).
+
+    Returns
+    -------
+    str
+        The signed-in name, else the ``FMMTC_OPERATOR`` setting, else :data:`NOT_SIGNED_IN`
+        (never the server's OS user, which says nothing about the person).
+    """
     return st.session_state.get("operator") or setting("FMMTC_OPERATOR") or NOT_SIGNED_IN
 
 
 def label_problem(**labels: str | None) -> str | None:
-    """The first invalid label (site, drug, arm ...) as a sentence, or None when all are valid
-    (see :func:`fmmtc_core.store.repository.validate_label`)."""
+    """The first invalid label (site, drug, arm ...) as a sentence, or None when all are valid.
+
+    Parameters
+    ----------
+    **labels : str or None
+        Label name -> value as entered, e.g. ``site="Leeds"``; checked in order by
+        :func:`fmmtc_core.store.repository.validate_label`.
+
+    Returns
+    -------
+    str or None
+        The error message of the first invalid label; None when all are valid.
+    """
     from fmmtc_core.store.repository import validate_label
 
     for name, value in labels.items():
@@ -113,7 +198,16 @@ def label_problem(**labels: str | None) -> str | None:
 
 
 def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> None:
-    """Show an error as one plain sentence with what to do; never a traceback."""
+    """Show an error as one plain sentence with what to do; never a traceback.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The error. An :class:`~fmmtc_core._errors.FMMTCError` is shown with its message;
+        anything else is an internal error, shown by its type only.
+    what : str, default="This scan cannot be used"
+        The sentence's start for an ``FMMTCError``.
+    """
     if isinstance(exc, FMMTCError):
         st.error(f"{what}: {exc}")
     else:  # an internal bug: say so plainly, keep the details out of the page
@@ -121,11 +215,41 @@ def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> N
                  "Please try again; if it happens again, tell the study's data manager.")
 
 
-def run_screening(source, participant: str, *, progress=None, **kwargs):
+def run_screening(source: str | os.PathLike, participant: str, *,
+                  progress: Callable[[str, int, int, dict], None] | None = None,
+                  **kwargs: Any) -> ScreeningResult:
     """:func:`fmmtc_core.screening.screen` in the server's worker process, with progress.
 
     Same arguments and result as ``screen`` (model and database are the active ones); errors
     (bad input, failed QC, a worker that died) are raised here as they would be in-process.
+
+    Parameters
+    ----------
+    source : str or path
+        The scan, on a disk the worker can read (e.g. a staged upload).
+    participant : str
+        Study pseudonym.
+    progress : callable(stage, done, total, info) or None, default=None
+        Called in this thread with the screening's stages; ``info`` is always an empty dict
+        (the worker does not pass it on).
+    **kwargs
+        Further keyword arguments of :func:`~fmmtc_core.screening.screen` (``sidecar``,
+        ``confounds``, ``site``, ``drug``, ``arm``, ``simulated``, ``force``, ``operator``,
+        ...); they must be picklable.
+
+    Returns
+    -------
+    ScreeningResult
+        As :func:`~fmmtc_core.screening.screen` returns it.
+
+    Raises
+    ------
+    QCFailedError
+        The scan failed hard QC; nothing was stored.
+    InvalidInputError
+        The scan, a side file or a label cannot be used.
+    fmmtc_app.worker.WorkerCrashedError
+        The worker process died during the job.
     """
     job = dict(kwargs, source=str(source), participant=participant, url=database_url())
     return _worker.run(active_model_dir(), "screen", job, progress=progress)

@@ -8,7 +8,10 @@ sentence; neither shows a traceback.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # fmmtc_core.qc imports this module
+    from fmmtc_core.qc import QCReport
 
 
 class FMMTCError(Exception):
@@ -26,14 +29,26 @@ class ModelFileError(InvalidInputError):
 
 
 class QCFailedError(InvalidInputError):
-    """The scan failed hard quality control: it is neither cleaned nor predicted. ``report``
-    (a :class:`fmmtc_core.qc.QCReport`) says why."""
+    """The scan failed hard quality control: it is neither cleaned nor predicted.
 
-    def __init__(self, message: str, report) -> None:
+    Parameters
+    ----------
+    message : str
+        The error message (the QC reasons, in one sentence).
+    report : QCReport
+        The scan's QC report (:class:`fmmtc_core.qc.QCReport`); it says why.
+
+    Attributes
+    ----------
+    report : QCReport
+        The ``report`` given.
+    """
+
+    def __init__(self, message: str, report: QCReport) -> None:
         super().__init__(message)
         self.report = report
 
-    def __reduce__(self):  # picklable, so a worker process can hand it back
+    def __reduce__(self) -> tuple:  # picklable, so a worker process can hand it back
         return (type(self), (str(self), self.report))
 
 
@@ -56,6 +71,28 @@ class FMMTCWarning(UserWarning):
 
 def check_option(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``allowed``, else raise a uniform error.
+
+    Validators return the value, so they read inline (as in MNE's ``_check_option``).
+
+    Parameters
+    ----------
+    name : str
+        The parameter's name, for the message.
+    value : object
+        The value given.
+    allowed : iterable
+        The accepted values (compared with ``in``, i.e. by equality).
+
+    Returns
+    -------
+    object
+        ``value`` itself.
+
+    Raises
+    ------
+    InvalidInputError
+        ``value`` is not one of ``allowed``: "Invalid value for the 'name' parameter. Allowed
+        values are 'a' and 'b', but got 'c' instead."
 
     Examples
     --------

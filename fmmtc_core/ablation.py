@@ -56,7 +56,8 @@ def read_ablation(path: str | os.PathLike) -> AblationStudy:
     FileNotFoundError
         When ``path`` does not exist.
     InvalidInputError
-        When the file holds no table whose first column is ``model``.
+        When the file holds no table whose first column is ``model``, or a row of it has
+        another number of cells than its header.
     """
     text = Path(path).read_text(encoding="utf-8")
     lines = text.splitlines()
@@ -84,5 +85,24 @@ def read_ablation(path: str | os.PathLike) -> AblationStudy:
 
 
 def read_ablation_table(path: str | os.PathLike) -> pd.DataFrame:
-    """The summary table of an ablation document (see :func:`read_ablation`)."""
+    """The summary table of an ablation document (see :func:`read_ablation`).
+
+    Parameters
+    ----------
+    path : path-like
+        A Markdown file as written by ``bench/ablation.py`` (``docs/ablation.md``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :attr:`AblationStudy.table`: one row per model variant, cells as written.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    InvalidInputError
+        When the file holds no table whose first column is ``model``, or a row of it has
+        another number of cells than its header.
+    """
     return read_ablation(path).table

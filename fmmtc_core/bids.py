@@ -26,6 +26,7 @@ class Cohort:
     Attributes
     ----------
     root : Path
+        The cohort folder.
     participants : DataFrame
         ``participant_id``, [``responder``], [``site``], [``drug``], ``scan`` (path) and
         ``confounds`` (path or None).

@@ -8,10 +8,13 @@ cohort itself (ROC, AUC and a reliability curve).
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from fmmtc_core._errors import InvalidInputError
 
@@ -24,7 +27,35 @@ RELIABILITY_BINS = 10
 
 @dataclass
 class Stratification:
-    """Enrolment at a threshold (see :func:`stratify`)."""
+    """Enrolment at a threshold (see :func:`stratify`).
+
+    Probabilities are calibrated ones, so the ``expected_*`` figures are expectations under the
+    model; the ``observed_*`` ones count participants with an entered outcome.
+
+    Attributes
+    ----------
+    threshold : float
+        The enrolment threshold on the calibrated probability.
+    n_screened, n_enrolled : int
+        Participants screened, and those enrolled (probability at or above ``threshold``).
+    expected_responders_enrolled : float
+        Sum of the enrolled participants' probabilities.
+    expected_rate_enrolled : float or None
+        Mean probability of the enrolled; None when nobody is enrolled.
+    base_rate : float or None
+        Mean probability of everyone screened; None when nobody was screened.
+    enrichment : float or None
+        ``expected_rate_enrolled / base_rate``; None when either is None or the base rate is 0.
+    number_needed_to_screen : float or None
+        Participants screened per expected responder enrolled
+        (``n_screened / expected_responders_enrolled``); None when no responder is expected.
+    observed_rate_enrolled : float or None, default=None
+        Observed responder rate among the enrolled with an outcome.
+    observed_base_rate : float or None, default=None
+        Observed responder rate among everyone with an outcome.
+    n_observed_enrolled : int, default=0
+        Enrolled participants with an observed outcome.
+    """
 
     threshold: float
     n_screened: int
@@ -39,29 +70,47 @@ class Stratification:
     n_observed_enrolled: int = 0
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-ready).
+
+        Returns
+        -------
+        dict
+            Field name -> value, in the order of the attributes above.
+        """
         return dict(self.__dict__)
 
 
-def stratify(probability, threshold: float, *, band_low=None, require_band: bool = False,
-             outcome=None) -> Stratification:
+def stratify(probability: ArrayLike, threshold: float, *, band_low: ArrayLike | None = None,
+             require_band: bool = False, outcome: ArrayLike | None = None) -> Stratification:
     """Enrol everyone whose calibrated probability is at least ``threshold``.
 
     Parameters
     ----------
-    probability : array of float
-        Calibrated responder probabilities of the screened participants.
-    threshold : float in [0, 1]
-    band_low : array of float or None
-        Lower ends of the uncertainty bands; with ``require_band`` the whole band must clear the
-        threshold (a stricter rule that enrols fewer, more certain participants).
-    outcome : array of {1, 0, NaN} or None
-        Observed outcomes, where known.
+    probability : array-like of float
+        Calibrated responder probabilities of the screened participants, in [0, 1].
+    threshold : float
+        The enrolment threshold, in [0, 1].
+    band_low : array-like of float or None, default=None
+        Lower ends of the uncertainty bands, in the same order; used only with
+        ``require_band``.
+    require_band : bool, default=False
+        Enrol only participants whose whole band clears the threshold (``band_low >=
+        threshold`` as well): a stricter rule that enrols fewer, more certain participants.
+        Ignored when ``band_low`` is None.
+    outcome : array-like of {1, 0, NaN} or None, default=None
+        Observed outcomes, where known (:func:`outcome_values`); they fill the ``observed_*``
+        fields.
 
     Returns
     -------
     Stratification
         ``number_needed_to_screen`` = participants screened per expected responder enrolled
         (``n_screened / sum(p of the enrolled)``): the recruitment cost of one responder.
+
+    Raises
+    ------
+    InvalidInputError
+        ``threshold`` is outside [0, 1], or a probability is.
     """
     p = np.asarray(probability, dtype=float)
     if not 0.0 <= threshold <= 1.0:
@@ -93,11 +142,20 @@ def stratify(probability, threshold: float, *, band_low=None, require_band: bool
     return out
 
 
-def outcome_values(outcomes) -> np.ndarray:
-    """Observed outcomes as numbers: 1.0 for ``"responder"``, 0.0 for ``"non-responder"``,
-    NaN where none is known (the ``outcome`` column of
-    :func:`fmmtc_core.store.repository.screenings_frame`), as :func:`stratify` and
-    :func:`observed_performance` take them.
+def outcome_values(outcomes: Iterable[str | None]) -> np.ndarray:
+    """Observed outcomes as numbers, as :func:`stratify` and :func:`observed_performance` take
+    them.
+
+    Parameters
+    ----------
+    outcomes : iterable of str or None
+        ``"responder"``, ``"non-responder"`` or None (no outcome known), e.g. the ``outcome``
+        column of :func:`fmmtc_core.store.repository.screenings_frame`.
+
+    Returns
+    -------
+    ndarray of float64
+        1.0 for ``"responder"``, 0.0 for ``"non-responder"``, NaN for anything else.
 
     Examples
     --------
@@ -108,10 +166,29 @@ def outcome_values(outcomes) -> np.ndarray:
         {"responder": 1.0, "non-responder": 0.0}).astype(float).to_numpy()
 
 
-def reliability(probability, outcome, n_bins: int = RELIABILITY_BINS) -> list[dict]:
-    """Reliability (calibration) bins: equal-width bins of the predicted probability, each
-    non-empty one with its mean prediction, observed responder rate and size. The one binning
-    the project uses (the cohort page's curve and the training metrics' ECE)."""
+def reliability(probability: ArrayLike, outcome: ArrayLike,
+                n_bins: int = RELIABILITY_BINS) -> list[dict]:
+    """Reliability (calibration) bins of predicted probabilities against observed outcomes.
+
+    Equal-width bins of the predicted probability (bin ``b`` is ``[b/n, (b+1)/n)``, the last
+    one closed); the one binning the project uses (the cohort page's curve and the training
+    metrics' ECE).
+
+    Parameters
+    ----------
+    probability : array-like of float
+        Predicted (calibrated) probabilities, in [0, 1] and finite.
+    outcome : array-like of {1, 0}
+        Observed outcomes, same length (no NaN: drop unknown outcomes first).
+    n_bins : int, default=RELIABILITY_BINS
+        Number of bins (10).
+
+    Returns
+    -------
+    list of dict
+        One per non-empty bin, in order: ``bin`` (its index), ``predicted`` (mean probability),
+        ``observed`` (responder rate) and ``n`` (size).
+    """
     p = np.asarray(probability, dtype=float)
     y = np.asarray(outcome, dtype=float)
     idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)  # bin b: [b/n, (b+1)/n)
@@ -120,17 +197,55 @@ def reliability(probability, outcome, n_bins: int = RELIABILITY_BINS) -> list[di
             for b in range(n_bins) if (idx == b).any()]
 
 
-def expected_calibration_error(probability, outcome, n_bins: int = RELIABILITY_BINS) -> float:
-    """ECE: the size-weighted mean |observed - predicted| over the :func:`reliability` bins."""
+def expected_calibration_error(probability: ArrayLike, outcome: ArrayLike,
+                               n_bins: int = RELIABILITY_BINS) -> float:
+    """ECE: the size-weighted mean |observed - predicted| over the :func:`reliability` bins.
+
+    Parameters
+    ----------
+    probability : array-like of float
+        Predicted (calibrated) probabilities, in [0, 1] and finite.
+    outcome : array-like of {1, 0}
+        Observed outcomes, same length (no NaN).
+    n_bins : int, default=RELIABILITY_BINS
+        Number of bins (10).
+
+    Returns
+    -------
+    float
+        The expected calibration error, in [0, 1].
+
+    Raises
+    ------
+    ZeroDivisionError
+        ``probability`` is empty.
+    """
     bins = reliability(probability, outcome, n_bins)
     total = sum(b["n"] for b in bins)
     return float(sum(abs(b["observed"] - b["predicted"]) * b["n"] for b in bins) / total)
 
 
-def observed_performance(probability, outcome, *, n_bins: int = RELIABILITY_BINS) -> dict | None:
+def observed_performance(probability: ArrayLike, outcome: ArrayLike, *,
+                         n_bins: int = RELIABILITY_BINS) -> dict | None:
     """ROC curve, AUC and a reliability curve on participants with an observed outcome.
 
-    Returns None when fewer than two outcomes of each kind are known (no curve is meaningful).
+    Parameters
+    ----------
+    probability : array-like of float
+        Calibrated responder probabilities of the screened participants.
+    outcome : array-like of {1, 0, NaN}
+        Observed outcomes in the same order, NaN where none is known
+        (:func:`outcome_values`); participants with a NaN outcome or probability are left out.
+    n_bins : int, default=RELIABILITY_BINS
+        Bins of the reliability curve (10).
+
+    Returns
+    -------
+    dict or None
+        ``fpr``, ``tpr`` (lists: the ROC curve), ``auc``, ``reliability``
+        (:func:`reliability`), ``n`` (participants with an outcome), ``n_responders`` and
+        ``brier`` (mean squared error of the probabilities). None when fewer than two outcomes
+        of each kind are known (no curve is meaningful).
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -147,11 +262,32 @@ def observed_performance(probability, outcome, *, n_bins: int = RELIABILITY_BINS
             "brier": float(np.mean((p - y) ** 2))}
 
 
-def filter_screenings(df: pd.DataFrame, *, sites=None, drugs=None, decisions=None,
-                      qc=None, start=None, end=None, simulated: bool | None = None
-                      ) -> pd.DataFrame:
-    """Rows of :func:`fmmtc_core.store.repository.screenings_frame` matching every filter given
-    (None = no filter; an empty list matches nothing)."""
+def filter_screenings(df: pd.DataFrame, *, sites: Iterable[str] | None = None,
+                      drugs: Iterable[str] | None = None,
+                      decisions: Iterable[str] | None = None, qc: Iterable[str] | None = None,
+                      start: str | dt.date | None = None, end: str | dt.date | None = None,
+                      simulated: bool | None = None) -> pd.DataFrame:
+    """Rows of :func:`fmmtc_core.store.repository.screenings_frame` matching every filter given.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        A :func:`~fmmtc_core.store.repository.screenings_frame` (its ``site``, ``drug``,
+        ``decision``, ``qc_verdict``, ``created_at`` and ``simulated`` columns are read).
+    sites, drugs, decisions, qc : iterable of str or None, default=None
+        Keep the rows whose ``site``, ``drug``, ``decision`` or ``qc_verdict`` is one of these;
+        None: no filter; an empty list matches nothing.
+    start, end : str, date or None, default=None
+        First and last day of ``created_at``, both included (``end`` keeps everything before
+        the day after it); None: open-ended.
+    simulated : bool or None, default=None
+        Keep only simulated (True) or only real (False) participants; None: both.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The matching rows, in their order, with a fresh index.
+    """
     m = np.ones(len(df), dtype=bool)
     for col, values in (("site", sites), ("drug", drugs), ("decision", decisions),
                         ("qc_verdict", qc)):

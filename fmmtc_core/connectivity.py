@@ -10,10 +10,14 @@ matrices are meaningful; the model may take r.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmmtc_core._errors import InvalidInputError, check_option
+
+if TYPE_CHECKING:  # fmmtc_core.preprocess imports this module
+    from fmmtc_core.preprocess import RegionSignals
 
 __all__ = ["connectivity", "fisher_z", "inverse_fisher_z", "KINDS"]
 
@@ -63,7 +67,7 @@ def inverse_fisher_z(z: np.ndarray) -> np.ndarray:
 
 
 def connectivity(
-    signals,
+    signals: RegionSignals | np.ndarray,
     *,
     kind: str = "correlation",
     shrinkage: bool = False,
@@ -74,8 +78,10 @@ def connectivity(
     Parameters
     ----------
     signals : RegionSignals or ndarray (T, R)
-        Region time series (cleaned ones, normally).
+        Region time series (cleaned ones, normally). Each series is z-scored before the
+        covariance is estimated.
     kind : {"correlation", "partial correlation"}, default="correlation"
+        Pearson or partial correlation (:data:`KINDS`).
     shrinkage : bool, default=False
         Ledoit-Wolf covariance shrinkage instead of the empirical covariance.
     fisher : bool, default=True
@@ -86,6 +92,12 @@ def connectivity(
     ndarray (R, R) float32
         Symmetric. Regions without signal (NaN or constant series) have 0 connectivity (in z;
         r = 0) with every other region.
+
+    Raises
+    ------
+    InvalidInputError
+        ``kind`` is not one of :data:`KINDS`; the series are not a 2D (time, regions) array;
+        they have fewer than 3 time points; or fewer than 2 regions have signal.
     """
     from nilearn.connectome import ConnectivityMeasure
     from sklearn.covariance import EmpiricalCovariance, LedoitWolf

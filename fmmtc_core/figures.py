@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import plotly.graph_objects as go
+from numpy.typing import ArrayLike
 from plotly.subplots import make_subplots
 
 from fmmtc_core.config import FD_THRESHOLD_MM
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from nibabel.spatialimages import SpatialImage
 
 __all__ = [
     "carpet_figure",
@@ -51,15 +59,28 @@ def _layout(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
     return fig
 
 
-def carpet_figure(carpet: np.ndarray, regions: np.ndarray, groups, tr: float) -> go.Figure:
+def carpet_figure(carpet: np.ndarray, regions: np.ndarray, groups: Sequence[str],
+                  tr: float) -> go.Figure:
     """Carpet plot: z-scored voxel series (rows, ordered by atlas region) over time (s).
 
     Parameters
     ----------
     carpet : ndarray (n_voxels, T)
-    regions : ndarray (n_voxels,) of region positions
-    groups : sequence of str, the atlas's group per region (labels the rows' sections)
-    tr : float, seconds
+        Voxel series, each z-scored over time (:attr:`fmmtc_core.qc.QCReport.carpet`); more
+        than 400 rows are thinned to 400 evenly spaced ones. Shown on a fixed -2.5 to 2.5
+        grey scale.
+    regions : ndarray (n_voxels,) of int
+        Region position (index into ``groups``) of each row
+        (:attr:`fmmtc_core.qc.QCReport.carpet_regions`).
+    groups : sequence of str
+        The atlas's group (lobe) per region; shown when hovering over a row.
+    tr : float
+        Repetition time, seconds (the x axis is in seconds).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A heatmap, 320 px high.
     """
     if carpet.shape[0] > 400:  # what a screen can show; keeps the figure light to send
         keep = np.linspace(0, carpet.shape[0] - 1, 400).round().astype(int)
@@ -83,9 +104,31 @@ def carpet_figure(carpet: np.ndarray, regions: np.ndarray, groups, tr: float) ->
     return _layout(fig, 320)
 
 
-def motion_figure(tr: float, fd=None, dvars=None,
+def motion_figure(tr: float, fd: ArrayLike | None = None, dvars: ArrayLike | None = None,
                   fd_threshold: float = FD_THRESHOLD_MM) -> go.Figure:
-    """Framewise displacement (mm) and DVARS (% signal) over time (s)."""
+    """Framewise displacement (mm) and DVARS (% signal) over time (s).
+
+    One panel per series given (shared time axis); the first volume is left blank in each,
+    since no change is defined for it.
+
+    Parameters
+    ----------
+    tr : float
+        Repetition time, seconds.
+    fd : array-like of float (T,) or None, default=None
+        Framewise displacement per volume, mm (fMRIPrep's ``framewise_displacement``); None
+        leaves out its panel.
+    dvars : array-like of float (T,) or None, default=None
+        DVARS per volume, in percent of the mean signal (:attr:`fmmtc_core.qc.QCReport.dvars`);
+        None leaves out its panel.
+    fd_threshold : float, default=FD_THRESHOLD_MM
+        Drawn as a dotted line on the FD panel: the high-motion limit, mm (default 0.5).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        140 px per panel plus 60 px; a single empty panel when neither series is given.
+    """
     rows = [r for r in (("FD (mm)", fd), ("DVARS (%)", dvars)) if r[1] is not None]
     fig = make_subplots(rows=max(len(rows), 1), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for i, (name, y) in enumerate(rows, 1):
@@ -103,8 +146,29 @@ def motion_figure(tr: float, fd=None, dvars=None,
     return _layout(fig, 140 * max(len(rows), 1) + 60)
 
 
-def connectivity_figure(matrix: np.ndarray, names, groups, *, fisher: bool = True) -> go.Figure:
-    """Region x region connectivity heatmap, regions ordered by group (lobe)."""
+def connectivity_figure(matrix: np.ndarray, names: Sequence[str], groups: Sequence[str], *,
+                        fisher: bool = True) -> go.Figure:
+    """Region x region connectivity heatmap, regions ordered by group (lobe).
+
+    The colour scale is symmetric around 0, clipped at the 99th percentile of the absolute
+    values.
+
+    Parameters
+    ----------
+    matrix : ndarray (R, R)
+        Connectivity in the atlas's region order (e.g.
+        :func:`fmmtc_core.review.scan_connectivity`).
+    names, groups : sequence of str
+        The atlas's region names and groups (lobes), in the same order (hover labels and row
+        order; the order within a group is kept).
+    fisher : bool, default=True
+        Whether ``matrix`` holds Fisher z (else Pearson r); only the colour bar's title changes.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A heatmap, 460 px high.
+    """
     order = np.argsort(np.asarray(groups, dtype=object), kind="stable")
     m = np.asarray(matrix)[np.ix_(order, order)]
     labels = [f"{names[i]} ({groups[i]})" for i in order]
@@ -126,8 +190,27 @@ def connectivity_figure(matrix: np.ndarray, names, groups, *, fisher: bool = Tru
     return _layout(fig, 460)
 
 
-def region_series_figure(data: np.ndarray, names, tr: float, columns) -> go.Figure:
-    """Time series (s) of a few regions, stacked."""
+def region_series_figure(data: np.ndarray, names: Sequence[str], tr: float,
+                         columns: Iterable[int]) -> go.Figure:
+    """Time series of a few regions over time (s), one line each on a shared axis.
+
+    Parameters
+    ----------
+    data : ndarray (T, R)
+        Region series (e.g. :attr:`fmmtc_core.preprocess.RegionSignals.data`).
+    names : sequence of str
+        The atlas's region names (the legend).
+    tr : float
+        Repetition time, seconds.
+    columns : iterable of int
+        The regions to draw (column indices of ``data``), e.g.
+        :func:`fmmtc_core.review.complete_regions`.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Line plot, 300 px high.
+    """
     fig = go.Figure()
     t = np.arange(data.shape[0]) * tr
     for c in columns:
@@ -142,8 +225,25 @@ def region_series_figure(data: np.ndarray, names, tr: float, columns) -> go.Figu
 # --------------------------------------------------------------------------------------------
 # Screening results and explanations
 # --------------------------------------------------------------------------------------------
-def probability_figure(probability: float, band, thresholds: dict) -> go.Figure:
-    """The calibrated probability on a 0-1 scale with its band and the decision zones."""
+def probability_figure(probability: float, band: Sequence[float],
+                       thresholds: dict) -> go.Figure:
+    """The calibrated probability on a 0-1 scale with its band and the decision zones.
+
+    Parameters
+    ----------
+    probability : float
+        Calibrated responder probability.
+    band : sequence of 2 float
+        Its uncertainty band (low, high).
+    thresholds : dict
+        ``{"non_responder": float, "responder": float}`` (as
+        :data:`fmmtc_core.config.DEFAULT_THRESHOLDS`): the zone edges.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        150 px high.
+    """
     lo_t, hi_t = thresholds["non_responder"], thresholds["responder"]
     fig = go.Figure()
     zones = [(0, lo_t, "#d6e6f2", "likely non-responder"), (lo_t, hi_t, "#eeeeee", "uncertain"),
@@ -173,8 +273,26 @@ def _sizes(scores, lo=4.0, hi=22.0):
     return lo + (hi - lo) * np.sqrt(a / top)
 
 
-def brain3d_figure(centroids, scores, names, groups, *, title: str | None = None) -> go.Figure:
-    """Region centroids in MNI space, sized by |score| and coloured by its sign and size."""
+def brain3d_figure(centroids: ArrayLike, scores: ArrayLike, names: Sequence[str],
+                   groups: Sequence[str], *, title: str | None = None) -> go.Figure:
+    """Region centroids in MNI space, sized by |score| and coloured by its sign and size.
+
+    Parameters
+    ----------
+    centroids : array-like (R, 3)
+        Region centroids, MNI mm (:attr:`fmmtc_core.atlas.Atlas.centroids_mm`).
+    scores : array-like (R,)
+        Region scores (logit units), in the same order; red towards responder, blue towards
+        non-responder, on a scale symmetric around 0.
+    names, groups : sequence of str
+        Region names and groups (hover labels).
+    title : str or None, default=None
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A 3D scatter plot, 480 px high.
+    """
     c = np.asarray(centroids, dtype=float)
     s = np.asarray(scores, dtype=float)
     lim = float(np.abs(s).max()) or 1.0
@@ -193,9 +311,26 @@ def brain3d_figure(centroids, scores, names, groups, *, title: str | None = None
     return _layout(fig, 480, title)
 
 
-def connectome_figure(centroids, connections: list[dict], names, *,
+def connectome_figure(centroids: ArrayLike, connections: list[dict], names: Sequence[str], *,
                       title: str | None = None) -> go.Figure:
-    """The top connections as lines between region centroids (red: towards responder)."""
+    """The top connections as lines between region centroids (red: towards responder).
+
+    Parameters
+    ----------
+    centroids : array-like (R, 3)
+        Region centroids, MNI mm (:attr:`fmmtc_core.atlas.Atlas.centroids_mm`).
+    connections : list of dict
+        One per connection, with ``i`` and ``j`` (region indices) and ``score`` (logit units);
+        the line width grows with ``|score|``. An empty list draws the centroids only.
+    names : sequence of str
+        Region names (hover labels).
+    title : str or None, default=None
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A 3D figure, 440 px high.
+    """
     c = np.asarray(centroids, dtype=float)
     fig = go.Figure()
     if connections:
@@ -224,7 +359,20 @@ def connectome_figure(centroids, connections: list[dict], names, *,
 
 
 def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
-    """Per network / lobe: time-series and connectivity attribution side by side."""
+    """Per network / lobe: time-series and connectivity attribution side by side.
+
+    Parameters
+    ----------
+    networks : dict
+        Group name -> ``{"ts": float, "fc": float, ...}`` (logit units), drawn in its order
+        from the top (:attr:`fmmtc_core.summary.ScreeningSummary.networks`).
+    title : str or None, default=None
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Grouped horizontal bars, 60 px plus 34 px per group high.
+    """
     names = list(networks)
     fig = go.Figure([
         go.Bar(y=names, x=[networks[n]["ts"] for n in names], name="time series",
@@ -239,13 +387,31 @@ def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
     return _layout(fig, 60 + 34 * len(names), title)
 
 
-def glass_brain_figure(img, *, title: str | None = None, vmax: float | None = None,
-                       threshold: float | None = None):
+def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
+                       vmax: float | None = None, threshold: float | None = None) -> Figure:
     """A nilearn glass brain of a region-score map (matplotlib figure; red +, blue -).
 
-    ``threshold`` hides weaker regions; by default the strongest ~10 % of the regions (by
-    absolute score) are shown, so the map points at a few places instead of painting the
-    whole brain.
+    Switches matplotlib to its non-interactive ``Agg`` backend (a failure to switch is
+    ignored).
+
+    Parameters
+    ----------
+    img : nibabel image
+        3D map of region scores (:func:`fmmtc_core.explain.region_map`).
+    title : str or None, default=None
+    vmax : float or None, default=None
+        Colour-scale limit (the scale runs from ``-vmax`` to ``vmax``); None (or 0): the
+        largest absolute value of the map (1 for an all-zero map).
+    threshold : float or None, default=None
+        Absolute values below it are hidden. None shows the strongest ~10 % of the distinct
+        non-zero values (their 90th percentile, at most ``0.99 * vmax``), so the map points at
+        a few places instead of painting the whole brain.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        10 x 3.2 inches, four views (``lyrz``); close it after use
+        (``matplotlib.pyplot.close``).
     """
     import matplotlib
 
@@ -266,8 +432,25 @@ def glass_brain_figure(img, *, title: str | None = None, vmax: float | None = No
     return fig
 
 
-def probability_histogram(probability, threshold: float, *, outcome=None) -> go.Figure:
-    """Distribution of calibrated probabilities, split by observed outcome when known."""
+def probability_histogram(probability: ArrayLike, threshold: float, *,
+                          outcome: ArrayLike | None = None) -> go.Figure:
+    """Distribution of calibrated probabilities, split by observed outcome when known.
+
+    Parameters
+    ----------
+    probability : array-like of float
+        Calibrated responder probabilities of the screened participants (bins of 0.05).
+    threshold : float
+        The enrolment threshold, drawn as a dashed line.
+    outcome : array-like of {1, 0, NaN} or None, default=None
+        Observed outcomes in the same order (:func:`fmmtc_core.cohort.outcome_values`); when
+        given the bars are stacked by observed responder, non-responder and no outcome yet.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        320 px high.
+    """
     p = np.asarray(probability, dtype=float)
     fig = go.Figure()
     bins = dict(start=0, end=1.0001, size=0.05)
@@ -291,6 +474,19 @@ def probability_histogram(probability, threshold: float, *, outcome=None) -> go.
 
 
 def roc_figure(perf: dict) -> go.Figure:
+    """ROC curve of the calibrated probabilities against the observed outcomes.
+
+    Parameters
+    ----------
+    perf : dict
+        :func:`fmmtc_core.cohort.observed_performance`'s result: ``fpr``, ``tpr``, ``auc`` and
+        ``n`` are read.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        The curve with the chance diagonal, titled with the number of outcomes; 340 px high.
+    """
     fig = go.Figure([
         go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"),
                    name="chance"),
@@ -304,6 +500,21 @@ def roc_figure(perf: dict) -> go.Figure:
 
 
 def calibration_figure(perf: dict) -> go.Figure:
+    """Reliability curve: observed responder rate against predicted probability, per bin.
+
+    Parameters
+    ----------
+    perf : dict
+        :func:`fmmtc_core.cohort.observed_performance`'s result: ``reliability`` (bins with
+        ``predicted``, ``observed`` and ``n``; marker size grows with ``n``) and ``brier`` are
+        read.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        The curve with the perfect-calibration diagonal, titled with the Brier score; 340 px
+        high.
+    """
     rel = perf["reliability"]
     fig = go.Figure([
         go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"),
@@ -320,9 +531,27 @@ def calibration_figure(perf: dict) -> go.Figure:
     return _layout(fig, 340, f"Calibration (Brier {perf['brier']:.3f})")
 
 
-def compare_regions_figure(names, series: dict[str, np.ndarray], *,
-                           title: str | None = None, colors=None) -> go.Figure:
-    """Region scores of several sources (participant, cohort means) as grouped bars."""
+def compare_regions_figure(names: Iterable[str], series: dict[str, np.ndarray], *,
+                           title: str | None = None,
+                           colors: Sequence[str] | None = None) -> go.Figure:
+    """Region scores of several sources (participant, cohort means) as grouped bars.
+
+    Parameters
+    ----------
+    names : iterable of str
+        Region names (the x axis).
+    series : dict of str to array-like of float
+        Legend name -> one score per region of ``names`` (logit units; NaN leaves a gap).
+    title : str or None, default=None
+    colors : sequence of str or None, default=None
+        Bar colours, one per series, reused in turn when there are more series; None: dark
+        grey, red, blue, purple.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        380 px high.
+    """
     colors = colors or ["#1d2a33", RESPONDER_COLOR, NON_RESPONDER_COLOR, "#8e7cc3"]
     fig = go.Figure([go.Bar(x=list(names), y=np.asarray(v, dtype=float), name=k,
                             marker_color=colors[i % len(colors)])

@@ -364,8 +364,19 @@ def _peek_nifti_header(path: Path):
     return header if 1 <= ndim <= 7 else None  # nonsense ranks: the image reader reports them
 
 
-def space_unknown_message(path) -> str:
-    """The warning (and QC reason) for a NIfTI whose header sets no orientation."""
+def space_unknown_message(path: str | os.PathLike) -> str:
+    """The warning (and QC reason) for a NIfTI whose header sets no orientation.
+
+    Parameters
+    ----------
+    path : str or path
+        The scan; only its file name is used.
+
+    Returns
+    -------
+    str
+        One sentence: the space is unknown, what was assumed, and what was expected.
+    """
     return (
         f"{Path(path).name!r} has no orientation in its NIfTI header (qform_code and "
         "sform_code are both 0), so its space is unknown; it was placed on nibabel's default "
@@ -454,9 +465,29 @@ class Scan:
         """Yield ``(first_volume, block)`` with ``block`` of shape (k, n_voxels), unscaled.
 
         Voxels are in NIfTI (Fortran) order within each volume. ``.nii`` files are memory
-        mapped; ``.nii.gz`` files are decompressed once, block by block, so memory stays at one
-        block whatever the scan length. Apply :attr:`scale` to the values (or to anything linear
-        computed from them). A truncated or corrupt file raises :class:`InvalidInputError`.
+        mapped; ``.nii.gz`` files are decompressed once, block by block (in a background
+        thread, one block ahead), so memory stays at a few blocks whatever the scan length.
+        Apply :attr:`scale` to the values (or to anything linear computed from them).
+
+        Parameters
+        ----------
+        block_bytes : int, default=64 MiB
+            Target size of a block; a block holds at least one volume.
+
+        Yields
+        ------
+        first_volume : int
+            Index of the block's first volume.
+        block : ndarray (k, n_voxels)
+            The stored values of volumes ``first_volume`` to ``first_volume + k - 1``, in the
+            file's data type (read-only; a memory map for ``.nii``).
+
+        Raises
+        ------
+        TypeError
+            The scan is a table (its values are already in :attr:`table`).
+        InvalidInputError
+            A ``.nii.gz`` file is truncated or its gzip stream is corrupt.
         """
         if self.kind != "nifti":
             raise TypeError("iter_blocks reads NIfTI voxel data; a table is already in memory.")

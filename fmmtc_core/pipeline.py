@@ -26,6 +26,8 @@ from fmmtc_core.io import Scan, load_scan
 from fmmtc_core.preprocess import CleaningSettings, RegionSignals, clean, parcellate
 
 if TYPE_CHECKING:  # fmmtc_core.qc imports this module
+    import pandas as pd
+
     from fmmtc_core.qc import QCReport
 
 __all__ = ["Prepared", "load_and_clean", "prepare_cohort", "volume_progress", "MAX_ABS_VALUE"]
@@ -67,7 +69,7 @@ def load_and_clean(
     atlas: str | Atlas | None,
     *,
     sidecar: str | os.PathLike | dict | None = None,
-    confounds: str | os.PathLike | None = None,
+    confounds: str | os.PathLike | pd.DataFrame | None = None,
     min_volumes: int | None = None,
     qc: Callable[[Scan, RegionSignals], QCReport] | None = None,
     cleaning: CleaningSettings | None = CleaningSettings(),
@@ -82,8 +84,11 @@ def load_and_clean(
     atlas : str, Atlas or None
         Atlas that parcellates a NIfTI (None: ``"hcpex"``) and that a region table must follow
         (None: the one the table names).
-    sidecar, confounds : path or None, default=None
-        BIDS JSON sidecar and fMRIPrep confounds (see :func:`fmmtc_core.io.load_scan`).
+    sidecar : path, dict or None, default=None
+        BIDS JSON sidecar (see :func:`fmmtc_core.io.load_scan`); None: looked up beside the
+        scan.
+    confounds : path, DataFrame or None, default=None
+        fMRIPrep confounds of the same run (see :func:`fmmtc_core.io.load_scan`).
     min_volumes : int or None, default=None
         Fewest volumes accepted; None: :func:`~fmmtc_core.io.load_scan`'s default.
     qc : callable(scan, raw signals) -> QCReport, or None, default=None
@@ -93,7 +98,7 @@ def load_and_clean(
         How to clean (the arguments of :func:`~fmmtc_core.preprocess.clean`); None stops after
         QC. Before cleaning, a scan whose QC failed is refused and region values that are
         infinite or out of range are refused (as read, and again once cleaned).
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         ``validate`` 0/1 and 1/1; ``parcellate`` per block of volumes read (once, with
         ``{"table": True}``, for a region table); ``qc`` with ``{"verdict": ...}``; ``clean``.
 
@@ -168,15 +173,21 @@ def prepare_cohort(
         From :func:`fmmtc_core.bids.read_cohort`.
     atlas : str or Atlas
         Atlas of the model to train or evaluate.
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         ``("prepare", i, n, {})`` after each participant.
     cleaning : CleaningSettings, default=CleaningSettings()
+        How to clean (the arguments of :func:`~fmmtc_core.preprocess.clean`).
 
     Returns
     -------
     list of RegionSignals
         Cleaned region signals, one per participant, without the voxel statistics and
         confounds table (a cohort's worth of carpet plots would not fit in memory).
+
+    Raises
+    ------
+    InvalidInputError
+        A participant's scan or confounds cannot be used (see :func:`load_and_clean`).
     """
     out: list[RegionSignals] = []
     n = len(cohort.participants)
@@ -190,8 +201,19 @@ def prepare_cohort(
 
 
 def volume_progress(callback: Callable[[int, int], None] | None) -> Progress:
-    """A :func:`load_and_clean` progress callback that calls ``callback(done, total)`` with the
-    volumes read while a NIfTI is parcellated (and nothing for a region table); None for None."""
+    """Adapt a volume counter to :func:`load_and_clean`'s progress callback.
+
+    Parameters
+    ----------
+    callback : callable(done_volumes, total_volumes) or None
+        Called with the volumes read so far while a NIfTI is parcellated (never for a region
+        table, nor for the other stages).
+
+    Returns
+    -------
+    callable(stage, done, total, info) or None
+        The stage callback to pass as ``progress``; None when ``callback`` is None.
+    """
     if callback is None:
         return None
 
@@ -203,7 +225,19 @@ def volume_progress(callback: Callable[[int, int], None] | None) -> Progress:
 
 
 def scan_name(scan: Scan) -> str:
-    """The scan's file name, quoted, for messages ("The scan" when it has none)."""
+    """The scan's file name, quoted, for messages.
+
+    Parameters
+    ----------
+    scan : Scan
+        A loaded scan (any object with a ``path`` attribute, or without one).
+
+    Returns
+    -------
+    str
+        ``repr`` of the file name (e.g. ``"'sub-01_bold.nii.gz'"``); ``"The scan"`` when the
+        scan has no path.
+    """
     path = getattr(scan, "path", None)
     return repr(Path(path).name) if path is not None else "The scan"
 

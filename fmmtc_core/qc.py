@@ -9,8 +9,11 @@ criterion; whole-brain tSNR in the tens for 2-3 mm MNI-space BOLD) and are all s
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +22,11 @@ from fmmtc_core.config import FD_MEAN_FAIL_MM, FD_THRESHOLD_MM, STD_DVARS_THRESH
 from fmmtc_core.io import Scan, space_unknown_message
 from fmmtc_core.pipeline import load_and_clean, volume_progress
 from fmmtc_core.preprocess import RegionSignals, parcellate
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fmmtc_core.atlas import Atlas
 
 __all__ = ["QCThresholds", "QCReport", "qc_report", "assess_scan"]
 
@@ -62,7 +70,55 @@ class QCThresholds:
 
 @dataclass(eq=False)
 class QCReport:
-    """QC metrics and verdict of one scan (see :func:`qc_report`)."""
+    """QC metrics and verdict of one scan (see :func:`qc_report`).
+
+    A metric that could not be measured (no confounds table, a region table without voxels) is
+    None.
+
+    Attributes
+    ----------
+    verdict : {"pass", "warn", "fail"}
+        "fail" when any fail limit is crossed; "warn" when a warn limit is crossed or the input
+        raised a warning; else "pass".
+    reasons : list of str
+        Why: every crossed fail limit, then every crossed warn limit, one sentence each.
+    n_volumes : int
+    tr : float
+        Repetition time, seconds.
+    duration_s : float
+        ``n_volumes * tr``, seconds.
+    atlas : str
+        Name of the atlas of the parcellation.
+    n_regions : int
+        Regions of that atlas.
+    uncovered_regions : list of str
+        Names of the regions with too few voxels on the scan grid, or no signal.
+    tsnr_median : float or None, default=None
+        Median voxel temporal SNR inside the atlas (NIfTI only; NaN when no voxel has signal).
+    tsnr_regions : ndarray (R,) or None, default=None
+        Mean voxel tSNR per region (NIfTI only).
+    fd_mean, fd_max : float or None, default=None
+        Mean and largest framewise displacement, mm (needs the confounds'
+        ``framewise_displacement``).
+    fd : ndarray (T,) or None, default=None
+        Framewise displacement per volume, mm.
+    dvars : ndarray (T,) or None, default=None
+        DVARS per volume, percent of the mean signal (NIfTI only; first value 0).
+    std_dvars_mean : float or None, default=None
+        Mean standardised DVARS (needs the confounds' ``std_dvars``).
+    frac_high_motion : float or None, default=None
+        Fraction of volumes over the FD or standardised-DVARS limit (would be scrubbed).
+    carpet : ndarray (n, T) or None, default=None
+        Region-ordered sample of z-scored voxel series (NIfTI only).
+    carpet_regions : ndarray (n,) or None, default=None
+        Region position of each carpet row.
+    warnings : list of str, default=[]
+        Recoverable oddities of the input not already among ``reasons``.
+    notes : list of str, default=[]
+        Informational facts about processing (e.g. the atlas was resampled).
+    thresholds : QCThresholds, default=QCThresholds()
+        The limits the verdict was decided with.
+    """
 
     verdict: str
     reasons: list[str]
@@ -92,7 +148,23 @@ class QCReport:
         return self.verdict != "fail"
 
     def to_dict(self, *, series: bool = False) -> dict:
-        """JSON-friendly summary (NaN -> None). ``series=True`` adds FD, DVARS and carpet."""
+        """JSON-friendly summary of the report (numbers rounded to 6 decimals, NaN -> None).
+
+        Parameters
+        ----------
+        series : bool, default=False
+            Also include the per-volume series: ``fd_mm``, ``dvars_pct`` and ``carpet``
+            (rounded to 3 decimals); each None when not measured.
+
+        Returns
+        -------
+        dict
+            ``verdict``, ``reasons``, ``warnings``, ``notes``, ``n_volumes``, ``tr_s``,
+            ``duration_s``, ``atlas``, ``n_regions``, ``n_uncovered_regions``,
+            ``uncovered_regions``, ``tsnr_median``, ``tsnr_region_median`` (median of the
+            regions' tSNR), ``fd_mean_mm``, ``fd_max_mm``, ``std_dvars_mean``,
+            ``frac_high_motion`` and ``thresholds`` (a dict of :class:`QCThresholds`).
+        """
 
         def num(v):
             if v is None:
@@ -133,7 +205,7 @@ def qc_report(
     scan: Scan,
     signals: RegionSignals | None = None,
     *,
-    atlas=None,
+    atlas: str | Atlas | None = None,
     thresholds: QCThresholds | None = None,
 ) -> QCReport:
     """Compute the QC report of a scan.
@@ -141,12 +213,15 @@ def qc_report(
     Parameters
     ----------
     scan : Scan
-    signals : RegionSignals or None
+        The loaded scan (:func:`fmmtc_core.io.load_scan`); its confounds give FD and DVARS.
+    signals : RegionSignals or None, default=None
         The scan's uncleaned parcellation, when already computed (it carries the voxel
         statistics); computed here otherwise.
-    atlas : str, path, Atlas or None
-        Atlas for the parcellation when ``signals`` is None.
-    thresholds : QCThresholds or None
+    atlas : str, Atlas or None, default=None
+        Atlas for the parcellation when ``signals`` is None (a bundled atlas's name or a label
+        image's path; see :func:`fmmtc_core.preprocess.parcellate`). Ignored otherwise.
+    thresholds : QCThresholds or None, default=None
+        QC limits; None uses the defaults.
 
     Returns
     -------
@@ -252,14 +327,14 @@ def qc_report(
 
 @fill_doc
 def assess_scan(
-    path,
+    path: str | os.PathLike,
     *,
-    sidecar=None,
-    confounds=None,
-    atlas=None,
+    sidecar: str | os.PathLike | dict | None = None,
+    confounds: str | os.PathLike | pd.DataFrame | None = None,
+    atlas: str | Atlas | None = None,
     min_volumes: int | None = None,
     thresholds: QCThresholds | None = None,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Scan, RegionSignals, QCReport]:
     """Load, validate, parcellate and quality-control a scan file in one call.
 
@@ -271,16 +346,23 @@ def assess_scan(
         4D NIfTI or region time-series table (see :func:`fmmtc_core.io.load_scan`).
     %(sidecar)s
     %(confounds)s
-    atlas, min_volumes
-        As for :func:`fmmtc_core.io.load_scan` and :func:`parcellate`.
-    thresholds : QCThresholds or None
+    atlas : str, Atlas or None, default=None
+        Atlas that parcellates a NIfTI (None: ``"hcpex"``) and that a region table must follow
+        (None: the one the table names); see :func:`fmmtc_core.pipeline.load_and_clean`.
+    min_volumes : int or None, default=None
+        Fewest volumes accepted; None: :func:`fmmtc_core.io.load_scan`'s default (50).
+    thresholds : QCThresholds or None, default=None
         QC limits; None uses the defaults.
     %(progress_volumes)s
 
     Returns
     -------
-    scan, signals, report
-        ``signals`` are the uncleaned region means.
+    scan : Scan
+        The loaded, validated scan.
+    signals : RegionSignals
+        Its uncleaned region means (with the voxel statistics of a NIfTI).
+    report : QCReport
+        Its QC report.
 
     Raises
     ------

@@ -7,17 +7,33 @@ import io
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fmmtc_core import __version__
 
 if TYPE_CHECKING:
+    from fmmtc_core.atlas import Atlas
     from fmmtc_core.summary import ScreeningSummary
 
 __all__ = ["screening_report_html", "glass_brain_png"]
 
 
-def glass_brain_png(atlas, region_scores) -> bytes:
-    """The glass-brain map of region scores as PNG bytes."""
+def glass_brain_png(atlas: Atlas, region_scores: ArrayLike) -> bytes:
+    """The glass-brain map of region scores as PNG bytes.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The atlas of the screening's model (its label image carries the scores).
+    region_scores : array-like of float (R,)
+        One score per atlas region, in the atlas's order (logit units), e.g. the ``score``
+        column of :func:`fmmtc_core.review.region_scores`.
+
+    Returns
+    -------
+    bytes
+        A PNG (110 dpi) of :func:`fmmtc_core.figures.glass_brain_figure`; the figure is closed.
+    """
     import matplotlib.pyplot as plt
 
     from fmmtc_core.explain import region_map
@@ -91,6 +107,22 @@ def screening_report_html(summary: ScreeningSummary, *, png: bytes | None = None
     The page is self-contained (inline CSS and image, no scripts, no network) and every text
     value is escaped by the template engine (jinja2, autoescape on). It carries the screening's
     date and time with its time zone and who ran it.
+
+    Parameters
+    ----------
+    summary : ScreeningSummary
+        The screening (:class:`fmmtc_core.summary.ScreeningSummary`); thresholds it lacks are
+        taken from :data:`fmmtc_core.config.DEFAULT_THRESHOLDS`.
+    png : bytes or None, default=None
+        A PNG to embed (base64), normally :func:`glass_brain_png`; None embeds no image.
+    n_regions : int, default=15
+        Rows of the "Top regions" table (the summary's regions are already sorted by
+        ``|score|``). The connection table shows at most 10 rows, the network table all.
+
+    Returns
+    -------
+    str
+        The HTML page.
     """
     from fmmtc_core.config import DEFAULT_THRESHOLDS
 

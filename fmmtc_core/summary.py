@@ -17,6 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from fmmtc_core.explain import Explanation
     from fmmtc_core.screening import Analysis
+    from fmmtc_core.store.models import Screening
 
 __all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
            "attribution_rows"]
@@ -24,7 +25,23 @@ __all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_sc
 
 @dataclass(frozen=True)
 class RegionScore:
-    """One region's attribution (logit units): time series, connectivity and their sum."""
+    """One region's attribution (logit units): time series, connectivity and their sum.
+
+    Attributes
+    ----------
+    region_index : int
+        Position of the region in the atlas's order.
+    label : int
+        The atlas's integer label of the region.
+    name : str
+        Region name.
+    network : str
+        The atlas's group (network / lobe) of the region.
+    ts, fc : float
+        Time-series and connectivity attribution (logit units; + towards responder).
+    score : float
+        ``ts + fc``.
+    """
 
     region_index: int
     label: int
@@ -37,7 +54,17 @@ class RegionScore:
 
 @dataclass(frozen=True)
 class ConnectionScore:
-    """One of the strongest connections (regions ``i`` and ``j`` by index and label)."""
+    """One of the strongest connections (regions ``i`` and ``j`` by index and label).
+
+    Attributes
+    ----------
+    i, j : int
+        Positions of the two regions in the atlas's order.
+    label_i, label_j : int
+        Their atlas labels.
+    score : float
+        Attribution of the connection (logit units; + towards responder).
+    """
 
     i: int
     j: int
@@ -52,7 +79,59 @@ class ScreeningSummary:
     HTML report, the dashboard pages and the database writer read.
 
     Built in one place: :meth:`from_analysis` (a fresh screening) or :meth:`from_row` (a stored
-    one), so a fresh and a stored screening of the same scan look the same.
+    one), so a fresh and a stored screening of the same scan look the same. The explanation
+    fields are None (or empty) when the screening was not explained.
+
+    Attributes
+    ----------
+    participant : str
+        Study pseudonym.
+    probability : float
+        Calibrated responder probability (mean over the fold models).
+    band : tuple of 2 float
+        Its uncertainty band (low, high): the spread of the fold models.
+    fold_probabilities : tuple of float
+        Calibrated probability of each fold model.
+    decision : str
+        ``"likely responder"``, ``"likely non-responder"`` or ``"uncertain"``
+        (:func:`fmmtc_core.screening.decide`).
+    thresholds : dict of str to float
+        The decision thresholds in force (``responder``, ``non_responder``).
+    qc_verdict : {"pass", "warn", "fail"}
+    qc_reasons : tuple of str
+        The QC report's reasons.
+    model : str
+        Name of the model version.
+    created_at : datetime.datetime
+        When the screening was made; timezone-aware (UTC).
+    operator : str
+        Who ran it.
+    share_ts, share_fc : float or None, default=None
+        Each modality's share of the total absolute attribution.
+    regions : tuple of RegionScore, default=()
+        Region attributions, sorted by ``|score|``, largest first (ties by region index).
+    connections : tuple of ConnectionScore, default=()
+        The top connections, strongest first.
+    networks : dict, default={}
+        Per network / lobe: ``{"ts": .., "fc": .., "total": ..}`` attribution sums.
+    ig_gap : float or None, default=None
+        Integrated Gradients completeness gap, relative to ``|F(x) - F(baseline)|``.
+    ig_gap_abs : float or None, default=None
+        The same gap in logit units.
+    ig_steps : int or None, default=None
+        Integration steps used.
+    baseline : dict or None, default=None
+        The baselines of the explanation (e.g. ``{"ts": "flat", "fc": "cohort_mean"}``).
+    logit, baseline_logit : float or None, default=None
+        ``F(x)`` and ``F(baseline)``: the ensemble's mean logit.
+    stage_seconds : dict of str to float, default={}
+        Seconds per stage of the screening.
+    screening_id : int or None, default=None
+        Database id; None until stored.
+    reused : bool, default=False
+        True when an earlier stored screening of the same inputs was returned.
+    simulated : bool, default=False
+        True for a simulated (demo) participant.
     """
 
     participant: str
@@ -84,13 +163,35 @@ class ScreeningSummary:
 
     @property
     def runtime_s(self) -> float:
+        """Total seconds of the screening: the sum of :attr:`stage_seconds`."""
         return float(sum(self.stage_seconds.values()))
 
     @classmethod
     def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,
                       created_at: dt.datetime | None = None,
                       simulated: bool = False) -> ScreeningSummary:
-        """The summary of a fresh analysis (``created_at`` defaults to now, UTC)."""
+        """The summary of a fresh analysis.
+
+        Parameters
+        ----------
+        a : Analysis
+            What :func:`fmmtc_core.screening.analyse` computed.
+        participant : str
+            Study pseudonym.
+        model : str
+            Name of the model version.
+        operator : str
+            Who ran the screening.
+        created_at : datetime.datetime or None, default=None
+            When; None: now, UTC.
+        simulated : bool, default=False
+            Whether the participant is simulated.
+
+        Returns
+        -------
+        ScreeningSummary
+            Not yet stored (``screening_id`` None).
+        """
         e = a.explanation
         extra: dict = {}
         if e is not None:
@@ -110,8 +211,22 @@ class ScreeningSummary:
             stage_seconds={k: float(v) for k, v in a.stage_seconds.items()}, **extra)
 
     @classmethod
-    def from_row(cls, sc, *, reused: bool = False) -> ScreeningSummary:
-        """The summary of a stored screening (an ORM row with its relations loaded)."""
+    def from_row(cls, sc: Screening, *, reused: bool = False) -> ScreeningSummary:
+        """The summary of a stored screening.
+
+        Parameters
+        ----------
+        sc : fmmtc_core.store.models.Screening
+            The ORM row with its relations loaded (participant, scan, model version, regions,
+            connections; :func:`fmmtc_core.store.repository.get_screening`). A ``created_at``
+            without a time zone is read as UTC.
+        reused : bool, default=False
+            Mark the summary as an earlier screening returned again.
+
+        Returns
+        -------
+        ScreeningSummary
+        """
         exp = sc.explanation or {}
         regions = sorted(sc.regions, key=lambda r: (-abs(r.total), r.region_index))
         created = sc.created_at
@@ -136,7 +251,25 @@ class ScreeningSummary:
             screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated))
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
-        """JSON-ready (the ``fmmtc screen --json`` output)."""
+        """The summary as a JSON-ready dict (the ``fmmtc screen --json`` output).
+
+        Parameters
+        ----------
+        n_regions : int or None, default=None
+            Keep only the first (strongest) regions; None keeps all.
+
+        Returns
+        -------
+        dict
+            ``screening_id``, ``participant_id`` (the pseudonym), ``reused``, ``simulated``,
+            ``probability``, ``band``, ``fold_probabilities``, ``decision``, ``thresholds``,
+            ``qc`` (``verdict``, ``reasons``), ``modality_share`` (``ts``, ``fc``), ``regions``
+            (``label``, ``name``, ``score``, ``ts``, ``fc``, ``network``),
+            ``top_connections`` (the :class:`ConnectionScore` fields), ``networks``,
+            ``ig_gap``, ``ig_gap_abs``, ``steps``, ``baseline``, ``logit``, ``baseline_logit``,
+            ``stage_seconds``, ``runtime_s`` (both rounded to 0.1 ms), ``model``,
+            ``operator`` and ``created_at`` (ISO 8601).
+        """
         regions = self.regions if n_regions is None else self.regions[:n_regions]
         return {
             "screening_id": self.screening_id, "participant_id": self.participant,
@@ -158,13 +291,32 @@ class ScreeningSummary:
         }
 
     def attribution_rows(self) -> tuple[list[dict], list[dict]]:
-        """The region and top-connection rows as the database stores them."""
+        """The region and top-connection rows as the database stores them.
+
+        Returns
+        -------
+        region_rows, connection_rows : list of dict
+            See :func:`attribution_rows`.
+        """
         return attribution_rows(self.regions, self.connections)
 
 
 def explanation_scores(e: Explanation) -> tuple[tuple[RegionScore, ...],
                                                  tuple[ConnectionScore, ...]]:
-    """An explanation's region scores (sorted by |score|, largest first) and top connections."""
+    """An explanation's region scores (sorted by |score|, largest first) and top connections.
+
+    Parameters
+    ----------
+    e : Explanation
+        Integrated Gradients attributions (:class:`fmmtc_core.explain.Explanation`).
+
+    Returns
+    -------
+    regions : tuple of RegionScore
+        Every region, largest ``|score|`` first (ties by region index).
+    connections : tuple of ConnectionScore
+        The explanation's top connections, in its order (strongest first).
+    """
     order = np.argsort(-np.abs(e.region_total), kind="stable")
     regions = tuple(RegionScore(int(i), int(e.labels[i]), str(e.names[i]), str(e.groups[i]),
                                 float(e.region_ts[i]), float(e.region_fc[i]),
@@ -176,8 +328,24 @@ def explanation_scores(e: Explanation) -> tuple[tuple[RegionScore, ...],
 
 
 def attribution_rows(regions, connections) -> tuple[list[dict], list[dict]]:
-    """Region and connection scores as the database's attribution rows (regions in atlas
-    order, connections by rank)."""
+    """Region and connection scores as the database's attribution rows.
+
+    Parameters
+    ----------
+    regions : iterable of RegionScore
+        Any order.
+    connections : iterable of ConnectionScore
+        Strongest first: their order becomes the rank.
+
+    Returns
+    -------
+    region_rows : list of dict
+        In atlas order: ``region_index``, ``label``, ``name``, ``network``, ``ts``, ``fc``,
+        ``total`` (the columns of :class:`fmmtc_core.store.models.RegionAttribution`).
+    connection_rows : list of dict
+        By rank (0 first): ``rank``, ``region_i``, ``region_j``, ``label_i``, ``label_j``,
+        ``score`` (the columns of :class:`fmmtc_core.store.models.ConnectionAttribution`).
+    """
     region_rows = sorted(({"region_index": r.region_index, "label": r.label, "name": r.name,
                            "network": r.network, "ts": r.ts, "fc": r.fc, "total": r.score}
                           for r in regions), key=lambda d: d["region_index"])

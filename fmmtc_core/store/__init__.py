@@ -1,6 +1,10 @@
 """The cohort database: schema (:mod:`.models`), engines and migrations (:mod:`.db`), and the
 repository functions the dashboard and the CLI use (:mod:`.repository`)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from fmmtc_core.store.db import (
     DatabaseError,
     check_schema,
@@ -16,6 +20,9 @@ from fmmtc_core.store.db import (
     storage_error,
     upgrade,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 __all__ = [
     "DatabaseError",
@@ -35,11 +42,27 @@ __all__ = [
 ]
 
 
-def open_database(url: str | None = None):
-    """An engine for ``url`` (default location when None) with the schema upgraded to head.
+def open_database(url: str | None = None) -> Engine:
+    """An engine for ``url`` with the schema upgraded to head (created when new).
 
-    Raises :class:`~fmmtc_core._errors.StorageError` when the database cannot be used (damaged
-    file, unknown schema revision, unreachable server, ...), with a message saying what to do.
+    Parameters
+    ----------
+    url : str or None, default=None
+        Any SQLAlchemy URL; None: :func:`~fmmtc_core.store.db.default_url`
+        (``$FMMTC_DATABASE_URL``, else the SQLite file in the data folder).
+
+    Returns
+    -------
+    sqlalchemy.Engine
+        See :func:`~fmmtc_core.store.db.make_engine`.
+
+    Raises
+    ------
+    InvalidInputError
+        ``url`` is malformed or names an unknown driver.
+    StorageError
+        The database cannot be used (damaged file, unknown schema revision, unreachable
+        server, ...), with a message saying what to do.
     """
     engine = make_engine(url)
     upgrade(engine)

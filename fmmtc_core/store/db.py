@@ -37,6 +37,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session
 
 from fmmtc_core import config
+from fmmtc_core._docs import fill_doc
 from fmmtc_core._errors import InvalidInputError, StorageError
 from fmmtc_core.store.models import TABLES
 
@@ -66,8 +67,20 @@ CONNECT_TIMEOUT_S = 5
 class DatabaseError(StorageError):
     """The database refused or could not take a change; the transaction was rolled back.
 
-    ``conflict`` is True for a constraint violation (e.g. two writers creating the same
-    participant at once), which is worth retrying.
+    Raised by :func:`session_scope`.
+
+    Parameters
+    ----------
+    message : str
+        What happened and what to do, in one line.
+    conflict : bool, default=False
+        True for a constraint violation (e.g. two writers creating the same participant at
+        once), which is worth retrying.
+
+    Attributes
+    ----------
+    conflict : bool
+        The ``conflict`` given.
     """
 
     def __init__(self, message: str, conflict: bool = False) -> None:
@@ -76,12 +89,25 @@ class DatabaseError(StorageError):
 
 
 def data_dir() -> Path:
-    """Folder of the default SQLite database (:func:`fmmtc_core.config.data_dir`)."""
+    """Folder of the default SQLite database.
+
+    Returns
+    -------
+    Path
+        :func:`fmmtc_core.config.data_dir` (not created here).
+    """
     return config.data_dir()
 
 
 def default_url() -> str:
-    """``FMMTC_DATABASE_URL``, else ``sqlite:///<data_dir>/fmmtc.db``."""
+    """The database URL used when none is given.
+
+    Returns
+    -------
+    str
+        ``$FMMTC_DATABASE_URL``, else ``sqlite:///<data_dir>/fmmtc.db``
+        (:func:`fmmtc_core.config.database_url`).
+    """
     return config.database_url()
 
 
@@ -137,6 +163,21 @@ def storage_error(exc: BaseException, url: str | URL | None = None) -> StorageEr
     The message is one line naming the database (password hidden) and what to do: restore a
     damaged file from a backup, start the server or fix the URL, make a read-only file
     writable, free disk space.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception met while using the database. Constraint violations and programming
+        errors (bad SQL, a value of the wrong type) are not storage errors.
+    url : str, sqlalchemy.engine.URL or None, default=None
+        The database's URL, to name it in the message (its password is hidden); None: "the
+        database".
+
+    Returns
+    -------
+    StorageError or None
+        The error to raise (the caller raises it ``from exc``); None when ``exc`` is not a
+        database driver's error.
     """
     orig = _driver_error(exc)
     if orig is None:
@@ -224,6 +265,20 @@ def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     Nothing is connected yet. A server's connection attempt gives up after
     :data:`CONNECT_TIMEOUT_S` seconds (unless the URL sets ``connect_timeout``).
 
+    Parameters
+    ----------
+    url : str or None, default=None
+        Any SQLAlchemy URL; None (or empty): :func:`default_url`. The folder of a SQLite file
+        is created.
+    echo : bool, default=False
+        Log every SQL statement (SQLAlchemy's ``echo``).
+
+    Returns
+    -------
+    sqlalchemy.Engine
+        SQLite: WAL mode, foreign keys on, a 60 s busy timeout, ``BEGIN IMMEDIATE`` for
+        writers (see :func:`session_scope`). Other databases: connections pinged before use.
+
     Raises
     ------
     InvalidInputError
@@ -285,11 +340,32 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 @contextmanager
+@fill_doc
 def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on any exception.
 
-    ``write=True`` takes SQLite's write lock at the start (``BEGIN IMMEDIATE``): a writer then
-    waits for its turn (busy timeout) instead of failing when it later upgrades a read lock.
+    The session is closed on leaving the block; its objects stay readable
+    (``expire_on_commit=False``).
+
+    Parameters
+    ----------
+    %(engine)s
+    write : bool, default=False
+        Take SQLite's write lock at the start (``BEGIN IMMEDIATE``): a writer then waits for
+        its turn (busy timeout) instead of failing when it later upgrades a read lock. No
+        effect on other databases.
+
+    Yields
+    ------
+    sqlalchemy.orm.Session
+        The session, inside its transaction.
+
+    Raises
+    ------
+    DatabaseError
+        The database refused the change (a constraint violation: ``conflict=True``) or could
+        not take it (a storage error); the transaction was rolled back. Other exceptions
+        raised in the block propagate unchanged, after the rollback.
     """
     bind = engine.execution_options(sqlite_immediate=True) if write else engine
     session = Session(bind, expire_on_commit=False)
@@ -351,8 +427,20 @@ def _migrating(engine: Engine) -> Iterator:
             raw.execute("PRAGMA foreign_keys = ON")
 
 
+@fill_doc
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Apply the migrations up to ``revision``; returns the revision the database is at.
+    """Apply the migrations up to ``revision`` (creating the schema in a new database).
+
+    Parameters
+    ----------
+    %(engine)s
+    revision : str, default="head"
+        The Alembic revision to reach.
+
+    Returns
+    -------
+    str or None
+        The revision the database is at afterwards.
 
     Raises
     ------
@@ -368,8 +456,27 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     return current_revision(engine)
 
 
+@fill_doc
 def downgrade(engine: Engine, revision: str = "-1") -> str | None:
-    """Undo migrations down to ``revision`` (default: one step)."""
+    """Undo migrations down to ``revision``.
+
+    Parameters
+    ----------
+    %(engine)s
+    revision : str, default="-1"
+        The Alembic revision to reach: ``"-1"`` is one step back, ``"base"`` undoes every
+        migration.
+
+    Returns
+    -------
+    str or None
+        The revision the database is at afterwards (None at ``base``).
+
+    Raises
+    ------
+    StorageError
+        The database cannot be used (see :func:`check_schema` and :func:`storage_error`).
+    """
     from alembic import command
 
     with _storage(engine.url):
@@ -379,8 +486,24 @@ def downgrade(engine: Engine, revision: str = "-1") -> str | None:
     return current_revision(engine)
 
 
+@fill_doc
 def current_revision(engine: Engine) -> str | None:
-    """The schema revision the database is at (None for a new, empty database)."""
+    """The schema revision the database is at.
+
+    Parameters
+    ----------
+    %(engine)s
+
+    Returns
+    -------
+    str or None
+        The Alembic revision; None for a new, empty database.
+
+    Raises
+    ------
+    StorageError
+        The database cannot be read (see :func:`storage_error`).
+    """
     from alembic.runtime.migration import MigrationContext
 
     with _storage(engine.url), engine.connect() as conn:
@@ -397,11 +520,29 @@ def _scripts():
 
 
 def head_revision() -> str:
+    """The newest schema revision this version of fmmtc knows.
+
+    Returns
+    -------
+    str
+        The head revision of the migrations in :data:`MIGRATIONS`.
+    """
     return _scripts().get_current_head()
 
 
+@fill_doc
 def check_schema(engine: Engine) -> str | None:
     """The database's schema revision, once it is clear that this version can use it.
+
+    Parameters
+    ----------
+    %(engine)s
+
+    Returns
+    -------
+    str or None
+        The Alembic revision; None for a database without fmmtc tables (new, or holding only
+        other tables).
 
     Raises
     ------
@@ -444,17 +585,52 @@ def _where(engine: Engine) -> str:
     return _redact(url)
 
 
+@fill_doc
 def row_counts(engine: Engine) -> dict[str, int]:
-    """Rows in every table (the "database unchanged" check of the tests and the CLI)."""
+    """Rows in every table (the "database unchanged" check of the tests and the CLI).
+
+    Parameters
+    ----------
+    %(engine)s
+
+    Returns
+    -------
+    dict of str to int
+        Table name -> number of rows, for every table of
+        :data:`fmmtc_core.store.models.TABLES`.
+
+    Raises
+    ------
+    StorageError
+        The database cannot be read.
+    """
     with _storage(engine.url), Session(engine) as s:
         # COUNT(*) always returns one row, so scalar() is never None here.
         return {m.__tablename__: int(cast(int, s.scalar(select(func.count()).select_from(m))))
                 for m in TABLES}
 
 
+@fill_doc
 def integrity_check(engine: Engine) -> list[str]:
-    """Problems found (empty when sound): SQLite's integrity and foreign-key checks; on other
-    databases, orphaned child rows."""
+    """Problems found in the database's contents (empty when sound).
+
+    On SQLite: ``PRAGMA integrity_check`` and ``PRAGMA foreign_key_check``. On every
+    database: screenings without region attributions (every stored screening has them).
+
+    Parameters
+    ----------
+    %(engine)s
+
+    Returns
+    -------
+    list of str
+        One line per problem; empty when none was found.
+
+    Raises
+    ------
+    StorageError
+        The database cannot be read.
+    """
     problems: list[str] = []
     with _storage(engine.url), engine.connect() as conn:
         if engine.dialect.name == "sqlite":

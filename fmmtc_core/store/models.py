@@ -57,14 +57,40 @@ __all__ = [
 
 
 def utcnow() -> dt.datetime:
+    """The current time in UTC, without a time zone (as the database keeps it).
+
+    Returns
+    -------
+    datetime.datetime
+        Naive, in UTC (the default of every ``created_at``-like column).
+    """
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
-    pass
+    """Declarative base of every table (its ``metadata`` is the schema Alembic migrates)."""
 
 
 class Participant(Base):
+    """A study participant, known only by pseudonym (table ``participants``).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    pseudonym : str
+        Study pseudonym, unique (:func:`fmmtc_core.store.repository.validate_pseudonym`).
+    site, drug, arm : str or None
+        Optional labels (:func:`fmmtc_core.store.repository.validate_label`).
+    simulated : bool
+        True for a simulated (demo) participant; default False.
+    created_at : datetime.datetime
+        When the row was created (UTC, naive).
+    screenings : list of Screening
+    outcomes : list of Outcome
+        Observed outcomes, in the order entered.
+    """
+
     __tablename__ = "participants"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -80,6 +106,35 @@ class Participant(Base):
 
 
 class Scan(Base):
+    """One image, by content: what a screening read from it, never the image (table ``scans``).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    sha256 : str
+        SHA-256 of the image file, unique: one image, one row, one participant.
+    participant_id : int
+        The participant the image belongs to.
+    kind : {"nifti", "table"}
+    shape : list of int
+        The image's shape: (X, Y, Z, T) for a NIfTI, (T, R) for a table.
+    tr : float
+        Repetition time, seconds.
+    atlas : str
+        Atlas of the region series.
+    qc_verdict : {"pass", "warn", "fail"}
+    qc : dict
+        The QC report (:meth:`fmmtc_core.qc.QCReport.to_dict`).
+    n_volumes, n_regions : int
+    series : bytes or None
+        The cleaned region series (T x R float32), zlib-compressed
+        (:func:`fmmtc_core.store.repository.encode_series`).
+    created_at : datetime.datetime
+        When the row was created (UTC, naive).
+    participant : Participant
+    """
+
     __tablename__ = "scans"
     __table_args__ = (UniqueConstraint("id", "participant_id", name="uq_scans_id_participant"),)
 
@@ -103,6 +158,23 @@ class Scan(Base):
 
 
 class ModelVersion(Base):
+    """A model, identified by its weights (table ``model_versions``).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    name : str
+        The model's name (from its card).
+    weights_sha256 : str
+        Identity of the model version, unique: SHA-256 over its card and every weights file
+        (:attr:`fmmtc_core.models.ensemble.FMMTCEnsemble.weights_sha256`).
+    card : dict
+        The model card.
+    created_at : datetime.datetime
+        When the row was created (UTC, naive).
+    """
+
     __tablename__ = "model_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -113,6 +185,58 @@ class ModelVersion(Base):
 
 
 class Screening(Base):
+    """One screening of a scan with a model (table ``screenings``).
+
+    ``(scan_id, model_version_id, revision)`` is unique, and ``(scan_id, participant_id)`` must
+    match the scan's own participant (a composite foreign key).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    participant_id, scan_id, model_version_id : int
+    revision : int
+        0 for the first screening of this image with this model, +1 for each forced repeat.
+    inputs_sha256 : str
+        Digest of the scan, sidecar and confounds contents: with the model version, what
+        decides the result.
+    probability : float
+        Calibrated responder probability.
+    band_low, band_high : float
+        Its uncertainty band.
+    fold_probabilities : list of float
+    decision : str
+        ``"likely responder"``, ``"likely non-responder"`` or ``"uncertain"``.
+    thresholds : dict
+        The decision thresholds in force.
+    share_ts, share_fc : float or None
+        Each modality's share of the total absolute attribution.
+    ig_gap : float or None
+        Integrated Gradients completeness gap (relative).
+    ig_steps : int or None
+        Integration steps.
+    explanation : dict or None
+        Explanation settings, baselines, networks, ``logit`` and ``baseline_logit``,
+        ``ig_gap_abs``.
+    runtime_s : float
+        Total seconds.
+    stage_seconds : dict
+        Seconds per stage.
+    software_version : str
+        The fmmtc version that made the screening.
+    operator : str
+        Who ran it.
+    created_at : datetime.datetime
+        When (UTC, naive).
+    participant : Participant
+    scan : Scan
+    model_version : ModelVersion
+    regions : list of RegionAttribution
+        In region order.
+    connections : list of ConnectionAttribution
+        By rank.
+    """
+
     __tablename__ = "screenings"
     __table_args__ = (
         Index("ix_screenings_lookup", "inputs_sha256", "model_version_id"),
@@ -164,6 +288,25 @@ class Screening(Base):
 
 
 class RegionAttribution(Base):
+    """One region's attribution in a screening (table ``region_attributions``).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    screening_id : int
+        Deleted with its screening.
+    region_index : int
+        Position in the atlas's order (unique per screening).
+    label : int
+        The atlas's label of the region.
+    name, network : str
+        Region name and group (network / lobe).
+    ts, fc, total : float
+        Time-series, connectivity and total attribution (logit units).
+    screening : Screening
+    """
+
     __tablename__ = "region_attributions"
     __table_args__ = (UniqueConstraint("screening_id", "region_index"),)
 
@@ -182,6 +325,25 @@ class RegionAttribution(Base):
 
 
 class ConnectionAttribution(Base):
+    """One of a screening's top connections (table ``connection_attributions``).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    screening_id : int
+        Deleted with its screening.
+    rank : int
+        0 for the strongest (unique per screening).
+    region_i, region_j : int
+        Positions of the two regions in the atlas's order.
+    label_i, label_j : int
+        Their atlas labels.
+    score : float
+        Attribution (logit units).
+    screening : Screening
+    """
+
     __tablename__ = "connection_attributions"
     __table_args__ = (UniqueConstraint("screening_id", "rank"),)
 
@@ -199,6 +361,24 @@ class ConnectionAttribution(Base):
 
 
 class Outcome(Base):
+    """An observed treatment outcome of a participant (table ``outcomes``; the latest counts).
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    participant_id : int
+    responder : bool
+        True for a responder, False for a non-responder.
+    entered_by : str
+        Who entered it.
+    entered_at : datetime.datetime
+        When (UTC, naive).
+    note : str or None
+        Free-text note (:func:`fmmtc_core.store.repository.validate_note`).
+    participant : Participant
+    """
+
     __tablename__ = "outcomes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -213,6 +393,26 @@ class Outcome(Base):
 
 
 class AuditLog(Base):
+    """One audited action (table ``audit_log``): written in the same transaction as the change.
+
+    Attributes
+    ----------
+    id : int
+        Primary key.
+    at : datetime.datetime
+        When (UTC, naive).
+    actor : str
+        Who.
+    action : str
+        E.g. ``"create"``, ``"update"``, ``"sign-in"``.
+    entity : str
+        What kind of row (``"participant"``, ``"scan"``, ``"screening"`` ...).
+    entity_id : int or None
+        Its id, when it has one.
+    details : dict or None
+        What changed.
+    """
+
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -6,6 +6,7 @@ decides the transaction; each write adds its audit-log row in that same transact
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pandas as pd
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, selectinload
 
+from fmmtc_core._docs import fill_doc
 from fmmtc_core._errors import InvalidInputError
 from fmmtc_core.summary import ScreeningSummary
 from fmmtc_core.store.models import (
@@ -62,8 +64,28 @@ OUTCOMES = {"responder": True, "non-responder": False}
 
 
 def validate_pseudonym(value: str) -> str:
-    """A study pseudonym: 1-64 letters, digits, ``_ . -``, starting with a letter or digit, and
-    nothing that looks like a date (birth dates must never reach the database)."""
+    """Check a study pseudonym and return it in its stored form.
+
+    A pseudonym is 1-64 letters, digits, ``_ . -``, starting with a letter or digit, with
+    nothing that looks like a date (birth dates must never reach the database).
+
+    Parameters
+    ----------
+    value : str
+        The pseudonym as entered. Surrounding spaces and a BIDS ``sub-`` prefix are removed
+        first.
+
+    Returns
+    -------
+    str
+        The pseudonym, stripped and without ``sub-``.
+
+    Raises
+    ------
+    InvalidInputError
+        Empty, too long, other characters, or it contains something like a date
+        (``1987-03-02``, ``19870302``, ``02.03.87``).
+    """
     value = (value or "").strip()
     if value.startswith("sub-"):
         value = value[4:]
@@ -85,11 +107,31 @@ NOTE_MAX = 1000
 
 
 def validate_label(name: str, value: str | None, *, max_len: int = 64) -> str | None:
-    """A short free-text label (site, drug, arm, operator), stripped; ``None`` stays ``None``.
+    """Check a short free-text label (site, drug, arm, operator) and return it stripped.
 
     1-64 characters (``max_len``): letters (any script), digits, spaces and ``_ . - ( ) / +``,
     starting with a letter or digit. Anything else (markup, formula prefixes such as ``=``,
     control characters, newlines) is refused, so the value is safe to show and to export.
+
+    Parameters
+    ----------
+    name : str
+        What the label is (``"site"``, ``"operator"`` ...), for the message.
+    value : str or None
+        The label as entered.
+    max_len : int, default=64
+        Longest label accepted. The pattern itself never accepts more than 64 characters, so
+        only a smaller value changes anything.
+
+    Returns
+    -------
+    str or None
+        The stripped label; None for None or a blank value.
+
+    Raises
+    ------
+    InvalidInputError
+        ``value`` is not text, is too long or holds other characters.
     """
     if value is None:
         return None
@@ -106,8 +148,28 @@ def validate_label(name: str, value: str | None, *, max_len: int = 64) -> str | 
 
 
 def validate_note(value: str | None, *, max_len: int = NOTE_MAX) -> str | None:
-    """A free-text note (outcome notes): at most ``max_len`` characters, no control characters
-    other than line breaks and tabs. Notes are escaped wherever they are shown."""
+    """Check a free-text note (outcome notes) and return it stripped.
+
+    At most ``max_len`` characters, no control characters other than line breaks and tabs.
+    Notes are escaped wherever they are shown.
+
+    Parameters
+    ----------
+    value : str or None
+        The note as entered.
+    max_len : int, default=NOTE_MAX
+        Longest note accepted, characters (1000).
+
+    Returns
+    -------
+    str or None
+        The stripped note; None for None or a blank value.
+
+    Raises
+    ------
+    InvalidInputError
+        ``value`` is not text, is too long or holds control characters.
+    """
     if value is None:
         return None
     if not isinstance(value, str):
@@ -124,8 +186,19 @@ def validate_note(value: str | None, *, max_len: int = NOTE_MAX) -> str | None:
 
 
 def default_operator() -> str:
-    """Who runs a screening when nobody is named: ``FMMTC_OPERATOR`` (validated like every
-    label), else the OS user (when it is a valid label), else ``"unknown"``."""
+    """Who runs a screening when nobody is named.
+
+    Returns
+    -------
+    str
+        ``$FMMTC_OPERATOR`` (validated like every label), else the OS user (when it is a valid
+        label), else ``"unknown"``.
+
+    Raises
+    ------
+    InvalidInputError
+        ``FMMTC_OPERATOR`` is set to an invalid label (see :func:`validate_label`).
+    """
     import getpass
 
     from fmmtc_core.config import operator_setting
@@ -140,17 +213,58 @@ def default_operator() -> str:
         return "unknown"
 
 
+@fill_doc
 def audit(session: Session, actor: str, action: str, entity: str, entity_id: int | None,
           details: dict | None = None) -> None:
+    """Add an audit-log row to the session (written with the session's transaction).
+
+    Parameters
+    ----------
+    %(session)s
+    actor : str
+        Who acted.
+    action : str
+        What was done (``"create"``, ``"update"``, ``"sign-in"`` ...).
+    entity : str
+        What kind of row it was done to (``"participant"``, ``"screening"`` ...).
+    entity_id : int or None
+        Its id, when it has one.
+    details : dict or None, default=None
+        What changed (JSON-serialisable).
+    """
     session.add(AuditLog(actor=actor, action=action, entity=entity, entity_id=entity_id,
                          details=details))
 
 
+@fill_doc
 def get_or_create_participant(session: Session, pseudonym: str, *, actor: str,
-                              site=None, drug=None, arm=None,
-                              simulated: bool = False) -> Participant:
-    """The participant with this pseudonym; created (and audited) if new. Site, drug and arm are
-    filled in when given and not yet known."""
+                              site: str | None = None, drug: str | None = None,
+                              arm: str | None = None, simulated: bool = False) -> Participant:
+    """The participant with this pseudonym; created (and audited) if new.
+
+    Parameters
+    ----------
+    %(session)s
+    pseudonym : str
+        Study pseudonym (checked by :func:`validate_pseudonym`).
+    actor : str
+        Who acts (audit log).
+    site, drug, arm : str or None, default=None
+        Stored when given and not yet known (a change is audited); a known value is never
+        overwritten. Not checked here: pass values :func:`validate_label` accepted.
+    simulated : bool, default=False
+        Flag a new participant as simulated (an existing one keeps its flag).
+
+    Returns
+    -------
+    Participant
+        Flushed (it has its ``id``).
+
+    Raises
+    ------
+    InvalidInputError
+        The pseudonym is invalid.
+    """
     pseudonym = validate_pseudonym(pseudonym)
     p = session.scalar(select(Participant).where(Participant.pseudonym == pseudonym))
     if p is None:
@@ -171,8 +285,29 @@ def get_or_create_participant(session: Session, pseudonym: str, *, actor: str,
     return p
 
 
+@fill_doc
 def get_or_create_model_version(session: Session, name: str, weights_sha256: str, card: dict,
                                 *, actor: str) -> ModelVersion:
+    """The model version with these weights; created (and audited) if new.
+
+    Parameters
+    ----------
+    %(session)s
+    name : str
+        The model's name; stored only when the version is new.
+    weights_sha256 : str
+        The model version's identity
+        (:attr:`fmmtc_core.models.ensemble.FMMTCEnsemble.weights_sha256`).
+    card : dict
+        The model card; stored only when the version is new.
+    actor : str
+        Who acts (audit log).
+
+    Returns
+    -------
+    ModelVersion
+        Flushed (it has its ``id``).
+    """
     mv = session.scalar(select(ModelVersion).where(ModelVersion.weights_sha256 == weights_sha256))
     if mv is None:
         mv = ModelVersion(name=name, weights_sha256=weights_sha256, card=card)
@@ -183,8 +318,24 @@ def get_or_create_model_version(session: Session, name: str, weights_sha256: str
     return mv
 
 
+@fill_doc
 def find_screening(session: Session, inputs_sha256: str, weights_sha256: str) -> Screening | None:
-    """The latest stored screening of these inputs with this model, if any."""
+    """The latest stored screening of these inputs with this model, if any.
+
+    Parameters
+    ----------
+    %(session)s
+    inputs_sha256 : str
+        Digest of the scan, sidecar and confounds contents
+        (:func:`fmmtc_core.screening.inputs_digest`).
+    weights_sha256 : str
+        The model version's identity.
+
+    Returns
+    -------
+    Screening or None
+        The one stored last (highest id); None when there is none.
+    """
     return session.scalar(
         select(Screening).join(ModelVersion)
         .where(Screening.inputs_sha256 == inputs_sha256,
@@ -192,15 +343,43 @@ def find_screening(session: Session, inputs_sha256: str, weights_sha256: str) ->
         .order_by(Screening.id.desc()).limit(1))
 
 
+@fill_doc
 def find_scan(session: Session, sha256: str) -> Scan | None:
-    """The stored scan with this image hash (with its participant), if any."""
+    """The stored scan with this image hash (with its participant), if any.
+
+    Parameters
+    ----------
+    %(session)s
+    sha256 : str
+        SHA-256 of the image file.
+
+    Returns
+    -------
+    Scan or None
+        The scan row, its ``participant`` loaded; None when the image is not stored.
+    """
     return session.scalar(select(Scan).where(Scan.sha256 == sha256)
                           .options(selectinload(Scan.participant)))
 
 
+@fill_doc
 def latest_screening(session: Session, scan_sha256: str,
                      weights_sha256: str) -> Screening | None:
-    """The latest revision of the screening of this image with this model, if any."""
+    """The latest revision of the screening of this image with this model, if any.
+
+    Parameters
+    ----------
+    %(session)s
+    scan_sha256 : str
+        SHA-256 of the image file (whatever side files came with it).
+    weights_sha256 : str
+        The model version's identity.
+
+    Returns
+    -------
+    Screening or None
+        The screening with the highest ``revision``; None when there is none.
+    """
     return session.scalar(
         select(Screening).join(Scan, Screening.scan_id == Scan.id)
         .join(ModelVersion, Screening.model_version_id == ModelVersion.id)
@@ -209,18 +388,43 @@ def latest_screening(session: Session, scan_sha256: str,
 
 
 def encode_series(data: np.ndarray) -> bytes:
-    """Cleaned region series (T, R) -> compressed bytes (little-endian float32, shape header)."""
+    """Compress cleaned region series for storage (the inverse of :func:`decode_series`).
+
+    Parameters
+    ----------
+    data : ndarray (T, R)
+        Region series; stored as float32.
+
+    Returns
+    -------
+    bytes
+        zlib-compressed: the shape as two little-endian int32, then the little-endian float32
+        values in C order.
+    """
     arr = np.ascontiguousarray(data, dtype="<f4")
     header = np.asarray(arr.shape, dtype="<i4").tobytes()
     return zlib.compress(header + arr.tobytes(), level=6)
 
 
 def decode_series(blob: bytes) -> np.ndarray:
+    """Region series stored by :func:`encode_series`.
+
+    Parameters
+    ----------
+    blob : bytes
+        What :func:`encode_series` returned (:attr:`fmmtc_core.store.models.Scan.series`).
+
+    Returns
+    -------
+    ndarray (T, R) of float32
+        A writable copy.
+    """
     raw = zlib.decompress(blob)
     t, r = np.frombuffer(raw[:8], dtype="<i4")
     return np.frombuffer(raw[8:], dtype="<f4").reshape(int(t), int(r)).copy()
 
 
+@fill_doc
 def add_screening(session: Session, *, participant: Participant, model_version: ModelVersion,
                   scan_fields: dict, screening_fields: dict, regions: list[dict],
                   connections: list[dict], actor: str, revision: int = 0) -> Screening:
@@ -231,6 +435,31 @@ def add_screening(session: Session, *, participant: Participant, model_version: 
     :func:`~fmmtc_core.store.db.session_scope`) a scan stored under another participant and a
     second screening with the same ``(scan, model, revision)``; the caller decides what a lost
     race means (see :func:`fmmtc_core.screening.screen`).
+
+    Parameters
+    ----------
+    %(session)s
+    participant : Participant
+        Whose screening it is.
+    model_version : ModelVersion
+        The model that made it.
+    scan_fields : dict
+        Columns of :class:`~fmmtc_core.store.models.Scan` (``sha256`` included); used only
+        when no scan with that ``sha256`` is stored yet.
+    screening_fields : dict
+        Columns of :class:`~fmmtc_core.store.models.Screening` other than the participant,
+        scan, model version, operator and revision.
+    regions, connections : list of dict
+        Attribution rows (:func:`fmmtc_core.summary.attribution_rows`).
+    actor : str
+        Who ran the screening: its ``operator`` and the audit log's actor.
+    revision : int, default=0
+        0 for the first screening of this image with this model, +1 for each forced repeat.
+
+    Returns
+    -------
+    Screening
+        Flushed (it has its ``id``).
     """
     scan = session.scalar(select(Scan).where(Scan.sha256 == scan_fields["sha256"]))
     if scan is None:
@@ -252,9 +481,33 @@ def add_screening(session: Session, *, participant: Participant, model_version: 
     return sc
 
 
+@fill_doc
 def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str,
                    note: str | None = None) -> Outcome:
-    """Enter an observed outcome (``"responder"`` or ``"non-responder"``) for a participant."""
+    """Enter an observed outcome for a participant (audited); the latest one entered counts.
+
+    Parameters
+    ----------
+    %(session)s
+    pseudonym : str
+        The participant's study pseudonym (checked by :func:`validate_pseudonym`).
+    outcome : {"responder", "non-responder"}
+    actor : str
+        Who enters it (checked by :func:`validate_label`).
+    note : str or None, default=None
+        Free-text note (checked by :func:`validate_note`).
+
+    Returns
+    -------
+    Outcome
+        Flushed (it has its ``id``).
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown outcome, an invalid pseudonym, actor or note, no actor, or no participant
+        with this pseudonym in the database.
+    """
     if outcome not in OUTCOMES:
         raise InvalidInputError(
             f"Outcome must be 'responder' or 'non-responder', got {outcome!r}.")
@@ -276,7 +529,27 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
     return o
 
 
+@fill_doc
 def get_screening(session: Session, screening_id: int) -> Screening:
+    """The stored screening ``screening_id``, with everything a summary reads.
+
+    Parameters
+    ----------
+    %(session)s
+    screening_id : int
+        The screening's id.
+
+    Returns
+    -------
+    Screening
+        Its regions, connections, participant, scan and model version loaded
+        (:meth:`fmmtc_core.summary.ScreeningSummary.from_row` reads them).
+
+    Raises
+    ------
+    InvalidInputError
+        When there is no such screening.
+    """
     sc = session.scalar(
         select(Screening).where(Screening.id == int(screening_id))
         .options(selectinload(Screening.regions), selectinload(Screening.connections),
@@ -295,6 +568,7 @@ class ScreeningRecord:
     Attributes
     ----------
     summary : ScreeningSummary
+        The screening (:meth:`~fmmtc_core.summary.ScreeningSummary.from_row`).
     atlas : str
         Atlas of the scan's region series.
     tr : float
@@ -317,8 +591,19 @@ class ScreeningRecord:
     series: np.ndarray | None = None
 
 
+@fill_doc
 def screening_record(session: Session, screening_id: int) -> ScreeningRecord:
     """The stored screening ``screening_id`` as a :class:`ScreeningRecord`.
+
+    Parameters
+    ----------
+    %(session)s
+    screening_id : int
+        The screening's id.
+
+    Returns
+    -------
+    ScreeningRecord
 
     Raises
     ------
@@ -354,9 +639,27 @@ SCREENING_COLUMNS = ["screening_id", "participant", "site", "drug", "arm", "simu
                      "created_at", "outcome"]
 
 
+@fill_doc
 def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFrame:
-    """All screenings as a table (one row each; with ``latest_only`` the latest per participant
-    and model), with the participant's latest observed outcome."""
+    """All screenings as a table, with the participant's latest observed outcome.
+
+    Parameters
+    ----------
+    %(engine)s
+    latest_only : bool, default=True
+        Keep only the latest screening (highest id) per participant and model; False keeps
+        one row per screening.
+
+    Returns
+    -------
+    pandas.DataFrame
+        In screening order, the columns of :data:`SCREENING_COLUMNS`: ``screening_id``,
+        ``participant`` (pseudonym), ``site``, ``drug``, ``arm``, ``simulated``,
+        ``probability``, ``band_low``, ``band_high``, ``decision``, ``qc_verdict``, ``model``
+        (name), ``share_ts``, ``share_fc``, ``ig_gap``, ``ig_steps``, ``runtime_s``,
+        ``operator``, ``created_at`` (UTC, naive) and ``outcome`` (``"responder"``,
+        ``"non-responder"`` or None).
+    """
     with Session(engine) as s:
         q = (select(Screening.id, Participant.pseudonym, Participant.site, Participant.drug,
                     Participant.arm, Participant.simulated, Screening.probability,
@@ -381,7 +684,23 @@ def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFram
     return df.drop(columns=["participant_id", "model_version_id"]).reset_index(drop=True)
 
 
+@fill_doc
 def region_frame(session: Session, screening_id: int) -> pd.DataFrame:
+    """The region attributions of a stored screening as a table.
+
+    Parameters
+    ----------
+    %(session)s
+    screening_id : int
+        The screening's id.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per region, in the atlas's order: ``region_index``, ``label``, ``name``,
+        ``network``, ``ts``, ``fc``, ``total`` (logit units). Empty (with these columns) when
+        there is no such screening.
+    """
     rows = session.execute(
         select(RegionAttribution.region_index, RegionAttribution.label, RegionAttribution.name,
                RegionAttribution.network, RegionAttribution.ts, RegionAttribution.fc,
@@ -392,9 +711,26 @@ def region_frame(session: Session, screening_id: int) -> pd.DataFrame:
                                        "total"])
 
 
+@fill_doc
 def cohort_region_means(engine: Engine, *, threshold: float = 0.5) -> pd.DataFrame:
-    """Mean region score (total) of predicted responders (probability >= threshold) and
-    predicted non-responders, per region index (latest screening per participant)."""
+    """Mean region score (total) of predicted responders and predicted non-responders.
+
+    Only the latest screening (highest id) per participant and model counts; a participant
+    screened with two models counts once for each.
+
+    Parameters
+    ----------
+    %(engine)s
+    threshold : float, default=0.5
+        A screening with a calibrated probability at or above it is a predicted responder.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per region index and group: ``region_index``, ``responder`` (bool: the
+        group), ``mean`` (mean ``total``, logit units) and ``n`` (screenings averaged). A
+        group without screenings has no rows.
+    """
     with Session(engine) as s:
         latest = (select(func.max(Screening.id).label("sid"))
                   .group_by(Screening.participant_id, Screening.model_version_id).subquery())
@@ -409,7 +745,20 @@ def cohort_region_means(engine: Engine, *, threshold: float = 0.5) -> pd.DataFra
     return df
 
 
+@fill_doc
 def outcomes_frame(engine: Engine) -> pd.DataFrame:
+    """Every observed outcome entered, in the order entered.
+
+    Parameters
+    ----------
+    %(engine)s
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``participant`` (pseudonym), ``responder`` (bool), ``entered_by`` and ``entered_at``
+        (UTC, naive); a participant with several outcomes has several rows.
+    """
     with Session(engine) as s:
         rows = s.execute(select(Participant.pseudonym, Outcome.responder, Outcome.entered_by,
                                 Outcome.entered_at)
@@ -428,6 +777,16 @@ def csv_text(df: pd.DataFrame) -> str:
     a single quote (the OWASP recommendation), so it is shown as text and never run; numbers
     stay numbers. Every CSV the project writes goes through here (``fmmtc db export`` and the
     dashboard's download).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Any table; it is not changed.
+
+    Returns
+    -------
+    str
+        CSV text with a header row and no index column.
     """
     def neutral(value):
         if isinstance(value, str) and value.startswith(_FORMULA_START):
@@ -441,9 +800,23 @@ def csv_text(df: pd.DataFrame) -> str:
     return safe.to_csv(index=False)
 
 
-def export_csv(engine: Engine, path, *, latest_only: bool = False) -> int:
-    """Write every screening (one row each) to a CSV file (see :func:`csv_text`); returns the
-    number of rows."""
+@fill_doc
+def export_csv(engine: Engine, path: str | os.PathLike, *, latest_only: bool = False) -> int:
+    """Write the screenings to a CSV file (see :func:`screenings_frame` and :func:`csv_text`).
+
+    Parameters
+    ----------
+    %(engine)s
+    path : str or path
+        The CSV file to write (UTF-8; replaced if it exists).
+    latest_only : bool, default=False
+        Only the latest screening per participant and model; False writes every screening.
+
+    Returns
+    -------
+    int
+        Rows written (not counting the header).
+    """
     df = screenings_frame(engine, latest_only=latest_only)
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write(csv_text(df))
