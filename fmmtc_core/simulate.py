@@ -38,7 +38,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -130,6 +130,7 @@ class SimulationConfig:
     subject_jitter : float
         Relative SD of each subject's coupling scale.
     n_sites : int
+        Sites of a labelled cohort (must equal the length of the per-site tuples when given).
     site_gain_sd, site_noise_sd : float
         Relative spread of signal gain and noise level across sites.
     spike_rate : float
@@ -138,6 +139,47 @@ class SimulationConfig:
         Percent signal change of a region signal of unit SD in the rendered image.
     voxel_noise : float
         Voxel noise SD in percent of the baseline intensity.
+    latent_dt : float or None
+        Step of the latent dynamics in seconds. None (the ``easy`` preset) steps at
+        ``TR / oversample``, so the same coupling means slower dynamics in seconds at a longer
+        TR; a fixed step makes the dynamics, and the temporal effect, the same in seconds at
+        every TR (the scan is then sampled at its TR by linear interpolation).
+    site_tr, site_minutes : tuple of float
+        Per-site repetition time (s) and scan length (minutes) of a labelled cohort; empty:
+        ``tr`` and ``n_volumes`` everywhere.
+    site_share : tuple of float
+        Relative number of participants per site; empty: uniform.
+    site_responder_rate : tuple of float
+        Per-site probability that a participant is a responder; empty: exactly balanced.
+    regional_snr_sd : float
+        SD of the log of a per-(site, region) measurement-noise multiplier: some regions are
+        noisier at some sites (coil, susceptibility), fixed per site.
+    effect_prevalence : float
+        Probability that a responder carries each planted effect (drawn independently for the
+        connectivity and the temporal effect): responders are heterogeneous below 1.
+    effect_sd : float
+        Relative SD of the effect magnitude across the responders who carry it.
+    label_noise : float
+        Probability that a participant's recorded label is the opposite of the biology that
+        was simulated (outcome misclassification); below 0.5.
+    fc_effect_kind : {"shared", "split"}
+        ``shared``: extra coupling among all ``fc`` regions. ``split``: the ``fc`` set splits
+        in two halves whose within-half coupling rises and between-half coupling falls.
+    ts_effect_kind : {"ar", "ou"}
+        ``ar``: ``ts_effect`` is added to the self-coupling of the ``ts`` regions' latent
+        dynamics (the ``easy`` preset). ``ou``: each ``ts`` region of a responder gets its own
+        Ornstein-Uhlenbeck fluctuation with time constant ``ts_tau_s`` seconds, of variance
+        ``ts_effect`` relative to the region's signal: a change of the BOLD spectrum's shape
+        that is defined in seconds (the same at every TR), survives per-region scaling, and
+        barely touches connectivity (the fluctuations are independent across regions).
+    ts_tau_s : float
+        Time constant of the ``ou`` effect: 10 s puts its power below 0.04 Hz (slower
+        fluctuations than the simulated BOLD), 1.5 s spreads it over the whole 0.01-0.1 Hz
+        band (faster ones).
+
+    See Also
+    --------
+    PRESETS : the named configurations (``easy``, ``realistic``, ``shifted``).
     """
 
     n_volumes: int = 300
@@ -160,8 +202,74 @@ class SimulationConfig:
     spike_rate: float = 0.01
     psc: float = 1.0
     voxel_noise: float = 1.2
+    latent_dt: float | None = None
+    site_tr: tuple[float, ...] = ()
+    site_minutes: tuple[float, ...] = ()
+    site_share: tuple[float, ...] = ()
+    site_responder_rate: tuple[float, ...] = ()
+    regional_snr_sd: float = 0.0
+    effect_prevalence: float = 1.0
+    effect_sd: float = 0.0
+    label_noise: float = 0.0
+    fc_effect_kind: str = "shared"
+    ts_effect_kind: str = "ar"
+    ts_tau_s: float = 10.0
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> SimulationConfig:
+        """A named configuration (see :data:`PRESETS`), with ``overrides`` applied.
+
+        Parameters
+        ----------
+        name : {"easy", "realistic", "shifted"}
+            The preset (a key of :data:`PRESETS`).
+        **overrides
+            Any field of :class:`SimulationConfig` (another name raises ``TypeError``).
+
+        Returns
+        -------
+        SimulationConfig
+            The preset with the overrides, validated (:meth:`validate`).
+
+        Raises
+        ------
+        InvalidInputError
+            ``name`` is not a preset, or the result does not validate.
+        """
+        name = check_option("preset", name, tuple(PRESETS))
+        return replace(PRESETS[name], **overrides).validate()
+
+    def site_count(self) -> int:
+        """Sites of a labelled cohort: ``n_sites``, or the length of the per-site tuples.
+
+        Returns
+        -------
+        int
+            The common length of the non-empty per-site tuples (``site_tr``,
+            ``site_minutes``, ``site_share``, ``site_responder_rate``); ``n_sites`` when all
+            are empty. With tuples of different lengths (which :meth:`validate` refuses), one
+            of them.
+        """
+        lengths = {len(t) for t in (self.site_tr, self.site_minutes, self.site_share,
+                                    self.site_responder_rate) if t}
+        return lengths.pop() if lengths else self.n_sites
 
     def validate(self) -> SimulationConfig:
+        """Check the fields against each other and their ranges.
+
+        Returns
+        -------
+        SimulationConfig
+            ``self``, unchanged (so the call reads inline).
+
+        Raises
+        ------
+        InvalidInputError
+            A field is out of range (e.g. ``n_volumes`` below 10, ``tr`` or a ``site_tr``
+            outside 0.1-10 s, ``spectral_radius`` outside (0, 1), ``label_noise`` not below
+            0.5), the per-site tuples disagree in length or with ``n_sites``, or an effect
+            kind is unknown.
+        """
         if self.n_volumes < 10:
             raise InvalidInputError(f"n_volumes must be at least 10, got {self.n_volumes}.")
         if not 0.1 <= self.tr <= 10:
@@ -170,7 +278,83 @@ class SimulationConfig:
             raise InvalidInputError("spectral_radius must be in (0, 1) for a stable process.")
         if self.n_sites < 1:
             raise InvalidInputError(f"n_sites must be at least 1, got {self.n_sites}.")
+        lengths = {name: len(getattr(self, name)) for name in
+                   ("site_tr", "site_minutes", "site_share", "site_responder_rate")
+                   if getattr(self, name)}
+        if len(set(lengths.values())) > 1:
+            raise InvalidInputError(
+                "The per-site tuples must have one entry per site; got lengths "
+                + ", ".join(f"{k}={v}" for k, v in lengths.items()) + ".")
+        if lengths and self.site_count() != self.n_sites:
+            raise InvalidInputError(
+                f"n_sites is {self.n_sites} but the per-site tuples describe "
+                f"{self.site_count()} sites; make them agree.")
+        if self.latent_dt is not None and not 0.01 <= self.latent_dt <= 2.0:
+            raise InvalidInputError(
+                f"latent_dt must be between 0.01 and 2 s (or None), got {self.latent_dt}.")
+        if any(not 0.1 <= t <= 10 for t in self.site_tr):
+            raise InvalidInputError(f"site_tr values must be between 0.1 and 10 s, got "
+                                    f"{self.site_tr}.")
+        if any(m <= 0 for m in self.site_minutes):
+            raise InvalidInputError(f"site_minutes must be positive, got {self.site_minutes}.")
+        if self.site_share and (any(w < 0 for w in self.site_share)
+                                or sum(self.site_share) <= 0):
+            raise InvalidInputError(
+                f"site_share must be non-negative with a positive sum, got {self.site_share}.")
+        if any(not 0 < r < 1 for r in self.site_responder_rate):
+            raise InvalidInputError("site_responder_rate values must be in (0, 1), got "
+                                    f"{self.site_responder_rate}.")
+        for name in ("effect_prevalence", "label_noise"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1 or (name == "label_noise" and value >= 0.5):
+                raise InvalidInputError(
+                    f"{name} must be in [0, 1]" + (" and below 0.5" if name == "label_noise"
+                                                   else "") + f", got {value}.")
+        if self.effect_sd < 0 or self.regional_snr_sd < 0:
+            raise InvalidInputError("effect_sd and regional_snr_sd must be non-negative.")
+        check_option("fc_effect_kind", self.fc_effect_kind, ("shared", "split"))
+        check_option("ts_effect_kind", self.ts_effect_kind, ("ar", "ou"))
+        if self.ts_effect_kind == "ou" and (self.ts_effect < 0 or not 0.1 <= self.ts_tau_s <= 100):
+            raise InvalidInputError(
+                "ts_effect_kind='ou' needs ts_effect >= 0 (a variance share) and ts_tau_s in "
+                f"[0.1, 100] s; got {self.ts_effect} and {self.ts_tau_s}.")
         return self
+
+
+#: Named simulation configurations.
+#:
+#: - ``easy``: the original generator (the demo model until it is rebuilt; strong, dense,
+#:   fully penetrant effects at one TR). Every model scores near AUC 1 on it.
+#: - ``realistic``: the default of the CLI, the demo, the ablation and the benchmarks. Sparse
+#:   effects (6 + 6 planted regions of 426), per-edge connectivity effects that univariate tests
+#:   at n ~ 120 barely see, responders who carry each effect with probability 0.75 and with a
+#:   30 % spread of its size, 5 % flipped labels, three sites that differ in TR (0.8 / 1.5 /
+#:   2.0 s), scan length, regional SNR, size and responder rate, latent dynamics on a fixed
+#:   0.5 s grid, and a temporal effect defined in seconds (slower fluctuations: an ``ou``
+#:   component with a 10 s time constant) that means the same at every TR.
+#: - ``shifted``: a held-out generator for honest evaluation, never used to tune anything:
+#:   four other sites (TR 0.72 / 1.0 / 2.5 / 3.0 s, other lengths and rates), a different
+#:   connectivity effect shape (``split``: two sub-networks that couple within and decouple
+#:   between), *faster* temporal fluctuations in responders (``ou`` with a 1.5 s time
+#:   constant instead of 10 s), other planted-set sizes, more label noise, larger site effects.
+#:   Cohorts from it should use seeds >= 10000.
+PRESETS: dict[str, SimulationConfig] = {
+    "easy": SimulationConfig(),
+    "realistic": SimulationConfig(
+        n_fc_regions=6, n_ts_regions=6, fc_effect=0.18, ts_effect=1.0, ts_effect_kind="ou",
+        ts_tau_s=10.0, noise_sd=0.4,
+        latent_dt=0.5, n_sites=3, site_tr=(0.8, 1.5, 2.0), site_minutes=(6.0, 7.0, 8.0),
+        site_share=(0.4, 0.35, 0.25), site_responder_rate=(0.4, 0.5, 0.6),
+        regional_snr_sd=0.3, effect_prevalence=0.75, effect_sd=0.3, label_noise=0.05),
+    "shifted": SimulationConfig(
+        n_fc_regions=10, n_ts_regions=4, fc_effect=0.25, ts_effect=0.6, ts_effect_kind="ou",
+        ts_tau_s=1.5, noise_sd=0.45,
+        latent_dt=0.5, n_sites=4, site_tr=(0.72, 1.0, 2.5, 3.0),
+        site_minutes=(5.0, 9.0, 10.0, 12.0), site_share=(0.3, 0.2, 0.3, 0.2),
+        site_responder_rate=(0.35, 0.55, 0.45, 0.5), regional_snr_sd=0.4,
+        effect_prevalence=0.7, effect_sd=0.4, label_noise=0.08, fc_effect_kind="split",
+        site_gain_sd=0.25, site_noise_sd=0.5),
+}
 
 
 @dataclass(eq=False)
@@ -180,13 +364,17 @@ class SimulatedSubject:
     Attributes
     ----------
     signals : ndarray (T, R) float32
-        BOLD signal of every region (arbitrary units, unit median SD), atlas order.
+        BOLD signal of every region, atlas order (arbitrary units: scaled to unit median SD
+        before the site gain, noise, drift and spikes are added).
     confounds : DataFrame
-        fMRIPrep-style confounds, one row per volume.
+        fMRIPrep-style confounds, one row per volume (:func:`fmriprep_confounds`).
     tr : float
+        Repetition time, seconds.
     responder : bool or None
+        Whether the responder effects were planted; None for an unlabelled subject.
     site : int
-    spikes : ndarray of int
+        Site index.
+    spikes : ndarray of int, default=empty
         Volumes with a motion spike.
     """
 
@@ -228,11 +416,29 @@ def planted_regions(atlas: Atlas | str, config: SimulationConfig | None = None,
                     seed: int = 0) -> dict:
     """The responder ground truth: disjoint connectivity and time-series region sets.
 
+    Regions of at least 1 cm^3 are preferred (all regions when too few are that large); they
+    are picked round-robin over pain-related (``fc``) and valuation / default-mode (``ts``)
+    name patterns, then at random (seeded) when the names do not suffice.
+
+    Parameters
+    ----------
+    atlas : Atlas or str
+        The atlas, or a name / path :func:`~fmmtc_core.atlas.load_atlas` takes.
+    config : SimulationConfig or None, default=None
+        Gives the set sizes ``n_fc_regions`` and ``n_ts_regions``; None: the defaults.
+    seed : int, default=0
+        Seed of the random part of the choice.
+
     Returns
     -------
     dict
         ``fc_index`` / ``ts_index`` (positions in atlas order), ``fc_labels`` / ``ts_labels``
         (atlas integer labels), ``fc_names`` / ``ts_names``.
+
+    Raises
+    ------
+    InvalidInputError
+        The atlas has fewer regions than the two sets need together.
     """
     atlas = load_atlas(atlas)
     config = config or SimulationConfig()
@@ -300,13 +506,35 @@ def _dct_basis(n: int, tr: float, cutoff_s: float = 128.0) -> np.ndarray:
 
 
 def fmriprep_confounds(
-    signals: np.ndarray, tr: float, rng: np.random.Generator, spikes=(), motion_scale: float = 1.0
+    signals: np.ndarray, tr: float, rng: np.random.Generator, spikes: Iterable[int] = (),
+    motion_scale: float = 1.0,
 ) -> pd.DataFrame:
     """fMRIPrep-like confounds for simulated region signals (T, R).
 
     Motion parameters are a slow random walk (mm, rad) with jumps at ``spikes``; framewise
     displacement follows Power et al. (2012) with a 50 mm head radius; DVARS is computed from the
     signals; CSF / white matter / global signals derive from the global mean plus noise.
+
+    Parameters
+    ----------
+    signals : ndarray (T, R)
+        Region signals, one row per volume.
+    tr : float
+        Repetition time, seconds (sets the number of cosine regressors).
+    rng : numpy Generator
+        Source of the motion and the noise of the tissue signals.
+    spikes : iterable of int, default=()
+        Volumes with a motion jump.
+    motion_scale : float, default=1.0
+        Multiplier of the motion random walk's steps (not of the spike jumps).
+
+    Returns
+    -------
+    DataFrame
+        One row per volume: ``trans_*`` / ``rot_*`` with their ``_derivative1``, ``_power2``
+        and ``_derivative1_power2`` expansions, ``framewise_displacement`` (mm), ``dvars``,
+        ``std_dvars``, ``global_signal`` / ``csf`` / ``white_matter`` with the same
+        expansions, and ``cosineNN`` (128 s high-pass). First-row differences are NaN.
     """
     n = signals.shape[0]
     steps = rng.standard_normal((n, 6)) * np.array([0.02, 0.02, 0.03, 3e-4, 3e-4, 3e-4])
@@ -346,20 +574,39 @@ def simulate_subject(
     config: SimulationConfig | None = None,
     rng: np.random.Generator | None = None,
     planted: dict | None = None,
+    effects: tuple[str, ...] = ("fc", "ts"),
+    effect_scale: float = 1.0,
 ) -> SimulatedSubject:
     """Simulate one subject's region-level BOLD signals and confounds.
 
     Parameters
     ----------
     atlas : Atlas or str
+        The atlas (or a name / path :func:`~fmmtc_core.atlas.load_atlas` takes); its centroids
+        and lobes shape the coupling.
     responder : bool or None
         True plants the responder effects, False does not; None is an unlabelled subject.
     site : int, default=0
         Site index: sets the signal gain and noise level (deterministic per site).
-    config : SimulationConfig or None
-    rng : numpy Generator or None
-    planted : dict or None
-        Output of :func:`planted_regions` (computed when None).
+    config : SimulationConfig or None, default=None
+        The generative model; None: :class:`SimulationConfig` defaults.
+    rng : numpy Generator or None, default=None
+        None: a fresh, unseeded generator.
+    planted : dict or None, default=None
+        Output of :func:`planted_regions` (computed with seed 0 when None).
+    effects : tuple of {"fc", "ts"}, default=("fc", "ts")
+        The planted effects a responder carries (heterogeneous responders carry a subset).
+    effect_scale : float, default=1.0
+        Multiplier of ``fc_effect`` and ``ts_effect`` for this responder.
+
+    Returns
+    -------
+    SimulatedSubject
+
+    Raises
+    ------
+    InvalidInputError
+        ``config`` does not validate (:meth:`SimulationConfig.validate`).
     """
     atlas = load_atlas(atlas)
     config = (config or SimulationConfig()).validate()
@@ -370,14 +617,31 @@ def simulate_subject(
     if responder:
         planted = planted or planted_regions(atlas, config)
         fc, ts = np.asarray(planted["fc_index"]), np.asarray(planted["ts_index"])
-        a[np.ix_(fc, fc)] += config.fc_effect / len(fc)
-        a[ts, ts] += config.ts_effect
-    radius = np.abs(np.linalg.eigvals(a)).max()
+        if "fc" in effects:
+            e = config.fc_effect * effect_scale / len(fc)
+            if config.fc_effect_kind == "split":
+                h1, h2 = fc[: len(fc) // 2], fc[len(fc) // 2 :]
+                for x, y, sign in ((h1, h1, 1), (h2, h2, 1), (h1, h2, -1), (h2, h1, -1)):
+                    a[np.ix_(x, y)] += sign * e
+            else:
+                a[np.ix_(fc, fc)] += e
+        if "ts" in effects and config.ts_effect_kind == "ar":
+            a[ts, ts] += config.ts_effect * effect_scale
+    # The coupling is symmetric (distance- and lobe-based, symmetric effects): the symmetric
+    # eigen-solver is exact and an order of magnitude faster than the general one.
+    eig = np.linalg.eigvalsh if np.array_equal(a, a.T) else np.linalg.eigvals
+    radius = np.abs(eig(a)).max()
     if radius >= 0.99:  # keep the process stable whatever the effect sizes
         a *= 0.99 / radius
-    # Latent activity at TR / oversample, with a burn-in so the start is stationary.
+    # Latent activity at TR / oversample (or on the fixed latent_dt grid), with a burn-in so
+    # the start is stationary.
     burn = 200
-    n_steps = (n_vol + 16) * k + burn
+    if config.latent_dt is not None:
+        dt = config.latent_dt
+        warm = int(np.ceil(32.0 / dt))  # the HRF's length: dropped after convolution
+        n_steps = int(np.ceil(n_vol * config.tr / dt)) + warm + 2 + burn
+    else:
+        n_steps = (n_vol + 16) * k + burn
     innov = rng.standard_normal((n_steps, n_reg))
     if config.network_share > 0:
         _, group_of = np.unique(np.asarray(atlas.groups), return_inverse=True)
@@ -390,11 +654,32 @@ def simulate_subject(
     for t in range(1, n_steps):
         z[t] = z[t - 1] @ at + innov[t]
     z = z[burn:]
-    bold = lfilter(_hrf(config.tr / k), [1.0], z, axis=0)[16 * k :: k][:n_vol]
+    if config.latent_dt is not None:
+        latent = lfilter(_hrf(config.latent_dt), [1.0], z, axis=0)[warm:]
+        pos = np.arange(n_vol) * config.tr / config.latent_dt
+        i0 = np.floor(pos).astype(int)
+        frac = (pos - i0)[:, None]
+        bold = (1 - frac) * latent[i0] + frac * latent[i0 + 1]
+    else:
+        bold = lfilter(_hrf(config.tr / k), [1.0], z, axis=0)[16 * k :: k][:n_vol]
     bold /= np.median(bold.std(axis=0))
+    if responder and "ts" in effects and config.ts_effect_kind == "ou" and effect_scale > 0:
+        assert planted is not None  # set above for a responder
+        ts = np.asarray(planted["ts_index"])
+        rho = np.exp(-config.tr / config.ts_tau_s)  # exact OU steps at the scan's TR
+        ou = np.empty((n_vol, len(ts)))
+        ou[0] = rng.standard_normal(len(ts))
+        kick = np.sqrt(1 - rho**2) * rng.standard_normal((n_vol, len(ts)))
+        for t in range(1, n_vol):
+            ou[t] = rho * ou[t - 1] + kick[t]
+        bold[:, ts] += np.sqrt(config.ts_effect * effect_scale) * bold[:, ts].std(0) * ou
     site_rng = np.random.default_rng([site, 12345])
     gain = 1.0 + config.site_gain_sd * site_rng.standard_normal()
-    noise = config.noise_sd * (1.0 + config.site_noise_sd * abs(site_rng.standard_normal()))
+    noise: float | np.ndarray = config.noise_sd * (
+        1.0 + config.site_noise_sd * abs(site_rng.standard_normal()))
+    if config.regional_snr_sd > 0:  # some regions are noisier at some sites, fixed per site
+        regional = np.random.default_rng([site, 54321]).standard_normal(n_reg)
+        noise = noise * np.exp(config.regional_snr_sd * regional)
     bold = gain * bold + noise * rng.standard_normal(bold.shape)
     bold += np.linspace(-0.3, 0.3, n_vol)[:, None] * rng.standard_normal(n_reg)  # drift
     spikes = np.flatnonzero(rng.random(n_vol) < config.spike_rate)
@@ -474,8 +759,8 @@ def render_nifti(
     signals: np.ndarray,
     atlas: Atlas | str,
     *,
-    shape=FMRIPREP_MNI_2MM_SHAPE,
-    affine=FMRIPREP_MNI_2MM_AFFINE,
+    shape: tuple[int, int, int] = FMRIPREP_MNI_2MM_SHAPE,
+    affine: np.ndarray = FMRIPREP_MNI_2MM_AFFINE,
     tr: float = 2.0,
     dtype: str = "float32",
     rng: np.random.Generator | None = None,
@@ -484,7 +769,38 @@ def render_nifti(
 ) -> nib.Nifti1Image:
     """Render region signals (T, R) into a 4D image in memory (for small grids).
 
-    The same bytes as :func:`write_nifti` (see it for the parameters), returned as an image.
+    The same bytes as :func:`write_nifti` (uncompressed), returned as an image.
+
+    Parameters
+    ----------
+    signals : ndarray (T, R)
+        Region signals in atlas order (unit SD scale).
+    atlas : Atlas or str
+        The atlas whose voxels receive the signals (or what :func:`load_atlas` takes).
+    shape : tuple of int, default=FMRIPREP_MNI_2MM_SHAPE
+        Spatial grid shape (fMRIPrep's 2 mm MNI152NLin2009cAsym grid by default).
+    affine : ndarray (4, 4), default=FMRIPREP_MNI_2MM_AFFINE
+        Voxel-to-mm affine of the grid.
+    tr : float, default=2.0
+        Repetition time, seconds (written to ``pixdim[4]``).
+    dtype : {"float32", "int16"}, default="float32"
+        ``int16`` writes scaled integers (``scl_slope`` set).
+    rng : numpy Generator or None, default=None
+        Source of the voxel model and noise; None: a fresh, unseeded generator.
+    psc : float, default=1.0
+        Percent signal change of a unit signal.
+    voxel_noise : float, default=1.2
+        Voxel noise SD, percent of baseline.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        The 4D image (X, Y, Z, T); background voxels are 0.
+
+    Raises
+    ------
+    InvalidInputError
+        ``dtype`` is not one of the two, or the atlas cannot be loaded.
     """
     import io
 
@@ -501,8 +817,8 @@ def write_nifti(
     signals: np.ndarray,
     atlas: Atlas | str,
     *,
-    shape=FMRIPREP_MNI_2MM_SHAPE,
-    affine=FMRIPREP_MNI_2MM_AFFINE,
+    shape: tuple[int, int, int] = FMRIPREP_MNI_2MM_SHAPE,
+    affine: np.ndarray = FMRIPREP_MNI_2MM_AFFINE,
     tr: float = 2.0,
     dtype: str = "float32",
     rng: np.random.Generator | None = None,
@@ -519,17 +835,33 @@ def write_nifti(
     signals : ndarray (T, R)
         Region signals in atlas order (unit SD scale).
     atlas : Atlas or str
-    shape, affine : grid, default fMRIPrep's 2 mm MNI152NLin2009cAsym grid
-    tr : float, seconds (written to ``pixdim[4]``)
-    dtype : {"float32", "int16"}
+        The atlas whose voxels receive the signals (or what :func:`load_atlas` takes).
+    shape : tuple of int, default=FMRIPREP_MNI_2MM_SHAPE
+        Spatial grid shape (fMRIPrep's 2 mm MNI152NLin2009cAsym grid by default).
+    affine : ndarray (4, 4), default=FMRIPREP_MNI_2MM_AFFINE
+        Voxel-to-mm affine of the grid.
+    tr : float, default=2.0
+        Repetition time, seconds (written to ``pixdim[4]``).
+    dtype : {"float32", "int16"}, default="float32"
         ``int16`` writes scaled integers (``scl_slope`` set).
-    rng : numpy Generator
-    psc : float
+    rng : numpy Generator or None, default=None
+        Source of the voxel model and noise; None: a fresh, unseeded generator.
+    psc : float, default=1.0
         Percent signal change of a unit signal.
-    voxel_noise : float
+    voxel_noise : float, default=1.2
         Voxel noise SD, percent of baseline.
     compresslevel : int, default=1
         gzip level for ``.nii.gz`` (1 is fast and compresses noise-heavy data nearly as well).
+
+    Returns
+    -------
+    Path
+        ``path``, complete.
+
+    Raises
+    ------
+    InvalidInputError
+        ``dtype`` is not one of the two, or the atlas cannot be loaded.
 
     Notes
     -----
@@ -569,8 +901,8 @@ def write_cohort(
     labelled: bool = True,
     atlas: Atlas | str = "hcpex",
     config: SimulationConfig | None = None,
-    shape=FMRIPREP_MNI_2MM_SHAPE,
-    affine=FMRIPREP_MNI_2MM_AFFINE,
+    shape: tuple[int, int, int] = FMRIPREP_MNI_2MM_SHAPE,
+    affine: np.ndarray = FMRIPREP_MNI_2MM_AFFINE,
     dtype: str = "float32",
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
@@ -582,20 +914,39 @@ def write_cohort(
         Created if needed; must not already hold a ``participants.tsv``.
     n_subjects : int
         At least 2 (labelled cohorts get both classes).
-    seed : int
+    seed : int, default=0
         Everything is deterministic given the seed.
-    fmt : {"nifti", "timeseries"}
+    fmt : {"nifti", "timeseries"}, default="nifti"
         4D images (``*_desc-preproc_bold.nii.gz`` + sidecar + confounds) or region tables
         (``*_seg-<Atlas>_timeseries.tsv`` + sidecar + confounds).
-    labelled : bool
-        False writes an unlabelled pain-agnostic corpus (varied TR / length / sites).
-    atlas, config, shape, affine, dtype
-        As in :func:`simulate_subject` and :func:`write_nifti`.
-    progress : callable(done, total) or None
+    labelled : bool, default=True
+        False writes an unlabelled pain-agnostic corpus (TR and length drawn per subject;
+        no ``responder`` column, no planted effect).
+    atlas : Atlas or str, default="hcpex"
+        As in :func:`simulate_subject`.
+    config : SimulationConfig or None, default=None
+        The generative model; None: :class:`SimulationConfig` defaults (the ``easy`` preset).
+    shape : tuple of int, default=FMRIPREP_MNI_2MM_SHAPE
+        Image grid (``fmt="nifti"`` only), as in :func:`write_nifti`.
+    affine : ndarray (4, 4), default=FMRIPREP_MNI_2MM_AFFINE
+        Voxel-to-mm affine of the grid (``fmt="nifti"`` only).
+    dtype : {"float32", "int16"}, default="float32"
+        Image data type (``fmt="nifti"`` only), as in :func:`write_nifti`.
+    progress : callable(done, total) or None, default=None
+        Called after each subject is written.
 
     Returns
     -------
-    Path of the cohort folder.
+    Path
+        The cohort folder, with ``participants.tsv``, ``dataset_description.json`` and
+        ``simulation.json`` (the configuration and, when labelled, the planted regions and
+        each subject's recorded label, biology and effects).
+
+    Raises
+    ------
+    InvalidInputError
+        ``fmt`` is unknown, ``n_subjects`` is not an integer of at least 2, ``config`` does
+        not validate, or ``out_dir`` already holds a ``participants.tsv``.
     """
     fmt = check_option("fmt", fmt, ("nifti", "timeseries"))
     if not isinstance(n_subjects, (int, np.integer)) or n_subjects < 2:
@@ -614,7 +965,25 @@ def write_cohort(
     sites = rng.integers(0, config.n_sites, n_subjects)
     responders = rng.permutation(np.arange(n_subjects) % 2) if labelled else None
     drugs = rng.choice(["drug_a", "drug_b"], n_subjects)
+    # The realistic knobs draw from their own streams, so the easy preset's cohorts stay the
+    # same bit for bit.
+    truth_rng = np.random.default_rng([seed, 424242])
+    if config.site_share:
+        share = np.asarray(config.site_share, float)
+        sites = truth_rng.choice(len(share), n_subjects, p=share / share.sum())
+    if labelled and config.site_responder_rate:
+        rate = np.asarray(config.site_responder_rate)[sites]
+        responders = (truth_rng.random(n_subjects) < rate).astype(int)
+        for cls in (0, 1):  # both classes, at least two of each, whatever the draw
+            while (responders == cls).sum() < min(2, n_subjects // 2):
+                others = np.flatnonzero(responders != cls)
+                responders[truth_rng.choice(others)] = cls
+    biology = None if responders is None else responders.copy()
+    if responders is not None and config.label_noise > 0:
+        flip = truth_rng.random(n_subjects) < config.label_noise
+        responders = np.where(flip, 1 - responders, responders)
     rows = []
+    subjects_truth = []
     for i, sub in enumerate(ids):
         srng = np.random.default_rng([seed, i])
         cfg = config
@@ -622,9 +991,30 @@ def write_cohort(
             tr = float(srng.choice(_TRS_CORPUS))
             minutes = srng.uniform(5.0, 10.0)
             cfg = replace(config, tr=tr, n_volumes=max(60, int(minutes * 60 / tr)))
+        elif config.site_tr or config.site_minutes:
+            tr = config.site_tr[sites[i]] if config.site_tr else config.tr
+            n_vol = (int(round(config.site_minutes[sites[i]] * 60 / tr))
+                     if config.site_minutes else config.n_volumes)
+            cfg = replace(config, tr=float(tr), n_volumes=n_vol)
         resp = None if responders is None else bool(responders[i])
-        subject = simulate_subject(atlas, responder=resp, site=int(sites[i]), config=cfg,
-                                   rng=srng, planted=planted)
+        carrier = None if biology is None else bool(biology[i])
+        effects: tuple[str, ...] = ("fc", "ts")
+        scale = 1.0
+        if carrier and (config.effect_prevalence < 1 or config.effect_sd > 0):
+            erng = np.random.default_rng([seed, i, 777])
+            effects = tuple(e for e in ("fc", "ts")
+                            if erng.random() < config.effect_prevalence)
+            scale = float(np.clip(1.0 + config.effect_sd * erng.standard_normal(), 0.0, 1.6))
+        subject = simulate_subject(atlas, responder=carrier, site=int(sites[i]), config=cfg,
+                                   rng=srng, planted=planted, effects=effects,
+                                   effect_scale=scale)
+        if labelled:
+            subjects_truth.append({
+                "participant_id": sub, "responder_label": int(bool(resp)),
+                "responder_biology": int(bool(carrier)),
+                "effects": list(effects) if carrier else [],
+                "effect_scale": round(scale, 4) if carrier else 0.0,
+                "tr": cfg.tr, "n_volumes": cfg.n_volumes})
         func = root / sub / "func"
         func.mkdir(parents=True, exist_ok=True)
         side = {"RepetitionTime": cfg.tr, "TaskName": "rest", "SkullStripped": False,
@@ -668,7 +1058,8 @@ def write_cohort(
         "config": asdict(config),
         "planted": None if planted is None else {
             k: v for k, v in planted.items() if not k.endswith("_index")
-        },
+        } | {"fc_effect_kind": config.fc_effect_kind},
+        "subjects": subjects_truth or None,
     }
     (root / "simulation.json").write_text(json.dumps(truth, indent=2))
     return root
@@ -676,6 +1067,14 @@ def write_cohort(
 
 def demo_scan(seed: int = 7) -> tuple[Path, Path, Path]:
     """A simulated responder's scan for demonstrations, written once to the cache folder.
+
+    The scan is reused when its three files exist in :func:`~fmmtc_core.atlas.cache_dir`
+    (``demo/scan-<seed>-<hash of the default SimulationConfig>``).
+
+    Parameters
+    ----------
+    seed : int, default=7
+        Seed of the simulation and of the rendering.
 
     Returns
     -------

@@ -206,3 +206,84 @@ def test_argument_errors(tmp_path):
                         config=SimulationConfig(n_volumes=60))
     with pytest.raises(InvalidInputError, match="already holds a cohort"):
         write_cohort(root, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: easy (the original generator), realistic, shifted (held out for evaluation)
+# --------------------------------------------------------------------------------------------
+def test_presets_are_named_validated_and_easy_is_the_default():
+    from fmmtc_core.simulate import PRESETS
+
+    assert set(PRESETS) == {"easy", "realistic", "shifted"}
+    assert SimulationConfig.preset("easy") == SimulationConfig()
+    real = SimulationConfig.preset("realistic", n_fc_regions=4)
+    assert real.n_fc_regions == 4 and real.site_count() == 3 == len(real.site_tr)
+    # the held-out generator differs in sites, effect shapes and noise
+    shifted = PRESETS["shifted"]
+    assert shifted.site_tr != real.site_tr and shifted.fc_effect_kind != real.fc_effect_kind
+    assert shifted.ts_tau_s != real.ts_tau_s
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'preset' parameter"):
+        SimulationConfig.preset("hard")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"site_tr": (1.0, 2.0), "site_minutes": (5.0,)}, "one entry per site"),
+    ({"n_sites": 2, "site_tr": (1.0, 2.0, 3.0)}, "n_sites is 2 but the per-site tuples"),
+    ({"label_noise": 0.5}, "label_noise must be in .* below 0.5"),
+    ({"effect_prevalence": 1.5}, "effect_prevalence must be in"),
+    ({"site_responder_rate": (0.0, 0.5, 0.5)}, "site_responder_rate values must be in"),
+    ({"ts_effect": -0.1}, "ts_effect_kind='ou' needs ts_effect >= 0"),
+    ({"fc_effect_kind": "ring"}, "Invalid value for the 'fc_effect_kind' parameter"),
+    ({"latent_dt": 5.0}, "latent_dt must be between"),
+])
+def test_preset_knob_errors(overrides, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SimulationConfig.preset("realistic", **overrides)
+
+
+def test_realistic_cohort_sites_heterogeneity_and_truth(tmp_path, aal3):
+    cfg = SimulationConfig.preset("realistic", site_minutes=(1.0, 1.0, 1.5), label_noise=0.3,
+                                  effect_prevalence=0.5)
+    root = write_cohort(tmp_path / "r", 24, seed=5, fmt="timeseries", atlas="aal3", config=cfg)
+    parts = pd.read_csv(root / "participants.tsv", sep="\t")
+    truth = json.loads((root / "simulation.json").read_text())
+    subjects = pd.DataFrame(truth["subjects"])
+    assert list(subjects["participant_id"]) == list(parts["participant_id"])
+    assert (subjects["responder_label"] == parts["responder"]).all()
+    # each site scans at its own TR and length, and the sidecars say so
+    for _, row in parts.iterrows():
+        site = int(row["site"].removeprefix("site")) - 1
+        side = next((root / row["participant_id"] / "func").glob("*_timeseries.json"))
+        assert json.loads(side.read_text())["RepetitionTime"] == cfg.site_tr[site]
+        sub = subjects.set_index("participant_id").loc[row["participant_id"]]
+        assert sub["n_volumes"] == round(cfg.site_minutes[site] * 60 / cfg.site_tr[site])
+    # recorded labels differ from the simulated biology for some participants (label noise),
+    # and some biological responders carry only one effect or none (heterogeneity)
+    assert (subjects["responder_label"] != subjects["responder_biology"]).any()
+    carriers = subjects[subjects["responder_biology"] == 1]
+    assert any(len(e) < 2 for e in carriers["effects"])
+    assert all(e == [] for e in subjects[subjects["responder_biology"] == 0]["effects"])
+    assert parts["responder"].value_counts().min() >= 2
+
+
+def _band_power_ratio(x, tr):
+    from scipy.signal import welch
+
+    f, p = welch(x, fs=1 / tr, nperseg=min(len(x), int(100 / tr)), axis=0)
+    return np.log(p[(f >= 0.01) & (f < 0.04)].sum(0) / p[(f >= 0.04) & (f <= 0.1)].sum(0))
+
+
+@pytest.mark.parametrize("tr", [0.8, 2.0])
+def test_ou_temporal_effect_is_slower_fluctuations_at_any_tr(aal3, tr):
+    cfg = SimulationConfig.preset("realistic", site_tr=(), site_minutes=(), site_share=(),
+                                  site_responder_rate=(), n_sites=1, tr=tr,
+                                  n_volumes=int(600 / tr), ts_effect=2.0, effect_sd=0.0)
+    ts = np.array(planted_regions(aal3, cfg)["ts_index"])
+    ratio = {}
+    for resp in (True, False):
+        subj = [simulate_subject(aal3, responder=resp, config=cfg,
+                                 rng=np.random.default_rng(i)) for i in range(4)]
+        ratio[resp] = np.mean([_band_power_ratio(s.signals, tr) for s in subj], axis=0)
+    diff = ratio[True] - ratio[False]
+    assert diff[ts].mean() > 0.2  # more power below 0.04 Hz in the planted regions
+    assert abs(np.delete(diff, ts).mean()) < 0.1 * diff[ts].mean()  # and nowhere else
