@@ -23,6 +23,13 @@ in the same run:
    planted regions (lag-1 autocorrelation of the cleaned window) and on the encoder's mean
    output token of the same regions. The effect is there to be found when the first is high;
    the encoder exposes it when the second is too.
+5. **Token order**: the CLS of every subject's window in the order the encoder's registry entry
+   uses (:func:`fmmtc_core.models.registry.load_encoder`: natural for the project's encoders,
+   seeded shuffles for BrainLM's legacy checkpoint) and in random shuffles of the same tokens;
+   the distance between the two (the order effect) against the distance between two subjects
+   in the entry's own order (cosine and Euclidean, medians over subjects and pairs). An
+   encoder whose order effect is comparable to the between-subject distance says more about
+   the order than about the subject.
 
 Defaults to the demo model's encoder (``assets/models/demo/foundation``).
 """
@@ -176,6 +183,60 @@ def main() -> None:
     print(f"   {'encoder: mean output token of those regions':<58} {_cv_auc(toks, y_lab):.3f}")
     print("   (0.5 = chance; both use the true planted regions, so they bound what a model that "
           "must find them can do)")
+
+    # 5. token order: the entry's convention vs random shuffles, against between-subject
+    order_effect(args.foundation, subjects, cfg)
+
+
+def order_effect(folder: str, subjects, cfg, shuffles: int = 3) -> dict:
+    """Section 5: order effect vs between-subject distance (see the module docstring)."""
+    import torch
+
+    from fmmtc_core.models.registry import load_encoder
+
+    enc = load_encoder(folder, "cpu")
+    wins = torch.cat([enc.windows(s.data, s.tr, span="centre") for s in subjects])
+    n = wins.shape[1] * (wins.shape[2] // cfg.timepoint_patching_size)
+    with torch.no_grad():
+        own = torch.cat([enc.embed_windows(wins[i:i + 4]) for i in range(0, len(wins), 4)])
+        model = enc.model
+        saved_order = model.config.token_order
+        model.config.token_order = "shuffle"  # "natural" would sort the shuffled tokens back
+        shuffled = []
+        for k in range(shuffles):
+            noise = torch.rand(len(wins), n, generator=torch.Generator().manual_seed(1000 + k))
+            shuffled.append(torch.cat([
+                model(wins[i:i + 4], enc.xyz, mask_ratio=0.0, noise=noise[i:i + 4])[0][:, 0]
+                for i in range(0, len(wins), 4)]))
+        model.config.token_order = saved_order
+    cos = torch.nn.functional.cosine_similarity
+    order_cos = torch.stack([cos(own, s, dim=1) for s in shuffled]).flatten()
+    order_dist = torch.stack([(own - s).norm(dim=1) for s in shuffled]).flatten()
+    iu = torch.triu_indices(len(own), len(own), 1)
+    pair_cos = cos(own[iu[0]], own[iu[1]], dim=1)
+    pair_dist = (own[iu[0]] - own[iu[1]]).norm(dim=1)
+    e = enc.entry
+    print(f"\n5. token order (entry {e.name!r}: {e.token_order} order"
+          + (f", mean of {e.order_samples} seeded shuffles" if e.token_order == "shuffle" else "")
+          + f"; {len(own)} subjects, centred window)")
+    print(f"   {'entry order vs random shuffle, same subject: cosine':<58} "
+          f"{order_cos.median():.4f}  distance {order_dist.median():.3f}")
+    print(f"   {'two subjects, entry order: cosine':<58} {pair_cos.median():.4f}  "
+          f"distance {pair_dist.median():.3f}")
+    ratio = float(order_dist.median() / pair_dist.median())
+    print(f"   {'order effect / between-subject distance':<58} {ratio:.2f}x")
+    if e.token_order == "shuffle":  # the convention's own spread: another set of seeds
+        other = load_encoder(folder, "cpu", order_seed=10_000)
+        with torch.no_grad():
+            alt = torch.cat([other.embed_windows(wins[i:i + 4]) for i in range(0, len(wins), 4)])
+        seed_dist = (own - alt).norm(dim=1)
+        print(f"   {'entry seeds vs another seed set, same subject: cosine':<58} "
+              f"{cos(own, alt, dim=1).median():.4f}  distance {seed_dist.median():.3f} "
+              f"({float(seed_dist.median() / pair_dist.median()):.2f}x between-subject)")
+    print("   (the entry's own order is deterministic: the same scan always gives the same "
+          "embedding; the row says how far another order would move it)")
+    return {"order_cos": float(order_cos.median()), "pair_cos": float(pair_cos.median()),
+            "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ __all__ = [
     "GridLabels",
     "BUNDLED_ATLASES",
     "load_atlas",
+    "read_coordinates_file",
     "resolve_atlas_name",
     "cache_dir",
 ]
@@ -110,8 +111,14 @@ _AAL_LOBES: tuple[tuple[str, str], ...] = (
 
 
 def cache_dir() -> Path:
-    """Directory for derived, re-computable files (see :func:`fmmtc_core.config.cache_dir`:
-    ``$FMMTC_CACHE_DIR``, else under the data folder when one is set, else ``~/.cache/fmmtc``)."""
+    """Directory for derived, re-computable files (see :func:`fmmtc_core.config.cache_dir`).
+
+    Returns
+    -------
+    Path
+        ``$FMMTC_CACHE_DIR``; else ``<data folder>/cache`` when ``FMMTC_DATA_DIR`` is set; else
+        ``$XDG_CACHE_HOME/fmmtc`` or ``~/.cache/fmmtc`` (not created here).
+    """
     from fmmtc_core import config
 
     return config.cache_dir()
@@ -129,7 +136,19 @@ def _package_atlas_dir() -> Path:
 
 
 def resolve_atlas_name(name: str) -> str | None:
-    """Return the canonical key of a bundled atlas (case-insensitive), or None."""
+    """Return the canonical key of a bundled atlas (case-insensitive), or None.
+
+    Parameters
+    ----------
+    name : str
+        A public name (``"hcpex"``, ``"aal3"``) or a file stem (``"HCPEx"``, ``"AAL3"``),
+        any case; surrounding whitespace is ignored.
+
+    Returns
+    -------
+    str or None
+        The key of :data:`BUNDLED_ATLASES`, or None when ``name`` is not a bundled atlas.
+    """
     key = str(name).strip().lower()
     if key in BUNDLED_ATLASES:
         return key
@@ -162,7 +181,11 @@ class GridLabels:
 
     @property
     def fraction_covered(self) -> float:
-        """Fraction of the atlas volume that falls inside the grid's field of view."""
+        """Median over regions of the share of each region's volume on the grid, in [0, 1].
+
+        A summary of how much of the atlas the grid's field of view covers (half of the
+        regions are covered at least this well).
+        """
         return float(np.clip(np.median(self.coverage), 0.0, 1.0))
 
 
@@ -188,6 +211,11 @@ class Atlas:
         Coarse anatomical group (lobe, ``"Subcortical"`` or ``"Cerebellum"``) per region.
     volumes_mm3 : ndarray of float64, shape (R,)
         Volume of each region in the atlas image.
+    source : str
+        Where the labels came from (a file path).
+    centroids_source : str
+        Where ``centroids_mm`` came from: ``"label image"`` (centres of mass, the default) or
+        the path of a coordinate file (e.g. BrainLM's ``A424_Coordinates.dat``).
     """
 
     name: str
@@ -199,10 +227,12 @@ class Atlas:
     groups: tuple[str, ...]
     volumes_mm3: np.ndarray
     source: str = ""
+    centroids_source: str = "label image"
     _grid_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_regions(self) -> int:
+        """R, the number of regions."""
         return int(self.labels.size)
 
     def on_grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> GridLabels:
@@ -214,6 +244,12 @@ class Atlas:
             Spatial shape of the scan.
         affine : ndarray, shape (4, 4)
             Voxel-to-MNI-mm affine of the scan.
+
+        Returns
+        -------
+        GridLabels
+            The labels on that grid with their per-region voxel counts and coverage (all
+            background when the grid misses the atlas). The same object for a repeated grid.
         """
         shape = cast("tuple[int, int, int]", tuple(int(s) for s in shape[:3]))
         affine = np.asarray(affine, dtype=np.float64)
@@ -256,7 +292,14 @@ class Atlas:
         return grid
 
     def to_dict(self) -> dict:
-        """Region table as plain lists (JSON friendly)."""
+        """Region table as plain lists (JSON friendly).
+
+        Returns
+        -------
+        dict
+            ``name``, ``labels``, ``names``, ``centroids_mm`` (rounded to 0.001 mm),
+            ``hemispheres`` and ``groups``; not the image, volumes or sources.
+        """
         return {
             "name": self.name,
             "labels": self.labels.tolist(),
@@ -561,8 +604,102 @@ def _open_label_image(path: Path):
     return img
 
 
+_COORDINATES_EXPECTED = ("a region coordinate table: one '<label> <x> <y> <z>' row per region "
+                         "(MNI mm), like BrainLM's A424_Coordinates.dat")
+
+
+def read_coordinates_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a region coordinate table such as BrainLM's ``A424_Coordinates.dat``.
+
+    Parameters
+    ----------
+    path : path
+        A text file with one row per region: ``<label> <x> <y> <z>`` (whitespace- or
+        comma-separated, MNI millimetres), or ``<x> <y> <z>`` (labels are then 1, 2, ... in row
+        order). Blank lines and lines starting with ``#`` are skipped.
+
+    Returns
+    -------
+    labels : ndarray of int64, shape (R,)
+        Region labels, in file order.
+    xyz : ndarray of float64, shape (R, 3)
+        Coordinates of each region (mm).
+
+    Raises
+    ------
+    InvalidInputError
+        Not a regular file, over :data:`~fmmtc_core.io.MAX_LABEL_TABLE_BYTES`, a row that is
+        not 3 or 4 finite numbers, rows of different widths, a label that is not a positive
+        integer, or a label listed twice; the message names the file and the line.
+    """
+    path = Path(path)
+    raw = _read_capped(path, "Coordinate file", _COORDINATES_EXPECTED, MAX_LABEL_TABLE_BYTES)
+    text = raw.decode("utf-8-sig", errors="replace")
+    name = _shown(path.name)
+    rows: list[list[float]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = re.split(r"[\s,]+", line.strip())
+        try:
+            values = [float(c) for c in cells]
+        except ValueError:
+            values = []
+        if len(values) not in (3, 4) or not all(np.isfinite(values)) or (
+                rows and len(values) != len(rows[0])):
+            raise InvalidInputError(
+                f"Coordinate file {name}, line {n}: expected {_COORDINATES_EXPECTED}, got "
+                f"{line.strip()[:80]!r}.")
+        rows.append(values)
+    if not rows:
+        raise InvalidInputError(f"Coordinate file {name} holds no rows; expected "
+                                f"{_COORDINATES_EXPECTED}.")
+    table = np.asarray(rows, dtype=np.float64)
+    if table.shape[1] == 3:
+        labels = np.arange(1, len(table) + 1, dtype=np.int64)
+        xyz = table
+    else:
+        first = table[:, 0]
+        if np.any(first != np.rint(first)) or np.any(first < 1):
+            raise InvalidInputError(
+                f"Coordinate file {name}: the first column must hold positive integer region "
+                f"labels, got {first[(first != np.rint(first)) | (first < 1)][0]:g}.")
+        labels, xyz = first.astype(np.int64), table[:, 1:]
+    uniq, counts = np.unique(labels, return_counts=True)
+    if np.any(counts > 1):
+        raise InvalidInputError(
+            f"Coordinate file {name} lists region label {int(uniq[counts > 1][0])} more than "
+            "once; expected one row per region.")
+    return labels, np.ascontiguousarray(xyz)
+
+
+def _with_coordinates(atlas: Atlas, coordinates_file: str) -> Atlas:
+    """``atlas`` with its centroids replaced by the rows of a coordinate file (same labels)."""
+    labels, xyz = read_coordinates_file(coordinates_file)
+    name = _shown(Path(coordinates_file).name)
+    in_file, in_atlas = set(labels.tolist()), set(atlas.labels.tolist())
+    if in_file != in_atlas:
+        only_file = sorted(in_file - in_atlas)
+        only_atlas = sorted(in_atlas - in_file)
+        detail = "; ".join(part for part in (
+            f"labels only in the coordinate file: {only_file[:8]}" if only_file else "",
+            f"labels only in the atlas: {only_atlas[:8]}" if only_atlas else "") if part)
+        raise InvalidInputError(
+            f"Coordinate file {name} lists {len(labels)} regions but atlas {atlas.name!r} has "
+            f"{atlas.n_regions} ({detail}); expected the coordinate file that belongs to the "
+            "label image (e.g. A424_Coordinates.dat with A424+2mm.nii.gz).")
+    row = {int(lab): i for i, lab in enumerate(labels)}
+    centroids = xyz[[row[int(lab)] for lab in atlas.labels]]
+    hemis = tuple(_hemisphere(nm, c[0]) for nm, c in zip(atlas.names, centroids))
+    return replace(atlas, centroids_mm=centroids, hemispheres=hemis,
+                   centroids_source=str(coordinates_file), _grid_cache={})
+
+
 @lru_cache(maxsize=8)
-def _load_cached(key: str, labels_file: str | None) -> Atlas:
+def _load_cached(key: str, labels_file: str | None,
+                 coordinates_file: str | None = None) -> Atlas:
+    if coordinates_file is not None:
+        return _with_coordinates(_load_cached(key, labels_file), coordinates_file)
     bundled = resolve_atlas_name(key)
     if bundled is not None:
         return _load_bundled(bundled)
@@ -608,7 +745,8 @@ def _load_cached(key: str, labels_file: str | None) -> Atlas:
 
 
 def load_atlas(
-    atlas: str | os.PathLike | Atlas = "hcpex", labels_file: str | os.PathLike | None = None
+    atlas: str | os.PathLike | Atlas = "hcpex", labels_file: str | os.PathLike | None = None,
+    coordinates_file: str | os.PathLike | None = None,
 ) -> Atlas:
     """Load a bundled atlas by name or a user label image by path.
 
@@ -621,17 +759,35 @@ def load_atlas(
     labels_file : path or None, default=None
         For a user image: a table of ``<label> <name>`` lines or a BIDS ``dseg.tsv`` with
         ``index`` and ``name`` columns. Looked up beside the image (same stem, ``.tsv`` or
-        ``.txt``) when not given; without one, regions are named ``region_<label>``.
+        ``.txt``) when not given; without one, regions are named ``region_<label>``. Ignored
+        for a bundled atlas and for an :class:`Atlas`.
+    coordinates_file : path or None, default=None
+        A region coordinate table (:func:`read_coordinates_file`), e.g. ``A424_Coordinates.dat``
+        from a BrainLM download: its coordinates replace the label image's centres of mass as
+        ``centroids_mm`` (``centroids_source`` names the file). It must list exactly the
+        atlas's labels.
 
     Returns
     -------
     Atlas
-        Memoised per process: a second call returns the same object.
+        Memoised per process (the 8 most recent): a second call with the same arguments
+        returns the same object, except for an :class:`Atlas` given with a
+        ``coordinates_file``, which is a new object each time.
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown atlas name, an unusable label image, label table or coordinate file, or a
+        coordinate file whose labels differ from the atlas's.
     """
     if isinstance(atlas, Atlas):
+        if coordinates_file is not None:
+            return _with_coordinates(atlas, str(Path(coordinates_file).expanduser().resolve()))
         return atlas
     key = str(atlas)
     bundled = resolve_atlas_name(key)
     if bundled is None:
         key = str(Path(key).expanduser().resolve()) if Path(key).expanduser().exists() else key
-    return _load_cached(bundled or key, None if labels_file is None else str(labels_file))
+    coords = (None if coordinates_file is None
+              else str(Path(coordinates_file).expanduser().resolve()))
+    return _load_cached(bundled or key, None if labels_file is None else str(labels_file), coords)

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_SCAN_BYTES",
     "data_dir",
     "cache_dir",
+    "embedding_cache_dir",
     "database_url",
     "model_dir_setting",
     "default_model_dir",
@@ -75,8 +76,14 @@ def _env(key: str) -> str | None:
 
 
 def data_dir() -> Path:
-    """The data folder (``FMMTC_DATA_DIR``, else ``$XDG_DATA_HOME/fmmtc``, else
-    ``~/.local/share/fmmtc``)."""
+    """The data folder: the default database, staged uploads and (by default) the caches.
+
+    Returns
+    -------
+    Path
+        ``$FMMTC_DATA_DIR``, else ``$XDG_DATA_HOME/fmmtc``, else ``~/.local/share/fmmtc``
+        (not created here).
+    """
     env = _env("FMMTC_DATA_DIR")
     if env:
         return Path(env)
@@ -85,7 +92,14 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """The cache folder (see the module docstring)."""
+    """The folder of the derived caches (2 mm atlas images, simulated demo scans).
+
+    Returns
+    -------
+    Path
+        ``$FMMTC_CACHE_DIR``; else, when ``FMMTC_DATA_DIR`` is set, ``<data folder>/cache``;
+        else ``$XDG_CACHE_HOME/fmmtc``, else ``~/.cache/fmmtc`` (not created here).
+    """
     env = _env("FMMTC_CACHE_DIR")
     if env:
         return Path(env)
@@ -95,8 +109,26 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fmmtc"
 
 
+def embedding_cache_dir() -> Path:
+    """The folder of cached foundation-encoder embeddings (safe to delete).
+
+    Returns
+    -------
+    Path
+        ``<cache folder>/embeddings`` (:func:`cache_dir`; not created here).
+    """
+    return cache_dir() / "embeddings"
+
+
 def database_url() -> str:
-    """``FMMTC_DATABASE_URL``, else ``sqlite:///<data folder>/fmmtc.db``."""
+    """The URL of the cohort database.
+
+    Returns
+    -------
+    str
+        ``$FMMTC_DATABASE_URL``, else ``sqlite:///<data folder>/fmmtc.db`` (see
+        :func:`data_dir`).
+    """
     return _env("FMMTC_DATABASE_URL") or f"sqlite:///{data_dir() / 'fmmtc.db'}"
 
 
@@ -105,26 +137,59 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "de
 
 
 def model_dir_setting() -> Path | None:
-    """``FMMTC_MODEL_DIR`` as a path, or None (then the bundled demo model is used)."""
+    """The model folder named by the environment.
+
+    Returns
+    -------
+    Path or None
+        ``$FMMTC_MODEL_DIR``; None when unset or empty (then the bundled demo model is used).
+    """
     env = _env("FMMTC_MODEL_DIR")
     return Path(env) if env else None
 
 
 def default_model_dir() -> Path:
-    """The model used when none is named: ``$FMMTC_MODEL_DIR``, else :data:`DEMO_MODEL_DIR`."""
+    """The model used when none is named.
+
+    Returns
+    -------
+    Path
+        ``$FMMTC_MODEL_DIR``, else :data:`DEMO_MODEL_DIR`.
+    """
     return model_dir_setting() or DEMO_MODEL_DIR
 
 
 def max_scan_bytes_setting() -> str | None:
-    """``FMMTC_MAX_SCAN_BYTES`` as written (validated where it is used), or None."""
+    """The memory budget for one image, as the environment gives it.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_MAX_SCAN_BYTES`` as written (validated where it is used); None when unset or
+        empty (then :data:`DEFAULT_MAX_SCAN_BYTES` applies).
+    """
     return _env("FMMTC_MAX_SCAN_BYTES")
 
 
 def device_setting() -> str | None:
-    """``FMMTC_DEVICE`` as written, or None (CUDA when available)."""
+    """The device the environment asks for.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_DEVICE`` as written (validated by
+        :func:`fmmtc_core.models.device.select_device`); None when unset or empty (then CUDA
+        when available, else CPU).
+    """
     return _env("FMMTC_DEVICE")
 
 
 def operator_setting() -> str | None:
-    """``FMMTC_OPERATOR`` as written, or None."""
+    """Who runs screenings when nobody is named, as the environment gives it.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_OPERATOR`` as written (validated where it is used); None when unset or empty.
+    """
     return _env("FMMTC_OPERATOR")

@@ -133,6 +133,12 @@ def pretrain(
     encoder never got past predicting the median (``bench/foundation_probe.py``); the
     README ("Foundation encoder probe") gives a recipe that does.
 
+    Token order: the kept tokens of every masked sequence are fed in their natural
+    (region-major) order (``config.token_order = "natural"``, unless the given config says
+    otherwise), the order in which inference feeds all of them
+    (:func:`fmmtc_core.models.registry.load_encoder`, entry ``"fmmtc"``). The bundled demo
+    encoder predates this and saw shuffled tokens, as BrainLM's reference does.
+
     Parameters
     ----------
     corpus_dir : path
@@ -143,10 +149,16 @@ def pretrain(
     config : {"tiny", "small", "base"} or BrainLMConfig, default="small"
         Encoder architecture (a preset sized to the atlas, or a config).
     atlas : str, default="hcpex"
+        A bundled atlas name or a label image's path (:func:`~fmmtc_core.atlas.load_atlas`);
+        its region count sizes a preset config and its centroids are the encoder's
+        coordinates.
     epochs, batch_size : int, default=20, 8
+        Epochs in all (a resumed run continues up to ``epochs``) and windows per optimizer
+        step.
     lr : float, default=1e-3
-        AdamW learning rate (weight decay 0.05).
+        AdamW learning rate (weight decay 0.05; the peak rate with ``schedule="cosine"``).
     seed : int, default=0
+        Seeds the initial weights and each epoch's windows, order and masks.
     windows_per_subject : int, default=1
         Random windows drawn per subject and epoch (more optimizer steps from a small corpus).
     regions_per_step : int or None, default=None
@@ -157,12 +169,12 @@ def pretrain(
         Learning rate: constant, or a 5 % linear warm-up then cosine decay to zero over all
         steps (a function of the step, so an interrupted run resumed with the same ``epochs``
         matches a straight one; a different ``epochs`` is a different schedule).
-    xyz_scale : float or None
+    xyz_scale : float or None, default=None
         Overrides the config's ``xyz_scale`` (0.01 feeds centroids in decimetres; see
         :class:`~fmmtc_core.models.BrainLMConfig`).
-    device : torch.device, str or None
+    device : torch.device, str or None, default=None
         Default :func:`~fmmtc_core.models.device.select_device`.
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         ``("prepare", i, n, {})`` per subject, then ``("pretrain", epoch, epochs,
         {"loss": ...})`` per epoch.
 
@@ -170,6 +182,19 @@ def pretrain(
     -------
     Path
         ``out_dir``.
+
+    Raises
+    ------
+    InvalidInputError
+        ``schedule`` or a preset ``config`` name is unknown, ``windows_per_subject`` is not a
+        positive integer, ``regions_per_step`` is outside 2 to the atlas's region count,
+        ``xyz_scale`` is not usable (:func:`~fmmtc_core.models.foundation.check_xyz_scale`),
+        or the atlas or the corpus cannot be read.
+
+    Notes
+    -----
+    A :class:`BrainLMConfig` given as ``config`` is modified in place: its ``xyz_scale``
+    (when given), ``token_order`` (when None) and ``fmmtc_atlas`` are set.
     """
     out = Path(out_dir)
     atlas_obj = load_atlas(atlas)
@@ -188,6 +213,11 @@ def pretrain(
         cfg = config
     if xyz_scale is not None:
         cfg.xyz_scale = check_xyz_scale(xyz_scale)
+    if cfg.token_order is None:
+        # The project's convention, shared with inference (registry entry "fmmtc"): the kept
+        # tokens of each masked sequence stay in natural (region-major) order, as every token
+        # does at inference; recorded in config.json.
+        cfg.token_order = "natural"
     cfg.fmmtc_atlas = atlas_obj.name
     corpus = read_cohort(corpus_dir, require_labels=False)
     subjects = prepare_cohort(corpus, atlas_obj, progress)
@@ -232,5 +262,6 @@ def pretrain(
         "batch_size": batch_size, "lr": lr, "windows_per_subject": windows_per_subject,
         "regions_per_step": regions_per_step, "schedule": schedule,
         "xyz_scale": cfg.xyz_scale, "steps": epochs * steps_per_epoch,
+        "token_order": cfg.token_order,
     }, indent=2))
     return out

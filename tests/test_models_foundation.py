@@ -19,6 +19,15 @@ from fmmtc_core.models.foundation import (
 R, T = 12, 40
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def config():
     return BrainLMConfig.tiny(num_brain_voxels=R, num_timepoints_per_voxel=T,
@@ -216,3 +225,125 @@ def test_xyz_scale_multiplies_the_centroids_and_round_trips(tmp_path, config, ba
     for bad in (0, -1.0, "mm"):
         with pytest.raises(InvalidInputError, match="xyz_scale must be a positive number"):
             BrainLMConfig.tiny(xyz_scale=bad)
+
+
+# --------------------------------------------------------------------------------------------
+# The published legacy layout against a reference forward written from the published algorithm
+# (tests/foundation_layouts.py imports nothing from the project)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    import foundation_layouts as fl
+
+    root = tmp_path_factory.mktemp("legacy")
+    xyz = fl.write_a424_coordinates(root / "A424_Coordinates.dat")
+    fl.write_legacy_checkpoint(root / "ckpt")
+    return root, torch.tensor(xyz, dtype=torch.float32)
+
+
+def test_public_config_without_attention_mode_loads_as_the_reference_computes(legacy):
+    root, _ = legacy
+    raw = json.loads((root / "ckpt" / "config.json").read_text())
+    assert "attention_mode" not in raw and raw["num_landmarks"] == raw["segment_means_seq_len"]
+    assert load_foundation(root / "ckpt").config.attention_mode == "exact"
+    assert BrainLMConfig(num_landmarks=32).attention_mode == "nystrom"  # reference can't run it
+    assert BrainLMConfig(attention_mode="nystrom").attention_mode == "nystrom"  # explicit: kept
+    with pytest.raises(InvalidInputError, match="'attention_mode' parameter"):
+        BrainLMConfig(attention_mode="fast")
+
+
+def test_legacy_cls_equals_the_reference_forward(legacy):
+    import foundation_layouts as fl
+    from fmmtc_core.models.registry import load_encoder
+
+    root, xyz = legacy
+    enc = load_encoder(root / "ckpt", "cpu", coordinates=root / "A424_Coordinates.dat",
+                       order_samples=1, order_seed=5)
+    assert enc.entry.name == "legacy-13m" and enc.entry.window == 40
+    x = torch.randn(3, 424, 40, generator=torch.Generator().manual_seed(0))
+    n = 424 * 2
+    noise = torch.rand(1, n, generator=torch.Generator().manual_seed(5)).expand(3, n)
+    ref = fl.reference_legacy_tokens(root / "ckpt", x, xyz.expand(3, -1, -1), noise)
+    with torch.no_grad():
+        got = enc.embed_windows(x)
+    torch.testing.assert_close(got, ref[:, 0], rtol=1e-5, atol=1e-5)
+    # the patch tokens too (the project's model, same noise, mean pooling)
+    mean_enc = load_encoder(root / "ckpt", "cpu", coordinates=root / "A424_Coordinates.dat",
+                            order_samples=1, order_seed=5, token_pooling="mean")
+    with torch.no_grad():
+        torch.testing.assert_close(mean_enc.embed_windows(x), ref[:, 1:].mean(1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_legacy_scan_embedding_equals_the_reference_pipeline(legacy):
+    """Global robust scaling (no max-value division), resampling to 0.735 s, non-overlapping
+    windows in A424 label order, coordinates in mm, mean over K seeded shuffles and windows."""
+    import numpy as np
+
+    import foundation_layouts as fl
+    from fmmtc_core.models.registry import load_encoder
+
+    root, xyz = legacy
+    rng = np.random.default_rng(1)
+    scans = [rng.standard_normal((60, 424)) * 4 + 3, rng.standard_normal((30, 424))]
+    enc = load_encoder(root / "ckpt", "cpu", coordinates=root / "A424_Coordinates.dat",
+                       order_samples=3)
+    enc.fit_scaling(scans)
+    med, iqr = fl.reference_stats(scans)
+    w = fl.reference_windows(scans[0], 1.2, med, iqr, max_val=1.0, order=None, channels=0,
+                             window=40)
+    assert w.shape == (2, 424, 40)  # 60 samples at 1.2 s -> 98 samples -> 2 windows
+    torch.testing.assert_close(enc.windows(scans[0], 1.2), w, rtol=0, atol=1e-6)
+    n = 424 * 2
+    draws = [fl.reference_legacy_tokens(
+        root / "ckpt", w, xyz.expand(len(w), -1, -1),
+        torch.rand(1, n, generator=torch.Generator().manual_seed(k)).expand(len(w), n))[:, 0]
+        for k in range(3)]
+    ref = torch.stack(draws).mean(0).mean(0)
+    torch.testing.assert_close(torch.from_numpy(enc.embed_scan(scans[0], 1.2)), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_token_order_effect_comes_from_the_sequence_convolution(legacy):
+    """Measured: the legacy CLS depends on the token order only through the Nystromformer's
+    depthwise convolution over the sequence; without it (exact attention, positions added
+    before the shuffle) it is invariant up to float rounding."""
+    root, xyz = legacy
+    model = load_foundation(root / "ckpt", encoder_only=True)
+    x = torch.randn(1, 424, 40, generator=torch.Generator().manual_seed(2))
+    n = 424 * 2
+
+    def cls(m, seed):
+        noise = None if seed is None else torch.rand(1, n, generator=torch.Generator()
+                                                     .manual_seed(seed))
+        with torch.no_grad():
+            return m(x, xyz, mask_ratio=0.0, noise=noise)[0][0, 0]
+
+    with_conv = [cls(model, s) for s in (None, 1, 2)]
+    assert (with_conv[0] - with_conv[1]).abs().max() > 1e-3
+    for layer in model.encoder.layer:
+        layer.attention.self.conv_kernel_size = None  # drop the convolution term
+    without = [cls(model, s) for s in (None, 1, 2)]
+    for other in without[1:]:
+        torch.testing.assert_close(other, without[0], rtol=1e-5, atol=1e-5)
+
+
+def test_natural_token_order_keeps_kept_tokens_in_order(config, batch):
+    signal, xyz = batch
+    natural_cfg = BrainLMConfig(**(config.to_dict() | {"token_order": "natural"}))
+    torch.manual_seed(0)
+    shuffled = BrainLMForPretraining(config).eval()
+    natural = BrainLMForPretraining(natural_cfg).eval()
+    natural.load_state_dict(shuffled.state_dict())
+    noise = torch.rand(3, R * config.n_patches, generator=torch.Generator().manual_seed(4))
+    emb = natural.vit.embeddings
+    xyz3 = xyz.expand(3, -1, -1)
+    _, mask_n, restore_n = emb(signal, xyz3, 0.75, noise)
+    _, mask_s, _ = shuffled.vit.embeddings(signal, xyz3, 0.75, noise)
+    torch.testing.assert_close(mask_n, mask_s)  # the same tokens are masked
+    kept = torch.argsort(restore_n, dim=1)[:, : int(R * config.n_patches * 0.25)]
+    assert torch.equal(kept, kept.sort(dim=1).values)  # ... and the kept ones stay in order
+    # the decoder puts every token back where it was: the loss is computed on the same patches
+    a, b = natural(signal, xyz, noise=noise), shuffled(signal, xyz, noise=noise)
+    torch.testing.assert_close(a.mask, b.mask)
+    assert natural.config.to_dict()["token_order"] == "natural"
