@@ -38,7 +38,7 @@ def main() -> None:
     from fmmtc_core.explain import explain
     from fmmtc_core.io import load_scan
     from fmmtc_core.models.ensemble import load_model
-    from fmmtc_core.preprocess import clean, parcellate, prepare
+    from fmmtc_core.preprocess import clean, parcellate
     from fmmtc_core.qc import qc_report
     from fmmtc_core.screening import screen
     from fmmtc_core.summary import attribution_rows, explanation_scores
@@ -70,7 +70,7 @@ def main() -> None:
         sig = clean(raw)
         t["clean"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        inputs = prepare(sig, model.window)
+        inputs = model.inputs(sig)  # the one screening path (window or whole-scan windows)
         w, fc = inputs.window, inputs.fc
         model.predict_proba(w[None], fc[None])
         t["predict"] = time.perf_counter() - t0

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fmmtc_core._errors import FMMTCError
 
@@ -57,9 +58,15 @@ class ScreeningWorker:
         The model folder; the worker loads it once, when it starts.
     stop_timeout : float, default=10.0
         Seconds :meth:`shutdown` gives the process to end on its own before terminating it.
+
+    Attributes
+    ----------
+    model_dir : str
+        The model folder, as a string.
+    stop_timeout : float
     """
 
-    def __init__(self, model_dir, *, stop_timeout: float = 10.0) -> None:
+    def __init__(self, model_dir: str | os.PathLike, *, stop_timeout: float = 10.0) -> None:
         self.model_dir = str(model_dir)
         self.stop_timeout = stop_timeout
         self._process = None
@@ -69,7 +76,20 @@ class ScreeningWorker:
         self._closed = False
 
     def start(self) -> ScreeningWorker:
-        """Start the process (it loads the model in the background) and return self."""
+        """Start the process (it loads the model in the background) and return self.
+
+        The process is spawned (not forked) and is a daemon.
+
+        Returns
+        -------
+        ScreeningWorker
+            ``self``, so that ``ScreeningWorker(d).start()`` reads inline.
+
+        Raises
+        ------
+        RuntimeError
+            The worker was started already (a worker is started once).
+        """
         if self._process is not None:
             raise RuntimeError("This worker was started already; make a new one.")
         ctx = mp.get_context("spawn")  # no forked torch, SQLite or Streamlit state
@@ -92,17 +112,43 @@ class ScreeningWorker:
         return (not self._closed and self._process is not None
                 and self._process.exitcode is None and self._process.is_alive())
 
-    def run(self, kind: str, job: dict, progress: Callable | None = None):
-        """Run one job (``"screen"``: the arguments of :func:`fmmtc_core.screening.screen`
-        plus ``url``; ``"demo_cohort"``) and return its result, or raise its error.
+    def run(self, kind: str, job: dict, progress: Callable | None = None) -> Any:
+        """Run one job and return its result, or raise its error.
 
-        ``progress(*args)`` is called in this thread with what the job reports. If it raises
-        (a page that reruns), the job goes on in the worker and what it still sends is dropped.
+        One job at a time: a second caller waits for the first job to end.
+
+        Parameters
+        ----------
+        kind : {"screen", "demo_cohort"}
+            ``"screen"``: :func:`fmmtc_core.screening.screen` with the worker's model;
+            ``"demo_cohort"``: simulate and screen the demo cohort.
+        job : dict
+            The job's keyword arguments (picklable). ``"screen"``: ``url`` (the database),
+            ``source``, ``participant`` and further arguments of ``screen``;
+            ``"demo_cohort"``: ``url``, ``folder``, ``n``, ``seed``, ``operator`` and
+            ``prefix``.
+        progress : callable or None, default=None
+            ``progress(*args)`` is called in this thread with what the job reports
+            (``"screen"``: ``(stage, done, total, {})``; ``"demo_cohort"``:
+            ``(done, total, what)``). If it raises (a page that reruns), the job goes on in
+            the worker and what it still sends is dropped.
+
+        Returns
+        -------
+        object
+            The job's result (``"screen"``: a
+            :class:`~fmmtc_core.screening.ScreeningResult`; ``"demo_cohort"``: a dict).
 
         Raises
         ------
         WorkerCrashedError
-            The process died before or during the job.
+            The process died before or during the job, or was never started.
+        Exception
+            The job's own error, re-raised here (e.g.
+            :class:`~fmmtc_core._errors.InvalidInputError` or
+            :class:`~fmmtc_core._errors.QCFailedError`); an error that cannot be pickled
+            arrives as :class:`~fmmtc_core._errors.FMMTCError` or :class:`RuntimeError` with
+            its message.
         """
         with self._jobs:
             if self._closed:
@@ -137,8 +183,10 @@ class ScreeningWorker:
     def _receive(self):
         while not self._conn.poll(0.1):
             # End of file normally says it; a process forked meanwhile by another thread may
-            # hold a copy of the worker's end, so look at the process as well.
-            if not self._process.is_alive() and not self._conn.poll(0):
+            # hold a copy of the worker's end, so look at the process as well. A shutdown that
+            # gave up waiting for this job has already let go of the process: the job is lost.
+            process = self._process
+            if process is None or (not process.is_alive() and not self._conn.poll(0)):
                 raise EOFError
         return self._conn.recv()
 
@@ -147,7 +195,7 @@ class ScreeningWorker:
 
         Parameters
         ----------
-        wait : float or None
+        wait : float or None, default=None
             Seconds to wait for a job a page is waiting on (default ``stop_timeout``); after
             that the process is stopped anyway and that page sees :class:`WorkerCrashedError`.
         """
@@ -196,9 +244,22 @@ _current: ScreeningWorker | None = None
 _guard = threading.Lock()
 
 
-def worker_for(model_dir) -> ScreeningWorker:
-    """The server's worker for ``model_dir``: the running one, or a fresh one after the
-    previous one (another model, or dead) has been shut down and joined."""
+def worker_for(model_dir: str | os.PathLike) -> ScreeningWorker:
+    """The server's worker for ``model_dir``: the running one, or a fresh one.
+
+    A previous worker (another model, or dead) is shut down and joined first; it is given
+    :data:`CHANGE_WAIT_S` seconds to finish a job in progress.
+
+    Parameters
+    ----------
+    model_dir : str or path
+        The model folder.
+
+    Returns
+    -------
+    ScreeningWorker
+        Started.
+    """
     global _current
     with _guard:
         old = _current
@@ -211,8 +272,35 @@ def worker_for(model_dir) -> ScreeningWorker:
         return _current
 
 
-def run(model_dir, kind: str, job: dict, *, progress: Callable | None = None):
-    """:meth:`ScreeningWorker.run` on :func:`worker_for` ``(model_dir)``."""
+def run(model_dir: str | os.PathLike, kind: str, job: dict, *,
+        progress: Callable | None = None) -> Any:
+    """:meth:`ScreeningWorker.run` on :func:`worker_for` ``(model_dir)``.
+
+    A job that finds its worker retired (another page switched models meanwhile) is sent to
+    the new worker, up to three times.
+
+    Parameters
+    ----------
+    model_dir : str or path
+        The model folder.
+    kind : {"screen", "demo_cohort"}
+    job : dict
+    progress : callable or None, default=None
+        See :meth:`ScreeningWorker.run`.
+
+    Returns
+    -------
+    object
+        The job's result.
+
+    Raises
+    ------
+    WorkerCrashedError
+        The worker process died during the job.
+    FMMTCError
+        The model was changed by other users three times while the job waited; or the job's
+        own error (see :meth:`ScreeningWorker.run`).
+    """
     for _ in range(3):
         try:
             return worker_for(model_dir).run(kind, job, progress)
@@ -223,7 +311,14 @@ def run(model_dir, kind: str, job: dict, *, progress: Callable | None = None):
 
 
 def current() -> ScreeningWorker | None:
-    """The running worker, if any (for tests and diagnostics)."""
+    """The running worker, if any (for tests and diagnostics).
+
+    Returns
+    -------
+    ScreeningWorker or None
+        The worker :func:`worker_for` last started, until :func:`shutdown`; it may have died
+        since (see :attr:`ScreeningWorker.alive`).
+    """
     return _current
 
 

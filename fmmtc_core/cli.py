@@ -190,7 +190,7 @@ def cmd_qc(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fmmtc_core.simulate import write_cohort
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
 
     root = write_cohort(
         args.out_dir,
@@ -199,11 +199,13 @@ def cmd_simulate(args) -> int:
         fmt=args.format,
         labelled=not args.unlabelled,
         atlas=args.atlas,
+        config=SimulationConfig.preset(args.preset),
         dtype=args.dtype,
         progress=_progress("simulate"),
     )
     kind = "unlabelled corpus" if args.unlabelled else "labelled cohort"
-    print(f"wrote a simulated {kind} of {args.subjects} subjects to {root}")
+    print(f"wrote a simulated {kind} of {args.subjects} subjects ({args.preset} preset) to "
+          f"{root}")
     return 0
 
 
@@ -257,20 +259,42 @@ def cmd_pretrain(args) -> int:
 def _print_metrics(metrics: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(metrics, indent=2))
-    else:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in metrics.items()))
+        return
+    plain = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in plain.items()))
+    if "auc_ci95" in metrics:
+        lo, hi = metrics["auc_ci95"]
+        print(f"AUC 95 % interval (bootstrap over participants): {lo:.3f}-{hi:.3f}")
+    if "permutation" in metrics:
+        perm = metrics["permutation"]
+        print(f"label-permutation p-value: {perm['p_value']:.3f} "
+              f"({perm['n_permutations']} permutations; null AUC {perm['null_mean']:.3f} "
+              f"+- {perm['null_sd']:.3f})")
+    for text in metrics.get("warnings", []):  # loud, on stderr too: a collapsed model
+        print(f"WARNING: {text}", file=sys.stderr)
 
 
 def cmd_train(args) -> int:
-    from fmmtc_core.training import train
+    import warnings as _warnings
 
-    metrics = train(args.cohort_dir, args.out, foundation=args.foundation, folds=args.folds,
-                    seed=args.seed, modalities=args.modalities, no_foundation=args.no_foundation,
-                    preset=args.preset, atlas=args.atlas, epochs=args.epochs,
-                    progress=_stage_progress(args))
+    from fmmtc_core.training import TrainingWarning, train
+
+    if args.foundation is None and not args.no_foundation and "ts" in args.modalities:
+        print("note: no --foundation given: the time-series branch uses the bundled demo "
+              "encoder, pretrained on simulated data only (recorded in the model card).",
+              file=sys.stderr)
+    with _warnings.catch_warnings():  # printed by _print_metrics, once
+        _warnings.simplefilter("ignore", TrainingWarning)
+        metrics = train(args.cohort_dir, args.out, foundation=args.foundation,
+                        folds=args.folds, seed=args.seed, modalities=args.modalities,
+                        no_foundation=args.no_foundation, preset=args.preset,
+                        atlas=args.atlas, coordinates=args.coordinates,
+                        epochs=args.epochs, repeats=args.repeats,
+                        permutations=args.permutations, threads=args.threads,
+                        progress=_stage_progress(args))
     if not args.json:
-        print(f"wrote the model to {args.out}; out-of-fold metrics:")
+        print(f"wrote the model to {args.out}; out-of-fold metrics (cross-fitted calibration):")
     _print_metrics(metrics, args.json)
     return 0
 
@@ -280,6 +304,108 @@ def cmd_evaluate(args) -> int:
 
     _print_metrics(evaluate(args.model_dir, args.cohort_dir, progress=_stage_progress(args)),
                    args.json)
+    return 0
+
+
+def _at_least_two(text: str) -> int:
+    """A whole number of at least 2 (cross-validation folds)."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def _model_names(text: str) -> list[str]:
+    """``--models``: comma-separated names from :data:`fmmtc_core.baselines.MODELS`."""
+    from fmmtc_core.baselines import MODELS  # no torch: scikit-learn and numpy only
+
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names from {','.join(MODELS)}; got "
+            f"{', '.join(map(repr, unknown)) if unknown else repr(text)}")
+    return names
+
+
+def cmd_compare(args) -> int:
+    # Cheap checks first: the cohort folder, --out, --foundation (torch is not loaded yet).
+    root = Path(args.cohort_dir)
+    if not (root / "participants.tsv").is_file():
+        raise InvalidInputError(f"{root} has no participants.tsv; expected a BIDS-style cohort.")
+    if args.out and Path(args.out).suffix.lower() != ".tsv":
+        raise InvalidInputError(f"--out must name a .tsv file, got {Path(args.out).name!r}.")
+    if args.foundation is not None:
+        if "fmmtc" not in args.models:
+            raise InvalidInputError(
+                "--foundation is used only by the fmmtc model; add fmmtc to --models "
+                "(e.g. --models cpm,nbs,edges,amplitude,oracle,fmmtc).")
+        if not (Path(args.foundation) / "config.json").is_file():
+            raise InvalidInputError(
+                f"{args.foundation} is not a foundation encoder folder (no config.json).")
+
+    from fmmtc_core.baselines import compare, format_comparison
+
+    table = compare(root, folds=args.folds, seed=args.seed, repeats=args.repeats,
+                    models=args.models, atlas=args.atlas, foundation=args.foundation,
+                    progress=_stage_progress(args))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, sep="\t", index=False, float_format="%.4f")
+    if args.json:
+        def plain(v):  # NaN is not JSON
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        rows = [{k: plain(v) for k, v in r.items()} for r in table.to_dict("records")]
+        print(json.dumps({"protocol": table.attrs["protocol"], "models": rows,
+                          "verdict": table.attrs["verdict"],
+                          "fmmtc_vs_best": table.attrs["fmmtc_vs_best"],
+                          "skipped": table.attrs["skipped"]}, indent=2))
+    else:
+        print(format_comparison(table))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_foundation(args) -> int:
+    """``fmmtc foundation inspect DIR``: which registry entry a checkpoint folder is and what
+    it will do to a scan (no weights are loaded)."""
+    from fmmtc_core.models.registry import inspect_encoder
+
+    info = inspect_encoder(args.folder, atlas=args.atlas, coordinates=args.coordinates,
+                           tr=args.tr, n_volumes=args.volumes, scan_regions=args.regions)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    e = info["entry"]
+    shape = (f"{e['channels']} x " if e["channels"] else "") + f"{e['n_regions']} x {e['window']}"
+    lines = [
+        f"folder       {info['folder']}",
+        f"entry        {e['name']}: {e['description']}",
+        f"parameters   {e['n_parameters'] / 1e6:.2f} M (encoder), hidden size {e['hidden_size']}",
+        f"atlas        {e['atlas']}, {e['n_regions']} regions ({e['region_order']} rows)",
+        f"TR           " + ("each scan's own" if e["tr"] is None else f"{e['tr']:g} s"),
+        f"window       {shape} samples" + (f", padded to {e['image_size'][0]} x "
+                                           f"{e['image_size'][1]} with {e['pad_value']:g}"
+                                           if e["image_size"] else ""),
+        f"scaling      {e['normalisation']}" + (f", then / {e['max_value']:g}"
+                                                 if e["max_value"] != 1 else ""),
+        f"tokens       {e['token_order']} order" + (f" (mean over {e['order_samples']} seeded "
+                                                    "shuffles)" if e["order_samples"] > 1 else ""),
+        f"embedding    {e['token_pooling']} token ({e['readout']}), {e['window_pooling']} over "
+        "windows",
+    ]
+    coords = info["coordinates"]
+    if coords["needed"]:
+        lines.append("coordinates  " + (coords["source"] if coords["found"]
+                                        else f"MISSING: {coords['problem']}"))
+    print("\n".join(lines))
+    for note in info["notes"]:
+        print(f"- {note}")
+    for key, text in e["sources"].items():
+        print(f"  source of {key}: {text}")
     return 0
 
 
@@ -314,16 +440,28 @@ def _model_dir(model: str | None) -> Path:
 
 
 def _model_atlas(root: Path) -> str:
-    """The atlas named by the model card of ``root`` (a region table must follow it)."""
+    """The atlas of the model card of ``root`` (a region table must follow it): a bundled
+    atlas's name, or the label image the model was trained with (the card's ``source``)."""
+    from fmmtc_core.atlas import resolve_atlas_name
+
     card = root / "model_card.json"
     if not card.is_file():
         raise ModelFileError(f"{root} is not an FMM-TC model folder (no model_card.json).")
     try:
-        return str(json.loads(card.read_text(encoding="utf-8"))["atlas"]["name"])
+        atlas = json.loads(card.read_text(encoding="utf-8"))["atlas"]
+        name = str(atlas["name"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(
             f"{card} is not a readable model card ({type(exc).__name__}: {exc}); re-copy or "
             "rebuild the model folder.") from None
+    source = atlas.get("source") if isinstance(atlas, dict) else None
+    if resolve_atlas_name(name) is None and isinstance(source, str) and source:
+        if not Path(source).exists():
+            raise ModelFileError(
+                f"The model in {root} was trained with the atlas label image {source!r}, which "
+                "does not exist here; copy the image to that path.")
+        return source
+    return name
 
 
 def _check_scan(args, atlas: str | None) -> None:
@@ -648,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas", default="hcpex")
     p.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                    help="NIfTI storage type (int16 = scaled integers)")
+    p.add_argument("--preset", choices=("realistic", "easy", "shifted"), default="realistic",
+                   help="generator: realistic (sparse, weak, heterogeneous effects; 3 sites "
+                        "with their own TR), easy (the original, strong effects), shifted "
+                        "(held out for evaluation: other sites and effect shapes)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("pretrain", help="masked-reconstruction pretraining of the encoder")
@@ -673,15 +815,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="cross-validated training of an FMM-TC model")
     p.add_argument("cohort_dir", metavar="COHORT_DIR")
     p.add_argument("--out", required=True, metavar="MODEL_DIR")
-    p.add_argument("--foundation", metavar="DIR", help="pretrained encoder folder")
+    p.add_argument("--foundation", metavar="DIR",
+                   help="frozen foundation encoder folder (config.json + model.safetensors): "
+                        "a BrainLM download (legacy 13M, ViT-MAE 111M / 650M) or `fmmtc "
+                        "pretrain` output; see `fmmtc foundation inspect DIR`")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modalities", choices=("ts+fc", "ts", "fc"), default="ts+fc")
     p.add_argument("--no-foundation", action="store_true",
                    help="train the time-series encoder from scratch (ablation)")
-    p.add_argument("--preset", choices=("default", "paper"), default="default")
+    p.add_argument("--preset", choices=("default", "paper", "small"), default="default",
+                   help="network design: default (BrainNetCNN), paper (ResNet-18 on the Gram "
+                        "matrix), small (sparse network read-out, for ~100 participants)")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--atlas", default="hcpex")
+    p.add_argument("--atlas", default="hcpex",
+                   help="hcpex (default), aal3, or a NIfTI label image (the A424 encoders: "
+                        "A424+2mm.nii.gz from the BrainLM download)")
+    p.add_argument("--coordinates", default=None, metavar="DAT",
+                   help="region coordinate table for the encoder (BrainLM's "
+                        "A424_Coordinates.dat; copied into the model folder)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="repeat the K-fold cross-validation N times with other splits "
+                        "(every fold model joins the ensemble)")
+    p.add_argument("--permutations", type=int, default=0, metavar="N",
+                   help="label permutations for a p-value of the AUC (each re-runs the "
+                        "whole cross-validation)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="fix torch's thread count and use deterministic algorithms "
+                        "(bit-identical reruns)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)
 
@@ -698,6 +859,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cohort_dir", metavar="COHORT_DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="classic baselines (and FMM-TC) on identical folds: "
+                                       "one out-of-fold table")
+    p.add_argument("cohort_dir", metavar="COHORT_DIR")
+    p.add_argument("--folds", type=_at_least_two, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
+                   help="repeat the cross-validation N times with other splits (seeds seed, "
+                        "seed+1, ...)")
+    p.add_argument("--models", type=_model_names, default="cpm,nbs,edges,amplitude,oracle",
+                   metavar="LIST",
+                   help="comma-separated, from cpm,nbs,edges,amplitude,oracle,fmmtc (default: "
+                        "every classic baseline; the oracle only runs on simulated cohorts; "
+                        "fmmtc trains FMM-TC, slow)")
+    p.add_argument("--foundation", metavar="DIR",
+                   help="with fmmtc: pretrained encoder folder (default: the bundled one)")
+    p.add_argument("--atlas", default="hcpex")
+    p.add_argument("--out", metavar="TABLE.tsv", help="also write the table as TSV")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("foundation", help="foundation encoders: inspect a checkpoint folder")
+    p.add_argument("action", choices=("inspect",))
+    p.add_argument("folder", metavar="DIR", help="config.json + model.safetensors")
+    p.add_argument("--atlas", default=None, help="the atlas scans will be parcellated with")
+    p.add_argument("--coordinates", default=None, metavar="DAT",
+                   help="BrainLM's A424_Coordinates.dat (A424 encoders)")
+    p.add_argument("--tr", type=_number, default=2.0, help="TR of the example scan (s)")
+    p.add_argument("--volumes", type=_positive_int, default=300, metavar="N",
+                   help="volumes of the example scan")
+    p.add_argument("--regions", type=_positive_int, default=None, metavar="R",
+                   help="regions of the example scan's atlas (default: the encoder's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_foundation)
     return parser
 
 

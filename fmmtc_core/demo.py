@@ -52,9 +52,9 @@ def build_demo_model(
         Subjects of the unlabelled corpus and of the labelled cohort.
     pretrain_epochs, epochs : int, default=10, 100
         Pretraining epochs; most training epochs per fold.
-    work_dir : path or None
+    work_dir : path or None, default=None
         Where the simulated data and the encoder go (kept); None: a temporary folder, removed.
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         As for :func:`~fmmtc_core.pretraining.pretrain` and :func:`~fmmtc_core.training.train`.
 
     Returns
@@ -85,7 +85,7 @@ def build_demo_model(
             "pretrained_on": f"simulated pain-agnostic corpus of {n_corpus} subjects "
                              f"(seed {seed + 1}), {pretrain_epochs} epochs, preset tiny",
             "log": json.loads((foundation / "pretrain_log.json").read_text())
-            | {"corpus": "simulated (temporary folder)"},
+            | {"corpus": "simulated (temporary folder)" if not work_dir else str(work)},
         }
         card["ground_truth"] = json.loads((cohort / "simulation.json").read_text())["planted"]
         card["build_command"] = (f"fmmtc build-demo --seed {seed} --subjects {n_subjects} "
@@ -93,5 +93,5 @@ def build_demo_model(
         (out / "model_card.json").write_text(json.dumps(card, indent=2))
         return metrics
     finally:
-        if work_dir is None:
+        if not work_dir:
             shutil.rmtree(work, ignore_errors=True)

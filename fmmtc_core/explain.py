@@ -3,11 +3,24 @@
 What is explained
 -----------------
 The ensemble's mean responder **logit** (before Platt calibration, which is a monotone map), as
-a function of the model's two inputs: the robust-scaled region time-series window ``X_T``
-(R x T) and the connectivity input ``X_C`` (R x R, Fisher z; for ``fc_input="gram"`` models the
-window's Gram matrix, held as its own input so the two branches are attributed separately).
-Gradients flow through the whole fused model, the frozen foundation encoder included: freezing
-stops parameter updates, not input gradients.
+a function of the model's two inputs: the time-series input ``X_T`` and the connectivity input
+``X_C`` (R x R, Fisher z; for ``fc_input="gram"`` models the windows' Gram matrix, held as its
+own input so the two branches are attributed separately). ``X_T`` is what the model was
+trained on (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.inputs`): every model input window
+of the scan (whole-scan models: the encoder's windows, after its resampling and scaling; the
+forward pass is the mean over windows of the encoder's embedding), or the robust-scaled centred
+window (R x T) of older models. Gradients flow through the whole fused model, the frozen
+foundation encoder included: freezing stops parameter updates, not input gradients. Window
+attributions are mapped back to the atlas's region order (channels summed) and laid end to end
+in time, so ``Explanation.ts`` is ``(R, W x L)``.
+
+Large encoders: Integrated Gradients runs the encoder forward and backward once per
+integration point and window, which for BrainLM-111M/650M on a CPU takes many minutes per
+scan. :func:`explain` therefore attributes the time-series input only when the encoder is small
+enough for the device (:data:`TS_IG_MAX_PARAMETERS`; ``ts_attribution=True`` forces it, with
+the steps capped at :data:`LARGE_ENCODER_STEPS`); otherwise the time series is held at the
+scan's value, only the connectivity is attributed, and the result says so
+(``baseline["ts"]`` is ``"held at the scan (not attributed)"``).
 
 Integrated Gradients (Sundararajan et al., 2017) integrates the gradient along the straight
 path from a baseline ``b`` to the input ``x``::
@@ -46,6 +59,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -61,10 +75,17 @@ __all__ = [
     "region_map",
     "auto_batch_size",
     "DEFAULT_STEPS",
+    "LARGE_ENCODER_STEPS",
+    "TS_IG_MAX_PARAMETERS",
 ]
 
 #: Gauss-Legendre node counts tried in turn until the completeness gap is small enough.
 DEFAULT_STEPS = (8, 16, 32, 64)
+#: Largest encoder (parameters) whose time-series input is attributed by default, per device
+#: type: IG costs one encoder forward and backward per integration point and window.
+TS_IG_MAX_PARAMETERS = {"cpu": 20_000_000, "cuda": 1_000_000_000, "mps": 200_000_000}
+#: The step schedule for an encoder above that size when ``ts_attribution=True`` forces it.
+LARGE_ENCODER_STEPS = (8,)
 
 Progress = Callable[[str, int, int, dict], None] | None
 
@@ -76,7 +97,9 @@ class Explanation:
     Attributes
     ----------
     ts : ndarray (R, T) or None
-        Attribution of every time-series window sample.
+        Attribution of every time-series input sample, atlas region order: the centred window
+        (older models), or the scan's windows laid end to end (``T = W x L`` samples at the
+        encoder's TR). None when the model has no TS branch or its input was not attributed.
     fc : ndarray (R, R) or None
         Attribution of every connectivity entry (both triangles).
     region_ts, region_fc, region_total : ndarray (R,)
@@ -203,21 +226,31 @@ def _share(ts, fc) -> dict:
 # --------------------------------------------------------------------------------------------
 # Integrated Gradients
 # --------------------------------------------------------------------------------------------
-def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool):
-    """F(inputs) -> mean fold logit (B,), with the frozen encoder run once per call."""
+def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool, fixed_ts: torch.Tensor | None = None):
+    """F(inputs) -> mean scaled fold logit (B,), with the frozen encoder run once per call.
+
+    ``fixed_ts`` (1, hidden): the TS embedding held fixed (the TS input is not an input of F).
+    """
     models = ens.models
     first = models[0]
     xyz = ens.xyz
+    # each fold model's logit divisor (FMMTCEnsemble.fold_scale; 1 for a hand-built ensemble)
+    scale = [float(v) for v in getattr(ens, "fold_scale", [1.0] * len(models))]
+    attributed_ts = use_ts and fixed_ts is None
 
     def forward(*inputs):
         it = iter(inputs)
-        window = next(it) if use_ts else None
+        window = next(it) if attributed_ts else None
         c = next(it) if use_fc else None
-        shared = first.embed_ts(window, xyz) if (use_ts and first.frozen_ts) else None
+        shared: torch.Tensor | None
+        if fixed_ts is not None:
+            shared = fixed_ts.expand(c.shape[0] if c is not None else 1, -1)
+        else:
+            shared = first.embed_ts(window, xyz) if (use_ts and first.frozen_ts) else None
         out = 0.0
-        for m in models:
+        for m, s in zip(models, scale):
             ts = shared if shared is not None else (m.embed_ts(window, xyz) if use_ts else None)
-            out = out + m.forward_features(ts, c)
+            out = out + m.forward_features(ts, c) / s
         return out / len(models)
 
     return forward
@@ -236,38 +269,52 @@ def _available_bytes(device: torch.device) -> int:
     return 2 << 30
 
 
-def auto_batch_size(ens) -> int:
+def auto_batch_size(ens, n_windows: int = 1) -> int:
     """Integration points per pass that fit the memory budget: 60 % of the free GPU memory,
     or a quarter of the available RAM (at most 8 GB) on the CPU; at most 32 on a GPU, 8 on CPU.
 
     The cost of one point is estimated from the encoder's geometry (activations kept for the
     backward pass: ~6 x hidden + 4 x FFN + 4 x heads x landmarks floats per token and layer,
-    calibrated on the demo and BrainLM-111M-sized encoders; see bench/bench_explain.py) plus
-    150 MB for the connectivity branch, the head and captum's copies of the inputs.
+    calibrated on the demo and BrainLM-111M-sized encoders; see bench/bench_explain.py; for a
+    ViT-MAE, its image patches are the tokens), times the ``n_windows`` windows a point
+    carries, plus 150 MB for the connectivity branch, the head and captum's copies of the
+    inputs.
     """
     first = ens.models[0]
     per_point = 150 << 20
     encoder = getattr(first, "ts_encoder", None)
     if encoder is not None:
-        c = encoder.config
-        tokens = c.num_brain_voxels * c.n_patches + 1
-        floats = (6 * c.hidden_size + 4 * c.intermediate_size
-                  + 4 * c.num_attention_heads * c.num_landmarks)
-        per_point += tokens * c.num_hidden_layers * floats * 4
+        per_point += _encoder_bytes(encoder) * max(1, int(n_windows))
     cap = 32 if ens.device.type == "cuda" else 8
     return int(max(1, min(cap, _available_bytes(ens.device) // per_point)))
 
 
+def _encoder_bytes(encoder) -> int:
+    """Activation bytes one window keeps for the backward pass (see :func:`auto_batch_size`)."""
+    from fmmtc_core.models.encoder_base import FoundationEncoder
+
+    c: Any = encoder.model.config if isinstance(encoder, FoundationEncoder) else encoder.config
+    if hasattr(c, "num_brain_voxels"):  # BrainLM: region x time-patch tokens
+        tokens = c.num_brain_voxels * c.n_patches + 1
+        attention = 4 * c.num_attention_heads * c.num_landmarks
+    else:  # ViT-MAE: image patches
+        side = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+        tokens = (side // c.patch_size) ** 2 + 1
+        attention = 4 * c.num_attention_heads * 64  # memory-efficient SDPA blocks
+    floats = 6 * c.hidden_size + 4 * c.intermediate_size + attention
+    return int(tokens * c.num_hidden_layers * floats * 4)
+
+
 def _baseline_arrays(ens, window, baseline_ts, baseline_fc):
-    r, t = window.shape
+    r = ens.models[0].config.n_regions
     if isinstance(baseline_ts, str):
         check_option("baseline_ts", baseline_ts, ("flat",))
-        b_ts, name_ts = np.zeros((r, t), np.float32), baseline_ts
+        b_ts, name_ts = np.zeros(window.shape, np.float32), baseline_ts
     else:
         b_ts = np.asarray(baseline_ts, dtype=np.float32)
-        if b_ts.shape != (r, t):
+        if b_ts.shape != window.shape:
             raise InvalidInputError(
-                f"baseline_ts has shape {b_ts.shape}; the window is {(r, t)}.")
+                f"baseline_ts has shape {b_ts.shape}; the window is {window.shape}.")
         name_ts = "custom"
     if isinstance(baseline_fc, str):
         check_option("baseline_fc", baseline_fc, ("cohort_mean", "zero"))
@@ -287,6 +334,33 @@ def _baseline_arrays(ens, window, baseline_ts, baseline_fc):
             raise InvalidInputError(f"baseline_fc has shape {b_fc.shape}; expected {(r, r)}.")
         name_fc = "custom"
     return b_ts, b_fc, {"ts": name_ts, "fc": name_fc}
+
+
+def _ts_attribution(ens, asked: bool | None, steps: tuple[int, ...],
+                    use_fc: bool) -> tuple[bool, tuple[int, ...], str | None]:
+    """Whether to attribute the TS input, the step schedule, and a note on the choice."""
+    from fmmtc_core.models.encoder_base import FoundationEncoder
+
+    if asked is False and not use_fc:
+        raise InvalidInputError("This model has only a time-series branch: ts_attribution=False "
+                                "would leave nothing to attribute.")
+    first = ens.models[0]
+    encoder = getattr(first, "ts_encoder", None)
+    if not isinstance(encoder, FoundationEncoder) or not first.frozen_ts:
+        return True if asked is None else bool(asked), steps, None
+    n = encoder.entry.n_parameters
+    limit = TS_IG_MAX_PARAMETERS.get(ens.device.type, TS_IG_MAX_PARAMETERS["cpu"])
+    large = n > limit
+    if asked is False or (asked is None and large and use_fc):
+        why = (f"time series not attributed: encoder {encoder.entry.name!r} has "
+               f"{encoder.entry.size} parameters, above {limit / 1e6:g} M on "
+               f"{ens.device.type}" if large else "time series not attributed (asked)")
+        return False, steps, why
+    if large:
+        capped = tuple(s for s in steps if s <= LARGE_ENCODER_STEPS[-1]) or LARGE_ENCODER_STEPS
+        return True, capped, (f"steps capped at {capped[-1]}: encoder {encoder.entry.name!r} "
+                              f"has {encoder.entry.size} parameters")
+    return True, steps, None
 
 
 def _is_real(value) -> bool:
@@ -324,6 +398,7 @@ def explain(
     n_top: int = 20,
     atlas: Atlas | None = None,
     progress: Progress = None,
+    ts_attribution: bool | None = None,
 ) -> Explanation:
     """Integrated Gradients attributions of the ensemble's prediction for one participant.
 
@@ -333,14 +408,17 @@ def explain(
         A loaded model folder (:func:`fmmtc_core.models.ensemble.load_model`). The explanation
         of the fold ensemble is the mean of the fold models' attributions (computed as the
         attribution of the mean logit, which is the same thing; see the module docstring).
-    window : ndarray (R, T)
-        Robust-scaled region time-series window of the model's length
-        (:func:`fmmtc_core.preprocess.prepare`).
+    window : ndarray
+        The scan's time-series input, ``ens.inputs(signals).window``
+        (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.inputs`): every encoder window
+        ``(W, ...)`` for whole-scan models, the robust-scaled ``(R, T)`` centred window of the
+        model's length for older ones.
     fc : ndarray (R, R) or None
-        Fisher-z connectivity of the cleaned scan (:func:`fmmtc_core.preprocess.prepare`;
-        ignored by ``fc_input="gram"`` models, whose connectivity input is the window's Gram
-        matrix).
-    baseline_ts : "flat" or ndarray (R, T)
+        Fisher-z connectivity of the cleaned scan (the same
+        :meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.inputs`; ignored by
+        ``fc_input="gram"`` models, whose connectivity input is the windows' Gram matrix).
+    baseline_ts : "flat" or ndarray, the shape of ``window``
+        ``"flat"``: zeros, every region at its median after the encoder's scaling.
     baseline_fc : "cohort_mean", "zero" or ndarray (R, R)
     rel_tol : float, default=0.01
         Stop raising the number of steps once ``|gap| <= rel_tol * |F(x) - F(b)|``; a finite
@@ -359,6 +437,12 @@ def explain(
         Region names and networks; default: the model's atlas.
     progress : callable(stage, done, total, info) or None
         Called after each attempt with ``info = {"steps": n, "gap": rel_gap}``.
+    ts_attribution : bool or None, default=None
+        Attribute the time-series input. None: when the encoder has at most
+        :data:`TS_IG_MAX_PARAMETERS` parameters for the device (else the time series is held
+        at the scan's value and only the connectivity is attributed; ``settings`` says why).
+        True forces it; above that size the steps are then capped at
+        :data:`LARGE_ENCODER_STEPS`.
 
     Returns
     -------
@@ -388,15 +472,28 @@ def explain(
     use_ts, use_fc = first.config.use_ts, first.config.use_fc
     window = np.asarray(window, dtype=np.float32)
     r = first.config.n_regions
-    if window.ndim != 2 or window.shape[0] != r:
-        raise InvalidInputError(
-            f"The window must have shape ({r}, T) for this model, got {window.shape}.")
-    if window.shape[1] != ens.window:
-        raise InvalidInputError(
-            f"The window has {window.shape[1]} samples; this model takes {ens.window}.")
+    encoder = getattr(ens, "encoder", None) if getattr(ens, "whole_scan", False) else None
+    if encoder is not None:
+        from fmmtc_core.models.fmmtc import scans_gram, window_shape
+
+        shape = window_shape(encoder)
+        if window.ndim != len(shape) + 1 or window.shape[1:] != shape:
+            raise InvalidInputError(
+                f"This model takes every window of a scan, shape (W, "
+                f"{', '.join(map(str, shape))}) (FMMTCEnsemble.inputs); got {window.shape}.")
+    else:
+        if window.ndim != 2 or window.shape[0] != r:
+            raise InvalidInputError(
+                f"The window must have shape ({r}, T) for this model, got {window.shape}.")
+        if window.shape[1] != ens.window:
+            raise InvalidInputError(
+                f"The window has {window.shape[1]} samples; this model takes {ens.window}.")
     if use_fc:
         if first.config.fc_input == "gram":
-            fc = window @ window.T / window.shape[1]
+            if encoder is not None:
+                fc = scans_gram(encoder, torch.from_numpy(window)[None])[0].numpy()
+            else:
+                fc = window @ window.T / window.shape[1]
         elif fc is None:
             raise InvalidInputError("This model needs the connectivity matrix (fc).")
         fc = np.asarray(fc, dtype=np.float32)
@@ -409,18 +506,29 @@ def explain(
         baseline.pop("ts")
     if not use_fc:
         baseline.pop("fc")
+    ts_note = None
+    if use_ts:
+        ts_attribution, steps, ts_note = _ts_attribution(ens, ts_attribution, steps, use_fc)
+        if not ts_attribution:
+            baseline["ts"] = "held at the scan (not attributed)"
 
     dev = ens.device
     xs, bs = [], []
-    if use_ts:
-        xs.append(torch.from_numpy(window)[None].to(dev))
+    x_ts = torch.from_numpy(window)[None].to(dev)
+    fixed_ts = None
+    if use_ts and ts_attribution:
+        xs.append(x_ts)
         bs.append(torch.from_numpy(b_ts)[None].to(dev))
+    elif use_ts:
+        with torch.no_grad():
+            fixed_ts = first.embed_ts(x_ts, ens.xyz).detach()
     if use_fc:
         xs.append(torch.from_numpy(fc)[None].to(dev))
         bs.append(torch.from_numpy(b_fc)[None].to(dev))
-    forward = _ensemble_logit_fn(ens, use_ts, use_fc)
+    forward = _ensemble_logit_fn(ens, use_ts, use_fc, fixed_ts)
     if internal_batch_size is None:
-        internal_batch_size = auto_batch_size(ens)
+        internal_batch_size = auto_batch_size(
+            ens, window.shape[0] if encoder is not None and fixed_ts is None else 1)
     with torch.no_grad():
         f_x = float(forward(*xs)[0])
         f_b = float(forward(*bs)[0])
@@ -439,9 +547,15 @@ def explain(
             progress("explain", k + 1, len(steps), {"steps": int(n), "gap": rel_gap})
         if gap_abs <= tol:
             break
-    attrs = [a[0].detach().float().cpu().numpy() for a in attrs]
-    a_ts = attrs.pop(0) if use_ts else None
-    a_fc = attrs.pop(0) if use_fc else None
+    attrs_t = [a[0].detach().float() for a in attrs]
+    a_ts = None
+    if use_ts and ts_attribution:
+        t_ts = attrs_t.pop(0)
+        if encoder is not None:  # (W, ...) -> (R, W * L), atlas order, channels summed
+            t_ts = encoder.to_atlas_order(t_ts, "sum").permute(1, 0, 2)
+            t_ts = t_ts.reshape(t_ts.shape[0], -1)
+        a_ts = t_ts.cpu().numpy()
+    a_fc = attrs_t.pop(0).cpu().numpy() if use_fc else None
 
     atlas = atlas or load_atlas(ens.atlas)
     if atlas.n_regions != r:
@@ -458,7 +572,8 @@ def explain(
         settings={"method": "integrated_gradients", "quadrature": "gausslegendre",
                   "rel_tol": rel_tol, "abs_tol": abs_tol, "schedule": [int(s) for s in steps],
                   "internal_batch_size": int(internal_batch_size), "target": "mean fold logit",
-                  "baseline": baseline},
+                  "baseline": baseline, "ts_attribution": bool(use_ts and ts_attribution),
+                  **({"ts_note": ts_note} if ts_note else {})},
     )
 
 

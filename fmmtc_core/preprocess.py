@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from fmmtc_core.atlas import Atlas, load_atlas
 from fmmtc_core.config import BAND_PASS_HZ, FD_THRESHOLD_MM, STD_DVARS_THRESHOLD
 from fmmtc_core.connectivity import connectivity
 from fmmtc_core.io import Scan
+
+if TYPE_CHECKING:  # torch loads only when an encoder is used
+    from fmmtc_core.models.encoder_base import FoundationEncoder, WindowPlan
 
 __all__ = [
     "RegionSignals",
@@ -47,6 +50,7 @@ __all__ = [
     "robust_scale",
     "prepare",
     "preprocessing_card",
+    "windows_gram",
     "MIN_ATLAS_OVERLAP",
     "CONFOUND_STRATEGIES",
 ]
@@ -641,19 +645,29 @@ class ModelInputs:
 
     Attributes
     ----------
-    window : ndarray (R, T) float32
-        Robust-scaled region time-series window (regions x samples).
+    window : ndarray float32
+        The time-series branch's input. Centred-window path (``prepare(signals, length)``):
+        ``(R, T)``, the robust-scaled centred window (regions x samples, atlas order).
+        Encoder path (``prepare(signals, encoder)``): ``(W, ...)``, every model input window of
+        the scan as :meth:`~fmmtc_core.models.encoder_base.FoundationEncoder.windows` returns
+        them (``(W, R, L)`` for BrainLM encoders, ``(W, 3, R, L)`` for ViT-MAE; rows in the
+        encoder's region order).
     fc : ndarray (R, R) float32 or None
-        Fisher-z functional connectivity of the whole cleaned series; None when not asked for.
+        Fisher-z functional connectivity: of the whole cleaned series (centred-window path) or
+        of the samples the windows cover (encoder path); None when not asked for.
+    plan : WindowPlan or None
+        Encoder path: resampling, windows, padding and the span of the scan they cover; None
+        on the centred-window path.
     """
 
     window: np.ndarray
     fc: np.ndarray | None
+    plan: WindowPlan | None = None
 
 
 def prepare(
     signals: RegionSignals,
-    length: int,
+    length: int | FoundationEncoder,
     *,
     rng: np.random.Generator | None = None,
     with_fc: bool = True,
@@ -667,11 +681,16 @@ def prepare(
     ----------
     signals : RegionSignals
         Cleaned region signals (:func:`clean`).
-    length : int
-        Window length in samples (the model's ``window``).
+    length : int or FoundationEncoder
+        An int: the centred-window path (models trained before whole-scan embeddings, the
+        encoder trained from scratch, pretraining): one window of ``length`` samples at the
+        scan's own sampling. A :class:`~fmmtc_core.models.encoder_base.FoundationEncoder`: the
+        whole-scan path: the encoder's own preprocessing (resampling to its TR, its
+        normalisation, every non-overlapping window, its region order) and the connectivity
+        of the span the windows cover.
     rng : numpy.random.Generator or None, default=None
-        Crop the window at a random position drawn from ``rng`` (pretraining's augmentation);
-        None crops it centred (training, evaluation, screening). A series no longer than
+        Centred-window path only: crop the window at a random position drawn from ``rng``
+        (pretraining's augmentation); None crops it centred. A series no longer than
         ``length`` is never cropped (and draws nothing from ``rng``).
     with_fc : bool, default=True
         Compute the connectivity (pretraining needs only windows).
@@ -679,45 +698,125 @@ def prepare(
     Returns
     -------
     ModelInputs
-        ``window`` from :func:`make_window` at the scan's own sampling; ``fc`` the Pearson
-        correlation of the whole cleaned series, Fisher z
-        (:func:`fmmtc_core.connectivity.connectivity`).
+        Centred-window path: ``window`` from :func:`make_window` at the scan's own sampling,
+        ``fc`` the Pearson correlation of the whole cleaned series, Fisher z
+        (:func:`fmmtc_core.connectivity.connectivity`). Encoder path: ``window`` the encoder's
+        windows, ``fc`` the same Fisher-z Pearson connectivity over
+        ``signals.data[plan.span[0]:plan.span[1]]``, ``plan`` the encoder's
+        :class:`~fmmtc_core.models.encoder_base.WindowPlan`.
+
+    Raises
+    ------
+    InvalidInputError
+        Encoder path: the scan's atlas is not the encoder's (another region count or label
+        order; :meth:`~fmmtc_core.models.encoder_base.FoundationEncoder.check_atlas`), an
+        ``rng``, or statistics the encoder needs and does not have.
     """
-    start: int | str = "center"
-    n = signals.n_volumes
-    if rng is not None and n > length:
-        start = int(rng.integers(0, n - length + 1))
-    window = make_window(signals, length, start=start, **_WINDOW_ARGS)
-    fc = connectivity(signals, **_FC_ARGS) if with_fc else None
-    return ModelInputs(window=window, fc=fc)
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
+        start: int | str = "center"
+        n = signals.n_volumes
+        if rng is not None and n > length:
+            start = int(rng.integers(0, n - length + 1))
+        window = make_window(signals, int(length), start=start, **_WINDOW_ARGS)
+        fc = connectivity(signals, **_FC_ARGS) if with_fc else None
+        return ModelInputs(window=window, fc=fc)
+    encoder = cast("FoundationEncoder", length)
+    if rng is not None:
+        raise InvalidInputError(
+            "Random crops (rng) belong to the centred-window path (pretraining); an encoder "
+            "embeds every window of the scan.")
+    encoder.check_atlas(signals.atlas)
+    plan = encoder.plan(signals.n_volumes, signals.tr)
+    windows = encoder.windows(signals.data, signals.tr).numpy()
+    fc = None
+    if with_fc:
+        start_, stop = plan.span
+        fc = connectivity(signals.data[start_:stop], **_FC_ARGS)
+    return ModelInputs(window=windows, fc=fc, plan=plan)
 
 
-def preprocessing_card(cleaning: CleaningSettings, length: int) -> dict:
+def windows_gram(encoder: FoundationEncoder, windows: np.ndarray) -> np.ndarray:
+    """The paper's Gram input for the encoder path: the mean over windows of ``w w^T / L``.
+
+    Parameters
+    ----------
+    encoder : FoundationEncoder
+    windows : ndarray (W, ...)
+        As ``prepare(signals, encoder).window``.
+
+    Returns
+    -------
+    ndarray (R, R) float32
+        In the atlas's region order (channels averaged).
+    """
+    import torch
+
+    w = encoder.to_atlas_order(torch.as_tensor(windows, dtype=torch.float32), "mean")
+    return (w @ w.transpose(1, 2) / w.shape[-1]).mean(0).numpy().astype(np.float32)
+
+
+def preprocessing_card(cleaning: CleaningSettings, length: int | FoundationEncoder, *,
+                       scaling: dict | None = None) -> dict:
     """The ``preprocessing`` block of a model card: the settings of the code that ran.
 
     Parameters
     ----------
     cleaning : CleaningSettings
         What the cohort was cleaned with.
-    length : int
-        The window length given to :func:`prepare`.
+    length : int or FoundationEncoder
+        What was given to :func:`prepare`: a window length (centred-window path) or the
+        encoder (whole-scan path).
+    scaling : dict or None
+        Encoder path: where the encoder's global robust-scaling statistics came from (recorded
+        under ``encoder``).
 
     Returns
     -------
     dict
         ``parcellation``, ``cleaning`` (the arguments of :func:`clean`), ``window`` (length,
-        crop and the arguments of :func:`make_window`, with their meaning in words) and
-        ``connectivity`` (the arguments of :func:`~fmmtc_core.connectivity.connectivity`).
+        crop, scaling and TR, in words) and ``connectivity`` (the arguments of
+        :func:`~fmmtc_core.connectivity.connectivity`). The encoder path adds ``encoder``:
+        the registry ``entry``, its ``preprocessing`` parameters, their ``sources``, the
+        ``preprocessing_hash`` (checkpoint digest + every parameter), the ``precision`` and
+        ``scaling``; and the connectivity's ``span``.
     """
-    target_tr = _WINDOW_ARGS["target_tr"]
+    common = {"parcellation": "mean of voxels per region",  # parcellate() has no other
+              "cleaning": asdict(cleaning)}
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
+        target_tr = _WINDOW_ARGS["target_tr"]
+        return {
+            **common,
+            "window": {
+                "length": int(length), "crop": "centred", **_WINDOW_ARGS,
+                "scaling": "per-region median/IQR" if _WINDOW_ARGS["scale"] else "none",
+                "tr": ("native sampling (no resampling)" if target_tr is None
+                       else f"resampled to TR {target_tr:g} s"),
+            },
+            "connectivity": dict(_FC_ARGS),
+        }
+    encoder = cast("FoundationEncoder", length)
+    e = encoder.entry
+    whole = e.window_pooling == "mean"
     return {
-        "parcellation": "mean of voxels per region",  # parcellate() has no other strategy
-        "cleaning": asdict(cleaning),
+        **common,
         "window": {
-            "length": int(length), "crop": "centred", **_WINDOW_ARGS,
-            "scaling": "per-region median/IQR" if _WINDOW_ARGS["scale"] else "none",
-            "tr": ("native sampling (no resampling)" if target_tr is None
-                   else f"resampled to TR {target_tr:g} s"),
+            "length": int(e.window),
+            "crop": "every non-overlapping window (whole scan)" if whole else "centred",
+            "pooling": ("mean of the per-window embeddings" if whole
+                        else "the centred window's embedding"),
+            "scaling": ("per-region median/IQR fitted on a cohort" if e.normalisation ==
+                        "global-robust" else "per-region median/IQR over each window")
+            + (f", then / {e.max_value:g}" if e.max_value != 1 else ""),
+            "tr": ("native sampling (no resampling)" if e.tr is None
+                   else f"resampled to TR {e.tr:g} s (linear) when the scan's differs"),
         },
-        "connectivity": dict(_FC_ARGS),
+        "encoder": {
+            "entry": e.name,
+            "preprocessing": e.preprocessing(),
+            "sources": dict(e.sources),
+            "preprocessing_hash": encoder.preprocessing_hash,
+            "precision": encoder.precision,
+            "scaling": scaling,
+        },
+        "connectivity": {**_FC_ARGS, "span": "the samples the windows cover"},
     }

@@ -28,7 +28,7 @@ from fmmtc_core.bids import read_cohort
 from fmmtc_core.explain import Explanation, explain
 from fmmtc_core.io import Scan
 from fmmtc_core.pipeline import load_and_clean, scan_name
-from fmmtc_core.preprocess import RegionSignals, prepare
+from fmmtc_core.preprocess import RegionSignals
 from fmmtc_core.qc import QCReport, QCThresholds, qc_report
 from fmmtc_core.store.repository import default_operator
 from fmmtc_core.summary import ScreeningSummary
@@ -83,7 +83,7 @@ class Analysis:
     decision: str
     thresholds: dict
     explanation: Explanation | None
-    window: np.ndarray
+    window: np.ndarray  # the TS input the model took (ModelInputs.window)
     fc: np.ndarray
     stage_seconds: dict = field(default_factory=dict)
 
@@ -150,7 +150,7 @@ def analyse(
     assert prep.signals is not None and prep.qc is not None
     times = dict(prep.stage_seconds)
     t0 = time.perf_counter()
-    inputs = prepare(prep.signals, model.window)
+    inputs = model.inputs(prep.signals)  # the one path: as the model was trained
     assert inputs.fc is not None  # prepare computes the connectivity by default
     for name, arr in (("time-series window", inputs.window), ("connectivity", inputs.fc)):
         if arr is not None and _nonfinite(arr):

@@ -8,10 +8,15 @@
 - :func:`evaluate`: scores a model folder on another cohort (cross-dataset transfer).
 
 Inputs come from the one path every model input takes: a cohort's scans are loaded and cleaned
-by :func:`fmmtc_core.pipeline.prepare_cohort` and turned into windows and connectivity by
-:func:`fmmtc_core.preprocess.prepare`. The frozen encoder's CLS embeddings are computed once per
-subject and cached, so training costs little beyond the FC branch. Everything is seeded; on CPU
-the results are reproducible. Pretraining the encoder is :mod:`fmmtc_core.pretraining`.
+by :func:`fmmtc_core.pipeline.prepare_cohort` and turned into model inputs by
+:func:`fmmtc_core.preprocess.prepare` with the frozen foundation encoder
+(:func:`fmmtc_core.models.registry.load_encoder`): its own preprocessing, every window of the
+scan, and the connectivity of the span the windows cover, as screening and explanation do. The
+encoder's whole-scan embeddings (mean over windows) are computed once per scan and cached on
+disk (:class:`~fmmtc_core.models.embedding_cache.EmbeddingCache`, keyed by checkpoint +
+preprocessing hash + scan), so reruns never recompute them and training costs little beyond the
+FC branch. Everything is seeded; on CPU the results are reproducible. Pretraining the encoder is
+:mod:`fmmtc_core.pretraining`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -28,20 +34,38 @@ from typing import cast
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from fmmtc_core import __version__
 from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.bids import read_cohort
-from fmmtc_core.models.device import autocast, seed_all, select_device
-from fmmtc_core.models.ensemble import fit_platt, load_model, platt, write_model_folder
+from fmmtc_core.evaluation import (
+    _fit_platt,
+    auc_interval,
+    cross_fitted_platt,
+    permutation_p_value,
+    platt_bootstrap,
+    signal_warnings,
+)
+from fmmtc_core.models.device import autocast, deterministic, seed_all, select_device
+from fmmtc_core.models.embedding_cache import EmbeddingCache
+from fmmtc_core.models.encoder_base import FoundationEncoder
+from fmmtc_core.models.ensemble import load_model, write_model_folder
+from fmmtc_core.models.fc_encoder import NetworkEncoder
 from fmmtc_core.models.fmmtc import FMMTC, PRESETS, FMMTCConfig
-from fmmtc_core.models.foundation import BrainLMConfig, load_foundation
+from fmmtc_core.models.foundation import BrainLMConfig
 from fmmtc_core.pipeline import prepare_cohort
-from fmmtc_core.preprocess import CleaningSettings, RegionSignals, prepare, preprocessing_card
+from fmmtc_core.preprocess import (
+    CleaningSettings,
+    RegionSignals,
+    prepare,
+    preprocessing_card,
+    windows_gram,
+)
 
-__all__ = ["train", "evaluate", "binary_metrics"]
+__all__ = ["train", "evaluate", "binary_metrics", "TrainingWarning"]
 
 Progress = Callable[[str, int, int, dict], None] | None
 
@@ -78,24 +102,92 @@ def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> d
     }
 
 
-def _calibrate(oof: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
-    """Platt ``(a, b)`` fitted on out-of-fold logits, and a note for the card."""
-    a, b = fit_platt(oof, y)
-    if a > 0:
-        return a, b, "fitted"
-    # Out-of-fold logits do not rank responders above non-responders: a negative slope would
-    # invert the model. Predict the base rate instead, and say so in the card.
-    return 0.0, float(np.log(y.mean() / (1 - y.mean()))), (
-        "slope <= 0 on out-of-fold logits: the model carries no cross-validated signal; "
-        "probabilities are the base rate")
-
-
 def _stack_inputs(subjects: list[RegionSignals], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Centred windows (N, R, length) and connectivity (N, R, R) of cleaned signals."""
     inputs = [prepare(s, length) for s in subjects]
     return (np.stack([x.window for x in inputs]).astype(np.float32),
             # prepare() computes the connectivity by default: fc is never None here.
             np.stack([cast(np.ndarray, x.fc) for x in inputs]).astype(np.float32))
+
+
+class _CountingCache(EmbeddingCache):
+    """The embedding cache, counting hits and misses (reported in the model card)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        out = super().get(key)
+        if out is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return out
+
+
+def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals], *,
+                      gram: bool, cohort_name: str,
+                      progress: Progress) -> tuple[dict, dict, dict]:
+    """Whole-scan inputs of a cohort through the frozen encoder (the path screening takes).
+
+    Returns ``(feats, scaling, embeddings)``: ``feats`` holds numpy ``ts`` (N, hidden) scan
+    embeddings, ``fc`` (N, R, R) Fisher-z connectivity of the span the windows cover and, when
+    ``gram``, the windows' mean Gram matrices; ``scaling`` and ``embeddings`` are what the card
+    records of the robust-scaling statistics and of the embedding run.
+    """
+    scaling: dict = {"needed": encoder.needs_scaling}
+    if encoder.needs_scaling:
+        if encoder.scaling is None:
+            # Label-free statistics of the training cohort (no outcome enters them), as the
+            # reference fits them on its training set; stored with the model.
+            stats = encoder.fit_scaling([s.data for s in subjects],
+                                        note=f"fmmtc train on {cohort_name}")
+            scaling |= {"fitted_on": "this training cohort: per-region median and IQR of every "
+                                     "sample of its cleaned scans (label-free: outcomes unused)"}
+        else:
+            stats = encoder.scaling
+            scaling |= {"fitted_on": "the checkpoint folder's robust_scaling.json"
+                                     + (f" ({stats.note})" if stats.note else "")}
+        scaling |= {"n_scans": stats.n_scans, "n_samples": stats.n_samples,
+                    "digest": stats.digest, "file": "foundation/robust_scaling.json"}
+    fcs, grams, n_windows = [], [], 0
+    for s in subjects:
+        inputs = prepare(s, encoder)
+        assert inputs.fc is not None and inputs.plan is not None  # the encoder path sets both
+        fcs.append(inputs.fc)
+        n_windows += inputs.plan.n_windows
+        if gram:
+            grams.append(windows_gram(encoder, inputs.window))
+    cache = _CountingCache()
+    t0 = time.perf_counter()
+    ts = encoder.embed_cohort(
+        [s.data for s in subjects], [s.tr for s in subjects], cache=cache,
+        progress=(lambda i, n: progress("embed", i, n, {})) if progress else None)
+    embeddings = {"scans": len(subjects), "windows": n_windows, "computed": cache.misses,
+                  "cached": cache.hits, "seconds": round(time.perf_counter() - t0, 2),
+                  "precision": encoder.precision}
+    feats = {"ts": ts, "fc": np.stack(fcs).astype(np.float32)}
+    if gram:
+        feats["gram"] = np.stack(grams).astype(np.float32)
+    return feats, scaling, embeddings
+
+
+def _check_encoder_atlas(foundation, note: str, atlas_obj) -> None:
+    """Refuse an encoder whose region count is not the atlas's before anything is loaded."""
+    from fmmtc_core.models.registry import inspect_encoder
+
+    entry = inspect_encoder(foundation)["entry"]
+    if entry["n_regions"] == atlas_obj.n_regions:
+        return  # labels and names are checked by load_encoder
+    hint = (" parcellate with the A424 atlas of your BrainLM download (--atlas A424+2mm.nii.gz "
+            "--coordinates A424_Coordinates.dat)" if entry["atlas"] == "A424" else
+            f" pass --foundation DIR with an encoder pretrained on {atlas_obj.name} (see "
+            "`fmmtc pretrain`)")
+    raise InvalidInputError(
+        f"The foundation encoder {note} takes {entry['n_regions']} regions, but the atlas "
+        f"{atlas_obj.name} has {atlas_obj.n_regions} (the encoder expects {entry['atlas']}):"
+        f"{hint}, or --modalities fc.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +238,7 @@ def _fit_fold(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int, *,
             opt.zero_grad()
             with autocast(device):
                 logits = _logits(model, feats, b)
-            loss = loss_fn(logits.float(), yt[b])
+            loss = loss_fn(logits.float(), yt[b]) + model.penalty()
             loss.backward()
             opt.step()
         model.eval()
@@ -154,13 +246,16 @@ def _fit_fold(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int, *,
             val = loss_fn(_logits(model, feats, va), yt[va]).item()
         if val < best - 1e-4:
             best, wait = val, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # the frozen encoder never changes: copying it at every improvement would cost
+            # its size in memory each time (450 MB for BrainLM-111M)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                          if not (model.frozen_ts and k.startswith("ts_encoder."))}
         else:
             wait += 1
             if wait >= patience:
                 break
     assert best_state is not None, "no epoch gave a finite validation loss"
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=not model.frozen_ts)
     model.eval()
     return {"val_loss": best}
 
@@ -190,6 +285,7 @@ def train(
     no_foundation: bool = False,
     preset: str = "default",
     atlas: str = "hcpex",
+    coordinates: str | os.PathLike | None = None,
     epochs: int = 100,
     patience: int = 15,
     batch_size: int = 8,
@@ -199,6 +295,9 @@ def train(
     device: torch.device | str | None = None,
     progress: Progress = None,
     subjects: list[RegionSignals] | None = None,
+    repeats: int = 1,
+    permutations: int = 0,
+    threads: int | None = None,
 ) -> dict:
     """Cross-validated training; writes a model folder and returns its metrics.
 
@@ -210,16 +309,23 @@ def train(
         Model folder to write (:func:`fmmtc_core.models.ensemble.write_model_folder`), plus
         ``metrics.json`` and ``oof_predictions.tsv``.
     foundation : path or None
-        Pretrained encoder folder (needed when the TS branch is used, unless ``no_foundation``).
+        Pretrained encoder folder for the TS branch; None uses the bundled demo encoder
+        (pretrained on simulated data only), which the console and the card state.
     folds, seed : int, default=5, 0
     modalities : {"ts+fc", "ts", "fc"}, default="ts+fc"
     no_foundation : bool, default=False
         Train the TS encoder from scratch (the paper's "without foundation model" ablation):
         the architecture of ``foundation`` when given (its weights are not used), else the
         ``tiny`` preset.
-    preset : {"default", "paper"}, default="default"
+    preset : {"default", "paper", "small"}, default="default"
         FC encoder design (see :data:`fmmtc_core.models.fmmtc.PRESETS`).
-    atlas : str, default="hcpex"
+    atlas : str or path, default="hcpex"
+        A bundled atlas, or the path of a label image (e.g. ``A424+2mm.nii.gz`` of a BrainLM
+        download for the A424 encoders).
+    coordinates : path or None, default=None
+        A region coordinate table for the encoder (BrainLM's ``A424_Coordinates.dat``; needed
+        by the A424 encoders unless the checkpoint folder holds a copy); copied into the model
+        folder.
     epochs, patience, batch_size : int, default=100, 15, 8
         Per fold: the most epochs, epochs without improvement of the inner validation loss
         before stopping, and the batch size.
@@ -232,17 +338,36 @@ def train(
     device : torch.device, str or None
         Default :func:`~fmmtc_core.models.device.select_device`.
     progress : callable(stage, done, total, info) or None
-        ``("prepare", i, n, {})`` per subject, then ``("train", k, folds, {})`` per fold.
+        ``("prepare", i, n, {})`` per subject, ``("embed", i, n, {})`` per scan embedded by the
+        frozen encoder, then ``("train", k, folds, {})`` per fold.
     subjects : list of RegionSignals or None
         Already cleaned signals of the cohort, in its order (the ablation study reuses them
         across runs): :func:`~fmmtc_core.pipeline.prepare_cohort` with the same ``atlas`` and
         ``cleaning``.
+    repeats : int, default=1
+        Repetitions of the K-fold cross-validation with different splits (seeds ``seed``,
+        ``seed + 1``, ...). Every fold model of every repeat joins the deployed ensemble, and
+        the out-of-fold score of a participant is the mean over repeats.
+    permutations : int, default=0
+        Label permutations for a permutation p-value of the out-of-fold AUC; each re-runs the
+        whole cross-validation (costly: ``permutations x folds`` fits).
+    threads : int or None, default=None
+        Fix torch's thread count and use deterministic algorithms while training, so the same
+        command gives the same bytes on any machine (None: torch's defaults).
 
     Returns
     -------
     dict
-        Out-of-fold metrics (:func:`binary_metrics`) of the calibrated probabilities.
+        Out-of-fold metrics (:func:`binary_metrics`) of the cross-fitted calibrated
+        probabilities, plus ``auc_ci95`` (bootstrap over participants), ``auc_per_repeat``,
+        ``permutation`` (when asked) and ``warnings`` (empty unless the model found no usable
+        signal; they are also issued as :class:`TrainingWarning`).
     """
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}.")
+    if not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 0:
+        raise InvalidInputError(
+            f"permutations must be a non-negative integer, got {permutations!r}.")
     t0 = time.perf_counter()
     modalities = check_option("modalities", modalities, ("ts+fc", "ts", "fc"))
     preset = check_option("preset", preset, tuple(PRESETS))
@@ -251,14 +376,28 @@ def train(
     # A str ("cpu") becomes a torch.device: autocast() and the models read device.type.
     device = torch.device(device) if device else select_device()
     uses_ts = "ts" in modalities
-    encoder = None
+    encoder: FoundationEncoder | None = None
+    foundation_note = None
     if uses_ts and not no_foundation:
+        from fmmtc_core.models.foundation import read_json_object
+        from fmmtc_core.models.registry import load_encoder
+
         if foundation is None:
-            raise InvalidInputError(
-                "The TS branch needs a pretrained foundation model: pass --foundation DIR "
-                "(see `fmmtc pretrain`), or --no-foundation, or --modalities fc.")
-        encoder = load_foundation(foundation, encoder_only=True, device=device)
-        fcfg = encoder.config.to_dict()
+            from fmmtc_core.config import default_model_dir
+
+            foundation = Path(default_model_dir()) / "foundation"
+            foundation_note = (f"the bundled demo encoder ({foundation}), pretrained on "
+                               "simulated data only")
+        else:
+            foundation_note = str(Path(foundation).resolve())
+        _check_encoder_atlas(foundation, foundation_note, atlas_obj)
+        # The atlas with the coordinate table (A424 row order / coordinates); the scans are
+        # parcellated with atlas_obj itself.
+        enc_atlas = (atlas_obj if coordinates is None
+                     else load_atlas(atlas, coordinates_file=coordinates))
+        encoder = load_encoder(foundation, device, atlas=enc_atlas, token_pooling=ts_pooling)
+        cfg_file = Path(foundation) / "config.json"
+        fcfg = read_json_object(cfg_file, str(cfg_file), "a model config object")
     elif foundation is not None:  # no_foundation: the same architecture, random weights
         cfg_path = Path(foundation) / "config.json"
         if not cfg_path.exists():
@@ -267,49 +406,84 @@ def train(
                                 if k != "model_type"}).to_dict()
     else:
         fcfg = BrainLMConfig.tiny(num_brain_voxels=atlas_obj.n_regions).to_dict()
-    length = int(fcfg["num_timepoints_per_voxel"])
+    length = encoder.entry.window if encoder is not None else int(
+        fcfg["num_timepoints_per_voxel"])
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before training
     if subjects is None:
         subjects = prepare_cohort(cohort, atlas_obj, progress, cleaning=cleaning)
     y = cohort.participants["responder"].to_numpy()
     groups = cohort.participants["site"].astype(str).to_numpy() if "site" in cohort.participants else None
-    window_np, fc_np = _stack_inputs(subjects, length)
-    windows = torch.from_numpy(window_np)
     xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
-    feats = {
-        "window": windows.to(device),
-        "fc": torch.from_numpy(fc_np).float().to(device),
-        "gram": (windows @ windows.transpose(1, 2) / length).to(device),
-        "xyz": xyz.to(device),
-    }
-    if encoder is not None:
-        with torch.no_grad(), autocast(device):  # frozen embeddings, once per subject
-            feats["ts"] = torch.cat([encoder.embed(windows[i : i + 16].to(device), feats["xyz"],
-                                                   pooling=ts_pooling)
-                                     for i in range(0, len(windows), 16)]).float()
+    feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
+    scaling_card = embeddings_card = None
+    if encoder is not None:  # whole scans through the frozen encoder: the screening path
+        arrays, scaling_card, embeddings_card = _encoder_features(
+            encoder, subjects, gram=PRESETS[preset]["fc_input"] == "gram",
+            cohort_name=Path(cohort_dir).name, progress=progress)
+        feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
+    else:  # connectivity only, or an encoder trained from scratch: the centred window
+        window_np, fc_np = _stack_inputs(subjects, length)
+        windows = torch.from_numpy(window_np)
+        feats |= {
+            "window": windows.to(device),
+            "fc": torch.from_numpy(fc_np).float().to(device),
+            "gram": (windows @ windows.transpose(1, 2) / length).to(device),
+        }
     config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
                          foundation="scratch" if no_foundation else "pretrained",
-                         foundation_config=fcfg, ts_pooling=ts_pooling, **PRESETS[preset])
-    splits, split_how = _splits(y, groups, folds, seed)
-    oof = np.zeros(len(y))
-    fold_of = np.zeros(len(y), dtype=int)
-    fold_states = []
-    for k, (train_idx, test_idx) in enumerate(splits):
-        seed_all(seed * 1000 + k)
-        model = FMMTC(config, encoder if (uses_ts and not no_foundation) else None).to(device)
-        _fit_fold(model, feats, y, train_idx, seed * 1000 + k, epochs=epochs,
-                  patience=patience, batch_size=batch_size, lr=lr, device=device)
-        with torch.no_grad():
-            oof[test_idx] = _logits(model, feats, test_idx).cpu().numpy()
-        fold_of[test_idx] = k
-        fold_states.append({n: v.detach().cpu().contiguous()
-                            for n, v in model.state_dict().items()
-                            if not (model.frozen_ts and n.startswith("ts_encoder."))})
-        if progress:
-            progress("train", k + 1, len(splits), {})
-    a, b, calibration_note = _calibrate(oof, y)
-    prob = platt(oof, a, b)
-    metrics = binary_metrics(y, prob)
+                         foundation_config=fcfg, ts_pooling=ts_pooling,
+                         encoder_entry=encoder.entry.name if encoder is not None else "",
+                         encoder_hash=encoder.preprocessing_hash if encoder is not None else "",
+                         **PRESETS[preset])
+    fit_kw = {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+              "device": device}
+    shared = encoder if (uses_ts and not no_foundation) else None
+    with deterministic(threads):
+        runs = []
+        for r in range(repeats):
+            splits, split_how = _splits(y, groups, folds, seed + r)
+            runs.append(_cross_validate(config, shared, feats, y, splits, seed + r, fit_kw,
+                                        progress=progress, stage="train" if repeats == 1
+                                        else f"train (repeat {r + 1}/{repeats})"))
+        # The deployed quantity is the mean of the fold models' scaled logits. Its out-of-fold
+        # estimate for a participant is the mean over repeats of the scaled logit of the model
+        # that held them out (each from a model that never saw them).
+        oof = np.mean([run["oof"] for run in runs], axis=0)
+        fold_of = runs[0]["fold_of"]
+        prob = cross_fitted_platt(oof, y, fold_of)  # what is reported: never self-calibrated
+        metrics = binary_metrics(y, prob)
+        auc_ci = auc_interval(y, oof, seed=seed)
+        per_repeat = [float(roc_auc_score(y, run["oof"])) for run in runs]
+        metrics |= {"auc_ci95": list(auc_ci), "auc_per_repeat": per_repeat,
+                    "repeats": repeats, "calibration": "cross-fitted (Platt fitted on the "
+                    "other folds' out-of-fold logits)"}
+        if permutations:
+            def permuted_auc(y_perm: np.ndarray) -> float:
+                perm_splits, _ = _splits(y_perm, groups, folds, seed)
+                run = _cross_validate(config, shared, feats, y_perm, perm_splits, seed, fit_kw,
+                                      keep_states=False)
+                return float(roc_auc_score(y_perm, run["oof"]))
+
+            perm_cb = (lambda i, n: progress("permute", i, n, {})) if progress else None
+            metrics["permutation"] = permutation_p_value(
+                float(roc_auc_score(y, runs[0]["oof"])), permuted_auc, y, permutations,
+                seed=seed, progress=perm_cb)
+    a, b = _fit_platt(oof, y)  # the deployed calibration: all out-of-fold scores
+    draws = platt_bootstrap(oof, y, seed=seed)
+    warnings_ = signal_warnings(y, oof, prob, auc_ci)
+    if "permutation" in metrics and metrics["permutation"]["p_value"] > 0.05:
+        warnings_.append(
+            f"NOT SIGNIFICANT: the out-of-fold AUC is not above what permuted labels give "
+            f"(p = {metrics['permutation']['p_value']:.3f}, "
+            f"{metrics['permutation']['n_permutations']} permutations).")
+    metrics["warnings"] = warnings_
+    for text in warnings_:
+        warnings.warn(text, TrainingWarning, stacklevel=2)
+    fold_states = [st for run in runs for st in run["states"]]
+    fold_scale = [sc for run in runs for sc in run["scales"]]
+    calibration_note = "fitted" if a > 0 else (
+        "slope <= 0 on out-of-fold logits: the model carries no cross-validated signal; "
+        "probabilities are the base rate")
     description = Path(cohort_dir) / "dataset_description.json"
     card = {
         "name": Path(out_dir).name,
@@ -323,25 +497,36 @@ def train(
             "simulated": bool(json.loads(description.read_text()).get("Simulated", False))
             if description.exists() else False,
         },
-        "atlas": {"name": atlas_obj.name, "n_regions": atlas_obj.n_regions},
-        "preprocessing": preprocessing_card(cleaning, length),
+        "atlas": _atlas_card(atlas_obj, coordinates),
+        "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
+                          if encoder is not None else preprocessing_card(cleaning, length)),
         "model": config.to_dict(),
-        "training": {"folds": len(splits), "split": split_how, "seed": seed, "epochs": epochs,
-                     "patience": patience, "batch_size": batch_size, "lr": lr,
-                     "loss": "class-weighted BCE", "optimizer": "AdamW",
-                     "early_stopping": "inner 20% validation split of each training fold"},
+        "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
+                     "epochs": epochs, "patience": patience, "batch_size": batch_size,
+                     "lr": lr, "loss": "class-weighted BCE", "optimizer": "AdamW",
+                     "early_stopping": "inner 20% validation split of each training fold",
+                     "threads": threads, "deterministic": threads is not None,
+                     "foundation": foundation_note,
+                     **({"embeddings": embeddings_card} if embeddings_card else {})},
         "calibration": {"method": "platt", "a": a, "b": b,
-                        "fitted_on": "out-of-fold logits", "note": calibration_note},
-        "ensemble": "calibrated mean logit of the fold models; band = calibrated min..max",
+                        "fitted_on": "out-of-fold mean of scaled fold logits (all participants)",
+                        "note": calibration_note, "fold_scale": fold_scale,
+                        "bootstrap": [[round(float(x), 6) for x in row] for row in draws],
+                        "band": "80 % interval of the calibrated probability over "
+                                f"{len(draws)} bootstrap refits of the calibration"},
+        "ensemble": ("calibrated mean of the fold models' logits, each divided by its SD over "
+                     "its training participants"),
         "metrics_out_of_fold": metrics,
+        "warnings": warnings_,
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__},
         "runtime_s": round(time.perf_counter() - t0, 1),
     }
     # Explanation baselines: the cohort's mean connectivity (and mean Gram matrix, the
     # connectivity input of fc_input="gram" models).
-    baseline = {"cohort_mean_fc": feats["fc"].mean(0), "cohort_mean_gram": feats["gram"].mean(0),
-                "xyz": xyz}
+    baseline = {"cohort_mean_fc": feats["fc"].mean(0), "xyz": xyz}
+    if "gram" in feats:
+        baseline["cohort_mean_gram"] = feats["gram"].mean(0)
     out = write_model_folder(out_dir, fold_states=fold_states, baseline=baseline,
                              encoder=encoder, card=card)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -349,6 +534,59 @@ def train(
         "participant_id": cohort.participants["participant_id"], "responder": y,
         "fold": fold_of, "logit": oof, "probability": prob}).to_csv(sep="\t", index=False))
     return metrics
+
+
+class TrainingWarning(UserWarning):
+    """Cross-validation found no usable signal (the text says which check failed)."""
+
+
+def _atlas_card(atlas_obj, coordinates) -> dict:
+    """The card's ``atlas``: name and size, and for a label image its path (``source``, which
+    screening loads), with the coordinate table when one was given."""
+    from fmmtc_core.atlas import resolve_atlas_name
+
+    out: dict = {"name": atlas_obj.name, "n_regions": atlas_obj.n_regions}
+    if resolve_atlas_name(atlas_obj.name) is None and atlas_obj.source:
+        out["source"] = str(Path(atlas_obj.source).resolve())
+    if coordinates is not None:
+        out["coordinates"] = str(Path(coordinates).resolve())
+    return out
+
+
+def _cross_validate(config: FMMTCConfig, encoder, feats: dict, y: np.ndarray, splits,
+                    seed: int, fit_kw: dict, *, progress: Progress = None,
+                    stage: str = "train", keep_states: bool = True) -> dict:
+    """One K-fold cross-validation: out-of-fold scaled logits, fold states and scales.
+
+    Each fold model's logits are divided by their SD over its own training participants (at
+    least 0.1), so no fold model dominates the ensemble's mean by the scale of its logits.
+    """
+    oof = np.zeros(len(y))
+    fold_of = np.zeros(len(y), dtype=int)
+    states, scales = [], []
+    device = fit_kw["device"]
+    for k, (train_idx, test_idx) in enumerate(splits):
+        seed_all(seed * 1000 + k)
+        model = FMMTC(config, encoder).to(device)
+        if isinstance(model.fc_encoder, NetworkEncoder):  # from the training fold only
+            key = "gram" if config.fc_input == "gram" else "fc"
+            z_train = feats[key][torch.as_tensor(np.asarray(train_idx))]
+            cast(torch.Tensor, model.fc_encoder.center).copy_(z_train.mean(0))
+            model.fc_encoder.init_from_contrast(z_train, y[train_idx],
+                                                **config.fc_kwargs.get("init", {}))
+        _fit_fold(model, feats, y, train_idx, seed * 1000 + k, **fit_kw)
+        with torch.no_grad():
+            scale = max(float(_logits(model, feats, train_idx).float().std()), 0.1)
+            oof[test_idx] = _logits(model, feats, test_idx).float().cpu().numpy() / scale
+        fold_of[test_idx] = k
+        scales.append(scale)
+        if keep_states:
+            states.append({n: v.detach().cpu().contiguous()
+                           for n, v in model.state_dict().items()
+                           if not (model.frozen_ts and n.startswith("ts_encoder."))})
+        if progress:
+            progress(stage, k + 1, len(splits), {})
+    return {"oof": oof, "fold_of": fold_of, "states": states, "scales": scales}
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +613,10 @@ def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,
     ens = load_model(model_dir)
     atlas_obj = load_atlas(ens.atlas)
     cohort = read_cohort(cohort_dir)
-    windows, fc = _stack_inputs(prepare_cohort(cohort, atlas_obj, progress), ens.window)
     probs = []
-    for i in range(0, len(windows), 16):
-        probs.append(ens.predict_proba(windows[i : i + 16], fc[i : i + 16])["probability"])
+    for signals in prepare_cohort(cohort, atlas_obj, progress):
+        inputs = ens.inputs(signals)  # as screening gives them
+        assert inputs.fc is not None  # prepare() computes the connectivity by default
+        probs.append(ens.predict_proba(inputs.window[None], inputs.fc[None])["probability"])
     y = cohort.participants["responder"].to_numpy()
     return binary_metrics(y, np.concatenate(probs))

@@ -37,6 +37,9 @@ if card.get("data", {}).get("simulated"):
 else:
     st.info(card.get("intended_use", "Research only. Not a medical device."))
 
+for text in card.get("warnings", []):  # training found no usable signal: say it first
+    st.error(f"**{text}**")
+
 st.subheader("Cross-validation metrics (out of fold)")
 metrics = card.get("metrics_out_of_fold", {})
 m = st.columns(4)
@@ -45,7 +48,20 @@ for i, (key, label) in enumerate([("auc", "AUC"), ("mcc", "MCC"),
                                   ("brier", "Brier score")]):
     if key in metrics:
         m[i].metric(label, f"{metrics[key]:.3f}")
-st.dataframe(pd.DataFrame([metrics]), hide_index=True, width="stretch")
+st.dataframe(pd.DataFrame([{k: v for k, v in metrics.items()
+                            if isinstance(v, (int, float, str))}]),
+             hide_index=True, width="stretch")
+facts = []
+if "auc_ci95" in metrics:
+    facts.append("AUC 95 % interval (bootstrap over participants) "
+                 f"{metrics['auc_ci95'][0]:.3f}-{metrics['auc_ci95'][1]:.3f}")
+if "permutation" in metrics:
+    perm = metrics["permutation"]
+    facts.append(f"label-permutation p = {perm['p_value']:.3f} "
+                 f"({perm['n_permutations']} permutations)")
+facts.append(metrics.get("calibration", "calibration fitted on the out-of-fold logits "
+                                         "(not cross-fitted: a model written before 0.3)"))
+st.caption("; ".join(facts) + ".")
 data = card.get("data", {})
 st.caption(f"{data.get('n_subjects', '?')} subjects ({data.get('n_responders', '?')} "
            f"responders) from {data.get('cohort', 'an unnamed cohort')}; "
@@ -72,6 +88,27 @@ st.markdown(f"**Architecture**: modalities {cfg.get('modalities')}, time-series 
             f"{card.get('ensemble', '')}.")
 if "foundation" in card:
     st.caption(f"Foundation model: {card['foundation'].get('pretrained_on', '')}")
+
+
+st.subheader("Compared with classic baselines")
+comparison = session.active_model_dir() / "comparison.tsv"
+if comparison.is_file():
+    try:
+        table = pd.read_csv(comparison, sep="\t")
+        st.dataframe(table, hide_index=True, width="stretch")
+        if {"model", "auc"} <= set(table.columns) and "fmmtc" in set(table["model"]):
+            ours = float(table.loc[table["model"] == "fmmtc", "auc"].iloc[0])
+            others = table[~table["model"].isin(["fmmtc", "oracle"])]
+            if len(others) and ours <= float(others["auc"].max()):
+                best = others.loc[others["auc"].idxmax()]
+                st.warning(f"FMM-TC (AUC {ours:.3f}) is not better than the classic baseline "
+                           f"{best['model']} (AUC {float(best['auc']):.3f}) on this cohort.")
+    except (OSError, ValueError) as exc:
+        st.caption(f"comparison.tsv cannot be read: {exc}")
+else:
+    st.caption("No comparison for this model: run `fmmtc compare COHORT --models "
+               "cpm,nbs,edges,amplitude,fmmtc --out MODEL_DIR/comparison.tsv` on its training "
+               "cohort to see it here.")
 
 
 @st.cache_data(show_spinner=False)

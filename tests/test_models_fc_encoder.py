@@ -7,6 +7,7 @@ import torch
 
 from fmmtc_core import InvalidInputError
 from fmmtc_core.models.fc_encoder import (
+    NetworkEncoder,
     BrainNetCNN,
     ResNetGramEncoder,
     build_fc_encoder,
@@ -75,3 +76,32 @@ def test_build_by_name():
     assert isinstance(build_fc_encoder("brainnetcnn", 10), BrainNetCNN)
     with pytest.raises(InvalidInputError, match="Invalid value for the 'fc_encoder' parameter"):
         build_fc_encoder("gcn", 10)
+
+
+def test_network_encoder_reads_a_planted_network_with_few_parameters():
+    """A quadratic form u^T (Z - Z0) u of sparse u finds coupling that rises within a set of
+    regions, from 80 matrices, with 2 x R parameters, and the L1 term concentrates u there."""
+    torch.manual_seed(0)
+    r, n = 30, 80
+    y = torch.arange(n) % 2
+    z = 0.1 * torch.randn(n, r, r)
+    z = (z + z.transpose(1, 2)) / 2
+    net = torch.arange(4)
+    z[:, net[:, None], net[None, :]] += 0.08 * y[:, None, None]
+    enc = NetworkEncoder(r, n_components=2, l1=1e-3)
+    assert enc(z).shape == (n, 2) and enc.out_dim == 2
+    assert sum(p.numel() for p in enc.parameters()) == 2 * r
+    assert "center" in enc.state_dict()  # the training cohort's mean travels with the weights
+    enc.center.copy_(z.mean(0))
+    head = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            head(enc(z)).squeeze(1), y.float()) + enc.penalty()
+        loss.backward()
+        opt.step()
+    assert ((head(enc(z)).squeeze(1) > 0).long() == y).float().mean() > 0.9
+    weight = enc.u.detach().abs().sum(0)
+    assert weight[net].mean() > 3 * weight[4:].mean()
+    assert isinstance(build_fc_encoder("network", 10, n_components=3), NetworkEncoder)

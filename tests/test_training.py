@@ -158,8 +158,12 @@ def test_train_writes_model_folder_and_predicts(tmp_path, data):
     assert card["training"]["split"] == "stratified, grouped by site"
     assert card["calibration"]["a"] >= 0
     assert set(card["files"]) >= {"fold_0.safetensors", "baseline.safetensors"}
-    # The preprocessing block is built from the settings that ran, not written by hand.
-    assert card["preprocessing"] == preprocessing_card(CleaningSettings(), 40)
+    # The preprocessing block is built from the settings that ran, not written by hand: the
+    # encoder's whole-scan preprocessing (every 40-sample window, FC over their span).
+    ens = load_model(out)
+    assert card["preprocessing"] == json.loads(json.dumps(preprocessing_card(
+        CleaningSettings(), ens.encoder, scaling=card["preprocessing"]["encoder"]["scaling"])))
+    assert card["preprocessing"]["encoder"]["entry"] == "fmmtc" and ens.whole_scan
     # Fold files hold only what was trained: the frozen encoder is stored once.
     assert not any(k.startswith("ts_encoder.") for k in load_file(str(out / "fold_0.safetensors")))
     oof = pd.read_csv(out / "oof_predictions.tsv", sep="\t")
@@ -177,8 +181,15 @@ def test_train_writes_model_folder_and_predicts(tmp_path, data):
 
 def test_train_argument_errors(tmp_path, data):
     _, _, cohort, _ = data
-    with pytest.raises(InvalidInputError, match="needs a pretrained foundation model"):
+    # No --foundation: the bundled demo encoder (HCPEx), which an AAL3 cohort cannot use.
+    with pytest.raises(InvalidInputError, match="bundled demo encoder.*takes 426 regions, "
+                                                "but the atlas AAL3 has 166"):
         train(cohort, tmp_path / "x", atlas="aal3")
+    with pytest.raises(InvalidInputError, match="repeats must be a positive integer"):
+        train(cohort, tmp_path / "x", atlas="aal3", repeats=0)
+    with pytest.raises(InvalidInputError, match="permutations must be a non-negative"):
+        train(cohort, tmp_path / "x", atlas="aal3", permutations=-1)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(InvalidInputError, match="Invalid value for the 'modalities' parameter"):
         train(cohort, tmp_path / "x", atlas="aal3", modalities="mri")
     with pytest.raises(InvalidInputError, match="not an FMM-TC model folder"):

@@ -2,8 +2,10 @@
 
 A model folder holds ``fold_K.safetensors`` (one per cross-validation fold),
 ``baseline.safetensors`` (region centroids and the explanation baselines), ``foundation/`` (the
-frozen encoder, when the model uses one) and ``model_card.json``, which records the SHA-256 of
-every one of those files. :func:`write_model_folder` writes it, :func:`load_model` checks every
+frozen encoder, when the model uses one: the checkpoint's own ``config.json`` and
+``model.safetensors``, with the ``robust_scaling.json`` statistics fitted on the training cohort
+and BrainLM's ``A424_Coordinates.dat`` when the encoder needs them) and ``model_card.json``,
+which records the SHA-256 of every one of those files. :func:`write_model_folder` writes it, :func:`load_model` checks every
 file against its card before parsing it and returns an :class:`FMMTCEnsemble`. Nothing is ever
 unpickled.
 
@@ -17,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +31,21 @@ from safetensors.torch import save_file
 from fmmtc_core._errors import InvalidInputError, ModelFileError
 from fmmtc_core.io import file_sha256
 from fmmtc_core.models.device import autocast, select_device
+from fmmtc_core.models.encoder_base import (
+    COORDINATES_FILE,
+    ROBUST_SCALING_FILE,
+    FoundationEncoder,
+)
 from fmmtc_core.models.fmmtc import FMMTC, FMMTCConfig
 from fmmtc_core.models.foundation import (
     BrainLMModel,
     _fmt_keys,
     _one_line,
-    load_foundation,
     model_file,
     read_json_object,
     read_safetensors,
 )
+from fmmtc_core.preprocess import ModelInputs, RegionSignals, prepare
 
 __all__ = [
     "FMMTCEnsemble",
@@ -141,7 +149,13 @@ def _version_digest(root: Path, card_sha256: str, digests: dict[str, str]) -> st
 # --------------------------------------------------------------------------------------------
 @dataclass
 class FMMTCEnsemble:
-    """The fold models of a model folder, with calibration; see :func:`load_model`."""
+    """The fold models of a model folder, with calibration; see :func:`load_model`.
+
+    ``encoder`` is the frozen foundation encoder the fold models share (None without one);
+    ``atlas`` what :func:`~fmmtc_core.atlas.load_atlas` takes for the model's atlas (a bundled
+    name or the label image's path); ``window`` the encoder's window length. Feed a scan
+    through :meth:`inputs`, then :meth:`predict_proba`.
+    """
 
     models: list[FMMTC]
     card: dict
@@ -152,7 +166,36 @@ class FMMTCEnsemble:
     window: int = 200
     extra: dict = field(default_factory=dict)
     root: Path | None = None
+    encoder: FoundationEncoder | None = None
     _digest: str | None = field(default=None, repr=False)
+
+    @property
+    def whole_scan(self) -> bool:
+        """Whether the model embeds every window of a scan (cards written since the encoder
+        registry) rather than one centred window (older cards, encoders trained from scratch,
+        connectivity-only models)."""
+        return self.encoder is not None and self.encoder.entry.window_pooling == "mean"
+
+    def inputs(self, signals: RegionSignals) -> ModelInputs:
+        """The model's inputs for one scan's cleaned signals, as it was trained on them.
+
+        :func:`fmmtc_core.preprocess.prepare` with the encoder (whole-scan models: every window,
+        connectivity of the span they cover) or with the window length (older models: the
+        centred window, connectivity of the whole series).
+
+        Parameters
+        ----------
+        signals : RegionSignals
+            Cleaned, in the model's atlas.
+
+        Returns
+        -------
+        ModelInputs
+            ``window`` is what :meth:`predict_proba` and :func:`fmmtc_core.explain.explain`
+            take for this scan (add a leading batch axis for :meth:`predict_proba`).
+        """
+        return prepare(signals, self.encoder if self.whole_scan and self.encoder is not None
+                       else self.window)
 
     @property
     def name(self) -> str:
@@ -183,8 +226,10 @@ class FMMTCEnsemble:
 
         Parameters
         ----------
-        window : Tensor (B, R, T)
-            Robust-scaled region windows.
+        window : Tensor (B, W, ...) or (B, ...)
+            The time-series input of each scan: every window of it (whole-scan models), or one
+            window (older models: ``(B, R, T)`` robust-scaled centred windows); see
+            :mod:`fmmtc_core.models.fmmtc`.
         fc : Tensor (B, R, R) or None
             Fisher-z connectivity.
 
@@ -194,12 +239,26 @@ class FMMTCEnsemble:
             One row per fold model.
         """
         first = self.models[0]
+        scale = self.fold_scale.to(window.device)[:, None]
         if not first.frozen_ts:
-            return torch.stack([m(window, fc, self.xyz) for m in self.models])
+            return torch.stack([m(window, fc, self.xyz) for m in self.models]) / scale
         ts = first.embed_ts(window, self.xyz)
         return torch.stack([
             m.forward_features(ts, m.fc_matrix(window, fc) if m.config.use_fc else None)
-            for m in self.models])
+            for m in self.models]) / scale
+
+    @property
+    def fold_scale(self) -> torch.Tensor:
+        """Each fold model's logit divisor (its logits' SD over its training participants).
+
+        Cards written before fmmtc 0.3 have none: every divisor is then 1.
+
+        Returns
+        -------
+        Tensor (K,) float32
+        """
+        values = self.card.get("calibration", {}).get("fold_scale") or [1.0] * len(self.models)
+        return torch.tensor(values, dtype=torch.float32)
 
     def fold_probabilities(self, fold_logits: np.ndarray) -> np.ndarray:
         """Calibrated probability of each fold model.
@@ -216,33 +275,48 @@ class FMMTCEnsemble:
         cal = self.card["calibration"]
         return platt(fold_logits, cal["a"], cal["b"])
 
-    def predict_proba(self, window: np.ndarray, fc: np.ndarray | None) -> dict:
+    def predict_proba(self, window: np.ndarray | Sequence[np.ndarray],
+                      fc: np.ndarray | None) -> dict:
         """Calibrated responder probability and its band over the fold models.
 
         Parameters
         ----------
-        window : ndarray (B, R, T)
-            Model input windows (:func:`fmmtc_core.preprocess.prepare`).
+        window : ndarray (B, W, ...) or (B, ...), or a list of B arrays (W_i, ...)
+            The time-series input of each scan (``inputs(signals).window`` of :meth:`inputs`,
+            stacked): every window of it for whole-scan models (a list when scans have
+            different numbers of windows), the centred ``(R, T)`` window for older models.
         fc : ndarray (B, R, R) or None
-            Fisher-z connectivity (:func:`fmmtc_core.preprocess.prepare`).
+            Fisher-z connectivity (:meth:`inputs`).
 
         Returns
         -------
         dict
-            ``probability`` (B,): the calibrated mean fold logit; ``band`` (B, 2): the
-            calibrated fold probabilities' min and max; ``fold_logits`` (K, B).
+            ``probability`` (B,): the calibrated mean scaled fold logit; ``band`` (B, 2): the
+            80 % interval of that probability over the card's bootstrap refits of the
+            calibration (older cards: the calibrated fold probabilities' min and max);
+            ``fold_logits`` (K, B), scaled (:attr:`fold_scale`).
         """
+        if isinstance(window, (list, tuple)):  # scans with different numbers of windows
+            parts = [self.predict_proba(np.asarray(w)[None],
+                                        None if fc is None else np.asarray(fc[i])[None])
+                     for i, w in enumerate(window)]
+            return {"probability": np.concatenate([q["probability"] for q in parts]),
+                    "band": np.concatenate([q["band"] for q in parts]),
+                    "fold_logits": np.concatenate([q["fold_logits"] for q in parts], axis=1)}
         w = torch.as_tensor(window, dtype=torch.float32, device=self.device)
         f = None if fc is None else torch.as_tensor(fc, dtype=torch.float32, device=self.device)
         with torch.no_grad(), autocast(self.device):
             lg = self.logits(w, f).float().cpu().numpy()
         cal = self.card["calibration"]
-        p = self.fold_probabilities(lg)
-        return {
-            "probability": platt(lg.mean(0), cal["a"], cal["b"]),
-            "band": np.stack([p.min(0), p.max(0)], axis=1),
-            "fold_logits": lg,
-        }
+        mean = lg.mean(0)
+        if cal.get("bootstrap"):
+            from fmmtc_core.evaluation import band_from_bootstrap
+
+            band = band_from_bootstrap(mean, np.asarray(cal["bootstrap"], dtype=float))
+        else:  # cards written before fmmtc 0.3: the fold models' spread
+            p = self.fold_probabilities(lg)
+            band = np.stack([p.min(0), p.max(0)], axis=1)
+        return {"probability": platt(mean, cal["a"], cal["b"]), "band": band, "fold_logits": lg}
 
 
 def default_model_dir() -> Path:
@@ -265,7 +339,7 @@ def write_model_folder(
     *,
     fold_states: Sequence[dict[str, torch.Tensor]],
     baseline: dict[str, torch.Tensor],
-    encoder: BrainLMModel | None,
+    encoder: FoundationEncoder | BrainLMModel | None,
     card: dict,
 ) -> Path:
     """Write a model folder that :func:`load_model` reads.
@@ -281,9 +355,13 @@ def write_model_folder(
     baseline : dict of str to Tensor
         ``xyz`` (R, 3) and ``cohort_mean_fc`` (R, R) (optionally ``cohort_mean_gram``), written
         as ``baseline.safetensors``.
-    encoder : BrainLMModel or None
-        The frozen encoder the folds share, written to ``foundation/``; None when the model has
-        none (connectivity only, or an encoder trained inside every fold).
+    encoder : FoundationEncoder, BrainLMModel or None
+        The frozen encoder the folds share, written to ``foundation/``: a
+        :class:`~fmmtc_core.models.encoder_base.FoundationEncoder`'s checkpoint files are copied
+        unchanged (``config.json``, ``model.safetensors``), with its robust-scaling statistics
+        (``robust_scaling.json``) and coordinate table (``A424_Coordinates.dat``) when it has
+        them; a bare :class:`BrainLMModel` is saved. None when the model has none
+        (connectivity only, or an encoder trained inside every fold).
     card : dict
         The model card; its ``files`` entry (SHA-256 of every file written) is filled in here.
 
@@ -304,12 +382,42 @@ def write_model_folder(
     save_file({n: v.detach().cpu().contiguous() for n, v in baseline.items()},
               str(out / "baseline.safetensors"))
     written.append(out / "baseline.safetensors")
-    if encoder is not None:
+    if isinstance(encoder, FoundationEncoder):
+        written += _copy_encoder(encoder, out / "foundation")
+    elif encoder is not None:
         encoder.save_pretrained(out / "foundation")
         written += [out / "foundation" / "config.json", out / "foundation" / "model.safetensors"]
     card = {**card, "files": _file_hashes(out, written)}
     (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
     return out
+
+
+def _copy_encoder(encoder: FoundationEncoder, dst: Path) -> list[Path]:
+    """The checkpoint files of ``encoder`` (unchanged), its scaling statistics and coordinate
+    table, in ``dst``; returns the files written. Files of an earlier encoder are removed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in ("config.json", "model.safetensors"):
+        src, target = encoder.folder / name, dst / name
+        if not (target.exists() and target.samefile(src)):
+            tmp = target.with_name(f".{target.name}.part")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, target)
+        files.append(target)
+    extras = {ROBUST_SCALING_FILE: encoder.scaling is not None,
+              COORDINATES_FILE: encoder.coordinates_file is not None}
+    if encoder.scaling is not None:
+        files.append(encoder.scaling.save(dst / ROBUST_SCALING_FILE))
+    coords = encoder.coordinates_file
+    if coords is not None:
+        target = dst / COORDINATES_FILE
+        if not (target.exists() and target.samefile(coords)):
+            shutil.copyfile(coords, target)
+        files.append(target)
+    for name, kept in extras.items():  # a stale file would be read by the next load
+        if not kept and (dst / name).exists():
+            (dst / name).unlink()
+    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,14 +475,16 @@ def _verify_files(root: Path, card: dict) -> dict[str, str]:
     them is parsed; return ``{path relative to root: SHA-256}`` of the checked files.
 
     The files are every ``*.safetensors`` in the folder (any of them enters the model version's
-    identity, and a stray ``fold_K`` would join the ensemble), ``foundation/config.json`` and
-    whatever else the card lists.
+    identity, and a stray ``fold_K`` would join the ensemble), the encoder's ``config.json``,
+    ``robust_scaling.json`` and ``A424_Coordinates.dat`` in ``foundation/`` and whatever else
+    the card lists.
     """
     recorded = card["files"]
     legacy = not any(rel.startswith("foundation/") for rel in recorded)
     used = {p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")}
-    if (root / "foundation" / "config.json").exists():
-        used.add("foundation/config.json")
+    for name in ("config.json", ROBUST_SCALING_FILE, COORDINATES_FILE):  # read by the encoder
+        if (root / "foundation" / name).exists():
+            used.add(f"foundation/{name}")
     digests = {}
     for rel in sorted(used | set(recorded)):
         path = root / rel
@@ -419,13 +529,77 @@ def _check_state(model: FMMTC, state: dict, path: Path, root: Path) -> None:
                              f"{MODEL_CARD}: " + "; ".join(problems) + ".")
 
 
+def _atlas_ref(atlas: dict) -> str:
+    """What :func:`~fmmtc_core.atlas.load_atlas` takes for a card's atlas: the bundled name, or
+    the label image the model was trained with (``source``)."""
+    from fmmtc_core.atlas import resolve_atlas_name
+
+    name = atlas["name"]
+    source = atlas.get("source")
+    if resolve_atlas_name(name) is None and isinstance(source, str) and source:
+        return source
+    return name
+
+
+def _is_legacy(card: dict) -> bool:
+    """A card written before whole-scan embeddings: the TS branch saw one centred window."""
+    prep = card.get("preprocessing")
+    return not (isinstance(prep, dict) and isinstance(prep.get("encoder"), dict))
+
+
+def _load_card_encoder(root: Path, card: dict, config: FMMTCConfig, atlas_ref: str,
+                       device: torch.device) -> FoundationEncoder:
+    """The frozen encoder in ``root/foundation`` with the preprocessing the card records."""
+    import warnings
+
+    from fmmtc_core._errors import FMMTCWarning
+    from fmmtc_core.atlas import resolve_atlas_name
+    from fmmtc_core.models.registry import load_encoder
+
+    folder = root / "foundation"
+    where = model_file(root / MODEL_CARD, root)
+    legacy = _is_legacy(card)
+    atlas = None
+    if resolve_atlas_name(card["atlas"]["name"]) is None:  # a user label image
+        if not Path(atlas_ref).exists():
+            raise ModelFileError(
+                f"{where} names atlas {card['atlas']['name']!r} from "
+                f"{card['atlas'].get('source')!r}, which does not exist here; the model needs "
+                "the label image it was trained with (copy it to that path).")
+        atlas = atlas_ref
+    try:
+        encoder = load_encoder(folder, device, atlas=atlas, token_pooling=config.ts_pooling,
+                               window_pooling="centre" if legacy else None)
+    except ModelFileError:
+        raise
+    except InvalidInputError as exc:
+        raise ModelFileError(f"The encoder in {str(folder)!r} cannot be used: {exc}") from None
+    if encoder.entry.window != config.window:
+        raise ModelFileError(
+            f"{model_file(folder / 'config.json', root)} has windows of {encoder.entry.window} "
+            f"samples, but {MODEL_CARD} gives the model a window of {config.window}; expected "
+            "the encoder the model was trained with.")
+    recorded = card["preprocessing"]["encoder"] if not legacy else {}
+    if (recorded.get("precision") == encoder.precision
+            and recorded.get("preprocessing_hash") not in (None, encoder.preprocessing_hash)):
+        warnings.warn(
+            f"The encoder of model {card.get('name')!r} now preprocesses scans differently from "
+            "when it was trained (its preprocessing hash changed: another version of the "
+            "preprocessing code); its predictions may differ from its validation. Retrain it.",
+            FMMTCWarning, stacklevel=3)
+    return encoder
+
+
 def load_model(model_dir: str | os.PathLike | None = None,
                device: torch.device | str | None = None) -> FMMTCEnsemble:
     """Load a model folder written by :func:`write_model_folder` (safetensors + JSON only).
 
-    Every weights file (folds, baseline, the encoder in ``foundation/`` and its config) is
-    checked against the SHA-256 its card records before it is parsed, and nothing is ever
-    unpickled.
+    Every weights file (folds, baseline, the encoder in ``foundation/`` with its config,
+    scaling statistics and coordinate table) is checked against the SHA-256 its card records
+    before it is parsed, and nothing is ever unpickled. The encoder is loaded through the
+    registry (:func:`~fmmtc_core.models.registry.load_encoder`) with the preprocessing its card
+    records: every window of a scan for cards with a ``preprocessing.encoder`` block, the one
+    centred window for older cards (the bundled demo model, whose predictions are unchanged).
 
     Parameters
     ----------
@@ -458,14 +632,9 @@ def load_model(model_dir: str | os.PathLike | None = None,
     # A str ("cpu") becomes a torch.device: autocast() and the models read device.type.
     device = torch.device(device) if device else select_device()
     encoder = None
+    atlas_ref = _atlas_ref(card["atlas"])
     if config.use_ts and config.foundation == "pretrained":
-        encoder = load_foundation(root / "foundation", encoder_only=True, device=device)
-        if encoder.config.num_timepoints_per_voxel != config.window:
-            raise ModelFileError(
-                f"{model_file(root / 'foundation' / 'config.json', root)} has "
-                f"num_timepoints_per_voxel {encoder.config.num_timepoints_per_voxel}, but "
-                f"{MODEL_CARD} gives the model a window of {config.window}; expected the encoder "
-                "the model was trained with.")
+        encoder = _load_card_encoder(root, card, config, atlas_ref, device)
 
     def build() -> FMMTC:
         try:
@@ -484,6 +653,19 @@ def load_model(model_dir: str | os.PathLike | None = None,
     if not models:
         raise ModelFileError(f"{str(root)!r} holds no fold_*.safetensors model; expected the "
                              "fold files its card was written with.")
+    cal = card["calibration"]
+    scale = cal.get("fold_scale")
+    if scale is not None and (not isinstance(scale, list) or len(scale) != len(models)
+                              or not all(_is_number(v) and v > 0 for v in scale)):
+        raise ModelFileError(
+            f"{where} has a calibration 'fold_scale' that is not one positive number per fold "
+            f"model ({len(models)}); got {_one_line(scale)[:80]}.")
+    boot = cal.get("bootstrap")
+    if boot is not None and (not isinstance(boot, list) or not boot or not all(
+            isinstance(r, list) and len(r) == 2 and all(_is_number(v) for v in r)
+            for r in boot)):
+        raise ModelFileError(
+            f"{where} has a calibration 'bootstrap' that is not a list of [a, b] number pairs.")
     base_path = root / "baseline.safetensors"
     base = read_safetensors(base_path, root=root, device=device)
     r = config.n_regions
@@ -497,6 +679,6 @@ def load_model(model_dir: str | os.PathLike | None = None,
             f"{', '.join(bad)}; expected xyz ({r}, 3) and cohort_mean_fc ({r}, {r}).")
     extra = {k: v for k, v in base.items() if k not in ("xyz", "cohort_mean_fc")}
     return FMMTCEnsemble(models, card, base["xyz"], base["cohort_mean_fc"], device,
-                         atlas=card["atlas"]["name"], window=config.window, extra=extra,
-                         root=root.resolve(),
+                         atlas=atlas_ref, window=config.window, extra=extra,
+                         root=root.resolve(), encoder=encoder,
                          _digest=_version_digest(root.resolve(), card_sha256, digests))
