@@ -38,9 +38,12 @@ the AUC difference on the same subjects.
 
 Features come from cleaned :class:`~fmmtc_core.preprocess.RegionSignals`, the signals
 :func:`~fmmtc_core.pipeline.prepare_cohort` gives training, and the connectivity is
-:func:`fmmtc_core.preprocess.prepare`'s (Pearson, Fisher z), so FMM-TC and the baselines see the
-same connectivity. This module does not import torch until FMM-TC or the fold and calibration
-helpers of :mod:`fmmtc_core.training` are needed.
+:func:`fmmtc_core.preprocess.prepare`'s (Pearson, Fisher z) over the whole cleaned series: the
+connectivity of FMM-TC's centred-window path. (On its whole-scan encoder path FMM-TC computes
+the same connectivity over the span its encoder's windows cover, e.g. the first 200 of 300
+volumes for the demo encoder; the baselines do not depend on an encoder and keep every
+volume.) This module does not import torch until FMM-TC or the fold helper of
+:mod:`fmmtc_core.training` is needed.
 """
 
 from __future__ import annotations
@@ -273,8 +276,8 @@ def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = 
     edges = np.empty((len(subjects), iu[0].size), dtype=np.float32)
     amplitude = np.empty((len(subjects), 4 * n_regions))
     for i, s in enumerate(subjects):
-        # The one path from signals to model inputs: the connectivity FMM-TC is given. The
-        # window it also returns (the whole series) is not used.
+        # The one path from signals to model inputs (centred-window path, a window as long as
+        # the series): the whole series' connectivity. The window it also returns is not used.
         fc = prepare(s, max(s.n_volumes, 2)).fc
         assert fc is not None  # prepare() computes connectivity by default
         edges[i] = fc[iu]

@@ -109,7 +109,7 @@ def test_amplitude_features_by_hand(aal3):
     assert np.isnan([log_sd[5], log_alff[5], falff[5], ac1[5]]).all()
 
 
-def test_edges_are_the_connectivity_fmmtc_sees(subjects):
+def test_edges_are_the_whole_series_connectivity_of_prepare(subjects):
     feats = baseline_features(subjects[:3])
     iu = np.triu_indices(subjects[0].n_regions, 1)
     for i, s in enumerate(subjects[:3]):
