@@ -280,10 +280,10 @@ def cmd_train(args) -> int:
 
     from fmmtc_core.training import TrainingWarning, train
 
-    if args.foundation is None and not args.no_foundation and "ts" in args.modalities:
+    if (args.foundation is None and not args.no_foundation and "ts" in args.modalities
+            and not args.json):  # stdout: off a terminal stderr holds only an error line
         print("note: no --foundation given: the time-series branch uses the bundled demo "
-              "encoder, pretrained on simulated data only (recorded in the model card).",
-              file=sys.stderr)
+              "encoder, pretrained on simulated data only (recorded in the model card).")
     with _warnings.catch_warnings():  # printed by _print_metrics, once
         _warnings.simplefilter("ignore", TrainingWarning)
         metrics = train(args.cohort_dir, args.out, foundation=args.foundation,

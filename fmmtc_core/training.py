@@ -185,7 +185,7 @@ def _check_encoder_atlas(foundation, note: str, atlas_obj) -> None:
             f" pass --foundation DIR with an encoder pretrained on {atlas_obj.name} (see "
             "`fmmtc pretrain`)")
     raise InvalidInputError(
-        f"The foundation encoder {note} takes {entry['n_regions']} regions, but the atlas "
+        f"The foundation encoder ({note}) takes {entry['n_regions']} regions, but the atlas "
         f"{atlas_obj.name} has {atlas_obj.n_regions} (the encoder expects {entry['atlas']}):"
         f"{hint}, or --modalities fc.")
 

@@ -162,8 +162,11 @@ def test_pretrain_train_evaluate_commands(tmp_path, capsys):
     assert code == 0 and json.loads(out)["n_subjects"] == 20
     code, out, _ = run(["evaluate", tmp_path / "m", cohort, "--json"], capsys)
     assert code == 0 and json.loads(out)["n_subjects"] == 20
-    code, _, err = run(["train", cohort, "--out", tmp_path / "m2", "--atlas", "aal3"], capsys)
-    assert_one_error_line(code, err, "needs a pretrained foundation model")
+    # no --foundation: the bundled encoder (HCPEx), said on stdout; an AAL3 cohort is refused
+    code, out, err = run(["train", cohort, "--out", tmp_path / "m2", "--atlas", "aal3"], capsys)
+    assert_one_error_line(code, err, "takes 426 regions, but the atlas AAL3 has 166")
+    assert "(the bundled demo encoder" in err
+    assert "uses the bundled demo encoder" in out
     code, _, err = run(["evaluate", tmp_path, cohort], capsys)
     assert_one_error_line(code, err, "not an FMM-TC model folder")
 
