@@ -116,7 +116,7 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103, 104, 105])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[101, 102, 103, 104, 105])
     parser.add_argument("--shifted-seeds", type=int, nargs="*", default=[10001, 10002])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "docs" / "learning.md"))
