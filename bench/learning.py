@@ -101,8 +101,8 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
         cells = []
         for p in presets:
             v = df[(df.preset == p) & (df.model == model)]["auc"]
-            cells.append(f"{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
-                         if len(v) else "-")
+            cells.append("-" if not len(v) else f"{v.mean():.3f}" if len(v) == 1
+                         else f"{v.mean():.3f} +- {v.std(ddof=1):.3f}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "Per cohort:", "", "| " + " | ".join(df.columns) + " |",
               "|" + "---|" * len(df.columns)]
