@@ -121,7 +121,9 @@ _NOTES = {
 class BaselineFeatures:
     """Per-subject features of a cohort, in the cohort's order.
 
-    Attributes
+    Built by :func:`baseline_features`; each field is also an attribute of the same name.
+
+    Parameters
     ----------
     edges : ndarray (N, E) float32
         Upper triangle (``np.triu_indices(R, 1)``, row-major) of each scan's Fisher-z Pearson
@@ -132,7 +134,8 @@ class BaselineFeatures:
     amplitude_names : list of str
         ``"<feature>:<region name>"`` for each column of ``amplitude``.
     n_regions : int
-    oracle : ndarray (N, 2) or None
+        R, the number of atlas regions (``E = R (R - 1) / 2``).
+    oracle : ndarray (N, 2) or None, default=None
         Mean Fisher-z connectivity among the planted connectivity regions, mean lag-1
         autocorrelation of the planted temporal regions; None without planted truth.
     """
@@ -144,7 +147,25 @@ class BaselineFeatures:
     oracle: np.ndarray | None = None
 
     def matrix(self, name: str) -> np.ndarray:
-        """The feature matrix a baseline reads: ``edges`` for cpm, nbs and edges."""
+        """The feature matrix a baseline reads: ``edges`` for cpm, nbs and edges.
+
+        Parameters
+        ----------
+        name : {"cpm", "nbs", "edges", "amplitude", "oracle"}
+            The baseline.
+
+        Returns
+        -------
+        ndarray
+            ``edges`` (N, E) for ``cpm``, ``nbs`` and ``edges``; ``amplitude`` (N, 4 R) for
+            ``amplitude``; ``oracle`` (N, 2) for ``oracle``. The stored array itself, not a copy.
+
+        Raises
+        ------
+        InvalidInputError
+            ``name`` is not one of :data:`BASELINES`, or ``name`` is ``"oracle"`` and
+            ``oracle`` is None (no planted truth).
+        """
         name = check_option("model", name, BASELINES)
         if name in ("cpm", "nbs", "edges"):
             return self.edges
@@ -223,9 +244,17 @@ def read_planted(cohort_dir: str | os.PathLike, atlas) -> dict | None:
     Returns
     -------
     dict or None
-        ``{"fc_index": [...], "ts_index": [...]}``; None when the cohort has no
-        ``simulation.json``, no planted truth (an unlabelled corpus), or was simulated in
-        another atlas.
+        ``{"fc_index": [...], "ts_index": [...]}``: positions in ``atlas``'s region order of
+        the planted connectivity (``planted.fc_labels``) and time-series
+        (``planted.ts_labels``) regions; None when the cohort has no ``simulation.json``, no
+        planted truth (an unlabelled corpus), or was simulated in another atlas (its
+        ``atlas`` differs from ``atlas.name``, case-insensitively).
+
+    Raises
+    ------
+    InvalidInputError
+        ``simulation.json`` is not readable JSON, or its planted labels are missing, not
+        integers, or not labels of ``atlas``.
     """
     path = Path(cohort_dir) / "simulation.json"
     if not path.is_file():
@@ -264,6 +293,15 @@ def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = 
     Returns
     -------
     BaselineFeatures
+        ``edges`` (N, E) float32, ``amplitude`` (N, 4 R) (the four rows of
+        :func:`amplitude_features` laid end to end: all log SDs, then log ALFFs, fALFFs and
+        lag-1 autocorrelations), ``amplitude_names`` in the same order (region names from the
+        first subject's atlas), and with ``planted`` the ``oracle`` features (NaN set to 0).
+
+    Raises
+    ------
+    InvalidInputError
+        ``subjects`` is empty, or the subjects do not all have the same number of regions.
     """
     from fmmtc_core.preprocess import prepare
 
@@ -354,6 +392,26 @@ class CPMClassifier(ClassifierMixin, BaseEstimator):
         self.C = C
 
     def fit(self, X, y) -> CPMClassifier:
+        """Select the positive and negative networks and fit the logistic regression.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features (float32 is kept, other types become float64).
+        y : array-like (n,)
+            Labels, 1 (responder) or 0; both classes must be present.
+
+        Returns
+        -------
+        CPMClassifier
+            ``self``, fitted (``positive_``, ``negative_``, ``model_``, ``classes_``).
+
+        Raises
+        ------
+        InvalidInputError
+            ``X`` is not 2-D, ``X`` and ``y`` differ in length, or ``y`` does not hold
+            exactly the classes 0 and 1.
+        """
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -379,16 +437,66 @@ class CPMClassifier(ClassifierMixin, BaseEstimator):
                                 X[:, self.negative_].sum(axis=1, dtype=np.float64)])
 
     def decision_function(self, X) -> np.ndarray:
-        """Logit of the responder class."""
+        """Logit of the responder class.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray (n,)
+            The logistic regression's logit on the (positive, negative) network strengths.
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         if not hasattr(self, "model_"):
             raise InvalidInputError("This CPMClassifier is not fitted yet; call fit first.")
         return self.model_.decision_function(self._strengths(X))
 
     def predict_proba(self, X) -> np.ndarray:
+        """Uncalibrated class probabilities: the sigmoid of :meth:`decision_function`.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray (n, 2)
+            Columns: P(non-responder) and P(responder) (the order of ``classes_``).
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
+        """Predicted class: 1 where the logit is above 0, else 0.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray of int (n,)
+            1 (responder) or 0.
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         return (self.decision_function(X) > 0).astype(int)
 
 
@@ -426,6 +534,26 @@ class NBSPredictClassifier(ClassifierMixin, BaseEstimator):
         self.C = C
 
     def fit(self, X, y) -> NBSPredictClassifier:
+        """Select the largest supra-threshold component and fit the logistic regression.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Upper triangles of R x R connectivity matrices (``np.triu_indices(R, 1)`` order).
+        y : array-like (n,)
+            Labels, 1 (responder) or 0; both classes must be present.
+
+        Returns
+        -------
+        NBSPredictClassifier
+            ``self``, fitted (``selected_``, ``n_supra_``, ``model_``, ``classes_``).
+
+        Raises
+        ------
+        InvalidInputError
+            ``X`` is not 2-D, ``X`` and ``y`` differ in length, ``y`` does not hold exactly
+            the classes 0 and 1, or E is not ``R (R - 1) / 2`` for any R.
+        """
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
         from sklearn.pipeline import make_pipeline
@@ -459,7 +587,24 @@ class NBSPredictClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def decision_function(self, X) -> np.ndarray:
-        """Logit of the responder class (0 when no edge was selected)."""
+        """Logit of the responder class (0 when no edge was selected).
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray (n,)
+            The logistic regression's logit on the selected edges; zeros when ``model_`` is
+            None.
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         if not hasattr(self, "selected_"):
             raise InvalidInputError("This NBSPredictClassifier is not fitted yet; call fit "
                                     "first.")
@@ -469,10 +614,44 @@ class NBSPredictClassifier(ClassifierMixin, BaseEstimator):
         return self.model_.decision_function(X[:, self.selected_])
 
     def predict_proba(self, X) -> np.ndarray:
+        """Uncalibrated class probabilities: the sigmoid of :meth:`decision_function`.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray (n, 2)
+            Columns: P(non-responder) and P(responder) (the order of ``classes_``).
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
+        """Predicted class: 1 where the logit is above 0, else 0.
+
+        Parameters
+        ----------
+        X : array-like (n, E)
+            Edge features, the columns of the training ``X``.
+
+        Returns
+        -------
+        ndarray of int (n,)
+            1 (responder) or 0.
+
+        Raises
+        ------
+        InvalidInputError
+            The classifier is not fitted yet.
+        """
         return (self.decision_function(X) > 0).astype(int)
 
 
@@ -498,10 +677,19 @@ def make_baseline(name: str, n_features: int, cv: Any = 5) -> tuple[Any, dict[st
     Returns
     -------
     estimator : scikit-learn classifier with ``decision_function``
+        :class:`CPMClassifier` or :class:`NBSPredictClassifier` (default parameters);
+        otherwise a pipeline that standardises the features and ends in a class-weighted L2
+        logistic regression: ``edges`` rotates them (PCA) and searches C with its own inner
+        ``GridSearchCV``, ``amplitude`` imputes the median first, ``oracle`` keeps C = 1.
     grid : dict
         ``GridSearchCV`` parameter grid for :func:`fit_fold`; empty when nothing is searched
         (the oracle) or the search is part of the estimator (``edges``). The first candidate
         wins ties: thresholds go from lenient to strict, C from strong to weak regularisation.
+
+    Raises
+    ------
+    InvalidInputError
+        ``name`` is not one of :data:`BASELINES`.
 
     Notes
     -----
@@ -562,6 +750,12 @@ def fit_fold(name: str, X: np.ndarray, y: np.ndarray, train_idx: np.ndarray, *,
         The selected hyper-parameters (``p_threshold``; ``logistic__C``, the absolute C),
         ``inner_auc`` (mean inner-fold AUC of the choice) and for ``cpm`` / ``nbs`` the number
         of selected edges ``n_edges``.
+
+    Raises
+    ------
+    InvalidInputError
+        Unknown ``name``, or the training fold has fewer than 2 responders or fewer than 2
+        non-responders (the inner cross-validation needs at least 2 of each).
     """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -603,9 +797,12 @@ def fit_fold(name: str, X: np.ndarray, y: np.ndarray, train_idx: np.ndarray, *,
 class CVResult:
     """Out-of-fold predictions of one model for one set of folds.
 
-    Attributes
+    Each field is also an attribute of the same name.
+
+    Parameters
     ----------
     model : str
+        Name of the model (one of :data:`MODELS`).
     logit : ndarray (N,)
         Out-of-fold logits (each from the fold model that did not see the subject).
     probability : ndarray (N,)
@@ -614,7 +811,7 @@ class CVResult:
         other folds' out-of-fold logits only).
     fold : ndarray (N,) int
         Test fold of each subject.
-    chosen : list of dict
+    chosen : list of dict, default=[]
         Per fold, what :func:`fit_fold` selected.
     """
 
@@ -643,6 +840,15 @@ def cross_validate(name: str, features: BaselineFeatures, y: np.ndarray, splits,
     Returns
     -------
     CVResult
+        Logits from each fold's model on its test fold, the cross-fitted Platt probabilities,
+        each subject's fold and per fold what the inner CV chose.
+
+    Raises
+    ------
+    InvalidInputError
+        Unknown ``name``, the oracle without planted truth, a training fold too small for the
+        inner cross-validation (:func:`fit_fold`), or folds whose test sets do not cover every
+        subject.
     """
     X = features.matrix(name)
     y = np.asarray(y).astype(int)
@@ -713,7 +919,8 @@ def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, *,
     y : ndarray (N,)
     a, b : ndarray (N,) or (repeats, N)
         Scores of two models on the same subjects (and repeats).
-    n_boot, seed : int
+    n_boot, seed : int, default=2000, 0
+        Bootstrap resamples and their seed; both models are scored on the same resamples.
 
     Returns
     -------
@@ -860,8 +1067,9 @@ def compare(
     Raises
     ------
     InvalidInputError
-        Unknown model, bad ``folds`` / ``repeats``, a cohort that cannot be split, or nothing
-        left to run.
+        Unknown model, ``folds``, ``repeats``, ``inner_folds`` or ``n_bootstrap`` not a whole
+        number of at least 2, 1, 2 and 100, a cohort that cannot be read or split, prepared
+        ``subjects`` that do not match the cohort, or nothing left to run.
     """
     from fmmtc_core.atlas import load_atlas
     from fmmtc_core.bids import read_cohort

@@ -19,7 +19,9 @@ library log messages are silenced: a scan's oddities reach the user through the 
 Progress: on a terminal, bars on stderr. Otherwise plain lines (``stage done/total ...``) on
 **stdout**, so that stderr carries nothing but the ``error:`` line of a failure; with ``--json``
 progress is left out, so stdout stays one JSON document. (``screen-batch`` also names each scan
-that failed on stderr, as a ``warning:`` line, before its ``error:`` line.)
+that failed on stderr, as a ``warning:`` line, before its ``error:`` line; ``train`` without
+``--json`` and ``build-demo`` repeat each warning of their out-of-fold metrics, such as "no
+reliable signal", on stderr as a ``WARNING:`` line, although they succeed.)
 
 Cheap checks come first: ``screen``, ``screen-batch`` and ``explain`` refuse a bad pseudonym,
 label, option, scan file, model folder or database before torch and the model are loaded.
@@ -136,6 +138,34 @@ def _write_tsv(path: Path, names, data) -> None:
 
 
 def cmd_parcellate(args) -> int:
+    """``fmmtc parcellate``: write a scan's region mean time series as an XCP-D style TSV.
+
+    The TSV has a header of region names and one row per volume (``n/a`` for NaN); a JSON
+    sidecar of the same stem is written beside it (``RepetitionTime``, ``Atlas``,
+    ``Sources``, ``Cleaned``, ``Cleaning``, ``NumberOfVolumes``, ``RegionLabels``,
+    ``GeneratedBy``, and ``SampleMask`` when scrubbing dropped volumes). One line on stdout
+    names the file.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``scan``, ``atlas``, ``sidecar``, ``confounds``, ``min_volumes``, ``clean``
+        (clean the series with :class:`~fmmtc_core.preprocess.CleaningSettings` defaults),
+        ``scrub`` (used only with ``clean``) and ``out`` (the ``.tsv`` path).
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    FMMTCError
+        ``out`` does not end in ``.tsv``.
+    InvalidInputError
+        The scan, sidecar, confounds or atlas cannot be used, or cleaning refuses the series
+        (from :func:`fmmtc_core.pipeline.load_and_clean`).
+    """
     from fmmtc_core.pipeline import load_and_clean, volume_progress
     from fmmtc_core.preprocess import CleaningSettings
 
@@ -168,6 +198,30 @@ def cmd_parcellate(args) -> int:
 
 
 def cmd_qc(args) -> int:
+    """``fmmtc qc``: print a scan's quality-control report.
+
+    Without ``--json``: the verdict, its reasons, the warnings and a few key figures
+    (volumes, TR, median tSNR, mean FD, high-motion fraction, uncovered regions). A failing
+    verdict is reported, not an error: the command still succeeds.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``scan``, ``sidecar``, ``confounds``, ``atlas``, ``min_volumes``, ``json``
+        (print :meth:`~fmmtc_core.qc.QCReport.to_dict` as JSON) and ``series`` (with
+        ``json``: add the FD, DVARS and carpet series).
+
+    Returns
+    -------
+    int
+        0, the exit status, whatever the verdict.
+
+    Raises
+    ------
+    InvalidInputError
+        The scan cannot be read, validated or parcellated
+        (:func:`fmmtc_core.qc.assess_scan`).
+    """
     from fmmtc_core.qc import assess_scan
 
     _, _, report = assess_scan(
@@ -190,6 +244,26 @@ def cmd_qc(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    """``fmmtc simulate``: write a simulated BIDS-style cohort (or unlabelled corpus).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``out_dir``, ``subjects``, ``seed``, ``format``, ``unlabelled`` (no responder
+        labels: a pretraining corpus), ``atlas``, ``preset``
+        (:meth:`~fmmtc_core.simulate.SimulationConfig.preset`) and ``dtype``.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        :func:`fmmtc_core.simulate.write_cohort` refuses the options (e.g. fewer than 2
+        subjects, or ``out_dir`` already holds a ``participants.tsv``).
+    """
     from fmmtc_core.simulate import SimulationConfig, write_cohort
 
     root = write_cohort(
@@ -243,6 +317,28 @@ def _stage_progress(args=None):
 
 
 def cmd_pretrain(args) -> int:
+    """``fmmtc pretrain``: masked-reconstruction pretraining of the time-series encoder.
+
+    Prints the output folder with the last epoch's loss (read back from its
+    ``pretrain_log.json``).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``corpus_dir``, ``out``, ``config``, ``atlas``, ``epochs``, ``batch_size``,
+        ``lr``, ``seed``, ``windows_per_subject``, ``regions_per_step``, ``schedule`` and
+        ``xyz_scale``, all passed to :func:`fmmtc_core.pretraining.pretrain`.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        :func:`~fmmtc_core.pretraining.pretrain` refuses an option, the atlas or the corpus.
+    """
     from fmmtc_core.pretraining import pretrain
 
     out = pretrain(args.corpus_dir, args.out, config=args.config, atlas=args.atlas,
@@ -276,6 +372,33 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    """``fmmtc train``: cross-validated training of an FMM-TC model folder.
+
+    Without ``--foundation`` (and without ``--no-foundation``) a model with a time-series
+    branch uses the bundled demo encoder; a note on stdout says so (not with ``--json``).
+    :class:`~fmmtc_core.training.TrainingWarning` warnings are silenced here: the metrics'
+    ``warnings`` are printed instead, once.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``cohort_dir``, ``out``, ``foundation``, ``no_foundation``, ``folds``, ``seed``,
+        ``modalities``, ``preset``, ``atlas``, ``coordinates``, ``epochs``, ``repeats``,
+        ``permutations``, ``threads`` (all passed to :func:`fmmtc_core.training.train`) and
+        ``json`` (print the out-of-fold metrics as JSON, without progress lines off a
+        terminal).
+
+    Returns
+    -------
+    int
+        0, the exit status (also when the metrics warn that nothing usable was learned).
+
+    Raises
+    ------
+    InvalidInputError
+        The cohort, an option, the atlas, the coordinates or the foundation encoder cannot be
+        used (from :func:`~fmmtc_core.training.train`).
+    """
     import warnings as _warnings
 
     from fmmtc_core.training import TrainingWarning, train
@@ -300,6 +423,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """``fmmtc evaluate``: score a model folder on another labelled cohort.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``model_dir``, ``cohort_dir`` and ``json`` (print the metrics as JSON, without
+        progress lines off a terminal).
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    ModelFileError
+        The model folder cannot be loaded.
+    InvalidInputError
+        The cohort cannot be read or scored (from :func:`fmmtc_core.training.evaluate`).
+    """
     from fmmtc_core.training import evaluate
 
     _print_metrics(evaluate(args.model_dir, args.cohort_dir, progress=_stage_progress(args)),
@@ -329,6 +472,32 @@ def _model_names(text: str) -> list[str]:
 
 
 def cmd_compare(args) -> int:
+    """``fmmtc compare``: classic baselines (and optionally FMM-TC) on identical folds.
+
+    Prints :func:`~fmmtc_core.baselines.format_comparison`'s table, or with ``--json`` one
+    document with ``protocol``, ``models`` (the table's rows, NaN as null), ``verdict``,
+    ``fmmtc_vs_best`` and ``skipped``. With ``--out`` the table is also written as TSV (the
+    folder is created).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``cohort_dir``, ``out``, ``foundation``, ``models``, ``folds``, ``seed``,
+        ``repeats``, ``atlas`` and ``json``.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        Checked before torch is loaded: ``cohort_dir`` has no ``participants.tsv``, ``out``
+        does not end in ``.tsv``, ``foundation`` is given without ``fmmtc`` in ``models`` or
+        is a folder without ``config.json``. Later, anything
+        :func:`fmmtc_core.baselines.compare` refuses.
+    """
     # Cheap checks first: the cohort folder, --out, --foundation (torch is not loaded yet).
     root = Path(args.cohort_dir)
     if not (root / "participants.tsv").is_file():
@@ -371,7 +540,27 @@ def cmd_compare(args) -> int:
 
 def cmd_foundation(args) -> int:
     """``fmmtc foundation inspect DIR``: which registry entry a checkpoint folder is and what
-    it will do to a scan (no weights are loaded)."""
+    it will do to a scan (no weights are loaded).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``folder``, ``atlas``, ``coordinates``, ``tr``, ``volumes`` and ``regions`` (the
+        example scan passed to :func:`fmmtc_core.models.registry.inspect_encoder`) and
+        ``json`` (print its result as JSON instead of the aligned summary). ``action`` is
+        always ``"inspect"`` and is not read.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    ModelFileError
+        The folder is not a checkpoint of a known registry entry, or its ``config.json``
+        cannot be used (:func:`~fmmtc_core.models.registry.inspect_encoder`).
+    """
     from fmmtc_core.models.registry import inspect_encoder
 
     info = inspect_encoder(args.folder, atlas=args.atlas, coordinates=args.coordinates,
@@ -410,6 +599,29 @@ def cmd_foundation(args) -> int:
 
 
 def cmd_build_demo(args) -> int:
+    """``fmmtc build-demo``: rebuild the bundled demo model from simulated data.
+
+    The ``out`` folder is replaced if it exists. Prints the output folder, the time taken and
+    the out-of-fold metrics.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``out``, ``seed``, ``subjects``, ``corpus`` and ``pretrain_epochs``, passed to
+        :func:`fmmtc_core.demo.build_demo_model`.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        A simulation, pretraining or training step of
+        :func:`~fmmtc_core.demo.build_demo_model` refuses an option (e.g. fewer than 2
+        subjects).
+    """
     from fmmtc_core.demo import build_demo_model
 
     t0 = time.perf_counter()
@@ -480,6 +692,36 @@ def _labels(args, names=("site", "drug", "arm", "operator")) -> dict:
 
 
 def cmd_explain(args) -> int:
+    """``fmmtc explain``: predict and explain one scan (nothing is stored).
+
+    The scan and the model card are checked before torch and the model are loaded. Prints
+    the probability, its band and the decision, the modality share, the Integrated Gradients
+    settings and the ``top`` regions; or with ``--json``
+    :meth:`~fmmtc_core.screening.Analysis.to_dict`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``model`` (None: ``$FMMTC_MODEL_DIR`` or the bundled demo model), ``scan``,
+        ``sidecar``, ``confounds``, ``min_volumes`` (the cheap check only: the analysis
+        itself keeps :func:`~fmmtc_core.io.load_scan`'s default of 50), ``baseline_fc`` and
+        ``tolerance`` (the explanation's ``baseline_fc`` and ``rel_tol``), ``json`` and
+        ``top``.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    ModelFileError
+        The model folder has no readable card, its atlas label image is missing, or the
+        model cannot be loaded.
+    InvalidInputError
+        The scan, sidecar or confounds cannot be used;
+        :class:`~fmmtc_core._errors.QCFailedError` when the scan fails hard QC.
+    """
     model_dir = _model_dir(args.model)
     _check_scan(args, _model_atlas(model_dir))
 
@@ -517,6 +759,41 @@ def _participant_from_name(scan) -> str:
 
 
 def cmd_screen(args) -> int:
+    """``fmmtc screen``: screen one scan and store it in the cohort database.
+
+    Identifiers, options, the scan's header, the model card and the database are checked, in
+    that order, before torch and the model are loaded. Prints the screening's id (noting a
+    stored screening returned again), the probability, its band and the decision, the
+    modality share and the five strongest regions; or with ``--json``
+    :meth:`~fmmtc_core.screening.ScreeningResult.to_dict`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``participant`` (None: the BIDS ``sub-<label>`` of the scan's file name),
+        ``scan``, ``sidecar``, ``confounds``, ``min_volumes`` (the cheap check only: the
+        screening itself keeps :func:`~fmmtc_core.io.load_scan`'s default of 50), ``site``,
+        ``drug``, ``arm``, ``operator``, ``responder_threshold``, ``non_responder_threshold``,
+        ``model``, ``db``, ``baseline_fc``, ``tolerance``, ``force`` and ``json``.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        An invalid pseudonym or label, no ``participant`` and no ``sub-<label>`` in the file
+        name, ``non_responder_threshold`` above ``responder_threshold``, a missing or
+        unreadable scan, or a refusal by :func:`fmmtc_core.screening.screen` (including
+        :class:`~fmmtc_core._errors.QCFailedError`).
+    ModelFileError
+        The model folder has no readable card, its atlas label image is missing, the model
+        cannot be loaded, or its outputs are not finite.
+    StorageError
+        The database cannot be opened, read or written.
+    """
     from fmmtc_core.store import open_database
     from fmmtc_core.store.repository import validate_pseudonym
 
@@ -562,6 +839,36 @@ def cmd_screen(args) -> int:
 
 
 def cmd_screen_batch(args) -> int:
+    """``fmmtc screen-batch``: screen every scan of a BIDS-style cohort folder.
+
+    The operator label, the cohort folder, the model card and the database are checked
+    before any scan is read. Prints the numbers screened, already stored and failed (and the
+    outcomes imported, with ``--import-outcomes``), then one ``warning:`` line on stderr per
+    failed scan.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``operator``, ``cohort_dir``, ``model``, ``db``, ``workers``,
+        ``import_outcomes``, ``baseline_fc`` and ``tolerance``.
+
+    Returns
+    -------
+    int
+        0, the exit status, when every scan was screened or already stored.
+
+    Raises
+    ------
+    InvalidInputError
+        An invalid operator label, or ``cohort_dir`` has no ``participants.tsv`` (or a
+        refusal by :func:`fmmtc_core.screening.screen_batch` before screening starts).
+    ModelFileError
+        The model folder has no readable card or cannot be loaded.
+    StorageError
+        The database cannot be opened, read or written.
+    FMMTCError
+        At least one scan could not be screened (the others are stored): exit status 2.
+    """
     from fmmtc_core.store import open_database
 
     operator = _labels(args, ("operator",))["operator"]
@@ -607,6 +914,28 @@ def cmd_screen_batch(args) -> int:
 
 
 def cmd_outcome(args) -> int:
+    """``fmmtc outcome``: record a participant's observed outcome in the database.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``participant``, ``outcome`` (``"responder"`` or ``"non-responder"``),
+        ``operator`` (None: :func:`~fmmtc_core.store.repository.default_operator`), ``note``
+        and ``db``.
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        An invalid pseudonym, operator label or note, or no participant with this pseudonym
+        in the database.
+    StorageError
+        The database cannot be opened, read or written.
+    """
     from fmmtc_core.store import open_database, session_scope
     from fmmtc_core.store.repository import (
         default_operator,
@@ -626,6 +955,33 @@ def cmd_outcome(args) -> int:
 
 
 def cmd_db(args) -> int:
+    """``fmmtc db``: maintain the cohort database.
+
+    Actions: ``upgrade`` (to the head schema revision), ``downgrade`` (one revision back),
+    ``status`` (the revision, and row counts when there is one), ``check`` (upgrade, then an
+    integrity check) and ``export`` (upgrade, then write every screening to a CSV file; its
+    folder is created).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Reads ``action``, ``db`` (None: ``$FMMTC_DATABASE_URL`` or the default SQLite file)
+        and ``out`` (``export`` only: the ``.csv`` path).
+
+    Returns
+    -------
+    int
+        0, the exit status.
+
+    Raises
+    ------
+    InvalidInputError
+        ``export`` without ``out`` or with an ``out`` that does not end in ``.csv``; a
+        malformed database URL or an unknown driver.
+    StorageError
+        The database cannot be opened, read or written, or ``check`` found problems (the
+        first five are named).
+    """
     from fmmtc_core.store import (
         check_schema,
         downgrade,
@@ -672,6 +1028,17 @@ def cmd_db(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fmmtc`` argument parser, one sub-command per ``cmd_*`` function.
+
+    Each sub-parser sets ``func`` to its command function. A usage mistake (an unknown
+    option, a missing argument, an invalid value) prints one ``error:`` line on stderr and
+    exits with status 2.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The top-level parser (``--version``, ``--debug`` and a required sub-command).
+    """
     parser = _Parser(
         prog="fmmtc",
         description="FMM-TC Screen: rs-fMRI drug-response screening (research software).",
@@ -942,7 +1309,30 @@ def _as_storage_error(exc: BaseException, args) -> StorageError | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fmmtc`` command; returns the exit status (see the module
-    docstring)."""
+    docstring).
+
+    Parameters
+    ----------
+    argv : list of str or None, default=None
+        The arguments after the program name; None reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success; 2 for an :class:`~fmmtc_core.FMMTCError` (or a missing, unreadable or
+        wrong-kind file); 3 for a :class:`~fmmtc_core._errors.StorageError` (or a database
+        driver error that escaped the store layer); 130 when interrupted; 1 for any other
+        exception (an internal error). A failure first writes one ``error:`` line to stderr.
+
+    Raises
+    ------
+    SystemExit
+        From the parser: ``--help`` and ``--version`` (status 0) and usage mistakes (status
+        2).
+    Exception
+        With ``--debug``, the command's exception propagates instead of becoming a status
+        (except ``KeyboardInterrupt``, which still returns 130).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -64,7 +64,8 @@ def cross_fitted_platt(logits: np.ndarray, y: np.ndarray, fold_of: np.ndarray) -
     -------
     ndarray (N,) of float64
         ``sigmoid(a_k * logit + b_k)`` with ``(a_k, b_k)`` fitted on the other folds only (a
-        slope <= 0 there gives that fold the other folds' base rate).
+        slope <= 0 there, or other folds holding one class only, gives that fold the other
+        folds' base rate, clipped to [0.001, 0.999]).
 
     Raises
     ------
@@ -100,7 +101,8 @@ def platt_bootstrap(logits: np.ndarray, y: np.ndarray, n: int = 200,
     Returns
     -------
     ndarray (n, 2)
-        ``(a, b)`` per resample (a slope <= 0 becomes the resample's base rate).
+        ``(a, b)`` per resample (a slope <= 0, or a resample of one class only, becomes
+        ``(0, logit of the resample's base rate)``).
     """
     rng = np.random.default_rng([seed, 31337])
     logits, y = np.asarray(logits, float), np.asarray(y).astype(int)
@@ -158,6 +160,11 @@ def auc_interval(y: np.ndarray, score: np.ndarray, n: int = 1000, seed: int = 0,
     -------
     low, high : float
         The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled AUCs.
+
+    Raises
+    ------
+    InvalidInputError
+        No resample holds both classes (e.g. ``y`` has one class only, or ``n`` is 0).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -201,7 +208,12 @@ def permutation_p_value(observed: float, run: Callable[[np.ndarray], float], y: 
     -------
     dict
         ``p_value`` (``(1 + #{null >= observed}) / (n + 1)``), ``n_permutations`` and the
-        permuted AUCs' ``null_mean`` / ``null_sd``.
+        permuted AUCs' ``null_mean`` / ``null_sd`` (population SD, ``ddof=0``).
+
+    Raises
+    ------
+    InvalidInputError
+        ``n`` is not an ``int`` of at least 1 (a ``bool`` is refused), before any run.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidInputError(f"The permutation test needs n >= 1 permutations, got {n!r}.")

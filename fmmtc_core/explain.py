@@ -94,7 +94,9 @@ Progress = Callable[[str, int, int, dict], None] | None
 class Explanation:
     """Integrated Gradients attributions of one prediction, and their summaries.
 
-    Attributes
+    Built by :func:`explain`; each field is also an attribute of the same name.
+
+    Parameters
     ----------
     ts : ndarray (R, T) or None
         Attribution of every time-series input sample, atlas region order: the centred window
@@ -126,8 +128,16 @@ class Explanation:
     steps : int
         Gauss-Legendre nodes used.
     baseline : dict
-        The baselines used (``{"ts": "flat", "fc": "cohort_mean"}``, or ``"custom"``).
-    runtime_s : float
+        The baselines used (``{"ts": "flat", "fc": "cohort_mean"}``, or ``"custom"``;
+        ``"held at the scan (not attributed)"`` for a time series not attributed), one key
+        per branch of the model.
+    runtime_s : float, default=0.0
+        Wall-clock seconds :func:`explain` took.
+    settings : dict, default={}
+        How the attributions were computed: ``method``, ``quadrature``, ``rel_tol``,
+        ``abs_tol``, ``schedule`` (the node counts allowed), ``internal_batch_size``,
+        ``target``, ``baseline``, ``ts_attribution`` and, when the time series was not
+        attributed or its steps were capped, ``ts_note`` saying why.
     """
 
     ts: np.ndarray | None
@@ -152,7 +162,20 @@ class Explanation:
 
     def ranked_regions(self, n: int | None = None) -> list[dict]:
         """Regions sorted by absolute total score, descending (``label``, ``name``, ``score``,
-        ``ts``, ``fc``, ``network``)."""
+        ``ts``, ``fc``, ``network``).
+
+        Parameters
+        ----------
+        n : int or None, default=None
+            Keep the first ``n`` regions; None keeps all.
+
+        Returns
+        -------
+        list of dict
+            One dict per region: ``label`` (atlas label), ``name``, ``score``
+            (``region_total``), ``ts`` (``region_ts``), ``fc`` (``region_fc``) and
+            ``network`` (its group). Ties keep the atlas order.
+        """
         order = np.argsort(-np.abs(self.region_total), kind="stable")
         if n is not None:
             order = order[:n]
@@ -161,7 +184,23 @@ class Explanation:
                  "fc": float(self.region_fc[i]), "network": self.groups[i]} for i in order]
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
-        """JSON-ready summary (the ``fmmtc explain --json`` output)."""
+        """JSON-ready summary: the explanation part of the ``fmmtc explain --json`` output.
+
+        :meth:`fmmtc_core.screening.Analysis.to_dict` adds the prediction to it.
+
+        Parameters
+        ----------
+        n_regions : int or None, default=None
+            Keep the first (strongest) regions of :meth:`ranked_regions`; None keeps all.
+
+        Returns
+        -------
+        dict
+            ``regions`` (``label``, ``name`` and ``score`` of each ranked region),
+            ``modality_share``, ``top_connections``, ``networks``, ``ig_gap``,
+            ``ig_gap_abs``, ``steps``, ``baseline``, ``logit``, ``baseline_logit`` and
+            ``runtime_s``. Neither the attribution arrays nor ``settings`` are included.
+        """
         return {
             "regions": [{k: r[k] for k in ("label", "name", "score")}
                         for r in self.ranked_regions(n_regions)],
@@ -182,7 +221,27 @@ class Explanation:
 # Summaries (pure numpy; also used to rebuild summaries from stored attributions)
 # --------------------------------------------------------------------------------------------
 def region_summaries(ts: np.ndarray | None, fc: np.ndarray | None, n_regions: int):
-    """Per-region TS, FC and total attribution (see :class:`Explanation`)."""
+    """Per-region TS, FC and total attribution (see :class:`Explanation`).
+
+    Parameters
+    ----------
+    ts : ndarray (R, T) or None
+        Time-series attributions; None counts as zero.
+    fc : ndarray (R, R) or None
+        Connectivity attributions; None counts as zero.
+    n_regions : int
+        R (the size of the zeros used for a missing modality).
+
+    Returns
+    -------
+    region_ts : ndarray of float64 (R,)
+        ``ts`` summed over time.
+    region_fc : ndarray of float64 (R,)
+        ``(fc.sum(axis=0) + fc.sum(axis=1)) / 2``: each edge's two entries shared equally
+        between its two regions (a diagonal entry goes to its region whole).
+    region_total : ndarray of float64 (R,)
+        ``region_ts + region_fc``.
+    """
     r_ts = np.zeros(n_regions) if ts is None else ts.astype(np.float64).sum(axis=1)
     if fc is None:
         r_fc = np.zeros(n_regions)
@@ -270,8 +329,9 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def auto_batch_size(ens, n_windows: int = 1) -> int:
-    """Integration points per pass that fit the memory budget: 60 % of the free GPU memory,
-    or a quarter of the available RAM (at most 8 GB) on the CPU; at most 32 on a GPU, 8 on CPU.
+    """Integration points per pass that fit the memory budget: 60 % of the free memory of a
+    CUDA device, otherwise (CPU, MPS) a quarter of the available RAM (at most 8 GiB; 2 GiB
+    when ``/proc/meminfo`` cannot be read); at most 32 on CUDA, 8 otherwise.
 
     The cost of one point is estimated from the encoder's geometry (activations kept for the
     backward pass: ~6 x hidden + 4 x FFN + 4 x heads x landmarks floats per token and layer,
@@ -279,6 +339,18 @@ def auto_batch_size(ens, n_windows: int = 1) -> int:
     ViT-MAE, its image patches are the tokens), times the ``n_windows`` windows a point
     carries, plus 150 MB for the connectivity branch, the head and captum's copies of the
     inputs.
+
+    Parameters
+    ----------
+    ens : FMMTCEnsemble
+        The model; its first fold model's ``ts_encoder`` (if any) and its ``device`` are read.
+    n_windows : int, default=1
+        Encoder windows one integration point carries (values below 1 count as 1).
+
+    Returns
+    -------
+    int
+        Between 1 and the cap (32 on CUDA, 8 otherwise).
     """
     first = ens.models[0]
     per_point = 150 << 20
@@ -417,9 +489,12 @@ def explain(
         Fisher-z connectivity of the cleaned scan (the same
         :meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.inputs`; ignored by
         ``fc_input="gram"`` models, whose connectivity input is the windows' Gram matrix).
-    baseline_ts : "flat" or ndarray, the shape of ``window``
+    baseline_ts : "flat" or ndarray, the shape of ``window``, default="flat"
         ``"flat"``: zeros, every region at its median after the encoder's scaling.
-    baseline_fc : "cohort_mean", "zero" or ndarray (R, R)
+    baseline_fc : "cohort_mean", "zero" or ndarray (R, R), default="cohort_mean"
+        ``"cohort_mean"``: the training cohort's mean connectivity stored with the model
+        (for ``fc_input="gram"`` models its mean Gram matrix, zeros when the model has none);
+        ``"zero"``: all zeros.
     rel_tol : float, default=0.01
         Stop raising the number of steps once ``|gap| <= rel_tol * |F(x) - F(b)|``; a finite
         number with ``0 < rel_tol < 1`` (the CLI's ``--tolerance``).
@@ -428,15 +503,16 @@ def explain(
         relative gap means nothing); finite and >= 0.
     steps : tuple of int, default=(8, 16, 32, 64)
         Gauss-Legendre node counts tried in turn; the last is the cap.
-    internal_batch_size : int or None
-        Integration points evaluated per forward/backward pass (bounds memory); default
+    internal_batch_size : int or None, default=None
+        Integration points evaluated per forward/backward pass (bounds memory); None:
         :func:`auto_batch_size`.
     n_top : int, default=20
         Connections listed in ``top_connections``.
-    atlas : Atlas or None
-        Region names and networks; default: the model's atlas.
-    progress : callable(stage, done, total, info) or None
-        Called after each attempt with ``info = {"steps": n, "gap": rel_gap}``.
+    atlas : Atlas or None, default=None
+        Region names and networks; None: the model's atlas.
+    progress : callable(stage, done, total, info) or None, default=None
+        Called after attempt ``k`` (1, 2, ...) as ``progress("explain", k, len(steps),
+        {"steps": n, "gap": rel_gap})``.
     ts_attribution : bool or None, default=None
         Attribute the time-series input. None: when the encoder has at most
         :data:`TS_IG_MAX_PARAMETERS` parameters for the device (else the time series is held
@@ -447,6 +523,20 @@ def explain(
     Returns
     -------
     Explanation
+        The attributions (``ts`` None when the model has no time-series branch or its input
+        was held at the scan), their summaries, ``steps`` the last node count tried and
+        ``ig_gap`` / ``ig_gap_abs`` the completeness gap of that attempt (``ig_gap`` is
+        ``inf`` when ``F(x) == F(b)`` and the gap is not 0).
+
+    Raises
+    ------
+    InvalidInputError
+        Before any gradient is computed: ``rel_tol``, ``abs_tol``, ``n_top``,
+        ``internal_batch_size`` or ``steps`` out of range; a ``window`` of the wrong shape for
+        the model; no ``fc`` for a model that needs one, or an ``fc`` not (R, R); non-finite
+        inputs; an unknown baseline name or a baseline array of the wrong shape;
+        ``ts_attribution=False`` for a model with only a time-series branch. After the
+        attribution: an ``atlas`` whose region count differs from the model's.
     """
     from captum.attr import IntegratedGradients
 
@@ -585,6 +675,24 @@ def region_map(atlas: Atlas, scores: np.ndarray) -> nib.Nifti1Image:
 
     Background and unlisted labels are 0, so the image feeds nilearn's ``plot_glass_brain`` /
     ``plot_stat_map`` directly.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The atlas; the map is on the grid of its ``labels_img``.
+    scores : array-like (R,)
+        One score per region, in the atlas's region order.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        3-D float32 image with the affine of ``atlas.labels_img``. A region absent from the
+        label image has no voxels to carry its score.
+
+    Raises
+    ------
+    InvalidInputError
+        ``scores`` does not have shape ``(atlas.n_regions,)``.
     """
     scores = np.asarray(scores, dtype=np.float32)
     if scores.shape != (atlas.n_regions,):

@@ -68,7 +68,9 @@ _CARPET_VOXELS = 1200
 class VoxelStats:
     """Voxel-level facts gathered during parcellation (used by QC).
 
-    Attributes
+    Built by :func:`parcellate`; each field is also an attribute of the same name.
+
+    Parameters
     ----------
     tsnr_voxels_median : float
         Median temporal SNR (mean / SD over time) over the atlas voxels.
@@ -103,31 +105,42 @@ class VoxelStats:
 class RegionSignals:
     """Region time series of one scan, in the atlas's region order.
 
-    Attributes
+    Built by :func:`parcellate` and :func:`clean`; each field is also an attribute of the
+    same name.
+
+    Parameters
     ----------
     data : ndarray (T, R) float32
         One row per volume, one column per region (NaN for a region with no voxels).
     tr : float
         Repetition time, seconds.
     atlas : Atlas
+        The atlas whose region order the columns follow.
     n_voxels : ndarray (R,) int
         Voxels averaged per region (for a table: -1, unknown).
     coverage : ndarray (R,) float
         Region volume inside the scan's field of view / region volume in the atlas.
-    cleaned : bool
+    cleaned : bool, default=False
         Whether :func:`clean` has been applied.
-    sample_mask : ndarray of int or None
+    sample_mask : ndarray of int or None, default=None
         Volumes kept after scrubbing (indices into the original series), None if all kept.
-    confounds : DataFrame or None
+    confounds : DataFrame or None, default=None
         The scan's fMRIPrep confounds, carried along for cleaning and QC.
-    voxel_stats : VoxelStats or None
+    voxel_stats : VoxelStats or None, default=None
         Voxel-level QC facts (NIfTI input only).
-    warnings : list of str
+    warnings : list of str, default=[]
         Recoverable oddities of the input (they make the QC verdict "warn").
-    notes : list of str
+    notes : list of str, default=[]
         Informational facts about processing (e.g. the atlas was resampled to the scan grid).
-    cleaning : dict
+    cleaning : dict, default={}
         Cleaning parameters, once :func:`clean` has run.
+
+    Attributes
+    ----------
+    n_volumes : int
+        T, the number of rows of ``data``.
+    n_regions : int
+        R, the number of columns of ``data``.
     """
 
     data: np.ndarray
@@ -145,10 +158,12 @@ class RegionSignals:
 
     @property
     def n_volumes(self) -> int:
+        """T, the number of volumes (rows of ``data``; after scrubbing, those kept)."""
         return int(self.data.shape[0])
 
     @property
     def n_regions(self) -> int:
+        """R, the number of regions (columns of ``data``)."""
         return int(self.data.shape[1])
 
 
@@ -165,8 +180,9 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
     atlas : str, path, Atlas or None, default=None
         Atlas for a NIfTI scan (default ``"hcpex"``). A table already names its atlas; passing a
         different one is an error.
-    progress : callable or None
-        Called as ``progress(done_volumes, total_volumes)`` while voxels are read.
+    progress : callable or None, default=None
+        Called as ``progress(done_volumes, total_volumes)`` while voxels are read (never for
+        a region table).
 
     Returns
     -------
@@ -177,8 +193,9 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
     Raises
     ------
     InvalidInputError
-        Scan not in MNI space (its field of view misses the atlas), all-NaN, all-zero or
-        constant data, a truncated file.
+        A region table given another ``atlas`` than the one it names; a NIfTI not in MNI
+        space (median region coverage below :data:`MIN_ATLAS_OVERLAP`), all-NaN, all-zero or
+        constant data inside the atlas, a truncated file.
     """
     if scan.kind == "table":
         assert scan.atlas_name is not None and scan.table is not None  # set for every table
@@ -420,6 +437,25 @@ class CleaningSettings:
     """The arguments of :func:`clean`, as one value: what a pipeline runs and a card records.
 
     Attributes are :func:`clean`'s keyword arguments, with its defaults.
+
+    Parameters
+    ----------
+    detrend : bool, default=True
+        Remove linear trends.
+    low_pass : float or None, default=0.1
+        Low-pass cut-off, Hz (:data:`fmmtc_core.config.BAND_PASS_HZ`); None: none.
+    high_pass : float or None, default=0.01
+        High-pass cut-off, Hz; None: none.
+    strategy : {"simple", "scrubbing", "compcor"} or None, default="simple"
+        nilearn ``load_confounds_strategy`` preset; None regresses no confounds.
+    scrub : bool, default=False
+        Remove high-motion volumes (implies the ``"scrubbing"`` preset).
+    fd_threshold : float, default=0.5
+        Framewise displacement (mm) above which scrubbing removes a volume
+        (:data:`fmmtc_core.config.FD_THRESHOLD_MM`).
+    std_dvars_threshold : float, default=1.5
+        Standardised DVARS above which scrubbing removes a volume
+        (:data:`fmmtc_core.config.STD_DVARS_THRESHOLD`).
     """
 
     detrend: bool = True
@@ -447,7 +483,9 @@ def clean(
     Parameters
     ----------
     signals : RegionSignals
+        Region series (:func:`parcellate`); ``signals.confounds`` are used when present.
     detrend : bool, default=True
+        Remove linear trends.
     low_pass, high_pass : float or None, default=0.1, 0.01
         Band-pass cut-offs in Hz (Butterworth). A low-pass at or above the Nyquist frequency of
         the scan's TR is dropped with a warning.
@@ -456,13 +494,27 @@ def clean(
         confounds; None regresses no confounds.
     scrub : bool, default=False
         Remove high-motion volumes (FD > ``fd_threshold`` mm or standardised DVARS >
-        ``std_dvars_threshold``); implies the "scrubbing" preset.
+        ``std_dvars_threshold``); implies the "scrubbing" preset. Without confounds nothing
+        is scrubbed and a warning says so.
+    fd_threshold : float, default=0.5
+        Framewise displacement limit (mm) of the scrubbing preset.
+    std_dvars_threshold : float, default=1.5
+        Standardised DVARS limit of the scrubbing preset.
 
     Returns
     -------
     RegionSignals
-        A cleaned copy; ``sample_mask`` lists the kept volumes when scrubbing removed any.
-        Regions without signal stay NaN.
+        A cleaned copy (``cleaned=True``, float32 ``data``); ``sample_mask`` lists the kept
+        volumes when scrubbing removed any. Regions without signal stay NaN. ``cleaning``
+        records the settings used (a dropped low-pass as None; ``strategy`` None without
+        confounds) and ``n_volumes_kept``; new warnings are appended to ``warnings``.
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown ``strategy``; ``high_pass`` not below the (remaining) ``low_pass``; a
+        confounds table the preset cannot use; fewer than 10 volumes left (after scrubbing,
+        or in the series itself).
     """
     from nilearn import signal as nsignal
 
@@ -556,8 +608,10 @@ def robust_scale(data: np.ndarray, axis: int = 0) -> np.ndarray:
 
     Returns
     -------
-    ndarray, same shape, float32. A region with zero IQR is only centred; NaN regions become 0
-    (the "no signal" value after scaling).
+    ndarray, float32, the shape of ``data``
+        ``(data - median) / IQR`` along ``axis`` (NaN ignored in both statistics). A region
+        with zero IQR is only centred; NaN values become 0 (the "no signal" value after
+        scaling), as do infinite results.
     """
     x = np.asarray(data, dtype=np.float64)
     with warnings.catch_warnings():
@@ -586,15 +640,28 @@ def make_window(
     signals : RegionSignals or ndarray (T, R)
     length : int, default=200
         Samples per window (BrainLM's small checkpoint uses 200).
-    tr : float or None
+    tr : float or None, default=None
         TR of an ndarray input (taken from ``signals`` otherwise).
-    target_tr : float or None
+    target_tr : float or None, default=None
         Resample the series to this TR first (linear interpolation), e.g. to match the TR the
         model was trained at. None keeps the scan's sampling.
     start : int or "center", default="center"
         First sample of the crop when the series is longer than ``length``.
     scale : bool, default=True
-        Robust-scale each region (median / IQR) over the window.
+        Robust-scale each region (median / IQR) over the window; False only replaces NaN
+        with 0.
+
+    Returns
+    -------
+    ndarray (R, length) float32
+        C-contiguous, regions x samples.
+
+    Raises
+    ------
+    InvalidInputError
+        The data are not 2-D, ``length`` is below 2, ``target_tr`` is given without a TR, or
+        a series longer than ``length`` (T samples after resampling) is given a ``start``
+        outside ``0 .. T - length`` (a shorter series is not cropped: ``start`` is unused).
 
     Notes
     -----
@@ -643,7 +710,9 @@ _FC_ARGS: dict[str, Any] = {"kind": "correlation", "shrinkage": False, "fisher":
 class ModelInputs:
     """The inputs of an FMM-TC model for one scan (see :func:`prepare`).
 
-    Attributes
+    Each field is also an attribute of the same name.
+
+    Parameters
     ----------
     window : ndarray float32
         The time-series branch's input. Centred-window path (``prepare(signals, length)``):
@@ -655,7 +724,7 @@ class ModelInputs:
     fc : ndarray (R, R) float32 or None
         Fisher-z functional connectivity: of the whole cleaned series (centred-window path) or
         of the samples the windows cover (encoder path); None when not asked for.
-    plan : WindowPlan or None
+    plan : WindowPlan or None, default=None
         Encoder path: resampling, windows, padding and the span of the scan they cover; None
         on the centred-window path.
     """
@@ -766,9 +835,9 @@ def preprocessing_card(cleaning: CleaningSettings, length: int | FoundationEncod
     length : int or FoundationEncoder
         What was given to :func:`prepare`: a window length (centred-window path) or the
         encoder (whole-scan path).
-    scaling : dict or None
+    scaling : dict or None, default=None
         Encoder path: where the encoder's global robust-scaling statistics came from (recorded
-        under ``encoder``).
+        under ``encoder``); ignored on the centred-window path.
 
     Returns
     -------

@@ -55,7 +55,29 @@ def decide(probability: float, band: tuple[float, float], thresholds: dict | Non
 
     A participant is called a likely responder when the whole uncertainty band lies at or above
     the responder threshold, a likely non-responder when it lies at or below the non-responder
-    threshold; anything else is uncertain.
+    threshold; anything else is uncertain. The probability itself must lie on the same side
+    (``min(band[0], probability) >= responder``, ``max(band[1], probability) <=
+    non_responder``).
+
+    Parameters
+    ----------
+    probability : float
+        Calibrated responder probability.
+    band : (float, float)
+        Its uncertainty band, (low, high).
+    thresholds : dict or None, default=None
+        ``responder`` and / or ``non_responder`` probabilities, over
+        :data:`DEFAULT_THRESHOLDS` (0.6 and 0.4).
+
+    Returns
+    -------
+    str
+        ``"likely responder"``, ``"likely non-responder"`` or ``"uncertain"``.
+
+    Raises
+    ------
+    InvalidInputError
+        The thresholds in force do not satisfy ``0 <= non_responder <= responder <= 1``.
     """
     t = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     lo, hi = float(band[0]), float(band[1])
@@ -72,7 +94,41 @@ def decide(probability: float, band: tuple[float, float], thresholds: dict | Non
 
 @dataclass
 class Analysis:
-    """Everything one screening computes (see :func:`analyse`)."""
+    """Everything one screening computes (see :func:`analyse`).
+
+    Each field is also an attribute of the same name.
+
+    Parameters
+    ----------
+    scan : Scan
+        The loaded, validated scan.
+    signals : RegionSignals
+        Its cleaned region series.
+    qc : QCReport
+        Its QC report (not a failure: a failing scan raises instead).
+    probability : float
+        Calibrated responder probability (the calibrated mean scaled fold logit).
+    band : (float, float)
+        Its uncertainty band, (low, high)
+        (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.predict_proba`).
+    fold_probabilities : list of float
+        Calibrated probability of each fold model.
+    decision : str
+        :func:`decide` of ``probability`` and ``band``.
+    thresholds : dict
+        The decision thresholds in force (:data:`DEFAULT_THRESHOLDS` updated with those
+        given).
+    explanation : Explanation or None
+        Integrated Gradients attributions; None when not asked for.
+    window : ndarray
+        The time-series input the model took (:attr:`~fmmtc_core.preprocess.ModelInputs.window`).
+    fc : ndarray (R, R)
+        The connectivity input (:attr:`~fmmtc_core.preprocess.ModelInputs.fc`, Fisher z).
+    stage_seconds : dict, default={}
+        Seconds per stage: ``load`` (the ``validate`` stage), ``parcellate``, ``qc``,
+        ``clean``, ``predict`` and, when explained, ``explain``; :func:`screen` adds
+        ``save``.
+    """
 
     scan: Scan
     signals: RegionSignals  # cleaned
@@ -89,9 +145,25 @@ class Analysis:
 
     @property
     def runtime_s(self) -> float:
+        """Total seconds: the sum of :attr:`stage_seconds`."""
         return float(sum(self.stage_seconds.values()))
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
+        """JSON-ready summary (the ``fmmtc explain --json`` output).
+
+        Parameters
+        ----------
+        n_regions : int or None, default=None
+            Keep only the first (strongest) regions of the explanation; None keeps all.
+
+        Returns
+        -------
+        dict
+            ``probability``, ``band``, ``decision``, ``thresholds``, ``qc`` (``verdict`` and
+            ``reasons``), ``stage_seconds`` and ``runtime_s`` (rounded to 4 decimals); with an
+            explanation also the keys of :meth:`~fmmtc_core.explain.Explanation.to_dict`
+            (``runtime_s`` stays this analysis's total).
+        """
         out = {
             "probability": float(self.probability),
             "band": [float(self.band[0]), float(self.band[1])],
@@ -129,17 +201,30 @@ def analyse(
     %(model)s
     %(sidecar)s
     %(confounds)s
-    thresholds : dict or None
-        Decision thresholds (:data:`DEFAULT_THRESHOLDS`).
-    qc_thresholds : QCThresholds or None
-    explain_kwargs : dict or None
+    thresholds : dict or None, default=None
+        Decision thresholds, over :data:`DEFAULT_THRESHOLDS`; checked before any work.
+    qc_thresholds : QCThresholds or None, default=None
+        QC limits; None uses the defaults.
+    explain_kwargs : dict or None, default=None
         Passed to :func:`fmmtc_core.explain.explain` (baselines, tolerance, steps).
-    progress : callable(stage, done, total, info) or None
+    with_explanation : bool, default=True
+        Explain the prediction (Integrated Gradients); False leaves ``explanation`` None.
+    progress : callable(stage, done, total, info) or None, default=None
+        Called as each stage advances: ``validate``, ``parcellate``, ``qc`` and ``clean``
+        (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 1, 1, {})`` and,
+        with the explanation, ``("explain", k, n, {"steps": .., "gap": ..})`` per attempt.
+
+    Returns
+    -------
+    Analysis
+        Everything computed; ``stage_seconds`` holds each stage's time.
 
     Raises
     ------
     InvalidInputError
-        Bad input of any kind; :class:`QCFailedError` when the scan fails hard QC.
+        Bad input of any kind (thresholds that do not satisfy ``0 <= non_responder <=
+        responder <= 1``, a scan that cannot be read, cleaned or explained, a model input with
+        non-finite values); :class:`QCFailedError` when the scan fails hard QC.
     """
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     decide(0.5, (0.5, 0.5), thresholds)  # validate the thresholds before any work
@@ -192,6 +277,31 @@ def inputs_digest(source, sidecar=None, confounds=None) -> tuple[str, str]:
     whether a stored screening can be reused. The sidecar is the one given or the one found
     beside the scan, as :func:`load_scan` would. Side files are checked (regular files within
     their size limits) before they are read, so a pipe or a device never blocks the hashing.
+
+    Parameters
+    ----------
+    source : path
+        The scan file (NIfTI or region table).
+    sidecar : path or None, default=None
+        Its JSON sidecar; None: the one beside the scan (:func:`fmmtc_core.io.find_sidecar`),
+        if any. Only a file can be hashed: a dict is not accepted.
+    confounds : path or None, default=None
+        Its fMRIPrep confounds file; a DataFrame is not accepted.
+
+    Returns
+    -------
+    scan_sha256 : str
+        SHA-256 (hex) of the scan file's bytes.
+    inputs_sha256 : str
+        SHA-256 (hex) of the scan's digest and, each after a ``|``, the digests of the
+        sidecar and of the confounds (nothing for one that is absent).
+
+    Raises
+    ------
+    InvalidInputError
+        The scan, the sidecar or the confounds file is missing, not a regular file or
+        unreadable, or a side file is over its size limit
+        (:data:`~fmmtc_core.io.MAX_SIDECAR_BYTES`, :data:`~fmmtc_core.io.MAX_TABLE_BYTES`).
     """
     from fmmtc_core.io import (
         MAX_SIDECAR_BYTES,
@@ -216,37 +326,59 @@ def inputs_digest(source, sidecar=None, confounds=None) -> tuple[str, str]:
 @dataclass
 class ScreeningResult:
     """A stored screening: its summary, and the in-memory analysis (None when an earlier
-    screening was returned)."""
+    screening was returned).
+
+    Parameters
+    ----------
+    summary : ScreeningSummary
+        The screening as stored (``screening_id`` set).
+    analysis : Analysis or None, default=None
+        What :func:`analyse` computed; None when a stored screening was returned.
+    """
 
     summary: ScreeningSummary
     analysis: Analysis | None = None
 
     @property
     def screening_id(self) -> int:
+        """Database id of the screening (the summary's; it must be set)."""
         assert self.summary.screening_id is not None
         return self.summary.screening_id
 
     @property
     def participant(self) -> str:
+        """Study pseudonym of the participant."""
         return self.summary.participant
 
     @property
     def probability(self) -> float:
+        """Calibrated responder probability."""
         return self.summary.probability
 
     @property
     def band(self) -> tuple[float, float]:
+        """Uncertainty band of the probability, (low, high)."""
         return self.summary.band
 
     @property
     def decision(self) -> str:
+        """``"likely responder"``, ``"likely non-responder"`` or ``"uncertain"``."""
         return self.summary.decision
 
     @property
     def reused(self) -> bool:
+        """Whether an earlier stored screening of the same inputs was returned."""
         return self.summary.reused
 
     def to_dict(self) -> dict:
+        """The summary as a JSON-ready dict (the ``fmmtc screen --json`` output).
+
+        Returns
+        -------
+        dict
+            :meth:`ScreeningSummary.to_dict <fmmtc_core.summary.ScreeningSummary.to_dict>`,
+            every region included.
+        """
         return self.summary.to_dict()
 
 
@@ -347,12 +479,53 @@ def screen(
         Study pseudonym (validated; a leading ``sub-`` is dropped).
     %(model)s
     %(engine)s
-    %(sidecar)s
-    %(confounds)s
-    operator : str or None
-        Who runs it (audit log); default :func:`default_operator`.
-    progress : callable(stage, done, total, info) or None
-        Stages :data:`STAGES`.
+    sidecar : path or None, default=None
+        BIDS JSON sidecar of the scan; None: the one beside the scan, if any. A file only:
+        it is hashed (:func:`inputs_digest`) before the scan is read, so a dict is not
+        accepted here.
+    confounds : path or None, default=None
+        fMRIPrep ``desc-confounds_timeseries.tsv`` of the same run (a file, hashed like the
+        sidecar; not a DataFrame); it enables confound regression.
+    site, drug, arm : str or None, default=None
+        The participant's labels (validated); stored when not yet known, a known value is
+        never overwritten.
+    simulated : bool, default=False
+        Mark a new participant as simulated (demo data; an existing one keeps its flag).
+    thresholds : dict or None, default=None
+        Decision thresholds, over :data:`DEFAULT_THRESHOLDS`; not applied to a stored
+        screening that is returned.
+    explain_kwargs : dict or None, default=None
+        Passed to :func:`fmmtc_core.explain.explain`.
+    operator : str or None, default=None
+        Who runs it (audit log); None: :func:`default_operator`.
+    force : bool, default=False
+        Screen again (a new revision) even when these inputs were screened with this model,
+        or when the same image was screened with other side files.
+    progress : callable(stage, done, total, info) or None, default=None
+        Stages :data:`STAGES` (only ``("save", 1, 1, {"reused": True})`` when a stored
+        screening is returned).
+
+    Returns
+    -------
+    ScreeningResult
+        The stored screening (``screening_id`` set) with its :class:`Analysis`; or, when
+        the same inputs were already screened with this model (here or by a concurrent
+        writer), that screening with ``reused`` True and ``analysis`` None.
+
+    Raises
+    ------
+    InvalidInputError
+        An invalid pseudonym or label; a missing or unreadable scan or side file; an image
+        already screened for another participant (even with ``force``); the same image
+        already screened with this model and other side files (without ``force``); anything
+        :func:`analyse` refuses, including :class:`QCFailedError`. Nothing is stored.
+    ModelFileError
+        The model gave a non-finite probability, band, fold probability or attribution;
+        nothing is stored.
+    StorageError
+        The database cannot be read or written. A
+        :class:`~fmmtc_core.store.db.DatabaseError` conflict (another writer stored the same
+        rows first) is retried; it propagates after the third attempt.
     """
     from fmmtc_core import __version__
     from fmmtc_core.store import repository as repo
@@ -449,7 +622,20 @@ def screen(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class BatchReport:
-    """What :func:`screen_batch` did."""
+    """What :func:`screen_batch` did.
+
+    Parameters
+    ----------
+    screened : list of str, default=[]
+        Pseudonyms screened and stored by this run.
+    skipped : list of str, default=[]
+        Pseudonyms whose inputs were already stored with this model.
+    failed : dict of str to str, default={}
+        Pseudonym -> why its scan could not be screened (the
+        :class:`~fmmtc_core._errors.InvalidInputError` message).
+    outcomes : int, default=0
+        Observed outcomes recorded from ``participants.tsv`` (``import_outcomes``).
+    """
 
     screened: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already stored
@@ -496,27 +682,53 @@ def screen_batch(
 ) -> BatchReport:
     """Screen every scan of a BIDS-style cohort folder into the database.
 
-    Scans already stored (same content, same model) are skipped, so an interrupted batch
-    (Ctrl-C, a killed process) is resumed by running it again: every screening is its own
-    transaction, so the database only ever holds complete screenings. A scan that fails (bad
-    input, hard QC) is reported and the others go on.
+    Scans already stored (same scan, sidecar and confounds, same model) are skipped, so an
+    interrupted batch (Ctrl-C, a killed process) is resumed by running it again: every
+    screening is its own transaction, so the database only ever holds complete screenings. A
+    scan that fails (bad input, hard QC) is reported and the others go on.
 
     Parameters
     ----------
     cohort_dir : path
         ``participants.tsv`` (``participant_id``; optional ``site``, ``drug``, ``responder``) and
         ``sub-*/func/`` scans, as written by ``fmmtc simulate``.
-    model_dir : path or None
+    model_dir : path or None, default=None
         Model folder (default: :func:`fmmtc_core.models.ensemble.default_model_dir`).
-    url : str or None
+    url : str or None, default=None
         Database URL (default location when None).
-    workers : int
-        Processes screening in parallel (each loads the model once).
-    import_outcomes : bool
-        Also record the ``responder`` column as observed outcomes.
-    pseudonym_prefix : str
+    workers : int, default=1
+        Processes screening in parallel (each loads the model once and gets
+        ``cpu_count // workers`` torch threads); with 1, or at most one scan to screen, the
+        scans are screened in this process.
+    operator : str or None, default=None
+        Who runs the batch (audit log); None: :func:`default_operator`.
+    import_outcomes : bool, default=False
+        Also record the ``responder`` column as observed outcomes: for every participant
+        whose scan did not fail and whose value differs from the latest recorded outcome.
+    explain_kwargs : dict or None, default=None
+        Passed to :func:`fmmtc_core.explain.explain` for every scan.
+    pseudonym_prefix : str, default=""
         Prepended to each ``participant_id`` (without its ``sub-``), e.g. ``"SIM-"``.
-    progress : callable(done, total, participant) or None
+    progress : callable(done, total, participant) or None, default=None
+        Called once with ``(n_skipped, total, "")`` before screening, then after each scan
+        with its pseudonym (``done`` counts skipped scans too).
+
+    Returns
+    -------
+    BatchReport
+        The pseudonyms screened, skipped and failed (with the reasons), and the number of
+        outcomes imported.
+
+    Raises
+    ------
+    InvalidInputError
+        Before any scan is screened: ``workers`` below 1, a cohort folder that cannot be read
+        (:func:`fmmtc_core.bids.read_cohort`), an invalid operator label or pseudonym, or a
+        scan or confounds file that cannot be hashed.
+    ModelFileError
+        The model folder cannot be loaded.
+    StorageError
+        The database cannot be opened, read or written.
     """
     import json
     from concurrent.futures import ProcessPoolExecutor, as_completed

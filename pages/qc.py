@@ -51,6 +51,24 @@ demo = st.button("Use a simulated demo scan", key="demo",
 
 
 def run_check(path, sidecar=None, confounds=None):
+    """Assess a scan with the page's atlas, showing a progress bar while it is parcellated.
+
+    Parameters
+    ----------
+    path : path
+        The scan file (4D NIfTI or region table).
+    sidecar : path, dict or None, default=None
+        Its BIDS JSON sidecar; None: the one beside the scan, if any.
+    confounds : path, DataFrame or None, default=None
+        Its fMRIPrep confounds table.
+
+    Returns
+    -------
+    tuple of (Scan, RegionSignals, QCReport) or None
+        :func:`fmmtc_core.qc.assess_scan`'s scan, uncleaned region signals and QC report; None
+        when the scan cannot be used (an :class:`~fmmtc_core.FMMTCError`, shown on the page
+        as an error message).
+    """
     bar = st.progress(0.0, text="Reading and parcellating the scan...")
     try:
         result = assess_scan(

@@ -153,8 +153,40 @@ class FMMTCEnsemble:
 
     ``encoder`` is the frozen foundation encoder the fold models share (None without one);
     ``atlas`` what :func:`~fmmtc_core.atlas.load_atlas` takes for the model's atlas (a bundled
-    name or the label image's path); ``window`` the encoder's window length. Feed a scan
-    through :meth:`inputs`, then :meth:`predict_proba`.
+    name or the label image's path); ``window`` the model's window length (the encoder's,
+    when it has one). Feed a scan through :meth:`inputs`, then :meth:`predict_proba`.
+
+    Each field is also an attribute of the same name.
+
+    Parameters
+    ----------
+    models : list of FMMTC
+        The fold models (:func:`load_model`: in evaluation mode, in ``fold_*.safetensors``
+        order).
+    card : dict
+        The model card (``model_card.json``): config, atlas, calibration, file digests.
+    xyz : torch.Tensor (R, 3)
+        Region centroids the encoder embeds (``baseline.safetensors``).
+    cohort_mean_fc : torch.Tensor (R, R)
+        The training cohort's mean connectivity: the explanation's ``"cohort_mean"``
+        baseline.
+    device : torch.device
+        Where the models run.
+    atlas : str, default=""
+        The model's atlas, as :func:`~fmmtc_core.atlas.load_atlas` takes it.
+    window : int, default=200
+        The model's window length (the card config's ``window``; for an encoder, its
+        window).
+    extra : dict, default={}
+        Further tensors of ``baseline.safetensors`` (e.g. ``cohort_mean_gram``, the Gram
+        baseline of ``fc_input="gram"`` models).
+    root : Path or None, default=None
+        The model folder (resolved); None for an ensemble built by hand.
+    encoder : FoundationEncoder or None, default=None
+        The shared frozen foundation encoder; None without one.
+    _digest : str or None, default=None
+        :attr:`weights_sha256`, when already known (:func:`load_model` sets it); None
+        computes it on first use.
     """
 
     models: list[FMMTC]
@@ -199,6 +231,7 @@ class FMMTCEnsemble:
 
     @property
     def name(self) -> str:
+        """The model's name: the card's ``name``, else the folder's name, else ``"model"``."""
         return str(self.card.get("name") or (self.root.name if self.root else "model"))
 
     @property
