@@ -17,9 +17,10 @@ every one the same way:
 - ``amplitude``: L2 logistic regression on region amplitude features: log SD, log ALFF,
   fALFF (0.01-0.08 Hz, each scan's own TR) and lag-1 autocorrelation.
 - ``oracle``: for simulated cohorts only (``simulation.json`` with planted truth): a logistic
-  regression on two features that summarise exactly the planted effects (mean connectivity
-  among the planted connectivity regions, mean lag-1 autocorrelation of the planted temporal
-  regions). Not a model: it shows what is reachable on the cohort.
+  regression on three features that summarise exactly the planted effects (mean connectivity
+  among the planted connectivity regions; mean lag-1 autocorrelation and mean relative log SD
+  of the planted temporal regions: slower fluctuations raise both). Not a model: it shows
+  what is reachable on the cohort.
 - ``fmmtc``: :func:`fmmtc_core.training.train`, its out-of-fold logits read back (optional,
   slow).
 
@@ -135,9 +136,10 @@ class BaselineFeatures:
         ``"<feature>:<region name>"`` for each column of ``amplitude``.
     n_regions : int
         R, the number of atlas regions (``E = R (R - 1) / 2``).
-    oracle : ndarray (N, 2) or None, default=None
-        Mean Fisher-z connectivity among the planted connectivity regions, mean lag-1
-        autocorrelation of the planted temporal regions; None without planted truth.
+    oracle : ndarray (N, 3) or None, default=None
+        Mean Fisher-z connectivity among the planted connectivity regions; mean lag-1
+        autocorrelation and mean log SD relative to the scan's median region of the planted
+        temporal regions; None without planted truth.
     """
 
     edges: np.ndarray
@@ -158,7 +160,7 @@ class BaselineFeatures:
         -------
         ndarray
             ``edges`` (N, E) for ``cpm``, ``nbs`` and ``edges``; ``amplitude`` (N, 4 R) for
-            ``amplitude``; ``oracle`` (N, 2) for ``oracle``. The stored array itself, not a copy.
+            ``amplitude``; ``oracle`` (N, 3) for ``oracle``. The stored array itself, not a copy.
 
         Raises
         ------
@@ -330,9 +332,13 @@ def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = 
         fc_set[planted["fc_index"]] = True
         within = fc_set[iu[0]] & fc_set[iu[1]]
         ac1 = amplitude[:, 3 * n_regions:][:, planted["ts_index"]]
+        log_sd = amplitude[:, :n_regions]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a planted region without signal
-            oracle = np.column_stack([edges[:, within].mean(axis=1), np.nanmean(ac1, axis=1)])
+            # amplitude relative to the scan's median region (a site's gain cancels)
+            rel_sd = log_sd[:, planted["ts_index"]] - np.nanmedian(log_sd, axis=1)[:, None]
+            oracle = np.column_stack([edges[:, within].mean(axis=1), np.nanmean(ac1, axis=1),
+                                      np.nanmean(rel_sd, axis=1)])
         oracle = np.nan_to_num(oracle)
     return BaselineFeatures(edges=edges, amplitude=amplitude, amplitude_names=amplitude_names,
                             n_regions=n_regions, oracle=oracle)

@@ -133,6 +133,9 @@ class Explanation:
         per branch of the model.
     runtime_s : float, default=0.0
         Wall-clock seconds :func:`explain` took.
+    amplitude : ndarray (R,) or None, default=None
+        Attribution of each region's relative amplitude (models that read it; part of the
+        time-series modality: included in ``region_ts`` and in the ``ts`` share).
     settings : dict, default={}
         How the attributions were computed: ``method``, ``quadrature``, ``rel_tol``,
         ``abs_tol``, ``schedule`` (the node counts allowed), ``internal_batch_size``,
@@ -158,6 +161,7 @@ class Explanation:
     steps: int
     baseline: dict
     runtime_s: float = 0.0
+    amplitude: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
 
     def ranked_regions(self, n: int | None = None) -> list[dict]:
@@ -285,10 +289,14 @@ def _share(ts, fc) -> dict:
 # --------------------------------------------------------------------------------------------
 # Integrated Gradients
 # --------------------------------------------------------------------------------------------
-def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool, fixed_ts: torch.Tensor | None = None):
+def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool, fixed_ts: torch.Tensor | None = None,
+                       use_amplitude: bool = False):
     """F(inputs) -> mean scaled fold logit (B,), with the frozen encoder run once per call.
 
-    ``fixed_ts`` (1, hidden): the TS embedding held fixed (the TS input is not an input of F).
+    Inputs, in order: the TS windows (when ``use_ts`` and not ``fixed_ts``), the connectivity
+    (``use_fc``), the regional amplitude (``use_amplitude``). ``use_ts`` means the model has a
+    TS encoder; ``fixed_ts`` (1, hidden): its embedding held fixed (the TS input is not an
+    input of F).
     """
     models = ens.models
     first = models[0]
@@ -301,15 +309,18 @@ def _ensemble_logit_fn(ens, use_ts: bool, use_fc: bool, fixed_ts: torch.Tensor |
         it = iter(inputs)
         window = next(it) if attributed_ts else None
         c = next(it) if use_fc else None
+        amp = next(it) if use_amplitude else None
+        batch = next((t.shape[0] for t in (c, amp) if t is not None), 1)
         shared: torch.Tensor | None
         if fixed_ts is not None:
-            shared = fixed_ts.expand(c.shape[0] if c is not None else 1, -1)
+            shared = fixed_ts.expand(batch, -1)
         else:
             shared = first.embed_ts(window, xyz) if (use_ts and first.frozen_ts) else None
         out = 0.0
         for m, s in zip(models, scale):
             ts = shared if shared is not None else (m.embed_ts(window, xyz) if use_ts else None)
-            out = out + m.forward_features(ts, c) / s
+            out = out + (m.forward_features(ts, c) if amp is None
+                         else m.forward_features(ts, c, amp)) / s
         return out / len(models)
 
     return forward
@@ -471,6 +482,7 @@ def explain(
     atlas: Atlas | None = None,
     progress: Progress = None,
     ts_attribution: bool | None = None,
+    amplitude: np.ndarray | None = None,
 ) -> Explanation:
     """Integrated Gradients attributions of the ensemble's prediction for one participant.
 
@@ -519,6 +531,10 @@ def explain(
         at the scan's value and only the connectivity is attributed; ``settings`` says why).
         True forces it; above that size the steps are then capped at
         :data:`LARGE_ENCODER_STEPS`.
+    amplitude : ndarray (R,) or None, default=None
+        The scan's relative regional amplitude (``ens.inputs(signals).amplitude``); needed by
+        models that read it (attributed against the training cohort's mean), ignored
+        otherwise.
 
     Returns
     -------
@@ -559,7 +575,8 @@ def explain(
     if not steps or any(int(s) < 2 for s in steps):
         raise InvalidInputError(f"steps must be a non-empty list of integers >= 2, got {steps}.")
     first = ens.models[0]
-    use_ts, use_fc = first.config.use_ts, first.config.use_fc
+    use_ts, use_fc = first.config.use_encoder, first.config.use_fc
+    use_amp = bool(first.config.use_amplitude)
     window = np.asarray(window, dtype=np.float32)
     r = first.config.n_regions
     encoder = getattr(ens, "encoder", None) if getattr(ens, "whole_scan", False) else None
@@ -589,16 +606,31 @@ def explain(
         fc = np.asarray(fc, dtype=np.float32)
         if fc.shape != (r, r):
             raise InvalidInputError(f"fc must have shape ({r}, {r}), got {fc.shape}.")
+    if use_amp:
+        if amplitude is None:
+            raise InvalidInputError(
+                "This model reads the regional amplitude: pass amplitude= "
+                "(ens.inputs(signals).amplitude).")
+        amplitude = np.asarray(amplitude, dtype=np.float32)
+        if amplitude.shape != (r,):
+            raise InvalidInputError(
+                f"amplitude must have shape ({r},), got {amplitude.shape}.")
+        if not np.isfinite(amplitude).all():
+            raise InvalidInputError("The model inputs contain NaN or infinite values.")
     if not (np.isfinite(window).all() and (fc is None or np.isfinite(fc).all())):
         raise InvalidInputError("The model inputs contain NaN or infinite values.")
     b_ts, b_fc, baseline = _baseline_arrays(ens, window, baseline_ts, baseline_fc)
     if not use_ts:
         baseline.pop("ts")
+    if use_amp:
+        # each fold model's read-out is centred on its training participants' mean amplitude
+        baseline["amplitude"] = "cohort_mean"
     if not use_fc:
         baseline.pop("fc")
     ts_note = None
     if use_ts:
-        ts_attribution, steps, ts_note = _ts_attribution(ens, ts_attribution, steps, use_fc)
+        ts_attribution, steps, ts_note = _ts_attribution(ens, ts_attribution, steps,
+                                                         use_fc or use_amp)
         if not ts_attribution:
             baseline["ts"] = "held at the scan (not attributed)"
 
@@ -615,7 +647,12 @@ def explain(
     if use_fc:
         xs.append(torch.from_numpy(fc)[None].to(dev))
         bs.append(torch.from_numpy(b_fc)[None].to(dev))
-    forward = _ensemble_logit_fn(ens, use_ts, use_fc, fixed_ts)
+    if use_amp:
+        assert amplitude is not None  # checked above
+        centers = [m.amplitude_readout.center for m in ens.models]
+        xs.append(torch.from_numpy(amplitude)[None].to(dev))
+        bs.append(torch.stack(centers).mean(0)[None].to(dev))
+    forward = _ensemble_logit_fn(ens, use_ts, use_fc, fixed_ts, use_amp)
     if internal_batch_size is None:
         internal_batch_size = auto_batch_size(
             ens, window.shape[0] if encoder is not None and fixed_ts is None else 1)
@@ -646,23 +683,29 @@ def explain(
             t_ts = t_ts.reshape(t_ts.shape[0], -1)
         a_ts = t_ts.cpu().numpy()
     a_fc = attrs_t.pop(0).cpu().numpy() if use_fc else None
+    a_amp = attrs_t.pop(0).cpu().numpy().astype(np.float64) if use_amp else None
 
     atlas = atlas or load_atlas(ens.atlas)
     if atlas.n_regions != r:
         raise InvalidInputError(f"Atlas {atlas.name} has {atlas.n_regions} regions, the model {r}.")
     r_ts, r_fc, total = region_summaries(a_ts, a_fc, r)
+    share = _share(a_ts, a_fc)
+    if a_amp is not None:  # the amplitude is part of the time-series modality
+        r_ts, total = r_ts + a_amp, total + a_amp
+        share = _share(a_amp if a_ts is None else np.append(a_ts.ravel(), a_amp), a_fc)
     return Explanation(
         ts=a_ts, fc=a_fc, region_ts=r_ts, region_fc=r_fc, region_total=total,
         labels=np.asarray(atlas.labels), names=tuple(atlas.names), groups=tuple(atlas.groups),
         top_connections=_top_connections(a_fc, atlas.labels, atlas.names, n_top),
         networks=_networks(atlas.groups, r_ts, r_fc),
-        modality_share=_share(a_ts, a_fc), logit=f_x, baseline_logit=f_b,
+        modality_share=share, logit=f_x, amplitude=a_amp, baseline_logit=f_b,
         ig_gap=rel_gap, ig_gap_abs=gap_abs, steps=int(n), baseline=baseline,
         runtime_s=time.perf_counter() - t0,
         settings={"method": "integrated_gradients", "quadrature": "gausslegendre",
                   "rel_tol": rel_tol, "abs_tol": abs_tol, "schedule": [int(s) for s in steps],
                   "internal_batch_size": int(internal_batch_size), "target": "mean fold logit",
                   "baseline": baseline, "ts_attribution": bool(use_ts and ts_attribution),
+                  "amplitude_attribution": bool(use_amp),
                   **({"ts_note": ts_note} if ts_note else {})},
     )
 

@@ -49,6 +49,7 @@ __all__ = [
     "make_window",
     "robust_scale",
     "prepare",
+    "relative_amplitude",
     "preprocessing_card",
     "windows_gram",
     "MIN_ATLAS_OVERLAP",
@@ -727,11 +728,49 @@ class ModelInputs:
     plan : WindowPlan or None, default=None
         Encoder path: resampling, windows, padding and the span of the scan they cover; None
         on the centred-window path.
+    amplitude : ndarray (R,) float32 or None, default=None
+        :func:`relative_amplitude` of the same samples as ``fc``; None when ``fc`` is not
+        asked for.
     """
 
     window: np.ndarray
     fc: np.ndarray | None
     plan: WindowPlan | None = None
+    amplitude: np.ndarray | None = None
+
+
+def relative_amplitude(data: np.ndarray) -> np.ndarray:
+    """Each region's log standard deviation relative to the scan's median region.
+
+    The foundation encoders normalise every region of every window to a unit scale, so the
+    amplitude of a region's fluctuations, one of the best-replicated resting-state markers
+    (ALFF; Zang et al. 2007), never reaches their embeddings. FMM-TC keeps it beside them as
+    one number per region. Subtracting the scan's median over regions removes what every region
+    of a scan shares (scanner gain, site, global signal level), as the mean-normalised ALFF
+    maps of the literature do, so the feature compares regions within a participant.
+
+    Parameters
+    ----------
+    data : ndarray (T, R)
+        Cleaned region series.
+
+    Returns
+    -------
+    ndarray (R,) float32
+        ``log sd_r - median_r' log sd_r'`` over the regions with signal; 0 for a region
+        without signal (constant or not finite), and 0 everywhere for fewer than 3 samples.
+    """
+    x = np.asarray(data, dtype=np.float64)
+    out = np.zeros(x.shape[1], dtype=np.float32)
+    if x.shape[0] < 3:
+        return out
+    with np.errstate(invalid="ignore"):
+        sd = x.std(axis=0, ddof=1)
+    live = np.isfinite(sd) & (sd > 0)
+    if live.any():
+        log_sd = np.log(sd[live])
+        out[live] = (log_sd - np.median(log_sd)).astype(np.float32)
+    return out
 
 
 def prepare(
@@ -772,7 +811,9 @@ def prepare(
         (:func:`fmmtc_core.connectivity.connectivity`). Encoder path: ``window`` the encoder's
         windows, ``fc`` the same Fisher-z Pearson connectivity over
         ``signals.data[plan.span[0]:plan.span[1]]``, ``plan`` the encoder's
-        :class:`~fmmtc_core.models.encoder_base.WindowPlan`.
+        :class:`~fmmtc_core.models.encoder_base.WindowPlan`. ``amplitude`` is
+        :func:`relative_amplitude` of the samples ``fc`` is computed from (both None
+        without ``with_fc``).
 
     Raises
     ------
@@ -788,7 +829,8 @@ def prepare(
             start = int(rng.integers(0, n - length + 1))
         window = make_window(signals, int(length), start=start, **_WINDOW_ARGS)
         fc = connectivity(signals, **_FC_ARGS) if with_fc else None
-        return ModelInputs(window=window, fc=fc)
+        amplitude = relative_amplitude(signals.data) if with_fc else None
+        return ModelInputs(window=window, fc=fc, amplitude=amplitude)
     encoder = cast("FoundationEncoder", length)
     if rng is not None:
         raise InvalidInputError(
@@ -797,11 +839,12 @@ def prepare(
     encoder.check_atlas(signals.atlas)
     plan = encoder.plan(signals.n_volumes, signals.tr)
     windows = encoder.windows(signals.data, signals.tr).numpy()
-    fc = None
+    fc = amplitude = None
     if with_fc:
         start_, stop = plan.span
         fc = connectivity(signals.data[start_:stop], **_FC_ARGS)
-    return ModelInputs(window=windows, fc=fc, plan=plan)
+        amplitude = relative_amplitude(signals.data[start_:stop])
+    return ModelInputs(window=windows, fc=fc, plan=plan, amplitude=amplitude)
 
 
 def windows_gram(encoder: FoundationEncoder, windows: np.ndarray) -> np.ndarray:

@@ -128,6 +128,8 @@ class Analysis:
         Seconds per stage: ``load`` (the ``validate`` stage), ``parcellate``, ``qc``,
         ``clean``, ``predict`` and, when explained, ``explain``; :func:`screen` adds
         ``save``.
+    amplitude : ndarray (R,) or None, default=None
+        The regional amplitude input (:attr:`~fmmtc_core.preprocess.ModelInputs.amplitude`).
     """
 
     scan: Scan
@@ -142,6 +144,7 @@ class Analysis:
     window: np.ndarray  # the TS input the model took (ModelInputs.window)
     fc: np.ndarray
     stage_seconds: dict = field(default_factory=dict)
+    amplitude: np.ndarray | None = None  # ModelInputs.amplitude
 
     @property
     def runtime_s(self) -> float:
@@ -242,7 +245,8 @@ def analyse(
             raise InvalidInputError(
                 f"{scan_name(prep.scan)}: the model input ({name}) holds non-finite values; the "
                 "scan's values are out of range. Nothing was stored.")
-    pred = model.predict_proba(inputs.window[None], inputs.fc[None])
+    amplitude = None if inputs.amplitude is None else inputs.amplitude[None]
+    pred = model.predict_proba(inputs.window[None], inputs.fc[None], amplitude)
     t1 = time.perf_counter()
     times["predict"] = t1 - t0
     if progress:
@@ -257,6 +261,7 @@ def analyse(
                 progress("explain", done, total, info or {})
 
         explanation = explain(model, inputs.window, inputs.fc, atlas=atlas,
+                              amplitude=inputs.amplitude,
                               progress=exp_progress, **(explain_kwargs or {}))
         times["explain"] = time.perf_counter() - t1
     return Analysis(
@@ -264,6 +269,7 @@ def analyse(
         fold_probabilities=[float(p) for p in fold_p],
         decision=decide(probability, band, thresholds), thresholds=thresholds,
         explanation=explanation, window=inputs.window, fc=inputs.fc, stage_seconds=times,
+        amplitude=inputs.amplitude,
     )
 
 

@@ -74,7 +74,24 @@ Progress = Callable[[str, int, int, dict], None] | None
 # Metrics and calibration
 # --------------------------------------------------------------------------------------------
 def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
-    """AUC, MCC, balanced accuracy, sensitivity, specificity, Brier score and ECE (10 bins)."""
+    """AUC, MCC, balanced accuracy, sensitivity, specificity, Brier score and ECE (10 bins).
+
+    Parameters
+    ----------
+    y : ndarray (N,)
+        Labels, 1 (responder) or 0.
+    prob : ndarray (N,)
+        Predicted probabilities of being a responder.
+    threshold : float, default=0.5
+        Probability at or above which a participant is called a responder (MCC, balanced
+        accuracy, sensitivity, specificity).
+
+    Returns
+    -------
+    dict
+        ``auc``, ``mcc``, ``balanced_accuracy``, ``sensitivity``, ``specificity``, ``brier``,
+        ``ece`` and ``n_subjects``.
+    """
     from sklearn.metrics import (
         balanced_accuracy_score,
         brier_score_loss,
@@ -102,12 +119,15 @@ def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> d
     }
 
 
-def _stack_inputs(subjects: list[RegionSignals], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centred windows (N, R, length) and connectivity (N, R, R) of cleaned signals."""
+def _stack_inputs(subjects: list[RegionSignals],
+                  length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred windows (N, R, length), connectivity (N, R, R) and relative amplitude (N, R)
+    of cleaned signals."""
     inputs = [prepare(s, length) for s in subjects]
     return (np.stack([x.window for x in inputs]).astype(np.float32),
-            # prepare() computes the connectivity by default: fc is never None here.
-            np.stack([cast(np.ndarray, x.fc) for x in inputs]).astype(np.float32))
+            # prepare() computes connectivity and amplitude by default: never None here.
+            np.stack([cast(np.ndarray, x.fc) for x in inputs]).astype(np.float32),
+            np.stack([cast(np.ndarray, x.amplitude) for x in inputs]).astype(np.float32))
 
 
 class _CountingCache(EmbeddingCache):
@@ -132,8 +152,9 @@ def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals],
     """Whole-scan inputs of a cohort through the frozen encoder (the path screening takes).
 
     Returns ``(feats, scaling, embeddings)``: ``feats`` holds numpy ``ts`` (N, hidden) scan
-    embeddings, ``fc`` (N, R, R) Fisher-z connectivity of the span the windows cover and, when
-    ``gram``, the windows' mean Gram matrices; ``scaling`` and ``embeddings`` are what the card
+    embeddings, ``fc`` (N, R, R) Fisher-z connectivity and ``amplitude`` (N, R) relative
+    amplitude of the span the windows cover and, when ``gram``, the windows' mean Gram
+    matrices; ``scaling`` and ``embeddings`` are what the card
     records of the robust-scaling statistics and of the embedding run.
     """
     scaling: dict = {"needed": encoder.needs_scaling}
@@ -151,11 +172,13 @@ def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals],
                                      + (f" ({stats.note})" if stats.note else "")}
         scaling |= {"n_scans": stats.n_scans, "n_samples": stats.n_samples,
                     "digest": stats.digest, "file": "foundation/robust_scaling.json"}
-    fcs, grams, n_windows = [], [], 0
+    fcs, amps, grams, n_windows = [], [], [], 0
     for s in subjects:
         inputs = prepare(s, encoder)
-        assert inputs.fc is not None and inputs.plan is not None  # the encoder path sets both
+        # the encoder path sets all three
+        assert inputs.fc is not None and inputs.plan is not None and inputs.amplitude is not None
         fcs.append(inputs.fc)
+        amps.append(inputs.amplitude)
         n_windows += inputs.plan.n_windows
         if gram:
             grams.append(windows_gram(encoder, inputs.window))
@@ -167,7 +190,8 @@ def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals],
     embeddings = {"scans": len(subjects), "windows": n_windows, "computed": cache.misses,
                   "cached": cache.hits, "seconds": round(time.perf_counter() - t0, 2),
                   "precision": encoder.precision}
-    feats = {"ts": ts, "fc": np.stack(fcs).astype(np.float32)}
+    feats = {"ts": ts, "fc": np.stack(fcs).astype(np.float32),
+             "amplitude": np.stack(amps).astype(np.float32)}
     if gram:
         feats["gram"] = np.stack(grams).astype(np.float32)
     return feats, scaling, embeddings
@@ -260,18 +284,130 @@ def _fit_fold(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int, *,
     return {"val_loss": best}
 
 
+def _init_readouts(model: FMMTC, feats: dict, y: np.ndarray, idx) -> None:
+    """Set the sparse read-outs (network FC encoder, amplitude) from participants ``idx``
+    only: their standardisation and their start from the responder contrast."""
+    config = model.config
+    rows = torch.as_tensor(np.asarray(idx))
+    if isinstance(model.fc_encoder, NetworkEncoder):
+        z_train = feats["gram" if config.fc_input == "gram" else "fc"][rows]
+        cast(torch.Tensor, model.fc_encoder.center).copy_(z_train.mean(0))
+        model.fc_encoder.init_from_contrast(z_train, y[idx], **config.fc_kwargs.get("init", {}))
+    if model.amplitude_readout is not None:
+        a_train = feats["amplitude"][rows]
+        model.amplitude_readout.standardise_on(a_train)
+        model.amplitude_readout.init_from_contrast(
+            a_train, y[idx], **config.amplitude_kwargs.get("init", {}))
+
+
+def _head_features(model: FMMTC, feats: dict, idx) -> np.ndarray:
+    """What ``model``'s head reads for participants ``idx`` (float64, no gradient)."""
+    rows = torch.as_tensor(np.asarray(idx))
+    config = model.config
+    with torch.no_grad():
+        out = model.features(
+            feats["ts"][rows] if config.use_encoder else None,
+            (feats["gram" if config.fc_input == "gram" else "fc"][rows]
+             if config.use_fc else None),
+            feats["amplitude"][rows] if config.use_amplitude else None)
+    return out.double().cpu().numpy()
+
+
+#: Inverse L2 strengths the stacked head chooses from by inner cross-validation.
+STACKED_CS = tuple(float(c) for c in np.logspace(-3, 1, 9))
+
+
+def _l2_logistic(x: np.ndarray, y: np.ndarray, cv) -> tuple[np.ndarray, float, float]:
+    """L2 logistic regression on standardised ``x``, balanced classes, its strength chosen
+    from :data:`STACKED_CS` by ``cv`` (log loss); returns weights and intercept on the scale
+    of ``x`` (the standardisation folded in) and the chosen C."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    mu = x.mean(0)
+    sd = x.std(0)
+    sd[sd < 1e-12] = 1.0
+    clf = LogisticRegressionCV(Cs=list(STACKED_CS), cv=cv, scoring="neg_log_loss",
+                               class_weight="balanced", max_iter=5000)
+    with warnings.catch_warnings():  # scikit-learn 1.8 announces new fitted attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit((x - mu) / sd, y)
+    w = clf.coef_[0] / sd
+    return w, float(clf.intercept_[0] - (w * mu).sum()), float(clf.C_[0])
+
+
+def _fit_stacked(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int,
+                 inner_folds: int = 5) -> dict:
+    """Fit a ``fit="stacked"`` fold model (see :class:`~fmmtc_core.models.fmmtc.FMMTCConfig`).
+
+    The sparse read-outs were set on the whole training fold (:func:`_init_readouts`). The
+    encoder's embedding gets a linear probe (:func:`_l2_logistic` on the training fold: one
+    score). The head combines the probe's score and the read-outs' features with weights from
+    :func:`_l2_logistic` fitted on *cross-fitted* values of them: each training participant's
+    probe score and read-out features come from a probe and read-outs fitted on the other
+    inner folds, so the head does not learn the optimism of the selection. The probe is then
+    folded into the head's weights on the embedding (the model stays one linear head).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    train_idx = np.asarray(train_idx)
+    yt = y[train_idx].astype(int)
+    counts = np.bincount(yt, minlength=2)
+    n_inner = min(inner_folds, int(counts.min()))
+    if n_inner < 2:
+        raise InvalidInputError(
+            f"A training fold has {counts[1]} responders and {counts[0]} non-responders; the "
+            "stacked head needs at least 2 of each. Use fewer folds or a larger cohort.")
+    cv = StratifiedKFold(n_inner, shuffle=True, random_state=seed % (2**32))
+    splits = list(cv.split(np.zeros(len(yt)), yt))
+    n_emb = int(feats["ts"].shape[1]) if model.config.use_encoder else 0
+    full = _head_features(model, feats, train_idx)
+    n_readout = full.shape[1] - n_emb
+    stacked = np.zeros((len(train_idx), (1 if n_emb else 0) + n_readout))
+    for inner_train, inner_test in splits:
+        probe = FMMTC(model.config, model.ts_encoder if model.frozen_ts else None)
+        probe = probe.to(next(model.parameters()).device).eval()
+        _init_readouts(probe, feats, y, train_idx[inner_train])
+        f_train = _head_features(probe, feats, train_idx[inner_train])
+        f_test = _head_features(probe, feats, train_idx[inner_test])
+        col = 0
+        if n_emb:
+            inner_cv = StratifiedKFold(min(n_inner, int(np.bincount(
+                yt[inner_train]).min())), shuffle=True, random_state=seed % (2**32))
+            w, b, _ = _l2_logistic(f_train[:, :n_emb], yt[inner_train], inner_cv)
+            stacked[inner_test, 0] = f_test[:, :n_emb] @ w + b
+            col = 1
+        stacked[inner_test, col:] = f_test[:, n_emb:]
+    info: dict = {}
+    weights = np.zeros(full.shape[1])
+    w_head, b_head, info["C"] = _l2_logistic(stacked, yt, cv)
+    if n_emb:
+        w_probe, b_probe, info["C_probe"] = _l2_logistic(full[:, :n_emb], yt, cv)
+        weights[:n_emb] = w_head[0] * w_probe
+        b_head += w_head[0] * b_probe
+        weights[n_emb:] = w_head[1:]
+    else:
+        weights[:] = w_head
+    linear = cast(nn.Linear, model.head[-1])
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weights, dtype=linear.weight.dtype)[None])
+        linear.bias.fill_(b_head)
+    model.eval()
+    return info
+
+
 def _logits(model: FMMTC, feats: dict, idx) -> torch.Tensor:
     idx = torch.as_tensor(np.asarray(idx))
     ts: torch.Tensor | None
-    if model.config.use_ts and not model.frozen_ts:  # from scratch: the encoder trains too
+    if model.config.use_encoder and not model.frozen_ts:  # from scratch: the encoder trains
         ts = model.embed_ts(feats["window"][idx], feats["xyz"])
     else:
-        ts = feats["ts"][idx] if model.config.use_ts else None
+        ts = feats["ts"][idx] if model.config.use_encoder else None
     if model.config.use_fc:
         fcm = feats["gram"][idx] if model.config.fc_input == "gram" else feats["fc"][idx]
     else:
         fcm = None
-    return model.forward_features(ts, fcm)
+    amplitude = feats["amplitude"][idx] if model.config.use_amplitude else None
+    return model.forward_features(ts, fcm, amplitude)
 
 
 def train(
@@ -308,7 +444,7 @@ def train(
     out_dir : path
         Model folder to write (:func:`fmmtc_core.models.ensemble.write_model_folder`), plus
         ``metrics.json`` and ``oof_predictions.tsv``.
-    foundation : path or None
+    foundation : path or None, default=None
         Pretrained encoder folder for the TS branch; None uses the bundled demo encoder
         (pretrained on simulated data only), which the console and the card state.
     folds, seed : int, default=5, 0
@@ -316,9 +452,13 @@ def train(
     no_foundation : bool, default=False
         Train the TS encoder from scratch (the paper's "without foundation model" ablation):
         the architecture of ``foundation`` when given (its weights are not used), else the
-        ``tiny`` preset.
+        ``tiny`` preset. With the ``small`` preset: no encoder at all, the regional
+        amplitude alone carries the T modality.
     preset : {"default", "paper", "small"}, default="default"
-        FC encoder design (see :data:`fmmtc_core.models.fmmtc.PRESETS`).
+        Model design (see :data:`fmmtc_core.models.fmmtc.PRESETS`). ``small``, for cohorts
+        of ~100: the encoder's embedding, sparse read-outs of regional amplitude and of
+        connectivity networks, and a stacked linear head (``fit="stacked"``: no gradient
+        training, so ``epochs``, ``patience``, ``batch_size`` and ``lr`` are not used).
     atlas : str or path, default="hcpex"
         A bundled atlas, or the path of a label image (e.g. ``A424+2mm.nii.gz`` of a BrainLM
         download for the A424 encoders).
@@ -335,12 +475,12 @@ def train(
         TS representation (see :class:`~fmmtc_core.models.fmmtc.FMMTCConfig`).
     cleaning : CleaningSettings, default=CleaningSettings()
         How the cohort's signals are cleaned; recorded in the card.
-    device : torch.device, str or None
+    device : torch.device, str or None, default=None
         Default :func:`~fmmtc_core.models.device.select_device`.
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         ``("prepare", i, n, {})`` per subject, ``("embed", i, n, {})`` per scan embedded by the
         frozen encoder, then ``("train", k, folds, {})`` per fold.
-    subjects : list of RegionSignals or None
+    subjects : list of RegionSignals or None, default=None
         Already cleaned signals of the cohort, in its order (the ablation study reuses them
         across runs): :func:`~fmmtc_core.pipeline.prepare_cohort` with the same ``atlas`` and
         ``cleaning``.
@@ -362,6 +502,13 @@ def train(
         probabilities, plus ``auc_ci95`` (bootstrap over participants), ``auc_per_repeat``,
         ``permutation`` (when asked) and ``warnings`` (empty unless the model found no usable
         signal; they are also issued as :class:`TrainingWarning`).
+
+    Raises
+    ------
+    InvalidInputError
+        An option out of range (``repeats``, ``permutations``, ``modalities``, ``preset``),
+        an encoder whose atlas is not ``atlas``, a cohort that cannot be read or cleaned, or
+        a training fold without enough participants of each class.
     """
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}.")
@@ -422,11 +569,12 @@ def train(
             cohort_name=Path(cohort_dir).name, progress=progress)
         feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
     else:  # connectivity only, or an encoder trained from scratch: the centred window
-        window_np, fc_np = _stack_inputs(subjects, length)
+        window_np, fc_np, amp_np = _stack_inputs(subjects, length)
         windows = torch.from_numpy(window_np)
         feats |= {
             "window": windows.to(device),
             "fc": torch.from_numpy(fc_np).float().to(device),
+            "amplitude": torch.from_numpy(amp_np).float().to(device),
             "gram": (windows @ windows.transpose(1, 2) / length).to(device),
         }
     config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
@@ -434,6 +582,9 @@ def train(
                          foundation_config=fcfg, ts_pooling=ts_pooling,
                          encoder_entry=encoder.entry.name if encoder is not None else "",
                          encoder_hash=encoder.preprocessing_hash if encoder is not None else "",
+                         # the small preset without a foundation model: regional amplitude
+                         # alone carries the T modality (no encoder trained from scratch)
+                         ts_embedding=not (no_foundation and PRESETS[preset].get("amplitude")),
                          **PRESETS[preset])
     fit_kw = {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
               "device": device}
@@ -568,13 +719,11 @@ def _cross_validate(config: FMMTCConfig, encoder, feats: dict, y: np.ndarray, sp
     for k, (train_idx, test_idx) in enumerate(splits):
         seed_all(seed * 1000 + k)
         model = FMMTC(config, encoder).to(device)
-        if isinstance(model.fc_encoder, NetworkEncoder):  # from the training fold only
-            key = "gram" if config.fc_input == "gram" else "fc"
-            z_train = feats[key][torch.as_tensor(np.asarray(train_idx))]
-            cast(torch.Tensor, model.fc_encoder.center).copy_(z_train.mean(0))
-            model.fc_encoder.init_from_contrast(z_train, y[train_idx],
-                                                **config.fc_kwargs.get("init", {}))
-        _fit_fold(model, feats, y, train_idx, seed * 1000 + k, **fit_kw)
+        _init_readouts(model, feats, y, train_idx)
+        if config.fit == "stacked":
+            _fit_stacked(model, feats, y, train_idx, seed * 1000 + k)
+        else:
+            _fit_fold(model, feats, y, train_idx, seed * 1000 + k, **fit_kw)
         with torch.no_grad():
             scale = max(float(_logits(model, feats, train_idx).float().std()), 0.1)
             oof[test_idx] = _logits(model, feats, test_idx).float().cpu().numpy() / scale
@@ -602,7 +751,7 @@ def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,
         Model folder (:func:`fmmtc_core.models.ensemble.load_model`).
     cohort_dir : path
         Labelled BIDS-style cohort in the model's atlas (or NIfTI scans).
-    progress : callable(stage, done, total, info) or None
+    progress : callable(stage, done, total, info) or None, default=None
         ``("prepare", i, n, {})`` per subject.
 
     Returns
@@ -617,6 +766,8 @@ def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,
     for signals in prepare_cohort(cohort, atlas_obj, progress):
         inputs = ens.inputs(signals)  # as screening gives them
         assert inputs.fc is not None  # prepare() computes the connectivity by default
-        probs.append(ens.predict_proba(inputs.window[None], inputs.fc[None])["probability"])
+        amp = None if inputs.amplitude is None else inputs.amplitude[None]
+        probs.append(ens.predict_proba(inputs.window[None], inputs.fc[None],
+                                       amp)["probability"])
     y = cohort.participants["responder"].to_numpy()
     return binary_metrics(y, np.concatenate(probs))

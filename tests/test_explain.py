@@ -29,6 +29,11 @@ class _Cfg:
     use_ts: bool = True
     use_fc: bool = True
     fc_input: str = "correlation"
+    use_amplitude: bool = False
+
+    @property
+    def use_encoder(self) -> bool:
+        return self.use_ts
 
 
 class _Toy(nn.Module):

@@ -105,3 +105,31 @@ def test_network_encoder_reads_a_planted_network_with_few_parameters():
     weight = enc.u.detach().abs().sum(0)
     assert weight[net].mean() > 3 * weight[4:].mean()
     assert isinstance(build_fc_encoder("network", 10, n_components=3), NetworkEncoder)
+
+
+def test_network_encoder_edge_readout_is_the_mean_over_the_selected_edges():
+    """readout="edges": the contrast marks the supra-threshold edges of each sign's largest
+    component (an int8 mask, saved with the weights) and a feature is the signed mean of
+    (Z - Z0) over them; nothing else moves it."""
+    torch.manual_seed(1)
+    r, n = 20, 60
+    y = torch.arange(n) % 2
+    z = 0.1 * torch.randn(n, r, r)
+    z = (z + z.transpose(1, 2)) / 2
+    net = torch.arange(4)
+    z[:, net[:, None], net[None, :]] += 0.2 * y[:, None, None]
+    enc = NetworkEncoder(r, n_components=2, readout="edges")
+    assert enc.state_dict()["edges"].dtype == torch.int8
+    enc.center.copy_(z.mean(0))
+    sizes = enc.init_from_contrast(z, y.numpy(), p_threshold=1e-4)
+    mask = enc.edges[0].float()
+    assert sizes[0] == 4 and torch.equal(mask, mask.T)
+    marked = {tuple(e) for e in torch.nonzero(torch.triu(mask, 1)).tolist()}
+    assert marked == {(i, j) for i in range(4) for j in range(i + 1, 4)}
+    expected = ((z - enc.center) * mask).sum((1, 2)) / mask.abs().sum()
+    assert torch.allclose(enc(z)[:, 0], expected, atol=1e-6)
+    outside = z.clone()
+    outside[:, 10, 11] += 5.0
+    assert torch.allclose(enc(outside)[:, 0], enc(z)[:, 0])
+    with pytest.raises(InvalidInputError, match="'readout'"):
+        NetworkEncoder(r, readout="nodes")

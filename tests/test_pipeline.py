@@ -35,13 +35,14 @@ def test_training_and_screening_give_the_model_the_same_inputs(tmp_path, model):
                                       config=SimulationConfig(n_volumes=260)),
                          require_labels=False)
     signals = prepare_cohort(cohort, model.atlas)
-    windows, fc = _stack_inputs(signals, model.window)
+    windows, fc, amplitude = _stack_inputs(signals, model.window)
     for i, row in enumerate(cohort.participants.itertuples()):
         # As screen_batch screens a cohort: with its confounds.
         screened = analyse(row.scan, model, confounds=row.confounds, with_explanation=False)
         np.testing.assert_array_equal(screened.signals.data, signals[i].data)
         np.testing.assert_array_equal(screened.window, windows[i])
         np.testing.assert_array_equal(screened.fc, fc[i])
+        np.testing.assert_array_equal(screened.amplitude, amplitude[i])
         assert screened.window.dtype == windows.dtype == np.float32
         assert screened.fold_probabilities == pytest.approx(
             model.fold_probabilities(model.predict_proba(windows[i:i + 1], fc[i:i + 1])

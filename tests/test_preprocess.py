@@ -189,3 +189,23 @@ def test_make_window_crop_pad_resample():
         make_window(x, 200, start=500)
     with pytest.raises(InvalidInputError, match="needs the TR"):
         make_window(x, 200, target_tr=1.0)
+
+
+def test_relative_amplitude_compares_regions_within_a_scan():
+    """log SD minus the scan's median region: a gain shared by every region (scanner, site)
+    cancels, a region twice as variable reads log 2, dead regions read 0."""
+    from fmmtc_core.preprocess import relative_amplitude
+
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((400, 5))
+    x[:, 1] *= 2.0
+    x[:, 4] = 3.0  # constant: no signal
+    a = relative_amplitude(x)
+    assert a.dtype == np.float32 and a.shape == (5,) and a[4] == 0.0
+    live = np.log(x[:, :4].std(axis=0, ddof=1))
+    assert np.allclose(a[:4], live - np.median(live), atol=1e-6)
+    assert abs(a[1] - np.log(2.0)) < 0.15
+    assert np.allclose(relative_amplitude(7.5 * x), a, atol=1e-6)
+    x[3, 2] = np.nan
+    assert relative_amplitude(x)[2] == 0.0
+    assert not relative_amplitude(x[:2]).any()

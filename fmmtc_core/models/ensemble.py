@@ -252,7 +252,13 @@ class FMMTCEnsemble:
                     _file_hashes(self.root, self.root.rglob("*.safetensors")))
         return self._digest
 
-    def logits(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def uses_amplitude(self) -> bool:
+        """Whether the fold models read the regional amplitude (``ModelInputs.amplitude``)."""
+        return bool(self.models[0].config.use_amplitude)
+
+    def logits(self, window: torch.Tensor, fc: torch.Tensor | None,
+               amplitude: torch.Tensor | None = None) -> torch.Tensor:
         """Per-fold logits.
 
         The fold models share one frozen encoder, so its embedding is computed once.
@@ -265,6 +271,9 @@ class FMMTCEnsemble:
             :mod:`fmmtc_core.models.fmmtc`.
         fc : Tensor (B, R, R) or None
             Fisher-z connectivity.
+        amplitude : Tensor (B, R) or None, default=None
+            Relative regional amplitude (``ModelInputs.amplitude``); needed when
+            :attr:`uses_amplitude`, ignored otherwise.
 
         Returns
         -------
@@ -274,10 +283,12 @@ class FMMTCEnsemble:
         first = self.models[0]
         scale = self.fold_scale.to(window.device)[:, None]
         if not first.frozen_ts:
-            return torch.stack([m(window, fc, self.xyz) for m in self.models]) / scale
+            return torch.stack([m(window, fc, self.xyz, amplitude)
+                                for m in self.models]) / scale
         ts = first.embed_ts(window, self.xyz)
         return torch.stack([
-            m.forward_features(ts, m.fc_matrix(window, fc) if m.config.use_fc else None)
+            m.forward_features(ts, m.fc_matrix(window, fc) if m.config.use_fc else None,
+                               amplitude)
             for m in self.models]) / scale
 
     @property
@@ -309,7 +320,7 @@ class FMMTCEnsemble:
         return platt(fold_logits, cal["a"], cal["b"])
 
     def predict_proba(self, window: np.ndarray | Sequence[np.ndarray],
-                      fc: np.ndarray | None) -> dict:
+                      fc: np.ndarray | None, amplitude: np.ndarray | None = None) -> dict:
         """Calibrated responder probability and its band over the fold models.
 
         Parameters
@@ -320,6 +331,9 @@ class FMMTCEnsemble:
             different numbers of windows), the centred ``(R, T)`` window for older models.
         fc : ndarray (B, R, R) or None
             Fisher-z connectivity (:meth:`inputs`).
+        amplitude : ndarray (B, R) or None, default=None
+            Relative regional amplitude (``inputs(signals).amplitude``); needed when
+            :attr:`uses_amplitude`, ignored otherwise.
 
         Returns
         -------
@@ -328,18 +342,31 @@ class FMMTCEnsemble:
             80 % interval of that probability over the card's bootstrap refits of the
             calibration (older cards: the calibrated fold probabilities' min and max);
             ``fold_logits`` (K, B), scaled (:attr:`fold_scale`).
+
+        Raises
+        ------
+        InvalidInputError
+            The model reads the regional amplitude and ``amplitude`` is None.
         """
         if isinstance(window, (list, tuple)):  # scans with different numbers of windows
             parts = [self.predict_proba(np.asarray(w)[None],
-                                        None if fc is None else np.asarray(fc[i])[None])
+                                        None if fc is None else np.asarray(fc[i])[None],
+                                        None if amplitude is None
+                                        else np.asarray(amplitude[i])[None])
                      for i, w in enumerate(window)]
             return {"probability": np.concatenate([q["probability"] for q in parts]),
                     "band": np.concatenate([q["band"] for q in parts]),
                     "fold_logits": np.concatenate([q["fold_logits"] for q in parts], axis=1)}
         w = torch.as_tensor(window, dtype=torch.float32, device=self.device)
         f = None if fc is None else torch.as_tensor(fc, dtype=torch.float32, device=self.device)
+        a = (None if amplitude is None or not self.uses_amplitude
+             else torch.as_tensor(amplitude, dtype=torch.float32, device=self.device))
+        if self.uses_amplitude and a is None:
+            raise InvalidInputError(
+                f"Model {self.name!r} reads the regional amplitude: pass "
+                "inputs(signals).amplitude.")
         with torch.no_grad(), autocast(self.device):
-            lg = self.logits(w, f).float().cpu().numpy()
+            lg = self.logits(w, f, a).float().cpu().numpy()
         cal = self.card["calibration"]
         mean = lg.mean(0)
         if cal.get("bootstrap"):
@@ -666,7 +693,7 @@ def load_model(model_dir: str | os.PathLike | None = None,
     device = torch.device(device) if device else select_device()
     encoder = None
     atlas_ref = _atlas_ref(card["atlas"])
-    if config.use_ts and config.foundation == "pretrained":
+    if config.use_encoder and config.foundation == "pretrained":
         encoder = _load_card_encoder(root, card, config, atlas_ref, device)
 
     def build() -> FMMTC:

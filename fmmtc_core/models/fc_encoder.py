@@ -24,7 +24,7 @@ Gram matrix it is given is normalised by the window length (see :func:`gram_matr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -226,14 +226,26 @@ class NetworkEncoder(nn.Module):
     init : dict or None, default=None
         Options of :meth:`init_from_contrast` (e.g. ``{"p_threshold": 0.005}``), which
         training calls on each training fold; recorded with the model's configuration.
+    readout : {"quadratic", "edges"}, default="quadratic"
+        ``"quadratic"``: the features above. ``"edges"``: the network-based statistic's own
+        read-out, ``f_k`` the mean of ``(Z - Z_0)`` over the supra-threshold edges of
+        component ``k`` found by :meth:`init_from_contrast` (an ``int8`` sign mask, a
+        buffer), so only the edges the training fold singled out count; the region weights
+        are then not used.
     """
 
     def __init__(self, n_regions: int, n_components: int = 4, l1: float = 1e-3,
-                 init: dict | None = None) -> None:
+                 init: dict | None = None, readout: str = "quadratic") -> None:
         super().__init__()
+        from fmmtc_core._errors import check_option
+
+        self.readout = check_option("readout", readout, ("quadratic", "edges"))
         self.init = dict(init or {})
         self.u = nn.Parameter(0.05 * torch.randn(n_components, n_regions))  # see seed_all
         self.register_buffer("center", torch.zeros(n_regions, n_regions))
+        if self.readout == "edges":
+            self.register_buffer("edges", torch.zeros(n_components, n_regions, n_regions,
+                                                      dtype=torch.int8))
         self.l1 = float(l1)
         self.out_dim = int(n_components)
 
@@ -283,7 +295,8 @@ class NetworkEncoder(nn.Module):
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(se > 0, (a.mean(0) - b.mean(0)) / se, 0.0)
         crit = float(t_dist.ppf(1 - p_threshold / 2, dof))
-        found: list[tuple[int, np.ndarray]] = []
+        found: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # networks of one sign each (a mixed component of |t| tested worse on `realistic`)
         for sign in (1, -1):
             supra = np.flatnonzero(sign * t > crit)
             if supra.size < 2:
@@ -293,13 +306,23 @@ class NetworkEncoder(nn.Module):
             _, comp = connected_components(graph, directed=False)
             edges = np.bincount(comp[i], minlength=comp.max() + 1)
             for c in np.flatnonzero(edges >= 2):
-                found.append((int(edges[c]), np.unique(np.r_[i[comp[i] == c], j[comp[i] == c]])))
-        found.sort(key=lambda item: -item[0])
+                ci, cj = i[comp[i] == c], j[comp[i] == c]
+                signs = np.sign(t[supra[comp[i] == c]]).astype(np.int8)
+                found.append((int(edges[c]), np.unique(np.r_[ci, cj]), ci, cj, signs))
+        found.sort(key=lambda item: -item[0])  # stable: ties keep the order found
         sizes = []
-        for k, (_, nodes) in enumerate(found[: self.u.shape[0]]):
+        mask_buffer: torch.Tensor | None = getattr(self, "edges", None)
+        if mask_buffer is not None:
+            mask_buffer.zero_()
+        for k, (_, nodes, ei, ej, signs) in enumerate(found[: self.u.shape[0]]):
             u = 0.01 * torch.randn(r, dtype=self.u.dtype)
             u[torch.as_tensor(nodes)] = 1.0 / float(np.sqrt(len(nodes)))
             self.u[k] = u.to(self.u.device)
+            if mask_buffer is not None:
+                mask = torch.zeros(r, r, dtype=torch.int8)
+                mask[torch.as_tensor(ei), torch.as_tensor(ej)] = torch.as_tensor(signs)
+                mask[torch.as_tensor(ej), torch.as_tensor(ei)] = torch.as_tensor(signs)
+                mask_buffer[k] = mask.to(mask_buffer.device)
             sizes.append(len(nodes))
         return sizes
 
@@ -317,6 +340,10 @@ class NetworkEncoder(nn.Module):
             ``u_k^T (z - center) u_k`` for each component k.
         """
         center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        if self.readout == "edges":
+            mask = cast(torch.Tensor, self.edges).to(z.dtype)
+            count = mask.abs().sum(dim=(1, 2)).clamp(min=1.0)
+            return torch.einsum("krs,brs->bk", mask, z - center) / count
         return torch.einsum("kr,brs,ks->bk", self.u, z - center, self.u)
 
     def penalty(self) -> torch.Tensor:

@@ -7,6 +7,17 @@ reaches a tiny pain cohort without overfitting); the FC branch (BrainNetCNN by d
 paper's ResNet-18, or the ``small`` preset's sparse network read-out) learns from scratch; the
 two representations are concatenated and a head gives one logit.
 
+The encoders normalise every region of every window to a unit scale, so how strongly a region
+fluctuates never reaches the embedding. Models with ``amplitude=True`` (the ``small`` preset)
+add it to the T modality: each region's log SD relative to the scan's median region
+(:func:`fmmtc_core.preprocess.relative_amplitude`), read out sparsely
+(:class:`~fmmtc_core.models.amplitude.AmplitudeReadout`). The ``small`` preset is fitted
+without gradient descent (``fit="stacked"``): its read-outs are set from the training fold's
+contrasts, and its linear head is a logistic regression on cross-fitted features
+(:func:`fmmtc_core.training._fit_stacked`); on the ``realistic`` simulation this is what learns
+at n ~ 100, where gradient training of the same read-outs stays near chance
+(``docs/learning.md``).
+
 The TS input of a batch of scans is either ``(B, W, ...)``: every window of each scan (the
 whole-scan representation: the scan's embedding is the mean of its windows' embeddings), or
 ``(B, ...)``: one window per scan (the centred window of models trained before whole-scan
@@ -39,6 +50,7 @@ from fmmtc_core.models.fc_encoder import (
     build_fc_encoder,
     gram_matrix,
 )
+from fmmtc_core.models.amplitude import AmplitudeReadout
 from fmmtc_core.models.encoder_base import FoundationEncoder
 from fmmtc_core.models.foundation import BrainLMConfig, BrainLMModel
 
@@ -78,6 +90,24 @@ class FMMTCConfig:
     encoder_hash : str
         The encoder's preprocessing hash at training time
         (:attr:`~fmmtc_core.models.encoder_base.FoundationEncoder.preprocessing_hash`).
+    amplitude : bool
+        The T modality also reads each region's relative amplitude
+        (:func:`fmmtc_core.preprocess.relative_amplitude`, which the encoders' per-window
+        normalisation removes) through an
+        :class:`~fmmtc_core.models.amplitude.AmplitudeReadout`.
+    amplitude_kwargs : dict
+        Arguments of the :class:`~fmmtc_core.models.amplitude.AmplitudeReadout`.
+    ts_embedding : bool
+        The T modality includes the foundation encoder's embedding (False: regional amplitude
+        only, the "no foundation model" ablation of the ``small`` preset; needs
+        ``amplitude``).
+    fit : {"gradient", "stacked"}
+        How a fold model is fitted. ``"gradient"``: every trainable parameter by AdamW with
+        early stopping. ``"stacked"`` (the ``small`` preset): the sparse read-outs are set from
+        the training fold's contrasts (their ``init_from_contrast``) and kept, and the linear head is an L2 logistic regression, its
+        strength chosen by inner cross-validation, fitted on *cross-fitted* read-out
+        features (each training participant's features come from read-outs set without
+        them), so the head does not learn the optimism of the region selection.
     """
 
     n_regions: int
@@ -92,31 +122,77 @@ class FMMTCConfig:
     ts_pooling: str = "cls"
     encoder_entry: str = ""
     encoder_hash: str = ""
+    amplitude: bool = False
+    amplitude_kwargs: dict = field(default_factory=dict)
+    ts_embedding: bool = True
+    fit: str = "gradient"
 
     def __post_init__(self) -> None:
         check_option("ts_pooling", self.ts_pooling, ("cls", "mean"))
         check_option("modalities", self.modalities, MODALITIES)
         check_option("foundation", self.foundation, ("pretrained", "scratch"))
         check_option("fc_input", self.fc_input, ("correlation", "gram"))
+        check_option("fit", self.fit, ("gradient", "stacked"))
+        if self.fit == "stacked" and (self.head_hidden or (
+                self.use_fc and self.fc_encoder != "network")
+                or (self.use_encoder and self.foundation != "pretrained")):
+            raise InvalidInputError(
+                "fit='stacked' needs a linear head (head_hidden=0), the 'network' FC encoder "
+                "and a frozen pretrained encoder.")
+        if self.use_ts and not (self.ts_embedding or self.amplitude):
+            raise InvalidInputError(
+                "A time-series branch needs the encoder's embedding (ts_embedding) or the "
+                "regional amplitude (amplitude), or both.")
 
     @property
     def use_ts(self) -> bool:
+        """Whether the model has a time-series (T) modality (encoder and/or amplitude)."""
         return "ts" in self.modalities
 
     @property
     def use_fc(self) -> bool:
+        """Whether the model has a connectivity (C) branch."""
         return "fc" in self.modalities
 
     @property
+    def use_encoder(self) -> bool:
+        """Whether the model has a TS encoder (its embedding is part of the T modality)."""
+        return self.use_ts and self.ts_embedding
+
+    @property
+    def use_amplitude(self) -> bool:
+        """Whether the T modality reads the regional amplitude."""
+        return self.use_ts and self.amplitude
+
+    @property
     def window(self) -> int:
+        """Window length of the TS encoder (its config's ``num_timepoints_per_voxel``; 200
+        when the config does not say)."""
         return int(self.foundation_config.get("num_timepoints_per_voxel", 200))
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict (the model card's ``model`` section).
+
+        Returns
+        -------
+        dict
+            Every field, by name (:func:`dataclasses.asdict`).
+        """
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data) -> FMMTCConfig:
+    def from_dict(cls, data: Any) -> FMMTCConfig:
         """The config stored by :meth:`to_dict` (a model card's ``model`` section), checked.
+
+        Parameters
+        ----------
+        data : dict
+            The stored config; keys missing from it take their defaults (all but
+            ``n_regions``), which is how cards written by older versions load.
+
+        Returns
+        -------
+        FMMTCConfig
 
         Raises
         ------
@@ -138,7 +214,12 @@ class FMMTCConfig:
         kinds: dict[str, type | tuple[type, ...]] = {"n_regions": int, "head_hidden": int, "dropout": (int, float),
                  "fc_kwargs": dict, "foundation_config": dict, "modalities": str,
                  "foundation": str, "fc_encoder": str, "fc_input": str, "ts_pooling": str,
-                 "encoder_entry": str, "encoder_hash": str}
+                 "encoder_entry": str, "encoder_hash": str, "amplitude_kwargs": dict,
+                 "fit": str}
+        for key in ("amplitude", "ts_embedding"):
+            if key in data and not isinstance(data[key], bool):
+                raise InvalidInputError(
+                    f"The FMM-TC config's {key!r} must be true or false, got {data[key]!r}.")
         for key, kind in kinds.items():
             if key in data and (isinstance(data[key], bool) or not isinstance(data[key], kind)):
                 names: dict[object, str] = {int: "an integer", dict: "an object", str: "a string"}
@@ -158,15 +239,30 @@ class FMMTCConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"fc_encoder": "brainnetcnn", "fc_input": "correlation", "head_hidden": 64},
     "paper": {"fc_encoder": "resnet18", "fc_input": "gram", "head_hidden": 0},
-    # For small cohorts (~100 participants): a sparse network read-out of connectivity and a
-    # linear head, a few thousand parameters in all.
+    # For small cohorts (~100 participants): sparse read-outs of connectivity (networks) and of
+    # regional amplitude beside the encoder's embedding, and a linear head; a few thousand
+    # trainable parameters in all.
     "small": {"fc_encoder": "network", "fc_input": "correlation", "head_hidden": 0,
-              "fc_kwargs": {"n_components": 4, "l1": 1e-3, "init": {"p_threshold": 3e-4}}},
+              "fc_kwargs": {"n_components": 2, "l1": 1e-3, "init": {"p_threshold": 1e-3},
+                            "readout": "edges"},
+              "amplitude": True, "fit": "stacked",
+              "amplitude_kwargs": {"n_components": 1, "l1": 1e-3,
+                                   "init": {"p_threshold": 1e-2}}},
 }
 
 
 def window_shape(encoder: FoundationEncoder) -> tuple[int, ...]:
-    """Shape of one model input window of ``encoder``: ``(R, L)`` or ``(C, R, L)``."""
+    """Shape of one model input window of ``encoder``.
+
+    Parameters
+    ----------
+    encoder : FoundationEncoder
+
+    Returns
+    -------
+    tuple of int
+        ``(R, L)`` for BrainLM encoders, ``(C, R, L)`` for encoders with channels (ViT-MAE).
+    """
     e = encoder.entry
     return ((e.channels,) if e.channels else ()) + (e.n_regions, e.window)
 
@@ -229,7 +325,7 @@ class FMMTC(nn.Module):
     Parameters
     ----------
     config : FMMTCConfig
-    foundation : FoundationEncoder, BrainLMModel or None
+    foundation : FoundationEncoder, BrainLMModel or None, default=None
         The frozen encoder (``config.foundation == "pretrained"``): a
         :class:`~fmmtc_core.models.encoder_base.FoundationEncoder` from
         :func:`~fmmtc_core.models.registry.load_encoder` (or a bare :class:`BrainLMModel`);
@@ -243,7 +339,7 @@ class FMMTC(nn.Module):
         self.config = config
         self.ts_encoder: FoundationEncoder | BrainLMModel | None = None
         dims = 0
-        if config.use_ts:
+        if config.use_encoder:
             if foundation is None:
                 foundation = BrainLMModel(BrainLMConfig(**config.foundation_config))
             elif config.foundation == "scratch":
@@ -260,6 +356,10 @@ class FMMTC(nn.Module):
             self.fc_encoder = build_fc_encoder(config.fc_encoder, config.n_regions,
                                                **config.fc_kwargs)
             dims += self.fc_encoder.out_dim
+        self.amplitude_readout: AmplitudeReadout | None = None
+        if config.use_amplitude:
+            self.amplitude_readout = AmplitudeReadout(config.n_regions, **config.amplitude_kwargs)
+            dims += self.amplitude_readout.out_dim
         if config.head_hidden:
             self.head = nn.Sequential(
                 nn.Dropout(config.dropout), nn.Linear(dims, config.head_hidden), nn.GELU(),
@@ -270,9 +370,22 @@ class FMMTC(nn.Module):
 
     @property
     def frozen_ts(self) -> bool:
+        """Whether the model has a TS encoder that is pretrained and frozen."""
         return self.ts_encoder is not None and self.config.foundation == "pretrained"
 
     def train(self, mode: bool = True) -> FMMTC:
+        """Set training mode, keeping a frozen encoder in evaluation mode (no dropout).
+
+        Parameters
+        ----------
+        mode : bool, default=True
+            As :meth:`torch.nn.Module.train`.
+
+        Returns
+        -------
+        FMMTC
+            ``self``.
+        """
         super().train(mode)
         if self.frozen_ts:
             assert self.ts_encoder is not None  # frozen_ts implies it
@@ -287,6 +400,23 @@ class FMMTC(nn.Module):
         each scan's windows of the encoder's embedding (its token pooling: the config's
         ``ts_pooling``); ``xyz`` is not used (the encoder holds its coordinates). With a bare
         :class:`BrainLMModel`: windows ``(B, R, T)`` and centroids ``xyz`` (R, 3).
+
+        Parameters
+        ----------
+        window : Tensor
+            See above.
+        xyz : Tensor (R, 3) or None, default=None
+            Region centroids (a bare BrainLM encoder only).
+
+        Returns
+        -------
+        Tensor (B, hidden)
+            Differentiable with respect to ``window``.
+
+        Raises
+        ------
+        InvalidInputError
+            A bare BrainLM encoder without ``xyz``.
         """
         enc = self.ts_encoder
         assert enc is not None, "this model has no time-series branch"
@@ -297,7 +427,24 @@ class FMMTC(nn.Module):
         return enc.embed(window, xyz, pooling=self.config.ts_pooling)
 
     def fc_matrix(self, window: torch.Tensor, fc: torch.Tensor | None) -> torch.Tensor:
-        """The FC encoder's input: the given connectivity, or the windows' Gram matrix."""
+        """The FC encoder's input: the given connectivity, or the windows' Gram matrix.
+
+        Parameters
+        ----------
+        window : Tensor
+            The TS input (as :meth:`embed_ts`); read only by ``fc_input="gram"`` models.
+        fc : Tensor (B, R, R) or None
+            Fisher-z connectivity; read only by ``fc_input="correlation"`` models.
+
+        Returns
+        -------
+        Tensor (B, R, R)
+
+        Raises
+        ------
+        InvalidInputError
+            A ``"correlation"`` model is given ``fc=None``.
+        """
         if self.config.fc_input == "gram":
             if isinstance(self.ts_encoder, FoundationEncoder):
                 return scans_gram(self.ts_encoder, window)
@@ -307,31 +454,107 @@ class FMMTC(nn.Module):
         return fc
 
     def forward_features(self, ts_embedding: torch.Tensor | None,
-                         fc_matrix: torch.Tensor | None) -> torch.Tensor:
-        """Logits from a precomputed TS embedding and the FC encoder input (training path)."""
+                         fc_matrix: torch.Tensor | None,
+                         amplitude: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from a precomputed TS embedding, the FC encoder input and the regional
+        amplitude (training path).
+
+        Parameters
+        ----------
+        ts_embedding : Tensor (B, hidden) or None
+            :meth:`embed_ts` (None for a model without a TS encoder).
+        fc_matrix : Tensor (B, R, R) or None
+            :meth:`fc_matrix` (None for a model without an FC branch).
+        amplitude : Tensor (B, R) or None, default=None
+            :func:`fmmtc_core.preprocess.relative_amplitude` of each scan (models with
+            ``config.use_amplitude`` only).
+
+        Returns
+        -------
+        Tensor (B,)
+            Responder logits.
+        """
+        return self.head(self.features(ts_embedding, fc_matrix, amplitude)).squeeze(1)
+
+    def features(self, ts_embedding: torch.Tensor | None, fc_matrix: torch.Tensor | None,
+                 amplitude: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head reads: the TS embedding, the FC encoder's output and the amplitude
+        read-out's, concatenated in that order (the parts the model has).
+
+        Parameters
+        ----------
+        ts_embedding, fc_matrix : Tensor or None
+            As :meth:`forward_features`.
+        amplitude : Tensor or None, default=None
+            As :meth:`forward_features`.
+
+        Returns
+        -------
+        Tensor (B, n_features)
+
+        Raises
+        ------
+        InvalidInputError
+            The model reads the amplitude and ``amplitude`` is None.
+        """
         parts: list[torch.Tensor] = []
-        if self.config.use_ts:
-            assert ts_embedding is not None, "a model with a TS branch needs its embedding"
+        if self.config.use_encoder:
+            assert ts_embedding is not None, "a model with a TS encoder needs its embedding"
             parts.append(ts_embedding)
         if self.config.use_fc:
             assert self.fc_encoder is not None  # built when config.use_fc
             parts.append(self.fc_encoder(fc_matrix))
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+        if self.amplitude_readout is not None:
+            if amplitude is None:
+                raise InvalidInputError(
+                    "This model reads the regional amplitude: pass ModelInputs.amplitude.")
+            parts.append(self.amplitude_readout(amplitude))
+        return torch.cat(parts, dim=1)
 
     def forward(self, window: torch.Tensor, fc: torch.Tensor | None,
-                xyz: torch.Tensor | None = None) -> torch.Tensor:
-        """Responder logit (B,) from the TS input (:meth:`embed_ts`), connectivity (B, R, R)
-        and centroids (R, 3; a bare BrainLM encoder only)."""
-        ts = self.embed_ts(window, xyz) if self.config.use_ts else None
-        fcm = self.fc_matrix(window, fc) if self.config.use_fc else None
-        return self.forward_features(ts, fcm)
+                xyz: torch.Tensor | None = None,
+                amplitude: torch.Tensor | None = None) -> torch.Tensor:
+        """Responder logits of a batch of scans.
 
-    def trainable_parameters(self):
+        Parameters
+        ----------
+        window : Tensor
+            The TS input (:meth:`embed_ts`); the Gram input of ``fc_input="gram"`` models.
+        fc : Tensor (B, R, R) or None
+            Fisher-z connectivity (``fc_input="correlation"`` models).
+        xyz : Tensor (R, 3) or None, default=None
+            Region centroids (a bare BrainLM encoder only).
+        amplitude : Tensor (B, R) or None, default=None
+            Relative regional amplitude (models with ``config.use_amplitude``).
+
+        Returns
+        -------
+        Tensor (B,)
+        """
+        ts = self.embed_ts(window, xyz) if self.config.use_encoder else None
+        fcm = self.fc_matrix(window, fc) if self.config.use_fc else None
+        return self.forward_features(ts, fcm, amplitude)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters gradient training updates (a frozen encoder's are not among them).
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+        """
         return [p for p in self.parameters() if p.requires_grad]
 
     def penalty(self) -> torch.Tensor:
-        """Regularisation the encoders add to the training loss (0 for most)."""
-        fc = self.fc_encoder
-        if isinstance(fc, NetworkEncoder):
-            return fc.penalty()
-        return torch.zeros((), device=next(self.parameters()).device)
+        """Regularisation the encoders add to the training loss (0 for most).
+
+        Returns
+        -------
+        Tensor
+            A scalar: the L1 terms of the sparse read-outs (network FC encoder, amplitude).
+        """
+        total = torch.zeros((), device=next(self.parameters()).device)
+        if isinstance(self.fc_encoder, NetworkEncoder):
+            total = total + self.fc_encoder.penalty()
+        if self.amplitude_readout is not None:
+            total = total + self.amplitude_readout.penalty()
+        return total

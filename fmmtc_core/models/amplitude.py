@@ -1,0 +1,171 @@
+"""Sparse read-out of regional amplitude, the part of the T modality the encoders cannot see.
+
+A foundation encoder normalises every region of every window to a unit scale before it embeds
+it (robust scaling), so how strongly a region fluctuates never reaches the embedding. FMM-TC
+keeps it beside the embedding: one number per region, the region's log standard deviation
+relative to the scan's median region (:func:`fmmtc_core.preprocess.relative_amplitude`), read
+out by :class:`AmplitudeReadout` with the same small-cohort design as the connectivity
+read-out (:class:`~fmmtc_core.models.fc_encoder.NetworkEncoder`): a few sparse region
+weightings, started from the regions the training fold points to and refined by gradient
+descent under an L1 penalty.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["AmplitudeReadout"]
+
+
+class AmplitudeReadout(nn.Module):
+    """``K`` sparse region weightings of standardised regional amplitude: (B, R) -> (B, K).
+
+    ``f_k = u_k^T (a - center) / spread``, where ``a`` is the relative amplitude of each region
+    and ``center`` / ``spread`` its mean and SD over the training participants (buffers that
+    training sets, so a fold model carries its own standardisation).
+
+    Parameters
+    ----------
+    n_regions : int
+        Regions R.
+    n_components : int, default=1
+        Outputs K (at most 3): :meth:`init_from_contrast` starts the first on every region
+        whose amplitude differs between responders and the others, the second (if any) on
+        those where it is higher in responders, the third on those where it is lower.
+    l1 : float, default=1e-3
+        Strength of the L1 penalty on the region weights (:meth:`penalty`).
+    init : dict or None, default=None
+        Options of :meth:`init_from_contrast` (e.g. ``{"p_threshold": 0.001}``), which
+        training calls on each training fold; recorded with the model's configuration.
+    """
+
+    def __init__(self, n_regions: int, n_components: int = 1, l1: float = 1e-3,
+                 init: dict | None = None) -> None:
+        super().__init__()
+        if not 1 <= int(n_components) <= 3:
+            raise ValueError(f"n_components must be 1, 2 or 3, got {n_components!r}.")
+        self.init = dict(init or {})
+        self.u = nn.Parameter(0.01 * torch.randn(n_components, n_regions))
+        self.register_buffer("center", torch.zeros(n_regions))
+        self.register_buffer("spread", torch.ones(n_regions))
+        self.l1 = float(l1)
+        self.out_dim = int(n_components)
+
+    @torch.no_grad()
+    def standardise_on(self, a: torch.Tensor) -> None:
+        """Set ``center`` and ``spread`` from the training participants' amplitudes.
+
+        Parameters
+        ----------
+        a : Tensor (N, R)
+            Relative amplitudes of the training fold (never the test fold's).
+        """
+        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
+        center.copy_(a.mean(0))
+        sd = a.std(0) if a.shape[0] > 1 else torch.ones_like(spread)
+        spread.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+
+    @torch.no_grad()
+    def init_from_contrast(self, a: torch.Tensor, y: ArrayLike,
+                           p_threshold: float = 0.001) -> list[int]:
+        """Start the components on the regions the training participants point to.
+
+        Region-wise two-sample t tests (responders vs the others, pooled variance) of the
+        standardised amplitude. The regions with two-sided p below ``p_threshold`` seed
+        component 0 with ``sign(t) / n`` on its ``n`` regions (the mean of their amplitudes,
+        signed so that it rises with the contrast); component 1 (if any) takes those with a
+        positive difference, component 2 those with a negative one. A component without such
+        regions takes the single most significant region of its kind. Gradient training may
+        then refine the weights (``fit="gradient"``).
+
+        Parameters
+        ----------
+        a : Tensor (N, R)
+            Training participants' relative amplitudes (never the test fold's).
+        y : array-like (N,)
+            Their labels.
+        p_threshold : float, default=0.001
+            Two-sided p-value below which a region seeds a component.
+
+        Returns
+        -------
+        list of int
+            Regions that seeded each component (empty when either class has fewer than 2
+            participants).
+        """
+        import numpy as np
+        from scipy.stats import t as t_dist
+
+        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
+        z = ((a - center) / spread).detach().cpu().double().numpy()
+        yn = np.asarray(y).astype(int)
+        pos, neg = z[yn == 1], z[yn == 0]
+        if len(pos) < 2 or len(neg) < 2:
+            return []
+        dof = len(pos) + len(neg) - 2
+        pooled = ((len(pos) - 1) * pos.var(0, ddof=1) + (len(neg) - 1) * neg.var(0, ddof=1)) / dof
+        se = np.sqrt(pooled * (1 / len(pos) + 1 / len(neg)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(se > 0, (pos.mean(0) - neg.mean(0)) / se, 0.0)
+        crit = float(t_dist.ppf(1 - p_threshold / 2, dof))
+        sizes = []
+        rules = ((0.0, "any"), (1.0, "up"), (-1.0, "down"))
+        for k, (_, rule) in zip(range(self.u.shape[0]), rules):
+            if rule == "any":
+                chosen = np.flatnonzero(np.abs(t) > crit)
+                if chosen.size == 0:
+                    chosen = np.array([int(np.argmax(np.abs(t)))])
+            else:
+                sign = 1.0 if rule == "up" else -1.0
+                chosen = np.flatnonzero(sign * t > crit)
+                if chosen.size == 0:
+                    chosen = np.array([int(np.argmax(sign * t))])
+            u = 0.01 * torch.randn(z.shape[1], dtype=self.u.dtype)
+            u[torch.as_tensor(chosen)] = torch.as_tensor(
+                np.sign(t[chosen]) / chosen.size, dtype=self.u.dtype)
+            self.u[k] = u.to(self.u.device)
+            sizes.append(int(chosen.size))
+        return sizes
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """Features (B, K) of relative amplitudes (B, R).
+
+        Parameters
+        ----------
+        a : Tensor (B, R)
+            :func:`fmmtc_core.preprocess.relative_amplitude` of each scan.
+
+        Returns
+        -------
+        Tensor (B, K)
+            ``u_k^T (a - center) / spread`` for each component k.
+
+        Raises
+        ------
+        ValueError
+            ``a`` is not (batch, R).
+        """
+        if a.dim() != 2 or a.shape[1] != self.u.shape[1]:
+            raise ValueError(f"AmplitudeReadout expects (batch, {self.u.shape[1]}) amplitudes, "
+                             f"got {tuple(a.shape)}.")
+        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
+        return ((a - center) / spread) @ self.u.T
+
+    def penalty(self) -> torch.Tensor:
+        """``l1 x sum |u|``: the term training adds to the loss.
+
+        Returns
+        -------
+        Tensor
+            A scalar, differentiable in the region weights ``u``.
+        """
+        return self.l1 * self.u.abs().sum()
