@@ -1048,7 +1048,8 @@ def compare(
         FMM-TC's pretrained encoder (see :func:`~fmmtc_core.training.train`).
     fmmtc_options : dict or None, default=None
         Further keyword arguments of :func:`~fmmtc_core.training.train` (e.g.
-        ``{"modalities": "fc", "epochs": 50}``).
+        ``{"preset": "default", "epochs": 50}``); None trains the ``small`` preset, the one
+        meant for cohorts of this size.
     inner_folds : int, default=5
         Inner stratified folds of every hyper-parameter search.
     n_bootstrap : int, default=2000
@@ -1128,7 +1129,8 @@ def compare(
                     fold[test_idx] = k
                 logit = _fmmtc_oof(cohort_dir, subjects, y, fold, folds=folds, seed=seed + r,
                                    atlas=atlas, cleaning=cleaning, foundation=foundation,
-                                   options=fmmtc_options, progress=progress)
+                                   options=({"preset": "small"} if fmmtc_options is None
+                                            else fmmtc_options), progress=progress)
                 res = CVResult(name, logit, cross_fitted_platt(logit, y, fold), fold,
                                [{} for _ in splits])
             else:

@@ -607,7 +607,8 @@ def cmd_build_demo(args) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Reads ``out``, ``seed``, ``subjects``, ``corpus`` and ``pretrain_epochs``, passed to
+        Reads ``out``, ``seed``, ``subjects``, ``corpus``, ``pretrain_epochs``, ``simulation``,
+        ``preset`` and ``threads``, passed to
         :func:`fmmtc_core.demo.build_demo_model`.
 
     Returns
@@ -627,7 +628,8 @@ def cmd_build_demo(args) -> int:
     t0 = time.perf_counter()
     metrics = build_demo_model(args.out, seed=args.seed, n_subjects=args.subjects,
                                n_corpus=args.corpus, pretrain_epochs=args.pretrain_epochs,
-                               progress=_stage_progress(args))
+                               progress=_stage_progress(args), simulation=args.simulation,
+                               preset=args.preset, threads=args.threads)
     print(f"wrote the demo model to {args.out} in {time.perf_counter() - t0:.0f} s; "
           "out-of-fold metrics:")
     _print_metrics(metrics, False)
@@ -1190,10 +1192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modalities", choices=("ts+fc", "ts", "fc"), default="ts+fc")
     p.add_argument("--no-foundation", action="store_true",
-                   help="train the time-series encoder from scratch (ablation)")
-    p.add_argument("--preset", choices=("default", "paper", "small"), default="default",
-                   help="network design: default (BrainNetCNN), paper (ResNet-18 on the Gram "
-                        "matrix), small (sparse network read-out, for ~100 participants)")
+                   help="ablation without the foundation model: the time-series encoder "
+                        "trained from scratch (with --preset small: no encoder, regional "
+                        "amplitude alone)")
+    p.add_argument("--preset", choices=("small", "default", "paper"), default="small",
+                   help="model design: small (default; the encoder's embedding + sparse "
+                        "read-outs of regional amplitude and connectivity networks, stacked "
+                        "linear head: for cohorts of ~100), default (BrainNetCNN, "
+                        "gradient-trained: for large cohorts), paper (ResNet-18 on the Gram "
+                        "matrix)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--atlas", default="hcpex",
                    help="hcpex (default), aal3, or a NIfTI label image (the A424 encoders: "
@@ -1219,6 +1226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=120)
     p.add_argument("--corpus", type=int, default=60)
     p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--simulation", choices=("realistic", "easy", "shifted"), default="realistic",
+                   help="simulation preset of the corpus and the cohort")
+    p.add_argument("--preset", choices=("small", "default", "paper"), default="small",
+                   help="FMM-TC design (as fmmtc train)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads (fixed, with deterministic algorithms: the same bytes "
+                        "on a rerun)")
     p.set_defaults(func=cmd_build_demo)
 
     p = sub.add_parser("evaluate", help="score a model folder on another labelled cohort")

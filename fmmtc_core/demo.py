@@ -33,13 +33,19 @@ def build_demo_model(
     epochs: int = 100,
     work_dir: str | os.PathLike | None = None,
     progress: Callable[[str, int, int, dict], None] | None = None,
+    simulation: str = "realistic",
+    preset: str = "small",
+    threads: int = 1,
 ) -> dict:
     """Build the demo model end to end, deterministically from ``seed``.
 
-    Simulates a pain-agnostic corpus and pretrains a ``tiny`` BrainLM encoder on it, simulates
-    a labelled cohort, and trains FMM-TC (5-fold CV) with that encoder. The card says the model
-    is a demonstration on simulated data (:data:`DEMO_NOTE`) and records the planted ground
-    truth and the command that rebuilds it.
+    Simulates a pain-agnostic corpus and pretrains a ``tiny`` BrainLM encoder on it (centroids
+    in decimetres, ``xyz_scale=0.01``, so they do not drown the signal part of the tokens),
+    simulates a labelled cohort, and trains FMM-TC (5-fold CV) with that encoder. Both run
+    with a fixed thread count and deterministic algorithms, so the same command on the same
+    software gives the same bytes. The card says the model is a demonstration on simulated
+    data (:data:`DEMO_NOTE`) and records the planted ground truth and the command that
+    rebuilds it.
 
     Parameters
     ----------
@@ -56,40 +62,53 @@ def build_demo_model(
         Where the simulated data and the encoder go (kept); None: a temporary folder, removed.
     progress : callable(stage, done, total, info) or None, default=None
         As for :func:`~fmmtc_core.pretraining.pretrain` and :func:`~fmmtc_core.training.train`.
+    simulation : {"realistic", "easy", "shifted"}, default="realistic"
+        Simulation preset of the corpus and the cohort.
+    preset : {"small", "default", "paper"}, default="small"
+        FMM-TC design (:data:`fmmtc_core.models.fmmtc.PRESETS`).
+    threads : int, default=1
+        Torch threads of pretraining and training (with deterministic algorithms).
 
     Returns
     -------
     dict
         The out-of-fold metrics of :func:`~fmmtc_core.training.train`.
     """
+    from fmmtc_core.models.device import deterministic
+
     out = Path(out_dir)
+    sim = SimulationConfig.preset(simulation)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fmmtc-demo-"))
     try:
-        sim = SimulationConfig()
         corpus = write_cohort(work / "corpus", n_corpus, seed=seed + 1, fmt="timeseries",
                               labelled=False, config=sim)
-        foundation = pretrain(corpus, work / "foundation", config="tiny",
-                              epochs=pretrain_epochs, seed=seed, progress=progress)
+        with deterministic(threads):
+            foundation = pretrain(corpus, work / "foundation", config="tiny",
+                                  epochs=pretrain_epochs, seed=seed, progress=progress,
+                                  xyz_scale=0.01)
         cohort = write_cohort(work / "cohort", n_subjects, seed=seed + 2, fmt="timeseries",
                               config=sim)
         if out.exists():
             shutil.rmtree(out)
         metrics = train(cohort, out, foundation=foundation, seed=seed, epochs=epochs,
-                        progress=progress)
+                        progress=progress, preset=preset, threads=threads)
         card = json.loads((out / "model_card.json").read_text())
         card["name"] = "fmmtc-demo"
         card["intended_use"] = DEMO_NOTE
-        card["data"]["cohort"] = (f"simulated: fmmtc simulate, {n_subjects} subjects, "
-                                  f"seed {seed + 2}")
+        card["data"]["cohort"] = (f"simulated: fmmtc simulate --preset {simulation}, "
+                                  f"{n_subjects} subjects, seed {seed + 2}")
         card["foundation"] = {
             "pretrained_on": f"simulated pain-agnostic corpus of {n_corpus} subjects "
-                             f"(seed {seed + 1}), {pretrain_epochs} epochs, preset tiny",
+                             f"({simulation} preset, seed {seed + 1}), {pretrain_epochs} "
+                             "epochs, preset tiny, xyz_scale 0.01",
             "log": json.loads((foundation / "pretrain_log.json").read_text())
             | {"corpus": "simulated (temporary folder)" if not work_dir else str(work)},
         }
         card["ground_truth"] = json.loads((cohort / "simulation.json").read_text())["planted"]
         card["build_command"] = (f"fmmtc build-demo --seed {seed} --subjects {n_subjects} "
-                                 f"--corpus {n_corpus} --pretrain-epochs {pretrain_epochs}")
+                                 f"--corpus {n_corpus} --pretrain-epochs {pretrain_epochs} "
+                                 f"--simulation {simulation} --preset {preset} "
+                                 f"--threads {threads}")
         (out / "model_card.json").write_text(json.dumps(card, indent=2))
         return metrics
     finally:

@@ -81,10 +81,17 @@ c2.markdown(f"**Parcellation**: {pre.get('parcellation', '')}  \n"
             f"**Cleaning**: {json.dumps(pre.get('cleaning', {}))}  \n"
             f"**Connectivity**: {pre.get('connectivity', '')}")
 cfg = card.get("model", {})
-st.markdown(f"**Architecture**: modalities {cfg.get('modalities')}, time-series encoder "
-            f"{cfg.get('foundation')} (frozen BrainLM-style), connectivity encoder "
-            f"{cfg.get('fc_encoder')} on {cfg.get('fc_input')}; calibration "
-            f"{card.get('calibration', {}).get('method', '')}; ensemble: "
+ts_parts = []
+if "ts" in str(cfg.get("modalities", "")):
+    if cfg.get("ts_embedding", True):
+        ts_parts.append(f"encoder {cfg.get('foundation')} (frozen BrainLM-style)")
+    if cfg.get("amplitude"):
+        ts_parts.append("regional amplitude (sparse read-out)")
+st.markdown(f"**Architecture**: modalities {cfg.get('modalities')}, time series: "
+            f"{' + '.join(ts_parts) or 'none'}, connectivity encoder "
+            f"{cfg.get('fc_encoder')} on {cfg.get('fc_input')}; fitted "
+            f"{'by stacking (no gradient training)' if cfg.get('fit') == 'stacked' else 'by gradient descent'}; "
+            f"calibration {card.get('calibration', {}).get('method', '')}; ensemble: "
             f"{card.get('ensemble', '')}.")
 if "foundation" in card:
     st.caption(f"Foundation model: {card['foundation'].get('pretrained_on', '')}")
