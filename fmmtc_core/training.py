@@ -636,6 +636,15 @@ def train(
         "slope <= 0 on out-of-fold logits: the model carries no cross-validated signal; "
         "probabilities are the base rate")
     description = Path(cohort_dir) / "dataset_description.json"
+    fit_card: dict[str, object] = (
+        {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
+                "logistic regression (balanced classes, strength by inner 5-fold CV) on "
+                "cross-fitted read-out features and a cross-fitted linear probe of the "
+                "embedding"}
+        if config.fit == "stacked" else
+        {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+         "loss": "class-weighted BCE", "optimizer": "AdamW",
+         "early_stopping": "inner 20% validation split of each training fold"})
     card = {
         "name": Path(out_dir).name,
         "fmmtc_version": __version__,
@@ -653,15 +662,7 @@ def train(
                           if encoder is not None else preprocessing_card(cleaning, length)),
         "model": config.to_dict(),
         "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
-                     **({"fit": "stacked: read-outs set from each training fold's contrasts; "
-                                "linear head = L2 logistic regression (balanced classes, "
-                                "strength by inner 5-fold CV) on cross-fitted read-out "
-                                "features and a cross-fitted linear probe of the embedding"}
-                        if config.fit == "stacked" else
-                        {"epochs": epochs, "patience": patience, "batch_size": batch_size,
-                         "lr": lr, "loss": "class-weighted BCE", "optimizer": "AdamW",
-                         "early_stopping": "inner 20% validation split of each training "
-                                           "fold"}),
+                     **fit_card,
                      "threads": threads, "deterministic": threads is not None,
                      "foundation": foundation_note,
                      **({"embeddings": embeddings_card} if embeddings_card else {})},
