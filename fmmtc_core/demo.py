@@ -104,6 +104,7 @@ def build_demo_model(
             "log": json.loads((foundation / "pretrain_log.json").read_text())
             | {"corpus": "simulated (temporary folder)" if not work_dir else str(work)},
         }
+        card["training"]["foundation"] = "the encoder pretrained above (foundation/)"
         card["ground_truth"] = json.loads((cohort / "simulation.json").read_text())["planted"]
         card["build_command"] = (f"fmmtc build-demo --seed {seed} --subjects {n_subjects} "
                                  f"--corpus {n_corpus} --pretrain-epochs {pretrain_epochs} "

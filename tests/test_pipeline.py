@@ -7,6 +7,7 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
+import torch
 import pytest
 from conftest import fmriprep_confounds, make_bold, save_nifti
 
@@ -28,14 +29,22 @@ def model():
 def test_training_and_screening_give_the_model_the_same_inputs(tmp_path, model):
     """The inputs train() and evaluate() stack for a participant are, bit for bit, those
     analyse() gives the model for the same scan."""
+    from fmmtc_core.preprocess import prepare
     from fmmtc_core.screening import analyse
-    from fmmtc_core.training import _stack_inputs
+    from fmmtc_core.training import _encoder_features, _stack_inputs
 
     cohort = read_cohort(write_cohort(tmp_path / "c", 2, seed=3, fmt="timeseries",
                                       config=SimulationConfig(n_volumes=260)),
                          require_labels=False)
     signals = prepare_cohort(cohort, model.atlas)
-    windows, fc, amplitude = _stack_inputs(signals, model.window)
+    if model.whole_scan:  # train()'s encoder path: whole scans through the frozen encoder
+        feats, _, _ = _encoder_features(model.encoder, signals, gram=False, cohort_name="c",
+                                        progress=None)
+        windows = [prepare(s, model.encoder).window for s in signals]
+        fc, amplitude, embedding = feats["fc"], feats["amplitude"], feats["ts"]
+    else:  # older models: the centred window
+        windows, fc, amplitude = _stack_inputs(signals, model.window)
+        embedding = None
     for i, row in enumerate(cohort.participants.itertuples()):
         # As screen_batch screens a cohort: with its confounds.
         screened = analyse(row.scan, model, confounds=row.confounds, with_explanation=False)
@@ -43,10 +52,15 @@ def test_training_and_screening_give_the_model_the_same_inputs(tmp_path, model):
         np.testing.assert_array_equal(screened.window, windows[i])
         np.testing.assert_array_equal(screened.fc, fc[i])
         np.testing.assert_array_equal(screened.amplitude, amplitude[i])
-        assert screened.window.dtype == windows.dtype == np.float32
+        assert screened.window.dtype == windows[i].dtype == np.float32
+        if embedding is not None:  # the embedding training stored is the one screening uses
+            with torch.no_grad():
+                emb = model.models[0].embed_ts(torch.from_numpy(screened.window)[None])
+            np.testing.assert_allclose(emb[0].numpy(), embedding[i], rtol=1e-5, atol=1e-6)
         assert screened.fold_probabilities == pytest.approx(
-            model.fold_probabilities(model.predict_proba(windows[i:i + 1], fc[i:i + 1])
-                                     ["fold_logits"][:, 0]).tolist())
+            model.fold_probabilities(model.predict_proba(
+                np.asarray(windows[i])[None], fc[i:i + 1], amplitude[i:i + 1])
+                ["fold_logits"][:, 0]).tolist())
 
 
 def test_prepare_crops_centred_or_at_random(tmp_path):

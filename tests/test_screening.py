@@ -106,7 +106,6 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
 def test_stored_series_reproduce_the_prediction(cohort, model, engine):
     from sqlalchemy.orm import Session
 
-    from fmmtc_core.preprocess import prepare
     from fmmtc_core.store.models import Scan
     from fmmtc_core.store.repository import decode_series
 
@@ -117,8 +116,9 @@ def test_stored_series_reproduce_the_prediction(cohort, model, engine):
     assert series.shape == (200, 426)
     signals = r.analysis.signals
     np.testing.assert_array_equal(series, signals.data.astype(np.float32))
-    inputs = prepare(signals, model.window)
-    p = model.predict_proba(inputs.window[None], inputs.fc[None])["probability"][0]
+    inputs = model.inputs(signals)  # as training prepared its inputs
+    p = model.predict_proba(inputs.window[None], inputs.fc[None],
+                            inputs.amplitude[None])["probability"][0]
     assert p == pytest.approx(r.probability, rel=1e-5)
 
 
