@@ -56,22 +56,30 @@ def _vm(key: str) -> float:
     return float("nan")
 
 
-def _inputs(seed: int, responder: bool):
+def _inputs(seed: int, responder: bool, ens):
+    """The model inputs of one simulated participant (the demo's own generator), as
+    screening gives them: ``(window, fc, amplitude)``."""
     from fmmtc_core.atlas import load_atlas
-    from fmmtc_core.preprocess import make_window
+    from fmmtc_core.preprocess import RegionSignals
     from fmmtc_core.simulate import SimulationConfig, simulate_subject
 
     atlas = load_atlas("hcpex")
-    sub = simulate_subject(atlas, responder=responder, config=SimulationConfig(),
+    sub = simulate_subject(atlas, responder=responder, config=SimulationConfig.preset("realistic"),
                            rng=np.random.default_rng(seed))
-    x = sub.signals - sub.signals.mean(0)
-    fc = np.arctanh(np.clip(np.corrcoef(x.T), -0.999999, 0.999999))
-    np.fill_diagonal(fc, 0.0)
-    return make_window(x, 200).astype(np.float32), fc.astype(np.float32)
+    x = (sub.signals - sub.signals.mean(0)).astype(np.float32)
+    r = atlas.n_regions
+    signals = RegionSignals(data=x, tr=sub.tr, atlas=atlas, n_voxels=-np.ones(r, np.int64),
+                            coverage=np.ones(r), cleaned=True)
+    inputs = ens.inputs(signals)
+    return inputs.window, inputs.fc, inputs.amplitude
 
 
 def _large_model(demo):
     """The demo ensemble with a BrainLM-111M-sized encoder (random weights)."""
+    if demo.whole_scan:
+        raise SystemExit("--large swaps in a bare BrainLM encoder on the centred window; the "
+                         "demo model embeds whole scans through the encoder registry. Use "
+                         "bench/bench_foundation.py for the large encoders' cost.")
     import copy
 
     from fmmtc_core.models.fmmtc import FMMTC, FMMTCConfig
@@ -85,6 +93,8 @@ def _large_model(demo):
         cfg = FMMTCConfig(**{**m.config.to_dict(), "foundation_config": big.to_dict()})
         new = FMMTC(cfg, encoder).eval()
         new.fc_encoder.load_state_dict(m.fc_encoder.state_dict())
+        if m.amplitude_readout is not None:
+            new.amplitude_readout.load_state_dict(m.amplitude_readout.state_dict())
         models.append(new)
     large.models = models
     return large
@@ -101,14 +111,18 @@ def worker(spec: dict) -> dict:
     ens = load_model(spec["model"])
     if spec.get("large"):
         ens = _large_model(ens)
-    w, fc = _inputs(spec["seed"], spec["responder"])
+    w, fc, amp = _inputs(spec["seed"], spec["responder"], ens)
     dev = ens.device
+    use_amp = ens.uses_amplitude
     x = (torch.from_numpy(w)[None].to(dev), torch.from_numpy(fc)[None].to(dev))
     b = (torch.zeros_like(x[0]), ens.cohort_mean_fc[None].to(dev))
-    shared = _ensemble_logit_fn(ens, True, True)
+    if use_amp:
+        x += (torch.from_numpy(amp)[None].to(dev),)
+        b += (torch.stack([m.amplitude_readout.center for m in ens.models]).mean(0)[None],)
+    shared = _ensemble_logit_fn(ens, True, True, None, use_amp)
 
-    def naive(window, c):
-        return torch.stack([m(window, c, ens.xyz) for m in ens.models]).mean(0)
+    def naive(window, c, a=None):
+        return torch.stack([m(window, c, ens.xyz, a) for m in ens.models]).mean(0)
 
     with torch.no_grad():
         d_f = float(shared(*x) - shared(*b))
@@ -117,7 +131,8 @@ def worker(spec: dict) -> dict:
                                           internal_batch_size=auto_batch_size(ens))
     t0 = time.perf_counter()
     if spec["method"] in ("ours", "ours_tight"):
-        e = explain(ens, w, fc, rel_tol=TIGHT if spec["method"] == "ours_tight" else 0.01)
+        e = explain(ens, w, fc, rel_tol=TIGHT if spec["method"] == "ours_tight" else 0.01,
+                    amplitude=amp)
         steps, gap = e.steps, e.ig_gap
     else:
         f = naive if spec["method"] == "captum_default" else shared

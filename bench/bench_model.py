@@ -60,8 +60,12 @@ def main() -> None:
         one_f = np.tanh(rng.standard_normal((1, r, r))).astype(np.float32)
         many_w = rng.standard_normal((args.batch, r, t)).astype(np.float32)
         many_f = np.tanh(rng.standard_normal((args.batch, r, r))).astype(np.float32)
-        lat = _time(lambda: ens.predict_proba(one_w, one_f), args.repeat)
-        per_batch = _time(lambda: ens.predict_proba(many_w, many_f), max(2, args.repeat // 2))
+        one_a = rng.standard_normal((1, r)).astype(np.float32) if ens.uses_amplitude else None
+        many_a = (rng.standard_normal((args.batch, r)).astype(np.float32)
+                  if ens.uses_amplitude else None)
+        lat = _time(lambda: ens.predict_proba(one_w, one_f, one_a), args.repeat)
+        per_batch = _time(lambda: ens.predict_proba(many_w, many_f, many_a),
+                          max(2, args.repeat // 2))
         n_params = sum(p.numel() for m in ens.models[:1] for p in m.parameters())
         rows.append((name, len(ens.models), n_params, lat, args.batch / per_batch))
 

@@ -71,11 +71,11 @@ def main() -> None:
         t["clean"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         inputs = model.inputs(sig)  # the one screening path (window or whole-scan windows)
-        w, fc = inputs.window, inputs.fc
-        model.predict_proba(w[None], fc[None])
+        w, fc, amp = inputs.window, inputs.fc, inputs.amplitude
+        model.predict_proba(w[None], fc[None], None if amp is None else amp[None])
         t["predict"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        e = explain(model, w, fc, atlas=atlas)
+        e = explain(model, w, fc, atlas=atlas, amplitude=amp)
         t["explain"] = time.perf_counter() - t0
         regions, connections = attribution_rows(*explanation_scores(e))
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ SLOW = (
     "test_cli.py::test_pretrain_train_evaluate_commands",
     "test_cli.py::test_explain_*",  # explanations of the session's simulated scans
     "test_explain.py::test_modality_share_follows_the_modality_that_carries_the_effect",
-    "test_explain.py::test_demo_model_ranks_the_planted_connectivity_regions_first",
+    "test_explain.py::test_demo_model_ranks_the_planted_regions_first",
     "test_screening.py::test_racing_writers_*",
     "test_screening.py::test_*_processes_*",
     "test_screening.py::test_batch_*",

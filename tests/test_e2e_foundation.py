@@ -144,7 +144,8 @@ def test_screen_stores_the_screening_of_an_a424_scan(setup, trained, tmp_path, c
     inputs = ens.inputs(signals)
     # 150 volumes at TR 2 s -> 408 samples at 0.735 s -> 2 windows, volumes 0..146
     assert inputs.window.shape == (2, 3, 424, 200) and inputs.plan.span == (0, 147)
-    p = ens.predict_proba(inputs.window[None], inputs.fc[None])["probability"][0]
+    p = ens.predict_proba(inputs.window[None], inputs.fc[None],
+                          inputs.amplitude[None])["probability"][0]
     assert p == pytest.approx(result["probability"], rel=1e-5)
 
 
@@ -164,9 +165,12 @@ def test_explanation_maps_window_attributions_to_regions(setup, trained, monkeyp
                                                             1e-4)
     # An encoder too large for IG on this device: the time series is held at the scan.
     monkeypatch.setitem(explain_mod.TS_IG_MAX_PARAMETERS, "cpu", 10)
-    held = explain_mod.explain(ens, a.window, a.fc, steps=(8, 16))
+    held = explain_mod.explain(ens, a.window, a.fc, steps=(8, 16), amplitude=a.amplitude)
     assert held.ts is None and held.baseline["ts"] == "held at the scan (not attributed)"
-    assert "above" in held.settings["ts_note"] and held.modality_share["ts"] == 0
+    # what remains of the time-series modality is the regional amplitude (small preset)
+    amp = np.abs(held.amplitude).sum() if held.amplitude is not None else 0.0
+    assert "above" in held.settings["ts_note"] and held.modality_share["ts"] == pytest.approx(
+        amp / (amp + np.abs(held.fc).sum()))
     assert held.logit == pytest.approx(e.logit, rel=1e-5)
     assert abs(held.region_total.sum() - (held.logit - held.baseline_logit)) <= max(
         0.01 * abs(held.logit - held.baseline_logit), 1e-4)

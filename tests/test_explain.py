@@ -269,31 +269,36 @@ def _subject_inputs(atlas, config, rng, responder=True, window=200):
     return make_window(x, window).astype(np.float32), fc.astype(np.float32)
 
 
-def test_demo_model_ranks_the_planted_connectivity_regions_first():
-    """Precision at k (k = 8 planted connectivity regions of 426 HCPEx regions; chance 1.9 %).
-
-    The bundled demo model was trained on the default simulation; new responders (seeds it
-    never saw) are explained and the planted regions must lead the ranking. We reach 1.00 on
-    average (README, "Explanations"); the test asks for 0.75, 40x chance.
+def test_demo_model_ranks_the_planted_regions_first(tmp_path):
+    """The planted regions (6 connectivity + 6 time-series of 426 HCPEx regions) among the top
+    20 regions by attribution, for new participants of the demo's generator (a seed it never
+    saw). Chance: 20 / 426 = 4.7 % of the planted set. Responders reach 0.71 on average on
+    these eight (README, "Explanations"); the test asks 0.4 of them and 4x chance of everyone.
     """
+    from fmmtc_core.baselines import read_planted
+    from fmmtc_core.bids import read_cohort
     from fmmtc_core.models.ensemble import load_model
+    from fmmtc_core.pipeline import prepare_cohort
+    from fmmtc_core.simulate import write_cohort
 
     ens = load_model()
     atlas = load_atlas("hcpex")
-    config = SimulationConfig()
-    planted = set(planted_regions(atlas, config)["fc_index"])
-    k = len(planted)
-    rng = np.random.default_rng(2024)
-    precisions = []
-    for _ in range(3):
-        w, fc = _subject_inputs(atlas, config, rng)
-        e = explain(ens, w, fc, atlas=atlas)
+    cohort_dir = write_cohort(tmp_path / "new", 8, seed=2024, fmt="timeseries",
+                              config=SimulationConfig.preset("realistic"))
+    cohort = read_cohort(cohort_dir)
+    planted = read_planted(cohort_dir, atlas)
+    truth = set(planted["fc_index"]) | set(planted["ts_index"])
+    chance = 20 / atlas.n_regions
+    recall = {0: [], 1: []}
+    for signals, responder in zip(prepare_cohort(cohort, atlas),
+                                  cohort.participants["responder"]):
+        inputs = ens.inputs(signals)
+        e = explain(ens, inputs.window, inputs.fc, amplitude=inputs.amplitude, atlas=atlas)
         assert e.ig_gap <= 0.01 or e.steps == 64
-        top = np.argsort(-np.abs(e.region_total))[:k]
-        precisions.append(len(planted & set(top.tolist())) / k)
-        assert e.modality_share["fc"] > 0.5  # the effect the model learnt is in connectivity
-    chance = k / atlas.n_regions
-    assert np.mean(precisions) >= 0.75, (precisions, chance)
+        top = np.argsort(-np.abs(e.region_total))[:20]
+        recall[int(responder)].append(len(truth & set(top.tolist())) / len(truth))
+    assert recall[1] and np.mean(recall[1]) >= 0.4, (recall, chance)
+    assert min(recall[0] + recall[1]) >= 4 * chance, (recall, chance)
 
 
 def test_modality_share_follows_the_modality_that_carries_the_effect(tmp_path_factory):
