@@ -146,6 +146,27 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
             cells.append("-" if not len(v) else f"{v.mean():.3f}" if len(v) == 1
                          else f"{v.mean():.3f} +- {v.std(ddof=1):.3f}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "Verdict (mean AUC over cohorts; classic baselines: cpm, nbs, edges, "
+              "amplitude; the oracle is not a model):", ""]
+    classic = ("cpm", "nbs", "edges", "amplitude")
+    for p in presets:
+        mean = df[df.preset == p].groupby("model")["auc"].mean()
+        best = max(classic, key=lambda m: mean.get(m, -1.0))
+        for name, _ in FMMTC_VARIANTS:
+            if name in mean:
+                diff = mean[name] - mean[best]
+                lines.append(f"- `{p}`: {name} {mean[name]:.3f}, {abs(diff):.3f} "
+                             f"{'above' if diff >= 0 else 'below'} the best classic baseline "
+                             f"({best}, {mean[best]:.3f}).")
+    if "planted_in_top20" in df:
+        for p in presets:
+            v = df[(df.preset == p)]["planted_in_top20"].dropna()
+            if len(v):
+                lines.append(
+                    f"- `{p}`: planted regions among the top 20 Integrated-Gradients regions of "
+                    f"held-out responders ({FMMTC_VARIANTS[0][0]}, each explained by the fold "
+                    f"model that did not see them): {v.mean():.2f} of the planted set "
+                    f"(per cohort {', '.join(f'{x:.2f}' for x in v)}; chance 20 / 426 = 0.05).")
     lines += ["", "Per cohort:", "", "| " + " | ".join(df.columns) + " |",
               "|" + "---|" * len(df.columns)]
     for _, r in df.iterrows():
