@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fmmtc_core.models.fc_encoder import contrast_t
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
@@ -106,15 +108,10 @@ class AmplitudeReadout(nn.Module):
         center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
         spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
         z = ((a - center) / spread).detach().cpu().double().numpy()
-        yn = np.asarray(y).astype(int)
-        pos, neg = z[yn == 1], z[yn == 0]
-        if len(pos) < 2 or len(neg) < 2:
+        contrast = contrast_t(z, y)
+        if contrast is None:
             return []
-        dof = len(pos) + len(neg) - 2
-        pooled = ((len(pos) - 1) * pos.var(0, ddof=1) + (len(neg) - 1) * neg.var(0, ddof=1)) / dof
-        se = np.sqrt(pooled * (1 / len(pos) + 1 / len(neg)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(se > 0, (pos.mean(0) - neg.mean(0)) / se, 0.0)
+        t, dof = contrast
         crit = float(t_dist.ppf(1 - p_threshold / 2, dof))
         sizes = []
         rules = ((0.0, "any"), (1.0, "up"), (-1.0, "down"))

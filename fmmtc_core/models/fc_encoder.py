@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    import numpy as np
     from numpy.typing import ArrayLike
 
 __all__ = ["BrainNetCNN", "ResNetGramEncoder", "NetworkEncoder", "gram_matrix",
-           "build_fc_encoder", "FC_ENCODERS"]
+           "build_fc_encoder", "FC_ENCODERS", "contrast_t"]
 
 
 def gram_matrix(window: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,40 @@ def gram_matrix(window: torch.Tensor) -> torch.Tensor:
         The Gram matrix divided by the window length T.
     """
     return window @ window.transpose(-1, -2) / window.shape[-1]
+
+
+def contrast_t(x: np.ndarray, y: ArrayLike) -> tuple[np.ndarray, int] | None:
+    """Column-wise two-sample t statistics, responders (1) minus the others (0).
+
+    Pooled variance; a column constant in both groups gets t = 0. The sparse read-outs'
+    starting point (:meth:`NetworkEncoder.init_from_contrast`,
+    :meth:`~fmmtc_core.models.amplitude.AmplitudeReadout.init_from_contrast`).
+
+    Parameters
+    ----------
+    x : ndarray (N, F)
+        One row per participant.
+    y : array-like (N,)
+        Labels, 1 or 0.
+
+    Returns
+    -------
+    (ndarray (F,), int) or None
+        The t statistics and their degrees of freedom; None when either group has fewer than
+        2 participants.
+    """
+    import numpy as np
+
+    yn = np.asarray(y).astype(int)
+    a, b = x[yn == 1], x[yn == 0]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    dof = len(a) + len(b) - 2
+    pooled = ((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / dof
+    se = np.sqrt(pooled * (1 / len(a) + 1 / len(b)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, (a.mean(0) - b.mean(0)) / se, 0.0)
+    return t, int(dof)
 
 
 def _row_filter(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -282,18 +317,12 @@ class NetworkEncoder(nn.Module):
         from scipy.stats import t as t_dist
 
         zn = z.detach().cpu().double().numpy()
-        yn = np.asarray(y).astype(int)
         r = zn.shape[1]
         iu = np.triu_indices(r, 1)
-        e = zn[:, iu[0], iu[1]]
-        a, b = e[yn == 1], e[yn == 0]
-        if len(a) < 2 or len(b) < 2:
+        contrast = contrast_t(zn[:, iu[0], iu[1]], y)
+        if contrast is None:
             return []
-        dof = len(a) + len(b) - 2
-        pooled = ((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / dof
-        se = np.sqrt(pooled * (1 / len(a) + 1 / len(b)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(se > 0, (a.mean(0) - b.mean(0)) / se, 0.0)
+        t, dof = contrast
         crit = float(t_dist.ppf(1 - p_threshold / 2, dof))
         found: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         # networks of one sign each (a mixed component of |t| tested worse on `realistic`)
