@@ -184,7 +184,8 @@ def test_explain_json(hcpex_scans, capsys, kind):
     scores = [abs(r["score"]) for r in d["regions"]]
     assert scores == sorted(scores, reverse=True)
     assert d["modality_share"]["ts"] + d["modality_share"]["fc"] == pytest.approx(1.0)
-    assert d["baseline"] == {"ts": "flat", "fc": "cohort_mean"}
+    # the demo model reads the regional amplitude too: attributed against the cohort's mean
+    assert d["baseline"] == {"ts": "flat", "fc": "cohort_mean", "amplitude": "cohort_mean"}
     assert d["steps"] in (8, 16, 32, 64) and d["ig_gap"] <= 0.01 or d["steps"] == 64
     assert len(d["top_connections"]) == 20 and 0 <= d["probability"] <= 1
     assert d["band"][0] <= d["probability"] <= d["band"][1]
