@@ -304,8 +304,8 @@ def test_a_non_finite_model_output_names_the_model_and_stores_nothing(monkeypatc
                                                                       model, engine):
     real = model.predict_proba
 
-    def broken(window, fc):  # what a NaN calibration or NaN weights give
-        out = real(window, fc)
+    def broken(window, fc, amplitude=None):  # what a NaN calibration or NaN weights give
+        out = real(window, fc, amplitude)
         return {**out, "probability": out["probability"] * np.nan}
 
     monkeypatch.setattr(model, "predict_proba", broken)
