@@ -114,8 +114,7 @@ class AmplitudeReadout(nn.Module):
         t, dof = contrast
         crit = float(t_dist.ppf(1 - p_threshold / 2, dof))
         sizes = []
-        rules = ((0.0, "any"), (1.0, "up"), (-1.0, "down"))
-        for k, (_, rule) in zip(range(self.u.shape[0]), rules):
+        for k, rule in zip(range(self.u.shape[0]), ("any", "up", "down")):
             if rule == "any":
                 chosen = np.flatnonzero(np.abs(t) > crit)
                 if chosen.size == 0:
