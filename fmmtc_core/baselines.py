@@ -40,10 +40,8 @@ the AUC difference on the same subjects.
 Features come from cleaned :class:`~fmmtc_core.preprocess.RegionSignals`, the signals
 :func:`~fmmtc_core.pipeline.prepare_cohort` gives training, and the connectivity is
 :func:`fmmtc_core.preprocess.prepare`'s (Pearson, Fisher z) over the whole cleaned series: the
-connectivity of FMM-TC's centred-window path. (On its whole-scan encoder path FMM-TC computes
-the same connectivity over the span its encoder's windows cover, e.g. the first 200 of 300
-volumes for the demo encoder; the baselines do not depend on an encoder and keep every
-volume.) This module does not import torch until FMM-TC or the fold helper of
+connectivity FMM-TC reads (models trained with 0.1.0's whole-scan path read it over the span
+their encoder's windows cover instead). This module does not import torch until FMM-TC or the fold helper of
 :mod:`fmmtc_core.training` is needed.
 """
 

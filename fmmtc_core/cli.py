@@ -367,6 +367,8 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
         print(f"label-permutation p-value: {perm['p_value']:.3f} "
               f"({perm['n_permutations']} permutations; null AUC {perm['null_mean']:.3f} "
               f"+- {perm['null_sd']:.3f})")
+    if "foundation_embedding" in metrics:
+        print(f"foundation encoder: {metrics['foundation_embedding']['note']}")
     for text in metrics.get("warnings", []):  # loud, on stderr too: a collapsed model
         print(f"WARNING: {text}", file=sys.stderr)
 

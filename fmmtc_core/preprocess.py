@@ -702,6 +702,12 @@ def make_window(
     return np.ascontiguousarray(x.T, dtype=np.float32)
 
 
+#: The card's ``preprocessing.connectivity.span`` of models whose connectivity and amplitude
+#: come from the whole cleaned series (``prepare(..., fc_span="scan")``); 0.1.0's whole-scan
+#: cards say :data:`FC_SPAN_WINDOWS`.
+FC_SPAN_SCAN = "the whole cleaned series"
+FC_SPAN_WINDOWS = "the samples the windows cover"
+
 # The arguments prepare() passes on; preprocessing_card() records the same values.
 _WINDOW_ARGS: dict[str, Any] = {"target_tr": None, "scale": True}
 _FC_ARGS: dict[str, Any] = {"kind": "correlation", "shrinkage": False, "fisher": True}
@@ -779,6 +785,7 @@ def prepare(
     *,
     rng: np.random.Generator | None = None,
     with_fc: bool = True,
+    fc_span: str = "scan",
 ) -> ModelInputs:
     """The model's inputs for cleaned region signals: the one path from signals to a model.
 
@@ -794,14 +801,20 @@ def prepare(
         encoder trained from scratch, pretraining): one window of ``length`` samples at the
         scan's own sampling. A :class:`~fmmtc_core.models.encoder_base.FoundationEncoder`: the
         whole-scan path: the encoder's own preprocessing (resampling to its TR, its
-        normalisation, every non-overlapping window, its region order) and the connectivity
-        of the span the windows cover.
+        normalisation, every non-overlapping window, its region order).
     rng : numpy.random.Generator or None, default=None
         Centred-window path only: crop the window at a random position drawn from ``rng``
         (pretraining's augmentation); None crops it centred. A series no longer than
         ``length`` is never cropped (and draws nothing from ``rng``).
     with_fc : bool, default=True
         Compute the connectivity (pretraining needs only windows).
+    fc_span : {"scan", "windows"}, default="scan"
+        Encoder path: the samples the connectivity and the amplitude are computed from:
+        ``"scan"`` the whole cleaned series (the design's C modality; models trained since
+        0.1.1), ``"windows"`` only the span the encoder's windows cover (models trained with
+        0.1.0's whole-scan path, whose cards say so). The windows cover a whole number of
+        window lengths, so ``"windows"`` drops up to a window's worth of samples (29 % of a
+        280-volume scan for a 200-sample window), which makes the connectivity noisier.
 
     Returns
     -------
@@ -809,8 +822,9 @@ def prepare(
         Centred-window path: ``window`` from :func:`make_window` at the scan's own sampling,
         ``fc`` the Pearson correlation of the whole cleaned series, Fisher z
         (:func:`fmmtc_core.connectivity.connectivity`). Encoder path: ``window`` the encoder's
-        windows, ``fc`` the same Fisher-z Pearson connectivity over
-        ``signals.data[plan.span[0]:plan.span[1]]``, ``plan`` the encoder's
+        windows, ``fc`` the same Fisher-z Pearson connectivity over the whole series (or
+        over ``signals.data[plan.span[0]:plan.span[1]]``, see ``fc_span``), ``plan`` the
+        encoder's
         :class:`~fmmtc_core.models.encoder_base.WindowPlan`. ``amplitude`` is
         :func:`relative_amplitude` of the samples ``fc`` is computed from (both None
         without ``with_fc``).
@@ -820,7 +834,7 @@ def prepare(
     InvalidInputError
         Encoder path: the scan's atlas is not the encoder's (another region count or label
         order; :meth:`~fmmtc_core.models.encoder_base.FoundationEncoder.check_atlas`), an
-        ``rng``, or statistics the encoder needs and does not have.
+        ``rng``, statistics the encoder needs and does not have, or an unknown ``fc_span``.
     """
     if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
         start: int | str = "center"
@@ -836,12 +850,14 @@ def prepare(
         raise InvalidInputError(
             "Random crops (rng) belong to the centred-window path (pretraining); an encoder "
             "embeds every window of the scan.")
+    if fc_span not in ("scan", "windows"):
+        raise InvalidInputError(f"fc_span must be 'scan' or 'windows', not {fc_span!r}.")
     encoder.check_atlas(signals.atlas)
     plan = encoder.plan(signals.n_volumes, signals.tr)
     windows = encoder.windows(signals.data, signals.tr).numpy()
     fc = amplitude = None
     if with_fc:
-        start_, stop = plan.span
+        start_, stop = plan.span if fc_span == "windows" else (0, signals.n_volumes)
         fc = connectivity(signals.data[start_:stop], **_FC_ARGS)
         amplitude = relative_amplitude(signals.data[start_:stop])
     return ModelInputs(window=windows, fc=fc, plan=plan, amplitude=amplitude)
@@ -930,5 +946,5 @@ def preprocessing_card(cleaning: CleaningSettings, length: int | FoundationEncod
             "precision": encoder.precision,
             "scaling": scaling,
         },
-        "connectivity": {**_FC_ARGS, "span": "the samples the windows cover"},
+        "connectivity": {**_FC_ARGS, "span": FC_SPAN_SCAN},
     }

@@ -90,7 +90,7 @@ def test_train_writes_a_whole_scan_model_with_its_encoder_files(setup, trained):
         enc_card["sources"])
     assert enc_card["scaling"]["fitted_on"].startswith("this training cohort")
     assert enc_card["scaling"]["n_scans"] == N_SUBJECTS
-    assert card["preprocessing"]["connectivity"]["span"] == "the samples the windows cover"
+    assert card["preprocessing"]["connectivity"]["span"] == "the whole cleaned series"
     assert card["model"]["encoder_entry"] == "vitmae-111m"
     assert card["model"]["encoder_hash"] == enc_card["preprocessing_hash"]
     emb = card["training"]["embeddings"]

@@ -1,8 +1,8 @@
 """The whole-scan representation (issue 13, item 3): one path from cleaned signals to the
 model's inputs through a foundation encoder, the same in training, screening and explanation.
 
-``prepare(signals, encoder)``: every window of the scan and the connectivity of the span they
-cover; the scan embedding training caches equals the one screening computes; the windows' Gram
+``prepare(signals, encoder)``: every window of the scan and the connectivity of the whole series
+(of the windows' span for 0.1.0's cards); the scan embedding training caches equals the one screening computes; the windows' Gram
 matrix; clear refusals of an atlas that is not the encoder's.
 """
 
@@ -23,8 +23,10 @@ from fmmtc_core.models.registry import load_encoder
 from fmmtc_core.preprocess import (
     CleaningSettings,
     RegionSignals,
+    FC_SPAN_WINDOWS,
     prepare,
     preprocessing_card,
+    relative_amplitude,
     windows_gram,
 )
 
@@ -70,7 +72,7 @@ def a424(tmp_path_factory):
     return root, atlas, enc
 
 
-def test_prepare_gives_every_window_and_the_connectivity_of_their_span(a424):
+def test_prepare_gives_every_window_and_the_connectivity_of_the_whole_series(a424):
     _, atlas, enc = a424
     signals = signals_of(atlas, n=300, tr=2.0)
     inputs = prepare(signals, enc)
@@ -80,8 +82,16 @@ def test_prepare_gives_every_window_and_the_connectivity_of_their_span(a424):
     assert (plan.n_resampled, plan.n_windows, plan.span) == (816, 4, (0, 294))
     assert inputs.window.shape == (4, 3, 424, 200) and inputs.window.dtype == np.float32
     np.testing.assert_array_equal(inputs.window, enc.windows(signals.data, 2.0).numpy())
-    np.testing.assert_array_equal(inputs.fc, connectivity(signals.data[:294]))
-    assert not np.allclose(inputs.fc, connectivity(signals.data))  # not the whole series
+    np.testing.assert_array_equal(inputs.fc, connectivity(signals.data))
+    np.testing.assert_array_equal(inputs.amplitude, relative_amplitude(signals.data))
+    # 0.1.0's whole-scan models read the span the windows cover
+    old = prepare(signals, enc, fc_span="windows")
+    np.testing.assert_array_equal(old.fc, connectivity(signals.data[:294]))
+    np.testing.assert_array_equal(old.amplitude, relative_amplitude(signals.data[:294]))
+    assert not np.allclose(old.fc, inputs.fc)
+    np.testing.assert_array_equal(old.window, inputs.window)
+    with pytest.raises(InvalidInputError, match="fc_span must be 'scan' or 'windows', not 'x'"):
+        prepare(signals, enc, fc_span="x")
     assert prepare(signals, enc, with_fc=False).fc is None
     with pytest.raises(InvalidInputError, match="Random crops .* centred-window path"):
         prepare(signals, enc, rng=np.random.default_rng(0))
@@ -92,7 +102,28 @@ def test_project_encoders_cover_their_windows_at_native_sampling():
     signals = signals_of(load_atlas("hcpex"), n=450, tr=2.0)
     inputs = prepare(signals, enc)
     assert inputs.plan.span == (0, 400) and inputs.window.shape == (2, 426, 200)
-    np.testing.assert_array_equal(inputs.fc, connectivity(signals.data[:400]))
+    np.testing.assert_array_equal(inputs.fc, connectivity(signals.data))
+
+
+def test_a_model_reads_the_connectivity_span_its_card_records():
+    """Cards written by 0.1.0's whole-scan path computed the connectivity (and amplitude) of
+    the windows' span; a model keeps reading its inputs as it was trained on them."""
+    import copy
+
+    from fmmtc_core.models.ensemble import load_model
+
+    model = load_model(DEMO_MODEL_DIR)
+    signals = signals_of(load_atlas("hcpex"), n=450, tr=2.0)
+    new = copy.deepcopy(model.card)
+    new["preprocessing"]["connectivity"]["span"] = "the whole cleaned series"
+    old = copy.deepcopy(model.card)
+    old["preprocessing"]["connectivity"]["span"] = FC_SPAN_WINDOWS
+    model.card = new
+    assert model.fc_span == "scan"
+    np.testing.assert_array_equal(model.inputs(signals).fc, connectivity(signals.data))
+    model.card = old
+    assert model.fc_span == "windows"
+    np.testing.assert_array_equal(model.inputs(signals).fc, connectivity(signals.data[:400]))
 
 
 def test_training_and_screening_embed_a_scan_alike(a424):
@@ -138,7 +169,7 @@ def test_the_card_records_the_encoder_and_its_preprocessing(a424):
     assert card["encoder"]["preprocessing"] == enc.entry.preprocessing()
     assert set(card["encoder"]["sources"]) >= {"tr", "normalisation", "region_order", "pooling"}
     assert card["window"]["crop"] == "every non-overlapping window (whole scan)"
-    assert card["connectivity"]["span"] == "the samples the windows cover"
+    assert card["connectivity"]["span"] == "the whole cleaned series"
     assert preprocessing_card(CleaningSettings(), 200)["window"]["crop"] == "centred"
 
 

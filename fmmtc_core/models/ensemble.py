@@ -212,8 +212,9 @@ class FMMTCEnsemble:
         """The model's inputs for one scan's cleaned signals, as it was trained on them.
 
         :func:`fmmtc_core.preprocess.prepare` with the encoder (whole-scan models: every window,
-        connectivity of the span they cover) or with the window length (older models: the
-        centred window, connectivity of the whole series).
+        connectivity of the whole series, or of the span the windows cover for 0.1.0's
+        cards: :attr:`fc_span`) or with the window length (older models: the centred window,
+        connectivity of the whole series).
 
         Parameters
         ----------
@@ -226,8 +227,18 @@ class FMMTCEnsemble:
             ``window`` is what :meth:`predict_proba` and :func:`fmmtc_core.explain.explain`
             take for this scan (add a leading batch axis for :meth:`predict_proba`).
         """
-        return prepare(signals, self.encoder if self.whole_scan and self.encoder is not None
-                       else self.window)
+        if self.whole_scan and self.encoder is not None:
+            return prepare(signals, self.encoder, fc_span=self.fc_span)
+        return prepare(signals, self.window)
+
+    @property
+    def fc_span(self) -> str:
+        """Whole-scan models: ``"scan"`` when the card's connectivity comes from the whole
+        cleaned series, ``"windows"`` for 0.1.0's cards (the span the windows cover)."""
+        from fmmtc_core.preprocess import FC_SPAN_WINDOWS
+
+        span = self.card.get("preprocessing", {}).get("connectivity", {}).get("span")
+        return "windows" if span == FC_SPAN_WINDOWS else "scan"
 
     @property
     def name(self) -> str:
