@@ -283,6 +283,26 @@ def test_stacked_small_preset_learns_a_sparse_amplitude_effect():
     assert 0.25 < roc_auc_score(noise, run["oof"]) < 0.75
 
 
+def test_stacked_head_keeps_the_embedding_probe_only_when_it_helps():
+    """The probe column stays when it carries the outcome, and is dropped (weight 0) when it
+    is noise beside an informative read-out."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from fmmtc_core.training import _head_with_optional_probe
+
+    rng = np.random.default_rng(0)
+    n = 100
+    y = (np.arange(n) % 2).astype(int)
+    signal = y + rng.normal(0, 0.7, n)
+    cv = StratifiedKFold(5, shuffle=True, random_state=0)
+    noise_probe = np.column_stack([rng.normal(size=n), signal])
+    w, _, _, used = _head_with_optional_probe(noise_probe, y, cv)
+    assert not used and w[0] == 0 and w[1] > 0
+    good_probe = np.column_stack([signal + rng.normal(0, 0.3, n), rng.normal(size=n)])
+    w, _, _, used = _head_with_optional_probe(good_probe, y, cv)
+    assert used and w[0] > 0
+
+
 def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, data):
     from fmmtc_core.bids import read_cohort
     from fmmtc_core.explain import explain
@@ -293,6 +313,12 @@ def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, dat
     train(cohort, out, foundation=found, preset="small", folds=3, atlas="aal3")
     card = json.loads((out / "model_card.json").read_text())
     assert card["model"]["amplitude"] and card["model"]["fit"] == "stacked"
+    fits = card["training"]["fold_fits"]
+    assert len(fits) == 3 and {f["embedding"] for f in fits} <= {"used", "dropped"}
+    kept = sum(f["embedding"] == "used" for f in fits)
+    assert card["training"]["embedding_kept"].startswith(f"{kept} of 3 fold models")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["foundation_embedding"]["kept"] == kept
     ens = load_model(out)
     assert ens.uses_amplitude
     signals = prepare_cohort(read_cohort(cohort), "aal3")[0]
