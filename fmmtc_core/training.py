@@ -639,7 +639,7 @@ def train(
         "atlas": _atlas_card(atlas_obj, coordinates),
         "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
                           if encoder is not None else preprocessing_card(cleaning, length)),
-        "model": config.to_dict(),
+        "model": {"type": "fmmtc", **config.to_dict()},
         "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
                      **fit_card,
                      "threads": threads, "deterministic": threads is not None,
