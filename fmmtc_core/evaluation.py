@@ -335,6 +335,11 @@ def score_out_of_fold(y: np.ndarray, oof_per_repeat: Sequence[np.ndarray],
     Returns
     -------
     OutOfFold
+
+    Raises
+    ------
+    InvalidInputError
+        ``y`` holds one class only (no AUC interval), or the arrays differ in length.
     """
     from sklearn.metrics import roc_auc_score
 

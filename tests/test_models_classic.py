@@ -543,6 +543,11 @@ def test_cli_trains_screens_and_explains_with_a_baseline(cohort, cached, tmp_pat
     assert code == 0, err
     s = json.loads(stdout)
     assert s["method"] == "exact_linear_attribution" and 0 <= s["probability"] <= 1
+    code, stdout, err = _run(["screen", scan, "--confounds", confounds, "--model", out,
+                              "--db", f"sqlite:///{db}", "--json"], capsys)
+    again = json.loads(stdout)  # the stored screening, read back: the method was kept
+    assert code == 0 and again["reused"] and again["method"] == "exact_linear_attribution"
+    assert again["probability"] == pytest.approx(s["probability"])
     code, stdout, err = _run(["evaluate", out, cohort, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["n_subjects"] == 24
 

@@ -55,12 +55,13 @@ import torch
 from fmmtc_core._errors import InvalidInputError, ModelFileError
 from fmmtc_core.models.deployed import CLASSIC_TYPES
 from fmmtc_core.preprocess import ModelInputs, RegionSignals
+from fmmtc_core.summary import EXACT_ATTRIBUTION
 
 __all__ = ["ClassicModel", "LinearFold", "fold_arrays", "load_classic", "write_classic_folder",
            "EXACT_METHOD"]
 
 #: ``Explanation.settings["method"]`` of a classic baseline's explanation.
-EXACT_METHOD = "exact_linear_attribution"
+EXACT_METHOD = EXACT_ATTRIBUTION
 
 #: The arrays of each baseline's fold file (besides ``intercept`` (1,)); ``F`` is the
 #: feature count, ``S`` the number of selected edges (NBS), ``2`` CPM's two strengths.
@@ -278,11 +279,6 @@ class ClassicModel:
     def model_type(self) -> str:
         """The baseline: ``cpm``, ``nbs``, ``edges`` or ``amplitude``."""
         return self.kind
-
-    @property
-    def reads(self) -> str:
-        """``"fc"`` (the connectivity edges: cpm, nbs, edges) or ``"amplitude"``."""
-        return "amplitude" if self.kind == "amplitude" else "fc"
 
     @property
     def n_features(self) -> int:
@@ -640,7 +636,9 @@ def write_classic_folder(out: str | os.PathLike, *, folds: Sequence[dict[str, np
     Raises
     ------
     InvalidInputError
-        ``out`` exists and is not a folder, or it or its parent folder cannot be written.
+        ``out`` exists and is not a folder, or its parent folder cannot be written to.
+    OSError
+        Writing or moving a file failed (e.g. a full disk); ``out`` is left as it was.
     """
     from safetensors.numpy import save_file
 

@@ -69,14 +69,51 @@ class ScreeningModel(Protocol):
         """Identity of the model version: SHA-256 over its card and every weights file."""
 
     def inputs(self, signals: RegionSignals) -> ModelInputs:
-        """The model's inputs for one scan's cleaned signals, computed as in training."""
+        """The model's inputs for one scan's cleaned signals, computed as in training.
+
+        Parameters
+        ----------
+        signals : RegionSignals
+            Cleaned, in the model's atlas.
+
+        Returns
+        -------
+        ModelInputs
+            What :meth:`predict_proba` and :func:`fmmtc_core.explain.explain` take (add a
+            leading batch axis for :meth:`predict_proba`).
+        """
 
     def predict_proba(self, window: Any, fc: np.ndarray | None,
                       amplitude: np.ndarray | None = None) -> dict:
-        """``probability`` (B,), ``band`` (B, 2) and ``fold_logits`` (K, B)."""
+        """Calibrated responder probability and its band.
+
+        Parameters
+        ----------
+        window : ndarray or list of ndarray
+            ``inputs(signals).window``, stacked (B scans).
+        fc : ndarray (B, R, R) or None
+            ``inputs(signals).fc``, stacked.
+        amplitude : ndarray (B, ...) or None, default=None
+            ``inputs(signals).amplitude``, stacked; needed by the models that read it.
+
+        Returns
+        -------
+        dict
+            ``probability`` (B,), ``band`` (B, 2) and ``fold_logits`` (K, B).
+        """
 
     def fold_probabilities(self, fold_logits: np.ndarray) -> np.ndarray:
-        """Calibrated probability of each fold model."""
+        """Calibrated probability of each fold model.
+
+        Parameters
+        ----------
+        fold_logits : ndarray (K,) or (K, B)
+            ``predict_proba(...)["fold_logits"]``.
+
+        Returns
+        -------
+        ndarray of float64, the shape of ``fold_logits``
+        """
 
 
 def model_type(card: dict, where: str = "The model card") -> str:
