@@ -20,7 +20,11 @@ if TYPE_CHECKING:
     from fmmtc_core.store.models import Screening
 
 __all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
-           "attribution_rows"]
+           "attribution_rows", "EXACT_ATTRIBUTION"]
+
+#: ``Explanation.settings["method"]`` of a classic baseline's exact linear attribution (FMM-TC's
+#: is ``"integrated_gradients"``).
+EXACT_ATTRIBUTION = "exact_linear_attribution"
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,12 @@ class ScreeningSummary:
     reused: bool = False
     simulated: bool = False
     attribution_method: str | None = None
+
+    @property
+    def exact_attribution(self) -> bool:
+        """Whether the attributions are exact (a classic baseline, linear in its features)
+        rather than Integrated Gradients."""
+        return self.attribution_method == EXACT_ATTRIBUTION
 
     @property
     def runtime_s(self) -> float:
