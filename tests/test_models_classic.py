@@ -310,6 +310,36 @@ def test_out_of_fold_logits_and_auc_are_those_of_compare(kind, trained, cohort, 
     assert card["metrics_out_of_fold"]["auc"] == pytest.approx(float(table["auc"].iloc[0]))
 
 
+def test_repeats_join_the_ensemble_and_permutations_are_carded(cohort, subjects, labels,
+                                                               tmp_path):
+    out = tmp_path / "cpm"
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("ignore", TrainingWarning)
+        fewer_resamples(mp)
+        metrics = train_baseline(cohort, out, model="cpm", folds=FOLDS, repeats=2,
+                                 permutations=2, atlas="aal3", subjects=subjects,
+                                 inner_folds=INNER)
+    model = load_model(out)
+    assert len(model.models) == 2 * FOLDS  # every fold of every repeat
+    card = json.loads((out / "model_card.json").read_text())
+    assert [(f["repeat"], f["fold"]) for f in card["training"]["per_fold"]] == [
+        (r, k) for r in range(2) for k in range(FOLDS)]
+    assert len(metrics["auc_per_repeat"]) == 2 and metrics["repeats"] == 2
+    assert metrics["permutation"]["n_permutations"] == 2
+    # a participant's out-of-fold logit is the mean over repeats, as compare() runs them
+    table = compare(cohort, folds=FOLDS, repeats=2, models=("cpm",), subjects=subjects,
+                    atlas="aal3", inner_folds=INNER, n_bootstrap=200)
+    preds = table.attrs["predictions"]
+    per_repeat = [preds.loc[preds["repeat"] == r, "logit"].to_numpy() for r in range(2)]
+    oof = pd.read_csv(out / "oof_predictions.tsv", sep="\t")
+    np.testing.assert_allclose(oof["logit"].to_numpy(), np.mean(per_repeat, axis=0),
+                               rtol=1e-12)
+    from sklearn.metrics import roc_auc_score
+
+    assert metrics["auc_per_repeat"] == pytest.approx(
+        [roc_auc_score(labels[0], logit) for logit in per_repeat])
+
+
 @pytest.mark.parametrize("kind", DEPLOYABLE)
 def test_card_says_what_was_trained(kind, trained, labels):
     folder = trained(kind)

@@ -7,7 +7,9 @@ frozen encoder, when the model uses one: the checkpoint's own ``config.json`` an
 and BrainLM's ``A424_Coordinates.dat`` when the encoder needs them) and ``model_card.json``,
 which records the SHA-256 of every one of those files. :func:`write_model_folder` writes it, :func:`load_model` checks every
 file against its card before parsing it and returns an :class:`FMMTCEnsemble`. Nothing is ever
-unpickled.
+unpickled. A card whose ``model.type`` names a classic baseline (``fmmtc train --model cpm``)
+is loaded by :mod:`fmmtc_core.models.classic` under the same rules; both kinds have the
+interface of :class:`~fmmtc_core.models.deployed.ScreeningModel`.
 
 Calibration lives here too: :func:`fit_platt` fits the Platt map on out-of-fold logits at
 training time, :func:`platt` applies it, and the ensemble applies it to its fold logits.
