@@ -510,6 +510,25 @@ def test_a_fold_file_of_another_baseline_is_refused(folder, trained):
         load_model(folder)
 
 
+@pytest.mark.parametrize(("change", "match"), [
+    ({"coef": np.zeros(2)}, r"coef has shape \(2,\) and type float64; expected \(3,\) float64"),
+    ({"selected": np.ones(10)}, r"selected has shape \(10,\) and type float64; expected "
+                                r"\(10,\) bool"),
+    ({"scaler_scale": np.array([1.0, 0.0, 1.0])}, "scaler_scale holds values <= 0"),
+    ({"intercept": np.array([np.nan])}, "intercept holds non-finite values"),
+])
+def test_fold_arrays_that_do_not_fit_are_refused(change, match):
+    from fmmtc_core.models.classic import _check_fold
+
+    selected = np.zeros(10, bool)
+    selected[[1, 4, 7]] = True
+    arrays = {"selected": selected, "scaler_mean": np.zeros(3), "scaler_scale": np.ones(3),
+              "coef": np.ones(3), "intercept": np.zeros(1)}
+    _check_fold("nbs", arrays, 10, "fold_0")  # as written: accepted
+    with pytest.raises(ModelFileError, match=match):
+        _check_fold("nbs", arrays | change, 10, "fold_0")
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda c: c["model"].__setitem__("type", "oracle"), "has the model type 'oracle'; expected "
                                                          "one of 'fmmtc', 'cpm'"),

@@ -221,12 +221,6 @@ def _linear(kind: str, arrays: dict[str, np.ndarray]) -> LinearFold:
     return fold
 
 
-def _share(a_ts, a_fc) -> dict:
-    from fmmtc_core.explain import _share as share
-
-    return share(a_ts, a_fc)
-
-
 @dataclass(eq=False)
 class ClassicModel:
     """A classic baseline's fold models with their calibration; see :func:`load_classic`.
@@ -515,6 +509,7 @@ class ClassicModel:
         from fmmtc_core.explain import (
             Explanation,
             _networks,
+            _share,
             _top_connections,
             region_summaries,
         )
@@ -695,27 +690,26 @@ def _check_fold(kind: str, arrays: dict[str, np.ndarray], n_features: int, where
     expected = {**_FOLD_ARRAYS[kind], "intercept": 1}
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{where} does not hold a {kind} fold model: "
-            + "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
-                                    f"unexpected {', '.join(unexpected)}" if unexpected else "")
-                        if p) + f". Expected {', '.join(sorted(expected))}.")
-    n_selected = int(arrays["selected"].sum()) if kind == "nbs" and arrays[
-        "selected"].dtype == np.bool_ else None
-    for name, size in expected.items():
-        want = {"F": n_features, "S": n_selected}.get(size, size) if isinstance(size, str) \
-            else size
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected)}")
+    if problems:
+        raise ModelFileError(f"{where} does not hold a {kind} fold model: "
+                             f"{'; '.join(problems)}. Expected {', '.join(sorted(expected))}.")
+    sizes: dict[str, int] = {"F": n_features}
+    for name, size in expected.items():  # NBS's "selected" comes first: it sets "S"
         a = arrays[name]
-        is_mask = name in _MASKS
-        ok_dtype = a.dtype == np.bool_ if is_mask else a.dtype == np.float64
-        if a.ndim != 1 or (want is not None and a.shape[0] != want) or not ok_dtype:
+        mask = name in _MASKS
+        want = sizes[size] if isinstance(size, str) else size
+        if a.ndim != 1 or a.shape[0] != want or a.dtype != (np.bool_ if mask else np.float64):
             raise ModelFileError(
                 f"{where}: {name} has shape {a.shape} and type {a.dtype}; expected ({want},) "
-                f"{'bool' if is_mask else 'float64'} for the card's {n_features} features.")
-        if not is_mask and not np.isfinite(a).all():
+                f"{'bool' if mask else 'float64'} for the card's {n_features} features.")
+        if name == "selected":
+            sizes["S"] = int(a.sum())
+        if not mask and not np.isfinite(a).all():
             raise ModelFileError(f"{where}: {name} holds non-finite values.")
-    if "scaler_scale" in arrays and (arrays["scaler_scale"] <= 0).any():
+    if (arrays["scaler_scale"] <= 0).any():
         raise ModelFileError(f"{where}: scaler_scale holds values <= 0.")
 
 
