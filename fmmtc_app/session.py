@@ -16,7 +16,7 @@ from fmmtc_core._errors import FMMTCError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from fmmtc_core.models.ensemble import FMMTCEnsemble
+    from fmmtc_core.models.deployed import ScreeningModel
     from fmmtc_core.screening import ScreeningResult
 
 __all__ = [
@@ -144,13 +144,14 @@ def active_model_dir() -> Path:
     return models[name]
 
 
-def model() -> FMMTCEnsemble:
+def model() -> ScreeningModel:
     """The active model (cached per folder), for what the pages show about it.
 
     Returns
     -------
-    FMMTCEnsemble
-        :func:`fmmtc_core.models.ensemble.load_model` of :func:`active_model_dir`, loaded in
+    ScreeningModel
+        :func:`fmmtc_core.models.ensemble.load_model` of :func:`active_model_dir` (FMM-TC or
+        a classic baseline), loaded in
         the server process (screenings run in the worker's own copy).
 
     Raises

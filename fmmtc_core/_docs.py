@@ -37,9 +37,10 @@ progress : callable(done_volumes, total_volumes) or None, default=None
 progress : callable(stage, done, total, info) or None, default=None
     Called as each stage advances (stages :data:`fmmtc_core.screening.STAGES`).""",
     "model": """\
-model : FMMTCEnsemble
-    The trained ensemble (:func:`fmmtc_core.models.ensemble.load_model`); its atlas
-    parcellates the scan and its window length crops it.""",
+model : ScreeningModel
+    A loaded model folder (:func:`fmmtc_core.models.ensemble.load_model`): FMM-TC's
+    ensemble or a classic baseline's; its atlas parcellates the scan and its ``inputs``
+    prepare it as the model was trained.""",
     "engine": """\
 engine : sqlalchemy.Engine
     The database (:func:`fmmtc_core.store.open_database` or

@@ -63,7 +63,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.evaluation import cross_fitted_platt, signal_warnings
-from fmmtc_core.preprocess import CleaningSettings, RegionSignals
+from fmmtc_core.preprocess import CleaningSettings, ModelInputs, RegionSignals
 
 __all__ = [
     "BASELINES",
@@ -76,6 +76,7 @@ __all__ = [
     "CPMClassifier",
     "NBSPredictClassifier",
     "amplitude_features",
+    "scan_features",
     "baseline_features",
     "read_planted",
     "make_baseline",
@@ -85,6 +86,8 @@ __all__ = [
     "paired_auc_difference",
     "compare",
     "format_comparison",
+    "DEPLOYABLE",
+    "train_baseline",
 ]
 
 Progress = Callable[[str, int, int, dict], None] | None
@@ -276,6 +279,30 @@ def read_planted(cohort_dir: str | os.PathLike, atlas) -> dict | None:
         ) from None
 
 
+def scan_features(signals: RegionSignals) -> tuple[ModelInputs, np.ndarray]:
+    """The inputs of one scan that the baselines read: the one path for training and screening.
+
+    Parameters
+    ----------
+    signals : RegionSignals
+        Cleaned region signals.
+
+    Returns
+    -------
+    inputs : ModelInputs
+        :func:`fmmtc_core.preprocess.prepare` with a window as long as the series: ``fc`` is the
+        Fisher-z Pearson connectivity of the whole cleaned series (the connectivity of FMM-TC's
+        centred-window path); ``window`` the whole series, robust-scaled (not read by any
+        baseline).
+    amplitude : ndarray (4 R,) float64
+        :func:`amplitude_features` laid end to end: all log SDs, then log ALFFs, fALFFs and
+        lag-1 autocorrelations (NaN for a region without signal).
+    """
+    from fmmtc_core.preprocess import prepare
+
+    return prepare(signals, max(signals.n_volumes, 2)), amplitude_features(signals).reshape(-1)
+
+
 def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = None,
                       progress: Progress = None) -> BaselineFeatures:
     """Connectivity edges, amplitude features and (with ``planted``) oracle features.
@@ -303,8 +330,6 @@ def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = 
     InvalidInputError
         ``subjects`` is empty, or the subjects do not all have the same number of regions.
     """
-    from fmmtc_core.preprocess import prepare
-
     if not subjects:
         raise InvalidInputError("No subjects to compute features of.")
     n_regions = subjects[0].n_regions
@@ -314,12 +339,9 @@ def baseline_features(subjects: Sequence[RegionSignals], planted: dict | None = 
     edges = np.empty((len(subjects), iu[0].size), dtype=np.float32)
     amplitude = np.empty((len(subjects), 4 * n_regions))
     for i, s in enumerate(subjects):
-        # The one path from signals to model inputs (centred-window path, a window as long as
-        # the series): the whole series' connectivity. The window it also returns is not used.
-        fc = prepare(s, max(s.n_volumes, 2)).fc
-        assert fc is not None  # prepare() computes connectivity by default
-        edges[i] = fc[iu]
-        amplitude[i] = amplitude_features(s).reshape(-1)
+        inputs, amplitude[i] = scan_features(s)
+        assert inputs.fc is not None  # prepare() computes connectivity by default
+        edges[i] = inputs.fc[iu]
         if progress:
             progress("features", i + 1, len(subjects), {})
     names = list(subjects[0].atlas.names)
@@ -817,6 +839,9 @@ class CVResult:
         Test fold of each subject.
     chosen : list of dict, default=[]
         Per fold, what :func:`fit_fold` selected.
+    models : list, default=[]
+        Per fold, the fitted estimator (:func:`cross_validate` with ``keep_models=True``;
+        empty otherwise).
     """
 
     model: str
@@ -824,10 +849,11 @@ class CVResult:
     probability: np.ndarray
     fold: np.ndarray
     chosen: list[dict] = field(default_factory=list)
+    models: list = field(default_factory=list)
 
 
 def cross_validate(name: str, features: BaselineFeatures, y: np.ndarray, splits, *,
-                   inner_folds: int = 5, seed: int = 0) -> CVResult:
+                   inner_folds: int = 5, seed: int = 0, keep_models: bool = False) -> CVResult:
     """Out-of-fold logits and cross-fitted probabilities of one baseline on given folds.
 
     Parameters
@@ -840,12 +866,16 @@ def cross_validate(name: str, features: BaselineFeatures, y: np.ndarray, splits,
     inner_folds : int, default=5
     seed : int, default=0
         The inner split of fold k is seeded ``seed * 1000 + k``, as training seeds its folds.
+    keep_models : bool, default=False
+        Keep each fold's fitted estimator in ``models`` (what
+        :func:`train_baseline` deploys).
 
     Returns
     -------
     CVResult
         Logits from each fold's model on its test fold, the cross-fitted Platt probabilities,
-        each subject's fold and per fold what the inner CV chose.
+        each subject's fold, per fold what the inner CV chose and, with ``keep_models``, the
+        fold models.
 
     Raises
     ------
@@ -858,16 +888,18 @@ def cross_validate(name: str, features: BaselineFeatures, y: np.ndarray, splits,
     y = np.asarray(y).astype(int)
     logit = np.zeros(len(y))
     fold = np.full(len(y), -1)
-    chosen = []
+    chosen, models = [], []
     for k, (train_idx, test_idx) in enumerate(splits):
         model, info = fit_fold(name, X, y, np.asarray(train_idx), inner_folds=inner_folds,
                                seed=seed * 1000 + k)
         logit[test_idx] = model.decision_function(X[test_idx])
         fold[test_idx] = k
         chosen.append(info)
+        if keep_models:
+            models.append(model)
     if (fold < 0).any():
         raise InvalidInputError("The folds do not cover every subject.")
-    return CVResult(name, logit, cross_fitted_platt(logit, y, fold), fold, chosen)
+    return CVResult(name, logit, cross_fitted_platt(logit, y, fold), fold, chosen, models)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1256,3 +1288,288 @@ def format_comparison(table: pd.DataFrame) -> str:
     if table.attrs.get("verdict"):
         lines.append(table.attrs["verdict"])
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Deployable baselines: `fmmtc train --model cpm|nbs|edges|amplitude`
+# --------------------------------------------------------------------------------------------
+#: The baselines that can be trained into a model folder (the oracle reads planted truth).
+DEPLOYABLE = ("cpm", "nbs", "edges", "amplitude")
+
+_REFERENCES = {
+    "cpm": "Shen et al. 2017, Nat Protoc 12:506 (binary outcome)",
+    "nbs": "Serin et al. 2021, NeuroImage 244:118625 (NBS-Predict)",
+    "edges": "Dadi et al. 2019, NeuroImage 192:115",
+    "amplitude": "Zou et al. 2008 (fALFF); Murray et al. 2014 (intrinsic timescale)",
+}
+
+
+def _check_deployable(model: str) -> str:
+    """The baseline to train, or a refusal that says why (the oracle) and what is allowed."""
+    if model == "oracle":
+        raise InvalidInputError(
+            "The oracle cannot be trained into a model folder: it reads the planted truth of a "
+            "simulated cohort (simulation.json), which no participant to screen has. It belongs "
+            "in `fmmtc compare`, as the reachable AUC. Deployable models: fmmtc, "
+            + ", ".join(DEPLOYABLE) + ".")
+    return check_option("model", model, DEPLOYABLE)
+
+
+def _features_card(name: str, n_regions: int) -> dict:
+    """The card's ``model.features``: what the baseline reads, and how it is computed."""
+    from fmmtc_core.preprocess import _FC_ARGS
+
+    if name == "amplitude":
+        return {"kind": "region amplitude",
+                "definition": "per region of the cleaned series: log SD, log ALFF (mean "
+                              "spectral amplitude in the band), fALFF (band / all frequencies "
+                              "above 0 up to Nyquist), lag-1 autocorrelation at the scan's own "
+                              "TR (baselines.amplitude_features); laid end to end: all log "
+                              "SDs, then log ALFFs, fALFFs, autocorrelations",
+                "rows": list(_AMPLITUDE_ROWS), "alff_band_hz": list(ALFF_BAND_HZ),
+                "span": "the whole cleaned series (every volume)",
+                "missing": "NaN for a region without signal; each fold model imputes its "
+                           "training fold's median",
+                "n_features": 4 * n_regions}
+    return {"kind": "connectivity edges",
+            "definition": "upper triangle (np.triu_indices(R, 1), row-major) of the Pearson "
+                          "connectivity, Fisher z (preprocess.prepare)",
+            "connectivity": dict(_FC_ARGS), "span": "the whole cleaned series (every volume)",
+            "n_features": n_regions * (n_regions - 1) // 2}
+
+
+def _chosen_card(name: str, model, chosen: dict, n_features: int) -> dict:
+    """One fold model's hyper-parameters for the card, JSON-ready."""
+    out: dict[str, Any] = {}
+    if "p_threshold" in chosen:
+        out["p_threshold"] = float(chosen["p_threshold"])
+    if name == "cpm":
+        out["C"] = float(model.C)
+    elif name == "nbs":
+        out |= {"C": float(model.C), "n_supra": int(model.n_supra_)}
+    else:
+        c = float(chosen["logistic__C"])
+        out |= {"C": c, "c_per_feature": c * n_features}
+    if "n_edges" in chosen:
+        out["n_edges"] = int(chosen["n_edges"])
+    if "inner_auc" in chosen:
+        out["inner_auc"] = float(chosen["inner_auc"])
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any work, a model folder that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} exists and is not a folder; expected a model folder "
+                                "to write.")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"Cannot write the model folder {out}: {probe} is not "
+                                "writable.")
+
+
+def train_baseline(
+    cohort_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model: str,
+    folds: int = 5,
+    seed: int = 0,
+    repeats: int = 1,
+    permutations: int = 0,
+    atlas: str = "hcpex",
+    cleaning: CleaningSettings = CleaningSettings(),
+    inner_folds: int = 5,
+    subjects: list[RegionSignals] | None = None,
+    progress: Progress = None,
+) -> dict:
+    """Train a classic baseline into a model folder that screens like FMM-TC's.
+
+    The protocol is :func:`compare`'s (its folds, nested inner CV and cross-fitted calibration:
+    with the same ``folds``, ``seed`` and ``inner_folds`` the out-of-fold logits are those of
+    its row for ``model``), and the model card holds what
+    :func:`fmmtc_core.training.train` records (out-of-fold metrics with the bootstrap interval
+    of the AUC, the deployed Platt calibration and its bootstrap band, the no-signal warnings;
+    both score through :func:`fmmtc_core.evaluation.score_out_of_fold`). The deployed model
+    is the ensemble of the fold models, as for FMM-TC: its calibration was fitted on exactly
+    those models' out-of-fold logits, which a model refitted on every participant would not
+    share (it would select other edges, on another scale).
+
+    Parameters
+    ----------
+    cohort_dir : path
+        Labelled BIDS-style cohort (:func:`fmmtc_core.bids.read_cohort`).
+    out_dir : path
+        The model folder (:func:`fmmtc_core.models.classic.write_classic_folder`), with
+        ``metrics.json`` and ``oof_predictions.tsv``; written only once everything succeeded.
+    model : {"cpm", "nbs", "edges", "amplitude"}
+        The baseline (:data:`DEPLOYABLE`).
+    folds : int, default=5
+        Outer folds (:func:`fmmtc_core.training._splits`, as FMM-TC's).
+    seed : int, default=0
+        Repeat r uses seed ``seed + r`` for its folds and its inner splits.
+    repeats : int, default=1
+        Repetitions of the cross-validation with other splits; every fold model of every
+        repeat joins the deployed ensemble, and a participant's out-of-fold logit is the mean
+        over repeats.
+    permutations : int, default=0
+        Label permutations for a p-value of the out-of-fold AUC (each re-runs the whole
+        cross-validation).
+    atlas : str, default="hcpex"
+        A bundled atlas, or the path of a label image.
+    cleaning : CleaningSettings, default=CleaningSettings()
+        How the cohort's signals are cleaned; recorded in the card.
+    inner_folds : int, default=5
+        Inner stratified folds of every hyper-parameter search.
+    subjects : list of RegionSignals or None, default=None
+        Already cleaned signals of the cohort, in its order
+        (:func:`~fmmtc_core.pipeline.prepare_cohort` with the same ``atlas`` and ``cleaning``).
+    progress : callable(stage, done, total, info) or None, default=None
+        ``("prepare", i, n, {})`` and ``("features", i, n, {})`` per subject, ``("train", r,
+        repeats, {"auc": ...})`` per repeat, ``("permute", i, n, {})`` per permutation.
+
+    Returns
+    -------
+    dict
+        The out-of-fold metrics, as :func:`fmmtc_core.training.train` returns them
+        (``warnings`` are also issued as :class:`~fmmtc_core.training.TrainingWarning`).
+
+    Raises
+    ------
+    InvalidInputError
+        Before any work: ``model`` is the oracle or not a deployable baseline; ``folds``,
+        ``repeats``, ``permutations`` or ``inner_folds`` out of range; ``out_dir`` is not a
+        writable folder; the cohort cannot be read or split. Later: a scan that cannot be
+        cleaned, or a training fold too small for the inner cross-validation. Nothing is
+        written then.
+    """
+    import platform
+    import time
+
+    from sklearn.metrics import roc_auc_score
+
+    from fmmtc_core import __version__
+    from fmmtc_core.atlas import load_atlas
+    from fmmtc_core.bids import read_cohort
+    from fmmtc_core.evaluation import permutation_p_value, score_out_of_fold
+    from fmmtc_core.pipeline import prepare_cohort
+    from fmmtc_core.preprocess import preprocessing_card
+    from fmmtc_core.training import TrainingWarning, _atlas_card, _splits
+
+    t0 = time.perf_counter()
+    name = _check_deployable(model)
+    for pname, value, least in (("folds", folds, 2), ("repeats", repeats, 1),
+                                ("permutations", permutations, 0),
+                                ("inner_folds", inner_folds, 2)):
+        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                or value < least):
+            raise InvalidInputError(f"{pname} must be a whole number of at least {least}, got "
+                                    f"{value!r}.")
+    out = Path(out_dir)
+    _check_writable(out)
+    atlas_obj = load_atlas(atlas)
+    cohort = read_cohort(cohort_dir)
+    y = cohort.participants["responder"].to_numpy().astype(int)
+    groups = (cohort.participants["site"].astype(str).to_numpy()
+              if "site" in cohort.participants else None)
+    _splits(y, groups, folds, seed)  # refuse a cohort that cannot be split before any work
+    if subjects is None:
+        subjects = prepare_cohort(cohort, atlas_obj, progress, cleaning=cleaning)
+    if len(subjects) != len(y):
+        raise InvalidInputError(f"{len(subjects)} prepared subjects for a cohort of {len(y)}.")
+    feats = baseline_features(subjects, progress=progress)
+    X = feats.matrix(name)
+    n_features = X.shape[1]
+
+    runs, split_how = [], ""
+    for r in range(repeats):
+        splits, split_how = _splits(y, groups, folds, seed + r)
+        runs.append(cross_validate(name, feats, y, splits, inner_folds=inner_folds,
+                                   seed=seed + r, keep_models=True))
+        if progress:
+            progress("train", r + 1, repeats, {"auc": float(roc_auc_score(y, runs[-1].logit))})
+    permutation = None
+    if permutations:
+        def permuted_auc(y_perm: np.ndarray) -> float:
+            perm_splits, _ = _splits(y_perm, groups, folds, seed)
+            res = cross_validate(name, feats, y_perm, perm_splits, inner_folds=inner_folds,
+                                 seed=seed)
+            return float(roc_auc_score(y_perm, res.logit))
+
+        permutation = permutation_p_value(
+            float(roc_auc_score(y, runs[0].logit)), permuted_auc, y, int(permutations),
+            seed=seed,
+            progress=(lambda i, n: progress("permute", i, n, {})) if progress else None)
+    scored = score_out_of_fold(y, [res.logit for res in runs], runs[0].fold, seed=seed,
+                               permutation=permutation)
+    for text in scored.warnings:
+        warnings.warn(text, TrainingWarning, stacklevel=2)
+
+    from fmmtc_core.models.classic import fold_arrays, write_classic_folder
+
+    fold_files = [fold_arrays(name, m, n_features) for res in runs for m in res.models]
+    per_fold = [{"repeat": r, "fold": k, **_chosen_card(name, m, c, n_features)}
+                for r, res in enumerate(runs) for k, (m, c) in enumerate(zip(res.models,
+                                                                            res.chosen))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature missing everywhere
+        feature_mean = np.nan_to_num(np.nanmean(X.astype(np.float64), axis=0))
+    description = Path(cohort_dir) / "dataset_description.json"
+    preprocessing = {k: v for k, v in preprocessing_card(cleaning, 2).items()
+                     if k != "window"}  # the baselines read no window
+    preprocessing["connectivity"] = {**preprocessing["connectivity"],
+                                     "span": "the whole cleaned series"}
+    import sklearn
+
+    card = {
+        "name": out.name,
+        "fmmtc_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "intended_use": "Research only. Not a medical device.",
+        "data": {
+            "cohort": str(Path(cohort_dir).resolve()),
+            "n_subjects": int(len(y)), "n_responders": int(y.sum()),
+            "sites": sorted(set(groups)) if groups is not None else None,
+            "simulated": bool(json.loads(description.read_text()).get("Simulated", False))
+            if description.exists() else False,
+        },
+        "atlas": _atlas_card(atlas_obj, None),
+        "preprocessing": preprocessing,
+        "model": {"type": name, "classic_baseline": True, "description": _NOTES[name],
+                  "reference": _REFERENCES[name], "n_regions": int(feats.n_regions),
+                  "n_features": int(n_features), "features": _features_card(
+                      name, feats.n_regions)},
+        "training": {
+            "folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
+            "inner_folds": inner_folds,
+            "protocol": "fmmtc compare's: the outer folds of fmmtc train (same seed), every "
+                        "selection and hyper-parameter chosen by an inner stratified CV "
+                        "(AUC) on the training fold only",
+            "search": ({"p_threshold": list(P_THRESHOLDS)} if name in ("cpm", "nbs") else
+                       {"c_per_feature": list(C_GRID)}),
+            "per_fold": per_fold,
+        },
+        "calibration": {"method": "platt", "a": scored.a, "b": scored.b,
+                        "fitted_on": "out-of-fold mean of the fold models' logits (all "
+                                     "participants)",
+                        "note": scored.note,
+                        "bootstrap": [[round(float(x), 6) for x in row]
+                                      for row in scored.bootstrap],
+                        "band": "80 % interval of the calibrated probability over "
+                                f"{len(scored.bootstrap)} bootstrap refits of the calibration"},
+        "ensemble": "calibrated mean of the fold models' logits (every fold of every repeat)",
+        "explanation": "exact linear attribution: weight x (feature - the training cohort's "
+                       "mean feature, baseline.safetensors), averaged over the fold models",
+        "metrics_out_of_fold": scored.metrics,
+        "warnings": scored.warnings,
+        "software": {"python": platform.python_version(), "numpy": np.__version__,
+                     "scikit-learn": sklearn.__version__},
+        "runtime_s": round(time.perf_counter() - t0, 1),
+    }
+    oof = pd.DataFrame({"participant_id": cohort.participants["participant_id"],
+                        "responder": y, "fold": runs[0].fold, "logit": scored.logit,
+                        "probability": scored.probability})
+    write_classic_folder(out, folds=fold_files, feature_mean=feature_mean, card=card,
+                         extras={"metrics.json": json.dumps(scored.metrics, indent=2),
+                                 "oof_predictions.tsv": oof.to_csv(sep="\t", index=False)})
+    return scored.metrics

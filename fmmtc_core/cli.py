@@ -374,21 +374,27 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> int:
-    """``fmmtc train``: cross-validated training of an FMM-TC model folder.
+    """``fmmtc train``: cross-validated training of a model folder (FMM-TC or a baseline).
 
-    Without ``--foundation`` (and without ``--no-foundation``) a model with a time-series
-    branch uses the bundled demo encoder; a note on stdout says so (not with ``--json``).
-    :class:`~fmmtc_core.training.TrainingWarning` warnings are silenced here: the metrics'
-    ``warnings`` are printed instead, once.
+    ``--model`` chooses FMM-TC (default) or a classic baseline
+    (:func:`fmmtc_core.baselines.train_baseline`: cpm, nbs, edges, amplitude), whose folder
+    screens, explains and evaluates like FMM-TC's. The options only FMM-TC reads
+    (``--foundation``, ``--no-foundation``, ``--preset``, ``--modalities``, ``--epochs``,
+    ``--coordinates``, ``--threads``) are refused with a baseline rather than ignored, before
+    any work. Without ``--foundation`` (and without ``--no-foundation``) an FMM-TC model with a
+    time-series branch uses the bundled demo encoder; a note on stdout says so (not with
+    ``--json``). :class:`~fmmtc_core.training.TrainingWarning` warnings are silenced here: the
+    metrics' ``warnings`` are printed instead, once.
 
     Parameters
     ----------
     args : argparse.Namespace
-        Reads ``cohort_dir``, ``out``, ``foundation``, ``no_foundation``, ``folds``, ``seed``,
-        ``modalities``, ``preset``, ``atlas``, ``coordinates``, ``epochs``, ``repeats``,
-        ``permutations``, ``threads`` (all passed to :func:`fmmtc_core.training.train`) and
-        ``json`` (print the out-of-fold metrics as JSON, without progress lines off a
-        terminal).
+        Reads ``model``, ``cohort_dir``, ``out``, ``folds``, ``seed``, ``atlas``, ``repeats``,
+        ``permutations``, the FMM-TC options ``foundation``, ``no_foundation``,
+        ``modalities``, ``preset``, ``coordinates``, ``epochs`` and ``threads`` (None or
+        False when not given; FMM-TC then takes the ``ts+fc`` modalities, the ``small`` preset
+        and 100 epochs) and ``json`` (print the out-of-fold metrics as JSON, without progress
+        lines off a terminal).
 
     Returns
     -------
@@ -398,28 +404,53 @@ def cmd_train(args) -> int:
     Raises
     ------
     InvalidInputError
-        The cohort, an option, the atlas, the coordinates or the foundation encoder cannot be
-        used (from :func:`~fmmtc_core.training.train`).
+        An FMM-TC option given with a baseline; the cohort, an option, the atlas, the
+        coordinates or the foundation encoder cannot be used (from
+        :func:`~fmmtc_core.training.train` or :func:`~fmmtc_core.baselines.train_baseline`).
     """
     import warnings as _warnings
 
-    from fmmtc_core.training import TrainingWarning, train
-
-    if (args.foundation is None and not args.no_foundation and "ts" in args.modalities
-            and not args.json):  # stdout: off a terminal stderr holds only an error line
+    kind = args.model
+    if kind != "fmmtc":
+        given = [flag for key, flag in _FMMTC_ONLY.items() if getattr(args, key) not in
+                 (None, False)]
+        if given:
+            raise InvalidInputError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                f"--model {kind}, a classic baseline (no encoder, no network, no gradient "
+                "training); leave them out, or train FMM-TC (--model fmmtc).")
+    modalities = args.modalities or "ts+fc"
+    if (kind == "fmmtc" and args.foundation is None and not args.no_foundation
+            and "ts" in modalities and not args.json):
+        # stdout: off a terminal stderr holds only an error line
         print("note: no --foundation given: the time-series branch uses the bundled demo "
               "encoder, pretrained on simulated data only (recorded in the model card).")
+    from fmmtc_core.training import TrainingWarning
+
     with _warnings.catch_warnings():  # printed by _print_metrics, once
         _warnings.simplefilter("ignore", TrainingWarning)
-        metrics = train(args.cohort_dir, args.out, foundation=args.foundation,
-                        folds=args.folds, seed=args.seed, modalities=args.modalities,
-                        no_foundation=args.no_foundation, preset=args.preset,
-                        atlas=args.atlas, coordinates=args.coordinates,
-                        epochs=args.epochs, repeats=args.repeats,
-                        permutations=args.permutations, threads=args.threads,
-                        progress=_stage_progress(args))
+        if kind == "fmmtc":
+            from fmmtc_core.training import train
+
+            metrics = train(args.cohort_dir, args.out, foundation=args.foundation,
+                            folds=args.folds, seed=args.seed, modalities=modalities,
+                            no_foundation=args.no_foundation, preset=args.preset or "small",
+                            atlas=args.atlas, coordinates=args.coordinates,
+                            epochs=100 if args.epochs is None else args.epochs,
+                            repeats=args.repeats, permutations=args.permutations,
+                            threads=args.threads, progress=_stage_progress(args))
+        else:
+            from fmmtc_core.baselines import train_baseline
+
+            metrics = train_baseline(args.cohort_dir, args.out, model=kind, folds=args.folds,
+                                     seed=args.seed, atlas=args.atlas, repeats=args.repeats,
+                                     permutations=args.permutations,
+                                     progress=_stage_progress(args))
     if not args.json:
-        print(f"wrote the model to {args.out}; out-of-fold metrics (cross-fitted calibration):")
+        what = ("FMM-TC" if kind == "fmmtc" else
+                f"the classic baseline {kind} (not the deep model)")
+        print(f"trained model type {kind}: {what}; wrote it to {args.out}; out-of-fold metrics "
+              "(cross-fitted calibration):")
     _print_metrics(metrics, args.json)
     return 0
 
@@ -458,6 +489,27 @@ def _at_least_two(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
+
+
+def _train_model(text: str) -> str:
+    """``train --model``: FMM-TC or a deployable classic baseline (never the oracle)."""
+    from fmmtc_core.baselines import DEPLOYABLE  # no torch (models/ would import it)
+
+    types = ("fmmtc", *DEPLOYABLE)
+    if text == "oracle":
+        raise argparse.ArgumentTypeError(
+            "the oracle cannot be trained into a model folder: it reads the planted truth of "
+            "a simulated cohort, which no participant to screen has (run it with `fmmtc "
+            f"compare`); expected one of {', '.join(types)}")
+    if text not in types:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(types)}; got {text!r}")
+    return text
+
+
+#: ``train`` options that only FMM-TC reads: refused with a classic baseline (``--model``).
+_FMMTC_ONLY = {"foundation": "--foundation", "no_foundation": "--no-foundation",
+               "preset": "--preset", "modalities": "--modalities", "epochs": "--epochs",
+               "coordinates": "--coordinates", "threads": "--threads"}
 
 
 def _model_names(text: str) -> list[str]:
@@ -745,8 +797,12 @@ def cmd_explain(args) -> int:
           f"[{result.band[0]:.2f}, {result.band[1]:.2f}]: {result.decision}")
     print(f"modality share: time series {e.modality_share['ts']:.1%}, "
           f"connectivity {e.modality_share['fc']:.1%}")
-    print(f"Integrated Gradients: {e.steps} steps, completeness gap {e.ig_gap:.2%}, "
-          f"baselines {e.baseline}")
+    if model.model_type == "fmmtc":
+        print(f"Integrated Gradients: {e.steps} steps, completeness gap {e.ig_gap:.2%}, "
+              f"baselines {e.baseline}")
+    else:  # a classic baseline: linear in its features
+        print(f"exact linear attribution (classic baseline {model.model_type}): completeness "
+              f"gap {e.ig_gap:.2%}, baselines {e.baseline}")
     print("top regions (logit units; + towards responder):")
     for r in e.ranked_regions(args.top):
         print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}  ({r['network']})")
@@ -835,8 +891,10 @@ def cmd_screen(args) -> int:
     print(f"  responder probability {result.probability:.2f} [{lo:.2f}, {hi:.2f}]: "
           f"{result.decision}")
     share = out["modality_share"]
+    how = (f"IG gap {out['ig_gap']:.2%} ({out['steps']} steps)" if model.model_type == "fmmtc"
+           else f"exact linear attribution, gap {out['ig_gap']:.2%}")
     print(f"  modality share: time series {share['ts']:.1%}, connectivity {share['fc']:.1%}; "
-          f"IG gap {out['ig_gap']:.2%} ({out['steps']} steps)")
+          f"{how}")
     for r in out["regions"][:5]:
         print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}")
     return 0
@@ -1183,32 +1241,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas", default="hcpex")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("train", help="cross-validated training of an FMM-TC model")
+    p = sub.add_parser("train", help="cross-validated training of a model folder: FMM-TC or "
+                                     "a classic baseline (--model)")
     p.add_argument("cohort_dir", metavar="COHORT_DIR")
     p.add_argument("--out", required=True, metavar="MODEL_DIR")
+    p.add_argument("--model", type=_train_model, default="fmmtc", metavar="TYPE",
+                   help="fmmtc (default), or a classic baseline on the folds and protocol of "
+                        "`fmmtc compare`: cpm (connectome-based predictive modelling), nbs "
+                        "(NBS-Predict edge selection), edges (L2 logistic on every "
+                        "connectivity edge), amplitude (L2 logistic on region log SD, ALFF, "
+                        "fALFF, autocorrelation). The folder screens, explains and evaluates "
+                        "like FMM-TC's. Options marked (fmmtc) are refused with a baseline")
     p.add_argument("--foundation", metavar="DIR",
-                   help="frozen foundation encoder folder (config.json + model.safetensors): "
-                        "a BrainLM download (legacy 13M, ViT-MAE 111M / 650M) or `fmmtc "
-                        "pretrain` output; see `fmmtc foundation inspect DIR`")
+                   help="(fmmtc) frozen foundation encoder folder (config.json + "
+                        "model.safetensors): a BrainLM download (legacy 13M, ViT-MAE 111M / "
+                        "650M) or `fmmtc pretrain` output; see `fmmtc foundation inspect DIR`")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modalities", choices=("ts+fc", "ts", "fc"), default="ts+fc")
+    p.add_argument("--modalities", choices=("ts+fc", "ts", "fc"), default=None,
+                   help="(fmmtc) default ts+fc")
     p.add_argument("--no-foundation", action="store_true",
-                   help="ablation without the foundation model: the time-series encoder "
+                   help="(fmmtc) ablation without the foundation model: the time-series encoder "
                         "trained from scratch (with --preset small: no encoder, regional "
                         "amplitude alone)")
-    p.add_argument("--preset", choices=("small", "default", "paper"), default="small",
-                   help="model design: small (default; the encoder's embedding + sparse "
+    p.add_argument("--preset", choices=("small", "default", "paper"), default=None,
+                   help="(fmmtc) model design: small (default; the encoder's embedding + sparse "
                         "read-outs of regional amplitude and connectivity networks, stacked "
                         "linear head: for cohorts of ~100), default (BrainNetCNN, "
                         "gradient-trained: for large cohorts), paper (ResNet-18 on the Gram "
                         "matrix)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=None, help="(fmmtc) default 100")
     p.add_argument("--atlas", default="hcpex",
                    help="hcpex (default), aal3, or a NIfTI label image (the A424 encoders: "
                         "A424+2mm.nii.gz from the BrainLM download)")
     p.add_argument("--coordinates", default=None, metavar="DAT",
-                   help="region coordinate table for the encoder (BrainLM's "
+                   help="(fmmtc) region coordinate table for the encoder (BrainLM's "
                         "A424_Coordinates.dat; copied into the model folder)")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="repeat the K-fold cross-validation N times with other splits "
@@ -1217,7 +1284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label permutations for a p-value of the AUC (each re-runs the "
                         "whole cross-validation)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="fix torch's thread count and use deterministic algorithms "
+                   help="(fmmtc) fix torch's thread count and use deterministic algorithms "
                         "(bit-identical reruns)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)

@@ -18,7 +18,8 @@ becomes the uncertainty band of a screening.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -32,6 +33,8 @@ __all__ = [
     "auc_interval",
     "permutation_p_value",
     "signal_warnings",
+    "OutOfFold",
+    "score_out_of_fold",
 ]
 
 
@@ -266,3 +269,104 @@ def signal_warnings(y: np.ndarray, oof_logits: np.ndarray, prob: np.ndarray,
         out.append("The fold models give nearly constant logits (SD "
                    f"{spread:.1e}): training stopped before it learned anything.")
     return out
+
+
+@dataclass(eq=False)
+class OutOfFold:
+    """A cross-validation's out-of-fold scores, scored and calibrated (:func:`score_out_of_fold`).
+
+    Each field is also an attribute of the same name.
+
+    Parameters
+    ----------
+    logit : ndarray (N,)
+        The deployed quantity's out-of-fold estimate: the mean over repeats of each
+        participant's logit from the fold model that held them out.
+    probability : ndarray (N,)
+        :func:`cross_fitted_platt` of ``logit``: what the metrics score.
+    metrics : dict
+        ``fmmtc_core.training.binary_metrics`` of ``probability``, then ``auc_ci95``,
+        ``auc_per_repeat``, ``repeats``, ``calibration`` (in words), ``permutation`` (when
+        given) and ``warnings``: the ``metrics_out_of_fold`` of a model card.
+    a, b : float
+        The deployed Platt calibration, fitted on all of ``logit`` (``a = 0`` and ``b`` the
+        base rate's logit when the slope is not positive).
+    bootstrap : ndarray (n, 2)
+        :func:`platt_bootstrap` draws of ``(a, b)``: the screening's uncertainty band.
+    note : str
+        ``"fitted"``, or why the calibration fell back to the base rate.
+    warnings : list of str
+        :func:`signal_warnings`, and a permutation p-value above 0.05 in words.
+    """
+
+    logit: np.ndarray
+    probability: np.ndarray
+    metrics: dict
+    a: float
+    b: float
+    bootstrap: np.ndarray
+    note: str
+    warnings: list[str]
+
+
+def score_out_of_fold(y: np.ndarray, oof_per_repeat: Sequence[np.ndarray],
+                      fold_of: np.ndarray, *, seed: int = 0,
+                      permutation: dict | None = None) -> OutOfFold:
+    """Metrics, calibration and warnings of a cross-validation: one protocol for every model.
+
+    :func:`fmmtc_core.training.train` (FMM-TC) and
+    :func:`fmmtc_core.baselines.train_baseline` (the classic baselines) both score their
+    out-of-fold logits here, so their model cards say the same things in the same way.
+
+    Parameters
+    ----------
+    y : ndarray (N,)
+        Labels, 1 (responder) or 0.
+    oof_per_repeat : sequence of ndarray (N,)
+        Each repeat's out-of-fold logits (of the deployed quantity's scale).
+    fold_of : ndarray (N,) of int
+        The fold that held each participant out in the first repeat (the cross-fitting of the
+        calibration follows it).
+    seed : int, default=0
+        Seed of the AUC interval's and of the calibration bootstrap's resampling.
+    permutation : dict or None, default=None
+        :func:`permutation_p_value`'s result, when a permutation test was run.
+
+    Returns
+    -------
+    OutOfFold
+
+    Raises
+    ------
+    InvalidInputError
+        ``y`` holds one class only (no AUC interval), or the arrays differ in length.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from fmmtc_core.training import binary_metrics
+
+    y = np.asarray(y)
+    oof = np.mean(list(oof_per_repeat), axis=0)
+    prob = cross_fitted_platt(oof, y, fold_of)  # what is reported: never self-calibrated
+    metrics = binary_metrics(y, prob)
+    auc_ci = auc_interval(y, oof, seed=seed)
+    per_repeat = [float(roc_auc_score(y, run)) for run in oof_per_repeat]
+    metrics |= {"auc_ci95": list(auc_ci), "auc_per_repeat": per_repeat,
+                "repeats": len(per_repeat), "calibration": "cross-fitted (Platt fitted on the "
+                "other folds' out-of-fold logits)"}
+    if permutation is not None:
+        metrics["permutation"] = permutation
+    a, b = _fit_platt(oof, y)  # the deployed calibration: all out-of-fold scores
+    draws = platt_bootstrap(oof, y, seed=seed)
+    warnings_ = signal_warnings(y, oof, prob, auc_ci)
+    if permutation is not None and permutation["p_value"] > 0.05:
+        warnings_.append(
+            f"NOT SIGNIFICANT: the out-of-fold AUC is not above what permuted labels give "
+            f"(p = {permutation['p_value']:.3f}, "
+            f"{permutation['n_permutations']} permutations).")
+    metrics["warnings"] = warnings_
+    note = "fitted" if a > 0 else (
+        "slope <= 0 on out-of-fold logits: the model carries no cross-validated signal; "
+        "probabilities are the base rate")
+    return OutOfFold(logit=oof, probability=prob, metrics=metrics, a=a, b=b, bootstrap=draws,
+                     note=note, warnings=warnings_)

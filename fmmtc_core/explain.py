@@ -1,5 +1,9 @@
 """Integrated Gradients explanations of FMM-TC predictions, over both modalities.
 
+(A classic baseline's model folder is linear in its features: :func:`explain` hands it to
+:meth:`ClassicModel.explain <fmmtc_core.models.classic.ClassicModel.explain>`, whose
+attributions are exact and come in the same :class:`Explanation`.)
+
 What is explained
 -----------------
 The ensemble's mean responder **logit** (before Platt calibration, which is a monotone map), as
@@ -202,8 +206,10 @@ class Explanation:
         dict
             ``regions`` (``label``, ``name`` and ``score`` of each ranked region),
             ``modality_share``, ``top_connections``, ``networks``, ``ig_gap``,
-            ``ig_gap_abs``, ``steps``, ``baseline``, ``logit``, ``baseline_logit`` and
-            ``runtime_s``. Neither the attribution arrays nor ``settings`` are included.
+            ``ig_gap_abs``, ``steps``, ``method`` (``settings["method"]``:
+            ``"integrated_gradients"`` unless recorded otherwise), ``baseline``, ``logit``,
+            ``baseline_logit`` and ``runtime_s``. Neither the attribution arrays nor the
+            rest of ``settings`` are included.
         """
         return {
             "regions": [{k: r[k] for k in ("label", "name", "score")}
@@ -214,6 +220,7 @@ class Explanation:
             "ig_gap": float(self.ig_gap),
             "ig_gap_abs": float(self.ig_gap_abs),
             "steps": int(self.steps),
+            "method": str(self.settings.get("method", "integrated_gradients")),
             "baseline": self.baseline,
             "logit": float(self.logit),
             "baseline_logit": float(self.baseline_logit),
@@ -488,10 +495,14 @@ def explain(
 
     Parameters
     ----------
-    ens : FMMTCEnsemble
+    ens : FMMTCEnsemble or ClassicModel
         A loaded model folder (:func:`fmmtc_core.models.ensemble.load_model`). The explanation
         of the fold ensemble is the mean of the fold models' attributions (computed as the
         attribution of the mean logit, which is the same thing; see the module docstring).
+        A classic baseline is linear in its features: its exact attributions come from
+        :meth:`ClassicModel.explain <fmmtc_core.models.classic.ClassicModel.explain>` (with
+        ``fc``, ``amplitude``, ``baseline_fc``, ``n_top``, ``atlas`` and ``progress``; the
+        integration settings do not apply, the tolerances are checked all the same).
     window : ndarray
         The scan's time-series input, ``ens.inputs(signals).window``
         (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.inputs`): every encoder window
@@ -574,6 +585,11 @@ def explain(
         )
     if not steps or any(int(s) < 2 for s in steps):
         raise InvalidInputError(f"steps must be a non-empty list of integers >= 2, got {steps}.")
+    from fmmtc_core.models.classic import ClassicModel
+
+    if isinstance(ens, ClassicModel):  # linear in its features: exact, no integral
+        return ens.explain(fc, amplitude, baseline=baseline_fc, n_top=n_top, atlas=atlas,
+                           progress=progress)
     first = ens.models[0]
     use_ts, use_fc = first.config.use_encoder, first.config.use_fc
     use_amp = bool(first.config.use_amplitude)

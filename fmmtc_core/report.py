@@ -75,13 +75,14 @@ Decision: <b>{{ decision }}</b> (likely responder if the whole band is at or abo
 {{ "%.0f%%"|format(100 * non_responder_threshold) }}). Model: {{ model }}.</p>
 <h2>Scan quality</h2>
 <p>QC verdict: <b>{{ qc_verdict }}</b>{% for r in qc_reasons %}<br>- {{ r }}{% endfor %}</p>
-<h2>Why: Integrated Gradients</h2>
+<h2>Why: {{ method }}</h2>
 <p>Time series {{ "%.1f%%"|format(100 * share_ts) }} and connectivity
 {{ "%.1f%%"|format(100 * share_fc) }} of the total absolute attribution. Scores are in logit
 units: red / positive pushed the prediction towards responder, blue / negative towards
 non-responder, relative to the baseline ({{ baseline }}). Completeness gap
-{{ "%.2f%%"|format(100 * ig_gap) }} of |F(x) - F(baseline)| with {{ steps }} integration
-steps.</p>
+{{ "%.2f%%"|format(100 * ig_gap) }} of |F(x) - F(baseline)|
+{%- if exact %} (exact: the classic baseline is linear in its features).
+{%- else %} with {{ steps }} integration steps.{% endif %}</p>
 {% if png %}<img alt='glass brain of region scores' src='data:image/png;base64,{{ png }}'/>
 {% endif %}
 {% for table in tables %}<h2>{{ table.title }}</h2>
@@ -151,5 +152,8 @@ def screening_report_html(summary: ScreeningSummary, *, png: bytes | None = None
         share_ts=summary.share_ts or 0.0, share_fc=summary.share_fc or 0.0,
         baseline=", ".join(f"{k}: {v}" for k, v in baseline.items()) or "not recorded",
         ig_gap=summary.ig_gap or 0.0, steps=summary.ig_steps,
+        exact=summary.exact_attribution,
+        method="exact linear attribution" if summary.exact_attribution
+        else "Integrated Gradients",
         png=base64.b64encode(png).decode() if png else None, tables=tables,
         version=__version__)

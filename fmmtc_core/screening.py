@@ -36,7 +36,7 @@ from fmmtc_core.summary import ScreeningSummary
 if TYPE_CHECKING:  # torch and sqlalchemy load only when a screening runs
     from sqlalchemy import Engine
 
-    from fmmtc_core.models.ensemble import FMMTCEnsemble
+    from fmmtc_core.models.deployed import ScreeningModel
 
 __all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES",
            "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest"]
@@ -110,7 +110,8 @@ class Analysis:
         Calibrated responder probability (the calibrated mean scaled fold logit).
     band : (float, float)
         Its uncertainty band, (low, high)
-        (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.predict_proba`).
+        (:meth:`~fmmtc_core.models.ensemble.FMMTCEnsemble.predict_proba`, or a classic
+        baseline's).
     fold_probabilities : list of float
         Calibrated probability of each fold model.
     decision : str
@@ -185,7 +186,7 @@ class Analysis:
 @fill_doc
 def analyse(
     source: str | os.PathLike,
-    model: FMMTCEnsemble,
+    model: ScreeningModel,
     *,
     sidecar=None,
     confounds=None,
@@ -453,7 +454,7 @@ def _check_storable(summary: ScreeningSummary, model) -> None:
 def screen(
     source: str | os.PathLike,
     participant: str,
-    model: FMMTCEnsemble,
+    model: ScreeningModel,
     engine: Engine,
     *,
     sidecar=None,

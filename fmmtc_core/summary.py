@@ -20,7 +20,11 @@ if TYPE_CHECKING:
     from fmmtc_core.store.models import Screening
 
 __all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
-           "attribution_rows"]
+           "attribution_rows", "EXACT_ATTRIBUTION"]
+
+#: ``Explanation.settings["method"]`` of a classic baseline's exact linear attribution (FMM-TC's
+#: is ``"integrated_gradients"``).
+EXACT_ATTRIBUTION = "exact_linear_attribution"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,10 @@ class ScreeningSummary:
         True when an earlier stored screening of the same inputs was returned.
     simulated : bool, default=False
         True for a simulated (demo) participant.
+    attribution_method : str or None, default=None
+        How the attributions were computed (the explanation's ``settings["method"]``):
+        ``"integrated_gradients"`` (FMM-TC) or ``"exact_linear_attribution"`` (a classic
+        baseline, linear in its features); None when not explained or not recorded.
     """
 
     participant: str
@@ -160,6 +168,13 @@ class ScreeningSummary:
     screening_id: int | None = None  # None until stored
     reused: bool = False
     simulated: bool = False
+    attribution_method: str | None = None
+
+    @property
+    def exact_attribution(self) -> bool:
+        """Whether the attributions are exact (a classic baseline, linear in its features)
+        rather than Integrated Gradients."""
+        return self.attribution_method == EXACT_ATTRIBUTION
 
     @property
     def runtime_s(self) -> float:
@@ -200,7 +215,8 @@ class ScreeningSummary:
                 share_ts=float(e.modality_share["ts"]), share_fc=float(e.modality_share["fc"]),
                 regions=regions, connections=connections, networks=dict(e.networks), ig_gap=float(e.ig_gap),
                 ig_gap_abs=float(e.ig_gap_abs), ig_steps=int(e.steps), baseline=e.baseline,
-                logit=float(e.logit), baseline_logit=float(e.baseline_logit))
+                logit=float(e.logit), baseline_logit=float(e.baseline_logit),
+                attribution_method=e.settings.get("method"))
         return cls(
             participant=participant, probability=float(a.probability),
             band=(float(a.band[0]), float(a.band[1])),
@@ -248,7 +264,8 @@ class ScreeningSummary:
             ig_gap_abs=exp.get("ig_gap_abs"), ig_steps=sc.ig_steps,
             baseline=exp.get("baseline"), logit=exp.get("logit"),
             baseline_logit=exp.get("baseline_logit"), stage_seconds=dict(sc.stage_seconds),
-            screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated))
+            screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated),
+            attribution_method=(exp.get("settings") or {}).get("method"))
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
         """The summary as a JSON-ready dict (the ``fmmtc screen --json`` output).
@@ -266,9 +283,9 @@ class ScreeningSummary:
             ``qc`` (``verdict``, ``reasons``), ``modality_share`` (``ts``, ``fc``), ``regions``
             (``label``, ``name``, ``score``, ``ts``, ``fc``, ``network``),
             ``top_connections`` (the :class:`ConnectionScore` fields), ``networks``,
-            ``ig_gap``, ``ig_gap_abs``, ``steps``, ``baseline``, ``logit``, ``baseline_logit``,
-            ``stage_seconds``, ``runtime_s`` (both rounded to 0.1 ms), ``model``,
-            ``operator`` and ``created_at`` (ISO 8601).
+            ``ig_gap``, ``ig_gap_abs``, ``steps``, ``method`` (:attr:`attribution_method`),
+            ``baseline``, ``logit``, ``baseline_logit``, ``stage_seconds``, ``runtime_s``
+            (both rounded to 0.1 ms), ``model``, ``operator`` and ``created_at`` (ISO 8601).
         """
         regions = self.regions if n_regions is None else self.regions[:n_regions]
         return {
@@ -283,7 +300,8 @@ class ScreeningSummary:
                          "fc": r.fc, "network": r.network} for r in regions],
             "top_connections": [vars(c) for c in self.connections],
             "networks": self.networks, "ig_gap": self.ig_gap, "ig_gap_abs": self.ig_gap_abs,
-            "steps": self.ig_steps, "baseline": self.baseline, "logit": self.logit,
+            "steps": self.ig_steps, "method": self.attribution_method,
+            "baseline": self.baseline, "logit": self.logit,
             "baseline_logit": self.baseline_logit,
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "runtime_s": round(self.runtime_s, 4), "model": self.model,

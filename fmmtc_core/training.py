@@ -41,14 +41,7 @@ from fmmtc_core import __version__
 from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.bids import read_cohort
-from fmmtc_core.evaluation import (
-    _fit_platt,
-    auc_interval,
-    cross_fitted_platt,
-    permutation_p_value,
-    platt_bootstrap,
-    signal_warnings,
-)
+from fmmtc_core.evaluation import permutation_p_value, score_out_of_fold
 from fmmtc_core.models.device import autocast, deterministic, seed_all, select_device
 from fmmtc_core.models.embedding_cache import EmbeddingCache
 from fmmtc_core.models.encoder_base import FoundationEncoder
@@ -622,18 +615,8 @@ def train(
             runs.append(_cross_validate(config, shared, feats, y, splits, seed + r, fit_kw,
                                         progress=progress, stage="train" if repeats == 1
                                         else f"train (repeat {r + 1}/{repeats})"))
-        # The deployed quantity is the mean of the fold models' scaled logits. Its out-of-fold
-        # estimate for a participant is the mean over repeats of the scaled logit of the model
-        # that held them out (each from a model that never saw them).
-        oof = np.mean([run["oof"] for run in runs], axis=0)
         fold_of = runs[0]["fold_of"]
-        prob = cross_fitted_platt(oof, y, fold_of)  # what is reported: never self-calibrated
-        metrics = binary_metrics(y, prob)
-        auc_ci = auc_interval(y, oof, seed=seed)
-        per_repeat = [float(roc_auc_score(y, run["oof"])) for run in runs]
-        metrics |= {"auc_ci95": list(auc_ci), "auc_per_repeat": per_repeat,
-                    "repeats": repeats, "calibration": "cross-fitted (Platt fitted on the "
-                    "other folds' out-of-fold logits)"}
+        permutation = None
         if permutations:
             def permuted_auc(y_perm: np.ndarray) -> float:
                 perm_splits, _ = _splits(y_perm, groups, folds, seed)
@@ -642,29 +625,25 @@ def train(
                 return float(roc_auc_score(y_perm, run["oof"]))
 
             perm_cb = (lambda i, n: progress("permute", i, n, {})) if progress else None
-            metrics["permutation"] = permutation_p_value(
+            permutation = permutation_p_value(
                 float(roc_auc_score(y, runs[0]["oof"])), permuted_auc, y, permutations,
                 seed=seed, progress=perm_cb)
+    # The deployed quantity is the mean of the fold models' scaled logits. Its out-of-fold
+    # estimate for a participant is the mean over repeats of the scaled logit of the model
+    # that held them out (each from a model that never saw them).
+    scored = score_out_of_fold(y, [run["oof"] for run in runs], fold_of, seed=seed,
+                               permutation=permutation)
+    oof, prob, metrics, warnings_ = (scored.logit, scored.probability, scored.metrics,
+                                     scored.warnings)
+    a, b, draws, calibration_note = scored.a, scored.b, scored.bootstrap, scored.note
     if config.fit == "stacked" and config.use_encoder:
         kept = [info.get("embedding") == "used" for run in runs for info in run["fit_info"]]
         metrics["foundation_embedding"] = {"kept": sum(kept), "fold_models": len(kept),
                                            "note": _embedding_kept(runs)}
-    a, b = _fit_platt(oof, y)  # the deployed calibration: all out-of-fold scores
-    draws = platt_bootstrap(oof, y, seed=seed)
-    warnings_ = signal_warnings(y, oof, prob, auc_ci)
-    if "permutation" in metrics and metrics["permutation"]["p_value"] > 0.05:
-        warnings_.append(
-            f"NOT SIGNIFICANT: the out-of-fold AUC is not above what permuted labels give "
-            f"(p = {metrics['permutation']['p_value']:.3f}, "
-            f"{metrics['permutation']['n_permutations']} permutations).")
-    metrics["warnings"] = warnings_
     for text in warnings_:
         warnings.warn(text, TrainingWarning, stacklevel=2)
     fold_states = [st for run in runs for st in run["states"]]
     fold_scale = [sc for run in runs for sc in run["scales"]]
-    calibration_note = "fitted" if a > 0 else (
-        "slope <= 0 on out-of-fold logits: the model carries no cross-validated signal; "
-        "probabilities are the base rate")
     description = Path(cohort_dir) / "dataset_description.json"
     fit_card: dict[str, object] = (
         {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
@@ -692,7 +671,7 @@ def train(
         "atlas": _atlas_card(atlas_obj, coordinates),
         "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
                           if encoder is not None else preprocessing_card(cleaning, length)),
-        "model": config.to_dict(),
+        "model": {"type": "fmmtc", **config.to_dict()},
         "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
                      **fit_card,
                      "threads": threads, "deterministic": threads is not None,

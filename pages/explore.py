@@ -80,7 +80,10 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
     m[1].metric("Decision", sm.decision)
     m[2].metric("Time series / connectivity",
                 f"{sm.share_ts or 0:.0%} / {sm.share_fc or 0:.0%}")
-    m[3].metric("IG gap", f"{sm.ig_gap or 0:.2%}", help=f"{sm.ig_steps} integration steps")
+    exact = sm.exact_attribution
+    m[3].metric("Attribution gap" if exact else "IG gap", f"{sm.ig_gap or 0:.2%}",
+                help="exact linear attribution (classic baseline)" if exact
+                else f"{sm.ig_steps} integration steps")
     st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
     views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
               "Against the cohort"] if full else ["TS vs connectivity", "Networks"])

@@ -30,8 +30,17 @@ if choice != current:
 
 model = session.model()
 card = model.card
-st.caption(f"Folder `{session.active_model_dir()}`; running on **{model.device.type.upper()}**; "
-           f"version id `{model.weights_sha256[:12]}`.")
+classic = model.model_type != "fmmtc"
+st.caption(f"Folder `{session.active_model_dir()}`; model type **{model.model_type}**; "
+           f"running on **{model.device.type.upper()}**; version id "
+           f"`{model.weights_sha256[:12]}`.")
+if classic:
+    spec = card.get("model", {})
+    st.info(f"**Classic baseline `{model.model_type}`, not the deep FMM-TC model**: "
+            f"{spec.get('description', '')} ({spec.get('reference', '')}). Trained on the "
+            "folds and under the protocol of `fmmtc compare`, so its numbers below compare "
+            "directly with FMM-TC's; its explanations are exact (the model is linear in its "
+            "features).")
 if card.get("data", {}).get("simulated"):
     st.warning(card.get("intended_use", "Trained on simulated data."))
 else:
@@ -72,27 +81,43 @@ st.subheader("What it expects")
 atlas = card.get("atlas", {})
 pre = card.get("preprocessing", {})
 c1, c2 = st.columns(2)
-c1.markdown(f"**Atlas**: {atlas.get('name')} ({atlas.get('n_regions')} regions)  \n"
-            f"**Window**: {model.window} samples, "
-            f"{pre.get('window', {}).get('crop', 'centred')} crop, "
-            f"{pre.get('window', {}).get('scaling', '')}  \n"
-            f"**Sampling**: {pre.get('window', {}).get('tr', '')}")
+if classic:
+    features = card.get("model", {}).get("features", {})
+    c1.markdown(f"**Atlas**: {atlas.get('name')} ({atlas.get('n_regions')} regions)  \n"
+                f"**Features**: {features.get('n_features', '?')} {features.get('kind', '')}, "
+                f"{features.get('span', '')}  \n"
+                f"**Definition**: {features.get('definition', '')}")
+else:
+    c1.markdown(f"**Atlas**: {atlas.get('name')} ({atlas.get('n_regions')} regions)  \n"
+                f"**Window**: {getattr(model, 'window', '?')} samples, "
+                f"{pre.get('window', {}).get('crop', 'centred')} crop, "
+                f"{pre.get('window', {}).get('scaling', '')}  \n"
+                f"**Sampling**: {pre.get('window', {}).get('tr', '')}")
 c2.markdown(f"**Parcellation**: {pre.get('parcellation', '')}  \n"
             f"**Cleaning**: {json.dumps(pre.get('cleaning', {}))}  \n"
             f"**Connectivity**: {pre.get('connectivity', '')}")
 cfg = card.get("model", {})
-ts_parts = []
-if "ts" in str(cfg.get("modalities", "")):
-    if cfg.get("ts_embedding", True):
-        ts_parts.append(f"encoder {cfg.get('foundation')} (frozen BrainLM-style)")
-    if cfg.get("amplitude"):
-        ts_parts.append("regional amplitude (sparse read-out)")
-st.markdown(f"**Architecture**: modalities {cfg.get('modalities')}, time series: "
-            f"{' + '.join(ts_parts) or 'none'}, connectivity encoder "
-            f"{cfg.get('fc_encoder')} on {cfg.get('fc_input')}; fitted "
-            f"{'by stacking (no gradient training)' if cfg.get('fit') == 'stacked' else 'by gradient descent'}; "
-            f"calibration {card.get('calibration', {}).get('method', '')}; ensemble: "
-            f"{card.get('ensemble', '')}.")
+if classic:
+    st.markdown(f"**Model**: {cfg.get('description', '')}; hyper-parameters chosen by inner "
+                f"cross-validation in each training fold (table); calibration "
+                f"{card.get('calibration', {}).get('method', '')}; ensemble: "
+                f"{card.get('ensemble', '')}.")
+    chosen = pd.DataFrame(card.get("training", {}).get("per_fold", []))
+    if len(chosen):
+        st.dataframe(chosen, hide_index=True, width="stretch")
+else:
+    ts_parts = []
+    if "ts" in str(cfg.get("modalities", "")):
+        if cfg.get("ts_embedding", True):
+            ts_parts.append(f"encoder {cfg.get('foundation')} (frozen BrainLM-style)")
+        if cfg.get("amplitude"):
+            ts_parts.append("regional amplitude (sparse read-out)")
+    st.markdown(f"**Architecture**: modalities {cfg.get('modalities')}, time series: "
+                f"{' + '.join(ts_parts) or 'none'}, connectivity encoder "
+                f"{cfg.get('fc_encoder')} on {cfg.get('fc_input')}; fitted "
+                f"{'by stacking (no gradient training)' if cfg.get('fit') == 'stacked' else 'by gradient descent'}; "
+                f"calibration {card.get('calibration', {}).get('method', '')}; ensemble: "
+                f"{card.get('ensemble', '')}.")
 if "foundation" in card:
     st.caption(f"Foundation model: {card['foundation'].get('pretrained_on', '')}")
 

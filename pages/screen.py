@@ -41,8 +41,10 @@ st.write(
 )
 
 model = session.model()
-st.caption(f"Model **{model.name}** ({model.atlas} atlas, {len(model.models)} fold models) "
-           f"on **{model.device.type.upper()}**.")
+kind = ("FMM-TC" if model.model_type == "fmmtc"
+        else f"classic baseline {model.model_type}, not the deep model")
+st.caption(f"Model **{model.name}** ({kind}; {model.atlas} atlas, {len(model.models)} fold "
+           f"models) on **{model.device.type.upper()}**.")
 
 result_area = st.container()  # the latest result shows above the form
 has_result = st.session_state.get("screen_result") is not None
@@ -202,13 +204,20 @@ def _show(result) -> None:
     m = st.columns(3)
     m[0].metric("Time-series share", f"{summary.share_ts or 0:.0%}")
     m[1].metric("Connectivity share", f"{summary.share_fc or 0:.0%}")
+    exact = summary.exact_attribution
     m[2].metric("Completeness gap", f"{summary.ig_gap or 0:.2%}",
-                help=f"Integrated Gradients with {summary.ig_steps} steps: how far the "
-                     "attributions are from adding up exactly to the change in the model's "
-                     "output (kept below 1 %).")
-    st.caption("Integrated Gradients scores in logit units. **Red**: pushed towards responder; "
-               "**blue**: towards non-responder; relative to a participant with flat time "
-               "series and the training cohort's average connectivity.")
+                help=("Exact linear attribution (a classic baseline is linear in its "
+                      "features): the gap is floating-point rounding only." if exact else
+                      f"Integrated Gradients with {summary.ig_steps} steps: how far the "
+                      "attributions are from adding up exactly to the change in the model's "
+                      "output (kept below 1 %)."))
+    st.caption(("Exact linear attribution (weight x distance from the training cohort's mean "
+                "feature)" if exact else "Integrated Gradients scores")
+               + " in logit units. **Red**: pushed towards responder; **blue**: towards "
+               "non-responder; relative to "
+               + ("the training cohort's average participant." if exact else
+                  "a participant with flat time series and the training cohort's average "
+                  "connectivity."))
 
     atlas = load_atlas(model.atlas)
     regions = region_scores(summary.regions, atlas)

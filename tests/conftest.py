@@ -261,6 +261,35 @@ def hcpex_scans(tmp_path_factory):
     return pick(table, "_seg-HCPEx_timeseries.tsv"), pick(nifti, "_bold.nii.gz")
 
 
+def classic_folder(path, *, kind="amplitude", atlas="HCPEx", n_regions=426, seed=0):
+    """Write a classic baseline's model folder with made-up weights (no training): for tests
+    of the pages and of screening with a baseline model (``fmmtc train --model``)."""
+    from fmmtc_core.models.classic import write_classic_folder
+
+    rng = np.random.default_rng(seed)
+    n = 4 * n_regions if kind == "amplitude" else n_regions * (n_regions - 1) // 2
+    folds = []
+    for _ in range(3):
+        arrays = {"scaler_mean": rng.standard_normal(n), "scaler_scale": np.ones(n),
+                  "coef": rng.standard_normal(n) * 0.01, "intercept": np.zeros(1)}
+        if kind == "amplitude":
+            arrays |= {"impute": np.zeros(n), "kept": np.ones(n, bool)}
+        elif kind != "edges":
+            raise ValueError("classic_folder writes amplitude or edges models")
+        folds.append(arrays)
+    card = {"name": Path(path).name, "intended_use": "Research only. Not a medical device.",
+            "data": {"n_subjects": 24, "n_responders": 12, "simulated": True},
+            "atlas": {"name": atlas, "n_regions": n_regions},
+            "model": {"type": kind, "classic_baseline": True, "description": "made up",
+                      "reference": "none", "n_regions": n_regions, "n_features": n,
+                      "features": {"kind": kind, "n_features": n}},
+            "training": {"folds": 3, "per_fold": [{"fold": k, "C": 1.0} for k in range(3)]},
+            "calibration": {"method": "platt", "a": 1.0, "b": 0.0,
+                            "bootstrap": [[1.0, 0.0], [0.8, 0.1]]},
+            "metrics_out_of_fold": {"auc": 0.61, "warnings": []}, "warnings": []}
+    return write_classic_folder(path, folds=folds, feature_mean=np.zeros(n), card=card)
+
+
 def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
                    revision=0, site="S1"):
     """Store a screening with made-up numbers through the repository (no model, no scan): for

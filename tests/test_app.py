@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fake_screening, make_bold, save_nifti
+from conftest import classic_folder, fake_screening, make_bold, save_nifti
 from streamlit.testing.v1 import AppTest
 
 from fmmtc_core.config import DEMO_MODEL_DIR
@@ -290,6 +290,26 @@ def test_model_page_says_loudly_when_training_found_nothing(db, tmp_path, monkey
     assert "0.410-0.620" in captions and "p = 0.400" in captions and "cross-fitted" in captions
     assert any("not better than the classic baseline edges (AUC 0.700)" in w.value
                for w in at.warning)
+
+
+def test_a_classic_baseline_model_shows_its_type_and_screens(db, tmp_path, monkeypatch):
+    """A folder of `fmmtc train --model amplitude` is a model like FMM-TC's: the Model page
+    says it is a classic baseline, and the demo participant is screened and explained with it
+    (exactly, and said so)."""
+    monkeypatch.setenv("FMMTC_MODEL_DIR", str(classic_folder(tmp_path / "amplitude")))
+    at = _app("model")
+    assert any("model type **amplitude**" in c.value for c in at.caption)
+    assert any("Classic baseline `amplitude`, not the deep FMM-TC model" in i.value
+               for i in at.info)
+    assert {m.label: m.value for m in at.metric}["AUC"] == "0.610"
+    at = _app()
+    assert any("classic baseline amplitude, not the deep model" in c.value for c in at.caption)
+    at.button(key="demo").click()
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Time-series share"] == "100%" and metrics["Connectivity share"] == "0%"
+    assert any(c.value.startswith("Exact linear attribution") for c in at.caption)
 
 
 def _store_a_screening(db, pseudonym="LEAK-0001"):

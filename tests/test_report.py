@@ -41,6 +41,15 @@ def test_report_is_self_contained_and_escaped():
     assert "ts: flat, fc: cohort_mean" in html and "{" not in html.split("<style>")[0]
 
 
+def test_report_names_the_attribution_method():
+    ig = screening_report_html(_summary())
+    assert "Why: Integrated Gradients" in ig and "with 16 integration" in ig
+    exact = screening_report_html(_summary(attribution_method="exact_linear_attribution",
+                                           ig_steps=0, baseline={"fc": "cohort_mean"}))
+    assert "Why: exact linear attribution" in exact and "Integrated Gradients" not in exact
+    assert "(exact: the classic baseline is linear in its features)" in exact
+
+
 def test_every_text_field_is_escaped():
     """Each value that can come from a user or the database is escaped: the test fails if any
     one field reaches the page as markup."""

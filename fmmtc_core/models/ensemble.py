@@ -7,7 +7,9 @@ frozen encoder, when the model uses one: the checkpoint's own ``config.json`` an
 and BrainLM's ``A424_Coordinates.dat`` when the encoder needs them) and ``model_card.json``,
 which records the SHA-256 of every one of those files. :func:`write_model_folder` writes it, :func:`load_model` checks every
 file against its card before parsing it and returns an :class:`FMMTCEnsemble`. Nothing is ever
-unpickled.
+unpickled. A card whose ``model.type`` names a classic baseline (``fmmtc train --model cpm``)
+is loaded by :mod:`fmmtc_core.models.classic` under the same rules; both kinds have the
+interface of :class:`~fmmtc_core.models.deployed.ScreeningModel`.
 
 Calibration lives here too: :func:`fit_platt` fits the Platt map on out-of-fold logits at
 training time, :func:`platt` applies it, and the ensemble applies it to its fold logits.
@@ -23,6 +25,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from safetensors.torch import save_file
 
 from fmmtc_core._errors import InvalidInputError, ModelFileError
 from fmmtc_core.io import file_sha256
+from fmmtc_core.models.deployed import model_type
 from fmmtc_core.models.device import autocast, select_device
 from fmmtc_core.models.encoder_base import (
     COORDINATES_FILE,
@@ -46,6 +50,9 @@ from fmmtc_core.models.foundation import (
     read_safetensors,
 )
 from fmmtc_core.preprocess import ModelInputs, RegionSignals, prepare
+
+if TYPE_CHECKING:
+    from fmmtc_core.models.classic import ClassicModel
 
 __all__ = [
     "FMMTCEnsemble",
@@ -71,7 +78,7 @@ _LEGACY_ENCODER_SHA256 = {
 
 #: Keys of a model card that loading needs, with what each must hold.
 _CARD_KEYS = {
-    "model": "an object (the network's FMMTCConfig)",
+    "model": "an object (the model's 'type' and its configuration)",
     "atlas": "an object with the atlas 'name'",
     "calibration": "an object with numbers 'a' and 'b'",
     "files": "an object mapping each weights file to its SHA-256 (64 hex digits)",
@@ -244,6 +251,11 @@ class FMMTCEnsemble:
     def name(self) -> str:
         """The model's name: the card's ``name``, else the folder's name, else ``"model"``."""
         return str(self.card.get("name") or (self.root.name if self.root else "model"))
+
+    @property
+    def model_type(self) -> str:
+        """``"fmmtc"``: what a folder without a classic baseline's ``model.type`` holds."""
+        return "fmmtc"
 
     @property
     def weights_sha256(self) -> str:
@@ -600,6 +612,16 @@ def _check_state(model: FMMTC, state: dict, path: Path, root: Path) -> None:
                              f"{MODEL_CARD}: " + "; ".join(problems) + ".")
 
 
+def _check_bootstrap(where: str, cal: dict) -> None:
+    """Refuse a card's calibration ``bootstrap`` that is not a list of ``[a, b]`` numbers."""
+    boot = cal.get("bootstrap")
+    if boot is not None and (not isinstance(boot, list) or not boot or not all(
+            isinstance(r, list) and len(r) == 2 and all(_is_number(v) for v in r)
+            for r in boot)):
+        raise ModelFileError(
+            f"{where} has a calibration 'bootstrap' that is not a list of [a, b] number pairs.")
+
+
 def _atlas_ref(atlas: dict) -> str:
     """What :func:`~fmmtc_core.atlas.load_atlas` takes for a card's atlas: the bundled name, or
     the label image the model was trained with (``source``)."""
@@ -662,8 +684,14 @@ def _load_card_encoder(root: Path, card: dict, config: FMMTCConfig, atlas_ref: s
 
 
 def load_model(model_dir: str | os.PathLike | None = None,
-               device: torch.device | str | None = None) -> FMMTCEnsemble:
+               device: torch.device | str | None = None) -> FMMTCEnsemble | ClassicModel:
     """Load a model folder written by :func:`write_model_folder` (safetensors + JSON only).
+
+    The card's ``model.type`` says what the folder holds: FMM-TC (``"fmmtc"``, or no type: every
+    card written before baselines were deployable) or a classic baseline (``cpm``, ``nbs``,
+    ``edges``, ``amplitude``: :func:`fmmtc_core.models.classic.load_classic`, written by
+    ``fmmtc train --model``). Either has the interface screening, explanation and evaluation
+    use (:class:`~fmmtc_core.models.deployed.ScreeningModel`).
 
     Every weights file (folds, baseline, the encoder in ``foundation/`` with its config,
     scaling statistics and coordinate table) is checked against the SHA-256 its card records
@@ -682,21 +710,27 @@ def load_model(model_dir: str | os.PathLike | None = None,
 
     Returns
     -------
-    FMMTCEnsemble
+    FMMTCEnsemble or ClassicModel
+        ``device`` does not apply to a classic baseline (it runs on the CPU, in numpy).
 
     Raises
     ------
     ModelFileError
-        The folder or its card is missing; the card is not a JSON object, lacks a required key
-        or holds an unknown config key; a file differs from its card's SHA-256 or has none
+        The folder or its card is missing; the card is not a JSON object, lacks a required key,
+        names an unknown model type or holds an unknown config key; a file differs from its card's SHA-256 or has none
         recorded; a file is a pickle, truncated, or holds tensors of the wrong names or shapes
         for the card's architecture. The message names the file and what was expected.
     """
     root = Path(model_dir) if model_dir is not None else default_model_dir()
     card, card_sha256 = _read_card(root)
     where = model_file(root / MODEL_CARD, root)
+    if model_type(card, where) != "fmmtc":  # a classic baseline (fmmtc train --model cpm ...)
+        from fmmtc_core.models.classic import load_classic
+
+        return load_classic(root, card, card_sha256)
     try:
-        config = FMMTCConfig.from_dict(card["model"])
+        # cards written before baselines were deployable have no type: FMM-TC
+        config = FMMTCConfig.from_dict({k: v for k, v in card["model"].items() if k != "type"})
     except InvalidInputError as exc:
         raise ModelFileError(f"{where} does not describe a usable model: {exc}") from None
     digests = _verify_files(root, card)  # before any weights are parsed
@@ -731,12 +765,7 @@ def load_model(model_dir: str | os.PathLike | None = None,
         raise ModelFileError(
             f"{where} has a calibration 'fold_scale' that is not one positive number per fold "
             f"model ({len(models)}); got {_one_line(scale)[:80]}.")
-    boot = cal.get("bootstrap")
-    if boot is not None and (not isinstance(boot, list) or not boot or not all(
-            isinstance(r, list) and len(r) == 2 and all(_is_number(v) for v in r)
-            for r in boot)):
-        raise ModelFileError(
-            f"{where} has a calibration 'bootstrap' that is not a list of [a, b] number pairs.")
+    _check_bootstrap(where, cal)
     base_path = root / "baseline.safetensors"
     base = read_safetensors(base_path, root=root, device=device)
     r = config.n_regions
