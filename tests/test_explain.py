@@ -97,8 +97,14 @@ def test_linear_model_attributions_are_exact(inputs, toy_atlas):
     # IG of a linear function is weight x (input - baseline), whatever the quadrature.
     np.testing.assert_allclose(e.ts, a_ts.numpy() * w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(e.fc, a_fc.numpy() * (c - base), rtol=1e-5, atol=1e-6)
-    assert e.steps == 8 and e.ig_gap < 1e-5
+    # the first nested level (2 intervals, 3 gradients) is already exact
+    assert e.steps == 2 and e.settings["evaluations"] == 3 and e.ig_gap < 1e-5
+    assert e.settings["quadrature"] == "clenshaw-curtis"
     assert e.baseline == {"ts": "flat", "fc": "custom"}
+    gl = explain(_Ens([toy]), w, c, baseline_fc=base, atlas=toy_atlas,
+                 quadrature="gausslegendre")
+    assert gl.steps == 8 and gl.settings["evaluations"] == 8
+    np.testing.assert_allclose(gl.fc, e.fc, rtol=1e-5, atol=1e-6)
     # completeness: everything adds up to F(x) - F(b)
     assert e.region_total.sum() == pytest.approx(e.logit - e.baseline_logit, rel=1e-5)
 
@@ -147,11 +153,37 @@ def test_steps_are_raised_until_the_gap_is_small(inputs, toy_atlas):
     seen = []
     e = explain(_Ens([toy]), w * 3, c * 3, atlas=toy_atlas,
                 progress=lambda stage, done, total, info: seen.append(info["steps"]))
-    assert seen[0] == 8 and e.steps == seen[-1]
+    assert seen[0] == 2 and e.steps == seen[-1]
     assert (e.ig_gap <= 0.01) or e.steps == 64
     strict = explain(_Ens([toy]), w * 3, c * 3, atlas=toy_atlas, rel_tol=1e-9, abs_tol=0)
     assert strict.steps == 64  # the cap is honoured, and the gap it reached is reported
     assert strict.ig_gap > 0
+    # nested: every level reuses the gradients of the ones before (65 in all, not 2+..+64)
+    assert strict.settings["evaluations"] == 65
+
+
+def test_clenshaw_curtis_rules_are_nested_and_exact_for_polynomials():
+    from fmmtc_core.explain import clenshaw_curtis
+
+    for n in (1, 2, 4, 8, 16):
+        x, wts = clenshaw_curtis(n)
+        assert wts.sum() == pytest.approx(1.0) and x[0] == 0 and x[-1] == pytest.approx(1)
+        for degree in range(n + 1):  # exact up to degree n
+            assert wts @ x ** degree == pytest.approx(1 / (degree + 1), abs=1e-12)
+        fine, _ = clenshaw_curtis(2 * n)
+        np.testing.assert_allclose(fine[::2], x, atol=1e-15)
+
+
+def test_nested_and_gauss_legendre_rules_agree_on_a_smooth_model(inputs, toy_atlas):
+    w, c = inputs
+    toy = _Toy(lambda x: torch.tanh(x[:, :3].sum((1, 2)) / 4),
+               lambda x: torch.sigmoid(x[:, 0].sum(1)) * 2, cross=0.01)
+    cc = explain(_Ens([toy]), w, c, atlas=toy_atlas, rel_tol=1e-4, abs_tol=0)
+    gl = explain(_Ens([toy]), w, c, atlas=toy_atlas, quadrature="gausslegendre", steps=(64,))
+    assert cc.ig_gap <= 1e-4
+    np.testing.assert_allclose(cc.region_total, gl.region_total, rtol=1e-3, atol=1e-5)
+    # tightening the tolerance costs only the new points of the finer levels
+    assert cc.settings["evaluations"] == cc.steps + 1
 
 
 def test_summaries_add_up_and_are_ranked(inputs, toy_atlas):
@@ -213,7 +245,11 @@ def test_gram_models_attribute_the_gram_matrix_as_connectivity(inputs, toy_atlas
     ({"baseline_fc": np.zeros((2, 2))}, r"baseline_fc has shape \(2, 2\)"),
     ({"baseline_ts": np.zeros((R, 3))}, "baseline_ts has shape"),
     ({"steps": ()}, "steps must be a non-empty list"),
-    ({"steps": (8, 1)}, "steps must be a non-empty list"),
+    ({"steps": (8, 0)}, "steps must be a non-empty list of integers >= 1"),
+    ({"steps": (8, 1), "quadrature": "gausslegendre"},
+     "steps must be a non-empty list of integers >= 2"),
+    ({"steps": (4, 6)}, "must each be a multiple of the one before"),
+    ({"quadrature": "simpson"}, "'quadrature' parameter: expected one of clenshaw-curtis"),
 ])
 def test_bad_settings_are_named(inputs, toy_atlas, kwargs, match):
     w, c = inputs
