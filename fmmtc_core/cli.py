@@ -42,6 +42,7 @@ from pathlib import Path
 
 from fmmtc_core import __version__
 from fmmtc_core.config import DEFAULT_THRESHOLDS
+from fmmtc_core.validity import model_validity
 from fmmtc_core._errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -734,11 +735,15 @@ def cmd_explain(args) -> int:
     result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
                      explain_kwargs=_explain_kwargs(args), progress=_stage_progress(args))
     out = result.to_dict()
+    validity = model_validity(model.card, model.name)
+    out["model"] = model.name
+    out["model_validity"] = validity.to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     e = result.explanation
     assert e is not None  # analyse() explains by default
+    _print_validity(validity)
     print(f"responder probability {result.probability:.2f} "
           f"[{result.band[0]:.2f}, {result.band[1]:.2f}]: {result.decision}")
     print(f"modality share: time series {e.modality_share['ts']:.1%}, "
@@ -749,6 +754,13 @@ def cmd_explain(args) -> int:
     for r in e.ranked_regions(args.top):
         print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}  ({r['network']})")
     return 0
+
+
+def _print_validity(validity) -> None:
+    """The model's validity warning as the first line of a result (stdout: it is part of the
+    result, and off a terminal stderr holds only an ``error:`` line)."""
+    if validity.warn:
+        print(f"WARNING: {validity.text}")
 
 
 def _participant_from_name(scan) -> str:
@@ -829,6 +841,7 @@ def cmd_screen(args) -> int:
         return 0
     lo, hi = result.band
     note = " (already stored; --force screens again)" if result.reused else ""
+    _print_validity(result.summary.validity)
     print(f"screening {result.screening_id}{note}: participant {result.participant}")
     print(f"  responder probability {result.probability:.2f} [{lo:.2f}, {hi:.2f}]: "
           f"{result.decision}")
@@ -904,6 +917,8 @@ def cmd_screen_batch(args) -> int:
                           explain_kwargs=_explain_kwargs(args), progress=progress)
     if bar is not None:
         bar.close()
+    _print_validity(model_validity(json.loads((model_dir / "model_card.json").read_text()),
+                                   None))
     print(f"screened {len(report.screened)}, already stored {len(report.skipped)}, "
           f"failed {len(report.failed)}"
           + (f", outcomes imported {report.outcomes}" if args.import_outcomes else ""))

@@ -563,7 +563,8 @@ def screen(
         "series": repo.encode_series(result.signals.data),
     }
     summary = ScreeningSummary.from_analysis(result, participant=pseudonym, model=model.name,
-                                             operator=operator, simulated=simulated)
+                                             operator=operator, simulated=simulated,
+                                             card=model.card)
     _check_storable(summary, model)
     regions, connections = summary.attribution_rows()
     e = result.explanation

@@ -9,18 +9,21 @@ loading the model code.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fmmtc_core.validity import ModelValidity, model_validity
 
 if TYPE_CHECKING:
     from fmmtc_core.explain import Explanation
     from fmmtc_core.screening import Analysis
     from fmmtc_core.store.models import Screening
 
-__all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
-           "attribution_rows"]
+__all__ = ["RegionScore", "ConnectionScore", "QCNumbers", "ScreeningSummary",
+           "explanation_scores", "attribution_rows"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,95 @@ class ConnectionScore:
     label_i: int
     label_j: int
     score: float
+
+
+@dataclass(frozen=True)
+class QCNumbers:
+    """The QC numbers a screening shows beside its verdict (from
+    :meth:`fmmtc_core.qc.QCReport.to_dict`, fresh or as stored with the scan).
+
+    A number that was not measured is None (no confounds: no FD; a region table: no tSNR).
+
+    Attributes
+    ----------
+    n_volumes : int or None, default=None
+    tr_s : float or None, default=None
+        Repetition time, seconds.
+    tsnr_median : float or None, default=None
+        Median voxel temporal SNR inside the atlas (NIfTI only).
+    fd_mean_mm, fd_max_mm : float or None, default=None
+        Mean and largest framewise displacement, mm (needs the confounds file).
+    frac_high_motion : float or None, default=None
+        Fraction of volumes over the FD or standardised-DVARS limit.
+    n_regions : int or None, default=None
+        Regions of the atlas.
+    uncovered_regions : tuple of str, default=()
+        Names of the atlas regions without (enough) signal.
+    motion_known : bool, default=False
+        Whether head motion was measured (FD or standardised DVARS from a confounds file).
+    """
+
+    n_volumes: int | None = None
+    tr_s: float | None = None
+    tsnr_median: float | None = None
+    fd_mean_mm: float | None = None
+    fd_max_mm: float | None = None
+    frac_high_motion: float | None = None
+    n_regions: int | None = None
+    uncovered_regions: tuple[str, ...] = ()
+    motion_known: bool = False
+
+    @property
+    def n_covered(self) -> int | None:
+        """Atlas regions with signal (None when the number of regions is unknown)."""
+        return None if self.n_regions is None else self.n_regions - len(self.uncovered_regions)
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> QCNumbers:
+        """The numbers of a QC report dict.
+
+        Parameters
+        ----------
+        d : mapping or None
+            :meth:`fmmtc_core.qc.QCReport.to_dict` (or the ``qc`` column of a stored scan,
+            which may come from an older version and lack keys); None gives all unknown.
+
+        Returns
+        -------
+        QCNumbers
+            ``motion_known`` is the dict's own when it has one, else whether FD or the
+            high-motion fraction was measured.
+        """
+        d = d or {}
+
+        def num(key):
+            v = d.get(key)
+            return None if v is None else float(v)
+
+        motion = d.get("motion_known")
+        if motion is None:
+            motion = d.get("fd_mean_mm") is not None or d.get("frac_high_motion") is not None
+        return cls(
+            n_volumes=None if d.get("n_volumes") is None else int(d["n_volumes"]),
+            tr_s=num("tr_s"), tsnr_median=num("tsnr_median"), fd_mean_mm=num("fd_mean_mm"),
+            fd_max_mm=num("fd_max_mm"), frac_high_motion=num("frac_high_motion"),
+            n_regions=None if d.get("n_regions") is None else int(d["n_regions"]),
+            uncovered_regions=tuple(str(n) for n in d.get("uncovered_regions") or ()),
+            motion_known=bool(motion))
+
+    def to_dict(self) -> dict:
+        """The numbers as a JSON-ready dict (the field names, ``n_covered`` added).
+
+        Returns
+        -------
+        dict
+        """
+        return {"n_volumes": self.n_volumes, "tr_s": self.tr_s,
+                "tsnr_median": self.tsnr_median, "fd_mean_mm": self.fd_mean_mm,
+                "fd_max_mm": self.fd_max_mm, "frac_high_motion": self.frac_high_motion,
+                "n_regions": self.n_regions, "n_covered": self.n_covered,
+                "uncovered_regions": list(self.uncovered_regions),
+                "motion_known": self.motion_known}
 
 
 @dataclass(frozen=True)
@@ -132,6 +224,12 @@ class ScreeningSummary:
         True when an earlier stored screening of the same inputs was returned.
     simulated : bool, default=False
         True for a simulated (demo) participant.
+    validity : ModelValidity, default=model_validity(None)
+        What the model that made the screening is valid for, from its card
+        (:func:`fmmtc_core.validity.model_validity`): every reader shows its warning. The
+        default (no card known) is status ``"unknown"``, which warns.
+    qc : QCNumbers, default=QCNumbers()
+        The QC numbers beside the verdict (tSNR, FD, coverage, uncovered regions).
     """
 
     participant: str
@@ -160,6 +258,8 @@ class ScreeningSummary:
     screening_id: int | None = None  # None until stored
     reused: bool = False
     simulated: bool = False
+    validity: ModelValidity = field(default_factory=lambda: model_validity(None))
+    qc: QCNumbers = field(default_factory=QCNumbers)
 
     @property
     def runtime_s(self) -> float:
@@ -168,8 +268,8 @@ class ScreeningSummary:
 
     @classmethod
     def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,
-                      created_at: dt.datetime | None = None,
-                      simulated: bool = False) -> ScreeningSummary:
+                      created_at: dt.datetime | None = None, simulated: bool = False,
+                      card: Mapping | None = None) -> ScreeningSummary:
         """The summary of a fresh analysis.
 
         Parameters
@@ -186,6 +286,8 @@ class ScreeningSummary:
             When; None: now, UTC.
         simulated : bool, default=False
             Whether the participant is simulated.
+        card : mapping or None, default=None
+            The model's card, for :attr:`validity`; None: unknown (the result warns).
 
         Returns
         -------
@@ -208,7 +310,9 @@ class ScreeningSummary:
             decision=a.decision, thresholds=dict(a.thresholds), qc_verdict=a.qc.verdict,
             qc_reasons=tuple(a.qc.reasons), model=model, operator=operator,
             created_at=created_at or dt.datetime.now(dt.timezone.utc), simulated=simulated,
-            stage_seconds={k: float(v) for k, v in a.stage_seconds.items()}, **extra)
+            stage_seconds={k: float(v) for k, v in a.stage_seconds.items()},
+            validity=model_validity(card, model), qc=QCNumbers.from_dict(a.qc.to_dict()),
+            **extra)
 
     @classmethod
     def from_row(cls, sc: Screening, *, reused: bool = False) -> ScreeningSummary:
@@ -248,7 +352,9 @@ class ScreeningSummary:
             ig_gap_abs=exp.get("ig_gap_abs"), ig_steps=sc.ig_steps,
             baseline=exp.get("baseline"), logit=exp.get("logit"),
             baseline_logit=exp.get("baseline_logit"), stage_seconds=dict(sc.stage_seconds),
-            screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated))
+            screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated),
+            validity=model_validity(sc.model_version.card, sc.model_version.name),
+            qc=QCNumbers.from_dict(sc.scan.qc))
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
         """The summary as a JSON-ready dict (the ``fmmtc screen --json`` output).
@@ -268,7 +374,10 @@ class ScreeningSummary:
             ``top_connections`` (the :class:`ConnectionScore` fields), ``networks``,
             ``ig_gap``, ``ig_gap_abs``, ``steps``, ``baseline``, ``logit``, ``baseline_logit``,
             ``stage_seconds``, ``runtime_s`` (both rounded to 0.1 ms), ``model``,
-            ``operator`` and ``created_at`` (ISO 8601).
+            ``model_validity`` (:meth:`ModelValidity.to_dict
+            <fmmtc_core.validity.ModelValidity.to_dict>`: whether the result carries a
+            warning, and why), ``operator`` and ``created_at`` (ISO 8601). ``qc`` also holds
+            the numbers of :meth:`QCNumbers.to_dict`.
         """
         regions = self.regions if n_regions is None else self.regions[:n_regions]
         return {
@@ -277,7 +386,8 @@ class ScreeningSummary:
             "probability": self.probability, "band": list(self.band),
             "fold_probabilities": list(self.fold_probabilities), "decision": self.decision,
             "thresholds": self.thresholds,
-            "qc": {"verdict": self.qc_verdict, "reasons": list(self.qc_reasons)},
+            "qc": {"verdict": self.qc_verdict, "reasons": list(self.qc_reasons),
+                   **self.qc.to_dict()},
             "modality_share": {"ts": self.share_ts, "fc": self.share_fc},
             "regions": [{"label": r.label, "name": r.name, "score": r.score, "ts": r.ts,
                          "fc": r.fc, "network": r.network} for r in regions],
@@ -287,7 +397,8 @@ class ScreeningSummary:
             "baseline_logit": self.baseline_logit,
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "runtime_s": round(self.runtime_s, 4), "model": self.model,
-            "operator": self.operator, "created_at": self.created_at.isoformat(),
+            "model_validity": self.validity.to_dict(), "operator": self.operator,
+            "created_at": self.created_at.isoformat(),
         }
 
     def attribution_rows(self) -> tuple[list[dict], list[dict]]:

@@ -58,6 +58,15 @@ if df.empty:
 if df["simulated"].any():
     st.warning(f"{int(df['simulated'].sum())} of {len(df)} participants are SIMULATED demo "
                "data (pseudonyms starting SIM-), not real people.")
+severe = df["model_validity"].isin(["simulated", "unknown"])
+if severe.any():
+    st.error(f"**{int(severe.sum())} of {len(df)} screenings were made by a model trained on "
+             "SIMULATED data** (or on data its card does not name): their probabilities and "
+             "decisions say nothing about real people. The 'model validity' column says which.")
+unvalidated = df["model_validity"] == "not validated"
+if unvalidated.any():
+    st.warning(f"{int(unvalidated.sum())} of {len(df)} screenings were made by a model NOT "
+               "VALIDATED ON THIS SITE'S DATA: treat them as research estimates.")
 
 with st.expander("Filters", expanded=False):
     c = st.columns(4)
@@ -84,7 +93,8 @@ st.caption(f"{len(view)} of {len(df)} participants (latest screening of each wit
 
 show = view[["screening_id", "participant", "site", "drug", "probability", "band_low",
              "band_high", "decision", "qc_verdict", "outcome", "simulated", "model",
-             "operator", "created_at"]].sort_values("created_at", ascending=False)
+             "model_validity", "operator", "created_at"]].sort_values("created_at",
+                                                                     ascending=False)
 st.dataframe(show, hide_index=True, width="stretch", column_config={
     "screening_id": st.column_config.NumberColumn("id"),
     "probability": st.column_config.ProgressColumn("probability", min_value=0.0,
@@ -92,6 +102,9 @@ st.dataframe(show, hide_index=True, width="stretch", column_config={
     "band_low": st.column_config.NumberColumn("band from", format="%.2f"),
     "band_high": st.column_config.NumberColumn("band to", format="%.2f"),
     "qc_verdict": st.column_config.TextColumn("QC"),
+    "model_validity": st.column_config.TextColumn(
+        "model validity", help="simulated: trained on simulated data only; not validated: "
+                               "never checked on this site's data; validated: checked here"),
     "created_at": st.column_config.DatetimeColumn("screened", format="YYYY-MM-DD HH:mm"),
 })
 st.download_button("Export these rows (CSV)", repo.csv_text(view),

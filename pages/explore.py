@@ -7,6 +7,7 @@ import streamlit as st
 
 from fmmtc_app import session
 from fmmtc_app.access import require_access
+from fmmtc_app.notices import validity_banner
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.figures import (
     FC_COLOR,
@@ -74,6 +75,7 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
     sm = d.summary
     if sm.simulated:
         st.info("SIMULATED participant (demo data).")
+    validity_banner(sm.validity)
     m = st.columns(4)
     m[0].metric("Probability", f"{sm.probability:.0%}",
                 help=f"band {sm.band[0]:.0%} - {sm.band[1]:.0%}")

@@ -10,8 +10,10 @@ import streamlit as st
 
 from fmmtc_app import session
 from fmmtc_app.access import require_access
+from fmmtc_app.notices import validity_banner
 from fmmtc_core import FMMTCError
 from fmmtc_core.ablation import AblationStudy, read_ablation
+from fmmtc_core.validity import model_validity
 
 ABLATION = Path(__file__).resolve().parents[1] / "docs" / "ablation.md"
 
@@ -32,10 +34,10 @@ model = session.model()
 card = model.card
 st.caption(f"Folder `{session.active_model_dir()}`; running on **{model.device.type.upper()}**; "
            f"version id `{model.weights_sha256[:12]}`.")
-if card.get("data", {}).get("simulated"):
-    st.warning(card.get("intended_use", "Trained on simulated data."))
-else:
-    st.info(card.get("intended_use", "Research only. Not a medical device."))
+validity = model_validity(card, model.name)
+validity_banner(validity)
+st.markdown(f"**Valid for:** {validity.valid_for}  \n**Trained on:** {validity.trained_on}")
+st.caption(f"The card's intended use: {card.get('intended_use', 'not stated')}")
 
 for text in card.get("warnings", []):  # training found no usable signal: say it first
     st.error(f"**{text}**")

@@ -7,8 +7,10 @@ import streamlit as st
 from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX
+from fmmtc_app.notices import validity_banner
 from fmmtc_app.uploads import staged_uploads
 from fmmtc_core.atlas import load_atlas
+from fmmtc_core.config import DEFAULT_THRESHOLDS
 from fmmtc_core.figures import (
     brain3d_figure,
     carpet_figure,
@@ -19,6 +21,7 @@ from fmmtc_core.figures import (
 from fmmtc_core.report import glass_brain_png, screening_report_html
 from fmmtc_core.review import region_scores, top_regions
 from fmmtc_core.screening import STAGES, QCFailedError
+from fmmtc_core.validity import model_validity
 
 require_access()
 
@@ -43,6 +46,9 @@ st.write(
 model = session.model()
 st.caption(f"Model **{model.name}** ({model.atlas} atlas, {len(model.models)} fold models) "
            f"on **{model.device.type.upper()}**.")
+if (active := model_validity(model.card, model.name)).warn:
+    st.caption(f":warning: {active.headline.capitalize()}: every result says so "
+               "(see the Model page).")
 
 result_area = st.container()  # the latest result shows above the form
 has_result = st.session_state.get("screen_result") is not None
@@ -161,13 +167,15 @@ def _show(result) -> None:
         st.success(f"Saved to the cohort as screening {result.screening_id}.")
 
     st.subheader(f"Participant {result.participant}")
+    validity_banner(summary.validity)  # above the decision: it cannot be read without it
     c = st.columns(4)
     c[0].metric("Responder probability", f"{result.probability:.0%}")
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     c[3].metric("Model", summary.model)
     st.plotly_chart(probability_figure(result.probability, result.band,
-                                       summary.thresholds), width="stretch")
+                                       {**DEFAULT_THRESHOLDS, **summary.thresholds}),
+                    width="stretch")
     st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
                "cross-validation fold models. The decision is 'likely responder' only when the "
                "whole band clears the responder threshold.")

@@ -262,7 +262,7 @@ def hcpex_scans(tmp_path_factory):
 
 
 def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
-                   revision=0, site="S1"):
+                   revision=0, site="S1", atlas="X", qc=None):
     """Store a screening with made-up numbers through the repository (no model, no scan): for
     tests of the database, the export and the pages. Labels are not validated here, as rows
     written by an older version would not have been."""
@@ -271,7 +271,8 @@ def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_reg
     p = repo.get_or_create_participant(session, pseudonym, actor="t", site=site)
     mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
     scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
-            "atlas": "X", "qc_verdict": "pass", "qc": {"reasons": []}, "n_volumes": 100,
+            "atlas": atlas, "qc_verdict": (qc or {}).get("verdict", "pass"),
+            "qc": qc or {"reasons": []}, "n_volumes": 100,
             "n_regions": n_regions,
             "series": repo.encode_series(np.zeros((100, n_regions), np.float32))}
     fields = {"inputs_sha256": sha, "probability": prob, "band_low": prob - 0.1,

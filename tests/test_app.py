@@ -76,7 +76,8 @@ def _counts(db):
 def test_every_page_renders_on_an_empty_database(db, page, title):
     at = _app(page)
     assert at.title[0].value == title
-    assert not at.error
+    # the Model page says (as an error box) that the demo learnt from simulated data only
+    assert [e for e in _errors(at) if "SIMULATED DATA ONLY" not in e] == []
 
 
 @pytest.mark.slow  # a screening (or four) in the worker
@@ -255,7 +256,7 @@ def test_model_page_shows_the_card(db):
     labels = {m.label: m.value for m in at.metric}
     card = json.loads((DEMO_MODEL_DIR / "model_card.json").read_text())
     assert labels["AUC"] == f"{card['metrics_out_of_fold']['auc']:.3f}"
-    assert any("SIMULATED" in w.value for w in at.warning)
+    assert any("SIMULATED DATA ONLY" in e for e in _errors(at))  # louder than a warning
     frames = [d.value for d in at.dataframe if "model" in d.value.columns]
     # the demo ships fmmtc compare's table (lower-case "auc") beside the ablation study's
     comparison = [f for f in frames if "auc" in f.columns]
@@ -460,3 +461,93 @@ def test_qc_page_bad_upload_shows_a_plain_error(db):
     at.run()
     assert at.error[0].value.startswith("This scan cannot be used: ")
     assert "wrong magic number" in at.error[0].value
+
+
+# --------------------------------------------------------------------------------------------
+# The honesty of a result: what the model is valid for, on every page that shows a result
+# --------------------------------------------------------------------------------------------
+def _demo_card() -> dict:
+    return json.loads((DEMO_MODEL_DIR / "model_card.json").read_text())
+
+
+REAL_CARD = {"name": "site-model", "data": {"cohort": "/data/pain", "n_subjects": 80,
+                                            "n_responders": 30, "simulated": False}}
+
+
+def _stored(db, card: dict | None, pseudonym="PAIN-0001", **kw) -> int:
+    """Store a made-up screening whose model version carries ``card``; return its id."""
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+
+    with session_scope(open_database(db), write=True) as s:
+        if card is not None:  # fake_screening's model version ("f" * 64), with this card
+            repo.get_or_create_model_version(s, card.get("name", "m"), "f" * 64, card,
+                                             actor="t")
+        return fake_screening(s, pseudonym, **kw).id
+
+
+def _result(db, screening_id: int):
+    from fmmtc_core.screening import ScreeningResult
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.summary import ScreeningSummary
+
+    with session_scope(open_database(db)) as s:
+        return ScreeningResult(ScreeningSummary.from_row(repo.get_screening(s, screening_id)))
+
+
+def _app_with(state: dict, page: str | None = None) -> AppTest:
+    """The app with ``state`` in the browser session before the first run (a result card as
+    a screening leaves it, without running one)."""
+    at = AppTest.from_file(APP, default_timeout=300)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_result_card_says_the_demo_model_learnt_from_simulated_data(db):
+    """A real (not simulated) participant screened with the demo model: the card says, above
+    the decision, that the model was trained on simulated data only."""
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card()))})
+    errors = _errors(at)
+    assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
+               and "says nothing about a real person" in e for e in errors), errors
+    assert any("Decision" == m.label for m in at.metric)
+
+
+def test_result_card_says_a_real_model_is_not_validated_here(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, REAL_CARD))})
+    assert any("NOT VALIDATED ON THIS SITE'S DATA" in w.value for w in at.warning)
+    assert not any("SIMULATED DATA ONLY" in e for e in _errors(at))
+
+
+def test_a_validated_model_shows_no_validity_warning(db):
+    card = REAL_CARD | {"site_validation": {"site": "leeds", "n_subjects": 40}}
+    at = _app_with({"screen_result": _result(db, _stored(db, card))})
+    assert not any("VALIDATED" in w.value for w in at.warning) and not _errors(at)
+
+
+def test_explorer_and_cohort_say_which_results_come_from_a_simulated_model(db, aal3):
+    _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3")
+    at = _app("explore")
+    assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
+               for e in _errors(at)), _errors(at)
+    at.switch_page("pages/cohort.py")
+    at.run()
+    assert not at.exception
+    assert any("1 of 1 screenings were made by a model trained on SIMULATED data" in e
+               for e in _errors(at)), _errors(at)
+    shown = at.dataframe[0].value
+    assert list(shown["model_validity"]) == ["simulated"]
+
+
+def test_model_page_states_what_the_model_is_valid_for(db):
+    at = _app("model")
+    shown = _everything_shown(at)
+    assert "**Valid for:** Trying out the software" in shown
+    assert "DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in shown

@@ -58,3 +58,18 @@ def test_glass_brain_png():
     atlas = load_atlas("aal3")
     png = glass_brain_png(atlas, np.linspace(-1, 1, atlas.n_regions))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_report_carries_the_model_validity_warning_first():
+    from fmmtc_core.validity import model_validity
+
+    demo = model_validity({"name": "demo", "data": {"simulated": True}})
+    html = screening_report_html(_summary(validity=demo, simulated=False))
+    banner = html.index("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert banner < html.index("likely responder") and "says nothing about a real person" in html
+    real = model_validity({"name": "m", "data": {"cohort": "c", "n_subjects": 9}})
+    assert "NOT VALIDATED ON THIS SITE&#39;S DATA" in screening_report_html(
+        _summary(validity=real))
+    ok = model_validity({"name": "m", "data": {"n_subjects": 9},
+                         "site_validation": {"site": "here"}})
+    assert "VALIDATED ON" not in screening_report_html(_summary(validity=ok))

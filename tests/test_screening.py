@@ -377,6 +377,8 @@ def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
     assert len(d["band"]) == 2 and set(d["modality_share"]) == {"ts", "fc"}
     assert set(d["regions"][0]) == {"label", "name", "score", "ts", "fc", "network"}
     assert d["created_at"].endswith("+00:00") and d["operator"]
+    # the demo model learnt from simulated data: the JSON says so, as the export row does
+    assert d["model_validity"]["status"] == "simulated" and d["model_validity"]["warning"]
     code, out, _ = _cli(["outcome", d["participant_id"], "responder", "--db", db], capsys)
     assert code == 0 and "recorded" in out
     csv = tmp_path / "export" / "screenings.csv"
@@ -385,14 +387,20 @@ def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
     table = pd.read_csv(csv)
     assert table.loc[0, "outcome"] == "responder"
     assert table.loc[0, "probability"] == pytest.approx(d["probability"])
+    assert table.loc[0, "model_validity"] == "simulated"
+    assert table.loc[0, "model_warning"].startswith("DEMONSTRATION MODEL - TRAINED ON SIMULATED")
     code, out, _ = _cli(["db", "check", "--db", db], capsys)
     assert code == 0 and "ok" in out
 
 
 def test_cli_bad_input_exit_2_and_database_unchanged(tmp_path, cohort, capsys):
     db = f"sqlite:///{tmp_path / 'cli.db'}"
-    code, _, err = _cli(["screen", _scans(cohort)[0], "--db", db, "--tolerance", "0.05"], capsys)
+    code, out, err = _cli(["screen", _scans(cohort)[0], "--db", db, "--tolerance", "0.05"],
+                          capsys)
     assert code == 0, err
+    result = out[out.index("\nWARNING: "):].splitlines()[1:]  # after the progress lines
+    assert result[0].startswith("WARNING: DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert result[1].startswith("screening 1: participant ")
     engine = open_database(db)
     before = row_counts(engine)
     bad = tmp_path / "bad.nii.gz"

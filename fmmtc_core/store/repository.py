@@ -635,8 +635,8 @@ def _latest_outcomes(session: Session) -> dict[int, bool]:
 
 SCREENING_COLUMNS = ["screening_id", "participant", "site", "drug", "arm", "simulated",
                      "probability", "band_low", "band_high", "decision", "qc_verdict", "model",
-                     "share_ts", "share_fc", "ig_gap", "ig_steps", "runtime_s", "operator",
-                     "created_at", "outcome"]
+                     "model_validity", "model_warning", "share_ts", "share_fc", "ig_gap",
+                     "ig_steps", "runtime_s", "operator", "created_at", "outcome"]
 
 
 @fill_doc
@@ -656,10 +656,15 @@ def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFram
         In screening order, the columns of :data:`SCREENING_COLUMNS`: ``screening_id``,
         ``participant`` (pseudonym), ``site``, ``drug``, ``arm``, ``simulated``,
         ``probability``, ``band_low``, ``band_high``, ``decision``, ``qc_verdict``, ``model``
-        (name), ``share_ts``, ``share_fc``, ``ig_gap``, ``ig_steps``, ``runtime_s``,
-        ``operator``, ``created_at`` (UTC, naive) and ``outcome`` (``"responder"``,
-        ``"non-responder"`` or None).
+        (name), ``model_validity`` (the model's
+        :attr:`~fmmtc_core.validity.ModelValidity.status`: ``"simulated"``, ``"unknown"``,
+        ``"not validated"`` or ``"validated"``), ``model_warning`` (its warning as one
+        sentence; empty for a validated model), ``share_ts``, ``share_fc``, ``ig_gap``,
+        ``ig_steps``, ``runtime_s``, ``operator``, ``created_at`` (UTC, naive) and ``outcome``
+        (``"responder"``, ``"non-responder"`` or None).
     """
+    from fmmtc_core.validity import model_validity
+
     with Session(engine) as s:
         q = (select(Screening.id, Participant.pseudonym, Participant.site, Participant.drug,
                     Participant.arm, Participant.simulated, Screening.probability,
@@ -674,10 +679,18 @@ def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFram
              .order_by(Screening.id))
         rows = s.execute(q).all()
         outcomes = _latest_outcomes(s)
-    cols = SCREENING_COLUMNS[:-1] + ["participant_id", "model_version_id"]
+        validity = {mv.id: model_validity(mv.card, mv.name)
+                    for mv in s.scalars(select(ModelVersion))}
+    extra = ["model_validity", "model_warning", "outcome"]
+    cols = [c for c in SCREENING_COLUMNS if c not in extra] + ["participant_id",
+                                                               "model_version_id"]
     df = pd.DataFrame(rows, columns=cols)
     if latest_only and len(df):
         df = df.drop_duplicates(["participant_id", "model_version_id"], keep="last")
+    df.insert(cols.index("model") + 1, "model_validity",
+              [validity[m].status for m in df["model_version_id"]])
+    df.insert(cols.index("model") + 2, "model_warning",
+              [validity[m].text if validity[m].warn else "" for m in df["model_version_id"]])
     df["outcome"] = [
         None if pid not in outcomes else ("responder" if outcomes[pid] else "non-responder")
         for pid in df["participant_id"]]
