@@ -240,7 +240,8 @@ def cmd_qc(args) -> int:
         d = report.to_dict()
         for key in ("n_volumes", "tr_s", "tsnr_median", "fd_mean_mm", "frac_high_motion",
                     "n_uncovered_regions"):
-            print(f"  {key}: {d[key]}")
+            unknown = d[key] is None and key in ("fd_mean_mm", "frac_high_motion")
+            print(f"  {key}: {'unknown (no confounds with FD)' if unknown else d[key]}")
     return 0
 
 

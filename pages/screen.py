@@ -181,21 +181,27 @@ def _show(result) -> None:
                "whole band clears the responder threshold.")
 
     analysis = result.analysis
-    with st.expander(f"Scan quality: {summary.qc_verdict}",
-                     expanded=summary.qc_verdict != "pass"):
+    q = summary.qc
+    motion = "" if q.motion_known else " (head motion unknown)"
+    with st.expander(f"Scan quality: {summary.qc_verdict}{motion}",
+                     expanded=summary.qc_verdict != "pass" or not q.motion_known):
         for reason in summary.qc_reasons:
             st.markdown(f"- {reason}")
+        m = st.columns(4)
+        m[0].metric("Volumes", "n/a" if q.n_volumes is None else q.n_volumes)
+        m[1].metric("Median tSNR", "n/a" if q.tsnr_median is None else f"{q.tsnr_median:.1f}",
+                    help="Not measured for a region table (no voxels)."
+                    if q.tsnr_median is None else None)
+        m[2].metric("Mean FD (mm)", "unknown" if q.fd_mean_mm is None else f"{q.fd_mean_mm:.2f}",
+                    help="Needs the scan's fMRIPrep confounds file: without it head motion is "
+                         "unknown (a QC warning)." if q.fd_mean_mm is None else None)
+        m[3].metric("Regions covered", "n/a" if q.n_covered is None
+                    else f"{q.n_covered} / {q.n_regions}")
+        if q.uncovered_regions:
+            st.caption("Not covered (no information for the model): "
+                       + ", ".join(q.uncovered_regions))
         if analysis is not None:
             rep = analysis.qc
-            d = rep.to_dict()
-            m = st.columns(4)
-            m[0].metric("Volumes", d["n_volumes"])
-            m[1].metric("Median tSNR",
-                        "n/a" if d["tsnr_median"] is None else f"{d['tsnr_median']:.1f}")
-            m[2].metric("Mean FD (mm)",
-                        "n/a" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}")
-            m[3].metric("Regions covered",
-                        f"{d['n_regions'] - d['n_uncovered_regions']} / {d['n_regions']}")
             if rep.carpet is not None:
                 st.plotly_chart(carpet_figure(rep.carpet, rep.carpet_regions,
                                               analysis.signals.atlas.groups, rep.tr),
@@ -204,7 +210,8 @@ def _show(result) -> None:
                 st.plotly_chart(motion_figure(rep.tr, rep.fd, rep.dvars,
                                               rep.thresholds.fd_threshold), width="stretch")
         else:
-            st.caption("Stored result: open the Scan quality page to re-check the file.")
+            st.caption("Stored result: the carpet and motion plots need the file; open the "
+                       "Scan quality page to re-check it.")
 
     st.subheader("Why: where the model looked")
     m = st.columns(3)

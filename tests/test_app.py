@@ -551,3 +551,34 @@ def test_model_page_states_what_the_model_is_valid_for(db):
     shown = _everything_shown(at)
     assert "**Valid for:** Trying out the software" in shown
     assert "DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in shown
+
+
+# --------------------------------------------------------------------------------------------
+# Unknown head motion is a warning, shown as such
+# --------------------------------------------------------------------------------------------
+def test_qc_page_says_motion_is_unknown_without_confounds(db, tmp_path, grid_labels):
+    path = save_nifti(tmp_path / "sub-01_bold.nii.gz", make_bold(grid_labels))
+    at = _app("qc")
+    at.selectbox[0].set_value("aal3")
+    at.file_uploader[0].upload("sub-01_bold.nii.gz", path.read_bytes(), "application/gzip")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not at.success  # never "Passed quality control"
+    assert [w.value for w in at.warning] == ["Usable, with warnings"]
+    assert any(m.value.startswith("- Head motion is unknown: no fMRIPrep confounds file")
+               for m in at.markdown)
+    assert {m.label: m.value for m in at.metric}["Mean FD (mm)"] == "unknown"
+
+
+def test_result_card_shows_unknown_motion_as_a_warning(db):
+    reason = ("Head motion is unknown: no fMRIPrep confounds file was given, so framewise "
+              "displacement (FD) could not be measured.")
+    qc = {"verdict": "warn", "reasons": [reason], "n_volumes": 100, "tr_s": 2.0,
+          "n_regions": 3, "uncovered_regions": [], "tsnr_median": None, "fd_mean_mm": None,
+          "motion_known": False}
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card(), qc=qc))})
+    qc_box = next(e for e in at.expander if e.label.startswith("Scan quality"))
+    assert qc_box.label == "Scan quality: warn (head motion unknown)"
+    metrics = {m.label: m.value for m in qc_box.metric}
+    assert metrics["Mean FD (mm)"] == "unknown" and metrics["Regions covered"] == "3 / 3"
+    assert any(reason in m.value for m in qc_box.markdown)
