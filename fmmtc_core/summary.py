@@ -23,7 +23,36 @@ if TYPE_CHECKING:
     from fmmtc_core.store.models import Screening
 
 __all__ = ["RegionScore", "ConnectionScore", "QCNumbers", "ScreeningSummary",
-           "explanation_scores", "attribution_rows"]
+           "explanation_scores", "attribution_rows", "format_share"]
+
+#: What the explanation records for a time series it did not attribute
+#: (:func:`fmmtc_core.explain.explain`).
+_TS_HELD = "held at the scan"
+
+
+def format_share(value: float | None) -> str:
+    """A modality share as a percentage that never rounds a small share down to "0%".
+
+    Parameters
+    ----------
+    value : float or None
+        A share in [0, 1].
+
+    Returns
+    -------
+    str
+        ``"n/a"`` for None; ``"0%"`` only for exactly 0; one decimal below 1 % (``"0.4%"``;
+        ``"<0.1%"`` below 0.05 %); whole percents otherwise.
+    """
+    if value is None:
+        return "n/a"
+    if value == 0:
+        return "0%"
+    if value < 0.0005:
+        return "<0.1%"
+    if value < 0.01 or value > 0.99 and value < 1:
+        return f"{value:.1%}"
+    return f"{value:.0%}"
 
 
 @dataclass(frozen=True)
@@ -265,6 +294,49 @@ class ScreeningSummary:
     def runtime_s(self) -> float:
         """Total seconds of the screening: the sum of :attr:`stage_seconds`."""
         return float(sum(self.stage_seconds.values()))
+
+    @property
+    def share_note(self) -> str:
+        """What the modality shares mean for this screening, and why a share is 0 or small.
+
+        A time-series share of 0 % has three different causes, which must not be confused
+        with "the time series does not matter": the model has no time-series branch; the
+        explanation held the time series fixed at the scan (a foundation encoder too large to
+        attribute on this device, see :func:`fmmtc_core.explain.explain`), so its share is not
+        measured; or it was measured and is genuinely small. The sentence names which, from
+        the explanation's recorded :attr:`baseline`.
+        """
+        if self.share_ts is None:
+            return "This screening was not explained."
+        text = ("Shares of the total absolute attribution: how much of the change from the "
+                "baseline participant came through each modality.")
+        b = self.baseline
+        ts = self.share_ts
+        fc = self.share_fc or 0.0
+        if not b:
+            if ts == 0:
+                text += (" How the time series was treated was not recorded for this "
+                         "screening, so a 0 % time-series share cannot be read as a finding.")
+            return text
+        if "ts" not in b and "amplitude" not in b:
+            return text + (" This model has no time-series branch (it reads connectivity "
+                           "only), so the time-series share is 0 % by design, not a finding.")
+        if str(b.get("ts", "")).startswith(_TS_HELD):
+            held = (" Integrated Gradients held the time-series encoder's input fixed at this "
+                    "scan (attributing it is too costly for this encoder on this device)")
+            if "amplitude" in b:
+                return text + held + (", so the time-series share counts only the regional "
+                                      "amplitude; the encoder's contribution is not measured.")
+            return text + held + (", so the time-series share is 0 % by construction: the "
+                                  "encoder's contribution is not measured, which does not "
+                                  "mean the time series does not matter.")
+        if 0 < ts < 0.005 or (ts == 0 and fc > 0):
+            return text + (f" The time-series share is genuinely small ({format_share(ts)}): "
+                           "this prediction moved almost entirely with the connectivity.")
+        if "fc" in b and (0 < fc < 0.005 or (fc == 0 and ts > 0)):
+            return text + (f" The connectivity share is genuinely small ({format_share(fc)}): "
+                           "this prediction moved almost entirely with the time series.")
+        return text
 
     @classmethod
     def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,

@@ -23,6 +23,7 @@ from fmmtc_core.review import top_regions
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 from fmmtc_core.store.repository import ScreeningRecord
+from fmmtc_core.summary import format_share
 
 require_access()
 st.title("Attribution explorer")
@@ -81,8 +82,9 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
                 help=f"band {sm.band[0]:.0%} - {sm.band[1]:.0%}")
     m[1].metric("Decision", sm.decision)
     m[2].metric("Time series / connectivity",
-                f"{sm.share_ts or 0:.0%} / {sm.share_fc or 0:.0%}")
+                f"{format_share(sm.share_ts)} / {format_share(sm.share_fc)}")
     m[3].metric("IG gap", f"{sm.ig_gap or 0:.2%}", help=f"{sm.ig_steps} integration steps")
+    st.caption(sm.share_note)
     st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
     views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
               "Against the cohort"] if full else ["TS vs connectivity", "Networks"])

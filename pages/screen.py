@@ -21,6 +21,7 @@ from fmmtc_core.figures import (
 from fmmtc_core.report import glass_brain_png, screening_report_html
 from fmmtc_core.review import region_scores, top_regions
 from fmmtc_core.screening import STAGES, QCFailedError
+from fmmtc_core.summary import format_share
 from fmmtc_core.validity import model_validity
 
 require_access()
@@ -215,12 +216,13 @@ def _show(result) -> None:
 
     st.subheader("Why: where the model looked")
     m = st.columns(3)
-    m[0].metric("Time-series share", f"{summary.share_ts or 0:.0%}")
-    m[1].metric("Connectivity share", f"{summary.share_fc or 0:.0%}")
+    m[0].metric("Time-series share", format_share(summary.share_ts))
+    m[1].metric("Connectivity share", format_share(summary.share_fc))
     m[2].metric("Completeness gap", f"{summary.ig_gap or 0:.2%}",
                 help=f"Integrated Gradients with {summary.ig_steps} steps: how far the "
                      "attributions are from adding up exactly to the change in the model's "
                      "output (kept below 1 %).")
+    st.caption(summary.share_note)
     st.caption("Integrated Gradients scores in logit units. **Red**: pushed towards responder; "
                "**blue**: towards non-responder; relative to a participant with flat time "
                "series and the training cohort's average connectivity.")

@@ -262,7 +262,7 @@ def hcpex_scans(tmp_path_factory):
 
 
 def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
-                   revision=0, site="S1", atlas="X", qc=None):
+                   revision=0, site="S1", atlas="X", qc=None, fields=None):
     """Store a screening with made-up numbers through the repository (no model, no scan): for
     tests of the database, the export and the pages. Labels are not validated here, as rows
     written by an older version would not have been."""
@@ -279,7 +279,7 @@ def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_reg
               "band_high": prob + 0.1, "fold_probabilities": [prob], "decision": "uncertain",
               "thresholds": {"responder": 0.6}, "share_ts": 0.1, "share_fc": 0.9,
               "ig_gap": 0.001, "ig_steps": 8, "explanation": {}, "runtime_s": 1.0,
-              "stage_seconds": {}, "software_version": "0"}
+              "stage_seconds": {}, "software_version": "0", **(fields or {})}
     regions = [{"region_index": i, "label": i + 1, "name": f"r{i}", "network": "N",
                 "ts": 0.0, "fc": float(i), "total": float(i)} for i in range(n_regions)]
     conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,

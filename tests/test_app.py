@@ -582,3 +582,28 @@ def test_result_card_shows_unknown_motion_as_a_warning(db):
     metrics = {m.label: m.value for m in qc_box.metric}
     assert metrics["Mean FD (mm)"] == "unknown" and metrics["Regions covered"] == "3 / 3"
     assert any(reason in m.value for m in qc_box.markdown)
+
+
+# --------------------------------------------------------------------------------------------
+# A 0 % time-series share says what it means and why
+# --------------------------------------------------------------------------------------------
+HELD_TS = {"share_ts": 0.0, "share_fc": 1.0, "explanation": {
+    "baseline": {"ts": "held at the scan (not attributed)", "fc": "cohort_mean"}}}
+
+
+def test_result_card_explains_a_zero_time_series_share(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card(), fields=HELD_TS))})
+    assert {m.label: m.value for m in at.metric}["Time-series share"] == "0%"
+    assert any("held the time-series encoder's input fixed" in c.value
+               and "0 % by construction" in c.value for c in at.caption)
+
+
+def test_explorer_explains_a_small_time_series_share(db, aal3):
+    fields = {"share_ts": 0.003, "share_fc": 0.997,
+              "explanation": {"baseline": {"ts": "flat", "fc": "cohort_mean"}}}
+    _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3", fields=fields)
+    at = _app("explore")
+    assert {m.label: m.value for m in at.metric}["Time series / connectivity"] == \
+        "0.3% / 99.7%"
+    assert any("The time-series share is genuinely small (0.3%)" in c.value
+               for c in at.caption)
