@@ -297,7 +297,21 @@ class ScreeningSummary:
 
     @property
     def share_note(self) -> str:
-        """What the modality shares mean for this screening, and why a share is 0 or small.
+        """What the modality shares mean for this screening, and why a share is 0 or small:
+        the meaning, then :attr:`share_reason` when there is one.
+
+        ``"This screening was not explained."`` when it has no shares.
+        """
+        if self.share_ts is None:
+            return "This screening was not explained."
+        text = ("Shares of the total absolute attribution: how much of the change from the "
+                "baseline participant came through each modality.")
+        return f"{text} {self.share_reason}" if self.share_reason else text
+
+    @property
+    def share_reason(self) -> str:
+        """Why the time-series (or connectivity) share is 0 or small; empty when it needs no
+        explanation.
 
         A time-series share of 0 % has three different causes, which must not be confused
         with "the time series does not matter": the model has no time-series branch; the
@@ -306,37 +320,31 @@ class ScreeningSummary:
         measured; or it was measured and is genuinely small. The sentence names which, from
         the explanation's recorded :attr:`baseline`.
         """
-        if self.share_ts is None:
-            return "This screening was not explained."
-        text = ("Shares of the total absolute attribution: how much of the change from the "
-                "baseline participant came through each modality.")
-        b = self.baseline
-        ts = self.share_ts
-        fc = self.share_fc or 0.0
+        b, ts, fc = self.baseline, self.share_ts, self.share_fc or 0.0
+        if ts is None:
+            return ""
         if not b:
-            if ts == 0:
-                text += (" How the time series was treated was not recorded for this "
-                         "screening, so a 0 % time-series share cannot be read as a finding.")
-            return text
+            return ("How the time series was treated was not recorded for this screening, so "
+                    "a 0 % time-series share cannot be read as a finding." if ts == 0 else "")
         if "ts" not in b and "amplitude" not in b:
-            return text + (" This model has no time-series branch (it reads connectivity "
-                           "only), so the time-series share is 0 % by design, not a finding.")
+            return ("This model has no time-series branch (it reads connectivity only), so "
+                    "the time-series share is 0 % by design, not a finding.")
         if str(b.get("ts", "")).startswith(_TS_HELD):
-            held = (" Integrated Gradients held the time-series encoder's input fixed at this "
+            held = ("Integrated Gradients held the time-series encoder's input fixed at this "
                     "scan (attributing it is too costly for this encoder on this device)")
             if "amplitude" in b:
-                return text + held + (", so the time-series share counts only the regional "
-                                      "amplitude; the encoder's contribution is not measured.")
-            return text + held + (", so the time-series share is 0 % by construction: the "
-                                  "encoder's contribution is not measured, which does not "
-                                  "mean the time series does not matter.")
+                return held + (", so the time-series share counts only the regional "
+                               "amplitude; the encoder's contribution is not measured.")
+            return held + (", so the time-series share is 0 % by construction: the "
+                           "encoder's contribution is not measured, which does not mean the "
+                           "time series does not matter.")
         if 0 < ts < 0.005 or (ts == 0 and fc > 0):
-            return text + (f" The time-series share is genuinely small ({format_share(ts)}): "
-                           "this prediction moved almost entirely with the connectivity.")
+            return (f"The time-series share is genuinely small ({format_share(ts)}): this "
+                    "prediction moved almost entirely with the connectivity.")
         if "fc" in b and (0 < fc < 0.005 or (fc == 0 and ts > 0)):
-            return text + (f" The connectivity share is genuinely small ({format_share(fc)}): "
-                           "this prediction moved almost entirely with the time series.")
-        return text
+            return (f"The connectivity share is genuinely small ({format_share(fc)}): this "
+                    "prediction moved almost entirely with the time series.")
+        return ""
 
     @classmethod
     def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,

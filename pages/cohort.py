@@ -10,9 +10,12 @@ import streamlit as st
 from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size, load_demo_cohort
+from fmmtc_app.reports import report_buttons
+from fmmtc_core.atlas import load_atlas
 from fmmtc_core.config import DEFAULT_THRESHOLDS
 from fmmtc_core.cohort import filter_screenings, observed_performance, outcome_values, stratify
 from fmmtc_core.figures import calibration_figure, probability_histogram, roc_figure
+from fmmtc_core.report import glass_brain_png
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 
@@ -22,12 +25,13 @@ engine = session.engine()
 
 
 @st.cache_data(show_spinner=False, ttl=5)
-def _screenings(version: int) -> pd.DataFrame:
+def _screenings(version: int, database: str) -> pd.DataFrame:
     return repo.screenings_frame(engine)
 
 
 version = st.session_state.setdefault("cohort_version", 0)
-df = _screenings(version)
+DATABASE = engine.url.render_as_string(hide_password=True)  # a cache key: rows belong to it
+df = _screenings(version, DATABASE)
 
 def _demo_button(label: str, primary: bool) -> None:
     if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
@@ -110,6 +114,28 @@ st.dataframe(show, hide_index=True, width="stretch", column_config={
 st.download_button("Export these rows (CSV)", repo.csv_text(view),
                    file_name=f"fmmtc-cohort-{dt.date.today():%Y%m%d}.csv", mime="text/csv",
                    key="export")
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _record(screening_id: int, database: str) -> repo.ScreeningRecord:
+    # keyed by the database too: a screening id means nothing without it
+    with session_scope(engine) as sess:
+        return repo.screening_record(sess, screening_id)
+
+
+@st.cache_data(show_spinner="Drawing the brain map...", max_entries=32)
+def _glass(atlas_name: str, scores: tuple) -> bytes:
+    return glass_brain_png(load_atlas(atlas_name), scores)
+
+
+report_labels = {int(r.screening_id): f"#{r.screening_id} - {r.participant} - "
+                 f"{pd.Timestamp(r.created_at):%Y-%m-%d %H:%M} UTC" for r in show.itertuples()}
+picked = st.selectbox("Report of a screening (HTML or PDF)", list(report_labels),
+                      index=None, format_func=report_labels.get, key="report_pick",
+                      placeholder="Choose one of the rows above")
+if picked is not None:
+    record = _record(picked, DATABASE)
+    report_buttons(record.summary, _glass(record.atlas, tuple(record.regions["total"].round(6))),
+                   key="cohort-report")
 
 st.subheader("Enrolment at a threshold")
 c1, c2 = st.columns([3, 1])

@@ -8,6 +8,7 @@ import streamlit as st
 from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.notices import validity_banner
+from fmmtc_app.reports import report_buttons
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.figures import (
     FC_COLOR,
@@ -28,6 +29,7 @@ from fmmtc_core.summary import format_share
 require_access()
 st.title("Attribution explorer")
 engine = session.engine()
+DATABASE = engine.url.render_as_string(hide_password=True)
 df = repo.screenings_frame(engine, latest_only=False)
 if df.empty:
     st.info("No screenings yet. Screen a participant, or load the simulated demo cohort on the "
@@ -55,7 +57,8 @@ if compare:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _load(screening_id: int) -> ScreeningRecord:
+def _load(screening_id: int, database: str) -> ScreeningRecord:
+    # keyed by the database too: a screening id means nothing without it
     with session_scope(engine) as s:
         return repo.screening_record(s, screening_id)
 
@@ -85,7 +88,9 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
                 f"{format_share(sm.share_ts)} / {format_share(sm.share_fc)}")
     m[3].metric("IG gap", f"{sm.ig_gap or 0:.2%}", help=f"{sm.ig_steps} integration steps")
     st.caption(sm.share_note)
-    st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
+    png = _glass(d.atlas, tuple(reg["total"].round(6)))
+    report_buttons(sm, png, key=f"{key}-report")
+    st.image(png, width="stretch")
     views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
               "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
     # One view at a time: only the chosen figure is built and drawn (3D views are costly).
@@ -135,12 +140,12 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
 
 
 if second is None:
-    _panel(_load(first), "a", full=True)
+    _panel(_load(first, DATABASE), "a", full=True)
 else:
     left, right = st.columns(2)
     with left:
         st.subheader(labels[first].split(" - ")[1])
-        _panel(_load(first), "a", full=False)
+        _panel(_load(first, DATABASE), "a", full=False)
     with right:
         st.subheader(labels[second].split(" - ")[1])
-        _panel(_load(second), "b", full=False)
+        _panel(_load(second, DATABASE), "b", full=False)

@@ -8,6 +8,7 @@ from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX
 from fmmtc_app.notices import validity_banner
+from fmmtc_app.reports import report_buttons
 from fmmtc_app.uploads import staged_uploads
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.config import DEFAULT_THRESHOLDS
@@ -18,7 +19,7 @@ from fmmtc_core.figures import (
     network_figure,
     probability_figure,
 )
-from fmmtc_core.report import glass_brain_png, screening_report_html
+from fmmtc_core.report import glass_brain_png
 from fmmtc_core.review import region_scores, top_regions
 from fmmtc_core.screening import STAGES, QCFailedError
 from fmmtc_core.summary import format_share
@@ -246,10 +247,7 @@ def _show(result) -> None:
     st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
                  width="stretch")
 
-    html = screening_report_html(summary, png=png)
-    st.download_button("Download the report (HTML)", html,
-                       file_name=f"fmmtc-screening-{result.screening_id}.html",
-                       mime="text/html", key="report")
+    report_buttons(summary, png, key="report")
 
 
 result = st.session_state.get("screen_result")

@@ -607,3 +607,33 @@ def test_explorer_explains_a_small_time_series_share(db, aal3):
         "0.3% / 99.7%"
     assert any("The time-series share is genuinely small (0.3%)" in c.value
                for c in at.caption)
+
+
+# --------------------------------------------------------------------------------------------
+# The report: for any past screening, as HTML and PDF
+# --------------------------------------------------------------------------------------------
+def _downloads(at) -> list[str]:
+    return [el.proto.label for el in at.get("download_button")]
+
+
+def test_result_card_offers_the_report_as_html_and_pdf(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card()))})
+    assert {"Download the report (HTML)", "Download the report (PDF)"} <= set(_downloads(at))
+
+
+def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(db, aal3):
+    first = _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3")
+    _stored(db, _demo_card(), "PAIN-0002", sha="b" * 64, n_regions=aal3.n_regions,
+            atlas="aal3")
+    at = _app("explore")
+    assert _downloads(at) == ["Download the report (HTML)", "Download the report (PDF)"]
+    at.switch_page("pages/cohort.py")
+    at.run()
+    before = _downloads(at)
+    pick = at.selectbox(key="report_pick")
+    assert pick.value is None and len(pick.options) == 2  # nothing drawn until one is chosen
+    pick.set_value(first)
+    at.run()
+    assert not at.exception and not [e for e in _errors(at) if "SIMULATED" not in e]
+    assert _downloads(at) == before + ["Download the report (HTML)",
+                                       "Download the report (PDF)"]

@@ -92,7 +92,8 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
     assert [x.label for x in stored.regions[:20]] == [x.label for x in fresh.regions[:20]]
     assert fresh.created_at.tzinfo is not None and fresh.operator == "alice"
     html = screening_report_html(fresh)
-    assert fresh.created_at.strftime("%Y-%m-%d %H:%M UTC") in html and "run by alice" in html
+    assert fresh.created_at.strftime("%Y-%m-%d %H:%M UTC") in html
+    assert "<th>Operator</th><td>alice</td>" in html and "Median tSNR" in html
     assert again.probability == pytest.approx(r.probability)
     assert [x["label"] for x in again.to_dict()["regions"][:10]] == \
         [x["label"] for x in d["regions"][:10]]
