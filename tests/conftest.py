@@ -38,6 +38,7 @@ SLOW = (
     "test_screening.py::test_*_processes_*",
     "test_screening.py::test_batch_*",
     "test_screening.py::test_same_image_with_other_side_files_keeps_its_participant",
+    "test_screening.py::test_same_image_without_its_side_files_is_refused_*",
     "test_screening.py::test_a_non_finite_model_output_names_the_model_and_stores_nothing",
     "test_screening.py::test_every_bad_input_leaves_every_table_unchanged",
     "test_screening.py::test_cli_screen_json_outcome_export",

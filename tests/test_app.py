@@ -637,3 +637,29 @@ def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(d
     assert not at.exception and not [e for e in _errors(at) if "SIMULATED" not in e]
     assert _downloads(at) == before + ["Download the report (HTML)",
                                        "Download the report (PDF)"]
+
+
+# --------------------------------------------------------------------------------------------
+# One image, one participant: whatever side files come (or do not come) with it
+# --------------------------------------------------------------------------------------------
+def test_same_scan_without_side_files_under_another_pseudonym_is_refused(db, tmp_path,
+                                                                          grid_labels):
+    """The image was stored for PAIN-0001 (uploaded with its sidecar and confounds); the same
+    image uploaded alone under PAIN-0002 is refused with whose it is, and nothing is stored."""
+    import hashlib
+
+    nifti = save_nifti(tmp_path / "sub-a_bold.nii.gz", make_bold(grid_labels, 60))
+    data = nifti.read_bytes()
+    _stored(db, None, "PAIN-0001", sha=hashlib.sha256(data).hexdigest())
+    before = _counts(db)
+    at = _app()
+    at.text_input(key="pseudonym").input("PAIN-0002")
+    at.file_uploader[0].upload("renamed_bold.nii.gz", data, "application/gzip")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception
+    assert _errors(at) == [
+        "This scan cannot be used: This scan was already screened for participant "
+        "'PAIN-0001'; a scan belongs to one participant (whatever sidecar or confounds come "
+        "with it). Check the pseudonym."]
+    assert _counts(db) == before

@@ -154,6 +154,31 @@ def test_same_image_with_other_side_files_keeps_its_participant(tmp_path, cohort
     assert row_counts(engine)["scans"] == 1
 
 
+def test_same_image_without_its_side_files_is_refused_for_another_pseudonym(tmp_path, cohort,
+                                                                           model, engine):
+    """The reported case: the first upload brings the JSON sidecar and the confounds, the
+    second the same image alone under another pseudonym. The image is the identity, so the
+    second is refused, saying whose it is, and nothing is stored."""
+    scan = _scans(cohort)[4]
+    side = scan.with_suffix(".json")
+    conf = next(scan.parent.glob("*desc-confounds_timeseries.tsv"))
+    screen(scan, "PAIN-0007", model, engine, sidecar=side, confounds=conf,
+           explain_kwargs=FAST)
+    alone = tmp_path / "upload" / "scan.tsv"  # the same bytes, no sidecar beside it
+    alone.parent.mkdir()
+    alone.write_bytes(scan.read_bytes())
+    before = row_counts(engine)
+    with pytest.raises(InvalidInputError,
+                       match=r"^This scan was already screened for participant 'PAIN-0007'; a "
+                             r"scan belongs to one participant \(whatever sidecar or confounds "
+                             r"come with it\)\. Check the pseudonym\.$"):
+        screen(alone, "PAIN-0008", model, engine, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+    from fmmtc_core.store.repository import screenings_frame
+
+    assert list(screenings_frame(engine)["participant"]) == ["PAIN-0007"]
+
+
 def _race(monkeypatch, url, model, scan, pseudonyms):
     """Screen ``scan`` under each pseudonym in two threads that both finish computing before
     either stores (a barrier after the analysis): each has looked up the database and found
