@@ -938,8 +938,8 @@ def cmd_outcome(args) -> int:
     ----------
     args : argparse.Namespace
         Reads ``participant``, ``outcome`` (``"responder"`` or ``"non-responder"``),
-        ``operator`` (None: :func:`~fmmtc_core.store.repository.default_operator`), ``note``
-        and ``db``.
+        ``operator`` (None: :func:`~fmmtc_core.store.repository.default_operator`), ``note``,
+        ``replace`` (confirm replacing an outcome recorded before) and ``db``.
 
     Returns
     -------
@@ -949,8 +949,8 @@ def cmd_outcome(args) -> int:
     Raises
     ------
     InvalidInputError
-        An invalid pseudonym, operator label or note, or no participant with this pseudonym
-        in the database.
+        An invalid pseudonym, operator label or note, no participant with this pseudonym in
+        the database, or an outcome already recorded without ``replace``.
     StorageError
         The database cannot be opened, read or written.
     """
@@ -967,7 +967,8 @@ def cmd_outcome(args) -> int:
     note = validate_note(args.note)
     engine = open_database(args.db)
     with session_scope(engine, write=True) as s:
-        record_outcome(s, participant, args.outcome, actor=operator, note=note)
+        record_outcome(s, participant, args.outcome, actor=operator, note=note,
+                       replace=args.replace)
     print(f"recorded: {participant} {args.outcome}")
     return 0
 
@@ -1152,6 +1153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("participant", metavar="PARTICIPANT")
     p.add_argument("outcome", choices=("responder", "non-responder"))
     p.add_argument("--note")
+    p.add_argument("--replace", action="store_true",
+                   help="confirm that this outcome replaces the one recorded before (which "
+                        "is kept in the history)")
     db_arg(p)
     p.set_defaults(func=cmd_outcome)
 

@@ -824,8 +824,11 @@ def screen_batch(
                 value = bool(int(row["responder"]))
                 if known.get(pid) == value:
                     continue
+                # the cohort file is the source asked for: it replaces a differing outcome,
+                # which stays in the history
                 repo.record_outcome(s, pid, "responder" if value else "non-responder",
-                                    actor=operator, note=f"imported from {root.name}/participants.tsv")
+                                    actor=operator, replace=pid in known,
+                                    note=f"imported from {root.name}/participants.tsv")
                 report.outcomes += 1
     return report
 

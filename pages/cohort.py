@@ -166,21 +166,51 @@ st.plotly_chart(probability_histogram(view["probability"], threshold, outcome=y)
                 width="stretch")
 
 st.subheader("Observed outcomes")
+who = st.selectbox("Participant", sorted(df["participant"]), index=None, key="o_who",
+                   placeholder="Choose a participant")
+history = repo.outcome_history(engine, who) if who else None
+if history is not None:
+    if history.empty:
+        st.caption(f"No outcome recorded for {who} yet.")
+    else:
+        st.caption(f"Outcomes recorded for {who}, latest first (the latest counts; every "
+                   "entry is kept):")
+        st.dataframe(history, hide_index=True, width="stretch", column_config={
+            "entered_at": st.column_config.DatetimeColumn("entered (UTC)",
+                                                          format="YYYY-MM-DD HH:mm"),
+            "entered_by": "entered by", "current": "counts"})
 with st.form("outcome"):
-    c1, c2, c3 = st.columns([2, 2, 3])
-    who = c1.selectbox("Participant", sorted(df["participant"]), key="o_who")
-    what = c2.radio("Outcome", ["responder", "non-responder"], key="o_what")
-    note = c3.text_input("Note (optional)", key="o_note")
-    if st.form_submit_button("Record outcome"):
+    c1, c2 = st.columns([2, 3])
+    what = c1.radio("Outcome", ["responder", "non-responder"], index=None, key="o_what",
+                    help="Nothing is preselected: choose what was observed.")
+    note = c2.text_input("Note (optional)", key="o_note")
+    replace = False
+    if history is not None and not history.empty:
+        last = history.iloc[0]
+        replace = st.checkbox(
+            f"Replace the outcome on record ({last['outcome']}, entered by "
+            f"{last['entered_by']} on {last['entered_at']:%Y-%m-%d}); it stays in the history",
+            key="o_replace")
+    submitted = st.form_submit_button("Record outcome")
+if submitted:
+    if who is None:
+        st.error("Choose the participant first.")
+    elif what is None:
+        st.error("Choose the observed outcome (responder or non-responder) first.")
+    else:
         try:
             with session_scope(engine, write=True) as sess:
                 repo.record_outcome(sess, who, what, actor=session.operator(),
-                                    note=note or None)
+                                    note=note or None, replace=replace)
         except Exception as exc:  # noqa: BLE001
             session.plain_error(exc, "The outcome was not recorded")
         else:
             st.session_state["cohort_version"] = version + 1
-            st.session_state["outcome_saved"] = f"Recorded: {who} is a {what}."
+            for key in ("o_what", "o_note", "o_replace"):  # the next entry starts empty
+                st.session_state.pop(key, None)
+            st.session_state["outcome_saved"] = (
+                f"Recorded: {who} is a {what}"
+                + (" (the earlier outcome is kept in the history)." if replace else "."))
             st.rerun()
 if msg := st.session_state.pop("outcome_saved", None):
     st.success(msg)

@@ -64,6 +64,12 @@ def _errors(at):
     return [e.value for e in at.error]
 
 
+def _problems(at):
+    """Errors other than the demo model's validity banner (it learnt from simulated data:
+    every page that shows its results says so in an error box)."""
+    return [e for e in _errors(at) if "SIMULATED" not in e]
+
+
 def _counts(db):
     return row_counts(open_database(db))
 
@@ -88,7 +94,7 @@ def test_screen_a_nifti_upload_shows_the_result_and_stores_it(db, hcpex_scans):
     at.file_uploader[0].upload(nifti.name, nifti.read_bytes(), "application/gzip")
     at.form_submit_button[0].click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Responder probability"].endswith("%")
     assert metrics["Decision"] in ("likely responder", "likely non-responder", "uncertain")
@@ -109,7 +115,7 @@ def test_screen_a_table_with_its_sidecar(db, hcpex_scans):
                                "application/json")
     at.form_submit_button[0].click()
     at.run()
-    assert not _errors(at), _errors(at)
+    assert not _problems(at), _problems(at)
     assert _counts(db)["screenings"] == 1
 
 
@@ -188,7 +194,7 @@ def test_demo_participant_is_labelled_as_simulated(db):
     at = _app()
     at.button(key="demo").click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     assert any("SIMULATED participant" in i.value for i in at.info)
     assert at.subheader[0].value == "Participant SIM-DEMO"
 
@@ -198,7 +204,7 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at = _app("cohort")
     at.button(key="load_demo").click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     assert any("Loaded 4 simulated participants" in s.value for s in at.success)
     assert any("SIMULATED demo data" in w.value for w in at.warning)
     assert len(at.dataframe[0].value) == 4
@@ -219,12 +225,9 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at.run()
     enrolled = {m.label: m.value for m in at.metric}["Enrolled"]
     assert enrolled == f"{len(shown)} of {len(shown)}"
-    # enter an observed outcome
-    at.selectbox(key="o_who").set_value(at.selectbox(key="o_who").options[0])
-    at.radio(key="o_what").set_value("non-responder")
-    at.form_submit_button[0].click()
-    at.run()
-    assert not _errors(at)
+    # enter an observed outcome: the demo participants have one, so confirm the replacement
+    _record_outcome(at, at.selectbox(key="o_who").options[0], "non-responder", replace=True)
+    assert not _problems(at)
     assert any(s.value.startswith("Recorded: ") for s in at.success)
     assert _counts(db)["outcomes"] == 5
 
@@ -236,7 +239,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     at.run()
     at.switch_page("pages/explore.py")
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     labels = {m.label for m in at.metric}
     assert {"Probability", "Decision", "IG gap"} <= labels
     views = at.radio(key="a-view").options
@@ -244,7 +247,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     for view in views[1:]:  # every view draws without an error
         at.radio(key="a-view").set_value(view)
         at.run()
-        assert not at.exception and not _errors(at), (view, _errors(at))
+        assert not at.exception and not _problems(at), (view, _problems(at))
     at.toggle(key="explore_compare").set_value(True)
     at.run()
     assert not at.exception
@@ -395,7 +398,7 @@ def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
     assert at.title[0].value == "Screen a participant"
     at.button(key="demo").click()
     at.run()
-    assert not _errors(at)
+    assert not _problems(at)
     with open_database(db).connect() as conn:
         rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
     assert rows[0] == ("not signed in", "sign-in failed") and rows[1] == ("dr who", "sign-in")
@@ -634,7 +637,7 @@ def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(d
     assert pick.value is None and len(pick.options) == 2  # nothing drawn until one is chosen
     pick.set_value(first)
     at.run()
-    assert not at.exception and not [e for e in _errors(at) if "SIMULATED" not in e]
+    assert not at.exception and not _problems(at)
     assert _downloads(at) == before + ["Download the report (HTML)",
                                        "Download the report (PDF)"]
 
@@ -663,3 +666,42 @@ def test_same_scan_without_side_files_under_another_pseudonym_is_refused(db, tmp
         "'PAIN-0001'; a scan belongs to one participant (whatever sidecar or confounds come "
         "with it). Check the pseudonym."]
     assert _counts(db) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Outcomes: no default, a confirmation to replace one, the history kept and shown
+# --------------------------------------------------------------------------------------------
+def _record_outcome(at, who, what=None, replace=None):
+    at.selectbox(key="o_who").set_value(who)
+    at.run()
+    if what is not None:
+        at.radio(key="o_what").set_value(what)
+    if replace:
+        at.checkbox(key="o_replace").check()
+    next(b for b in at.button if b.label == "Record outcome").click()
+    at.run()
+    assert not at.exception
+
+
+def test_outcome_has_no_default_and_replacing_one_needs_confirmation(db):
+    _stored(db, REAL_CARD)
+    at = _app("cohort")
+    assert at.radio(key="o_what").value is None  # no outcome preselected
+    _record_outcome(at, "PAIN-0001")
+    assert "Choose the observed outcome (responder or non-responder) first." in _errors(at)
+    assert _counts(db)["outcomes"] == 0
+    _record_outcome(at, "PAIN-0001", "responder")
+    assert any(s.value.startswith("Recorded: PAIN-0001 is a responder") for s in at.success)
+    assert _counts(db)["outcomes"] == 1
+    assert at.radio(key="o_what").value is None  # the next entry starts empty again
+    # a second outcome: refused until the replacement is confirmed
+    _record_outcome(at, "PAIN-0001", "non-responder")
+    assert any("PAIN-0001 already has an observed outcome: responder" in e
+               for e in _errors(at)), _errors(at)
+    assert _counts(db)["outcomes"] == 1
+    _record_outcome(at, "PAIN-0001", "non-responder", replace=True)
+    assert _counts(db)["outcomes"] == 2
+    history = next(d.value for d in at.dataframe if "entered_by" in d.value.columns)
+    assert list(history["outcome"]) == ["non-responder", "responder"]
+    table = at.dataframe[0].value
+    assert list(table["outcome"]) == ["non-responder"]
