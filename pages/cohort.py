@@ -13,7 +13,14 @@ from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size, load_demo_cohort
 from fmmtc_app.reports import report_buttons
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.config import DEFAULT_THRESHOLDS
-from fmmtc_core.cohort import filter_screenings, observed_performance, outcome_values, stratify
+from fmmtc_core.cohort import (
+    WORKLIST_STATUSES,
+    filter_screenings,
+    observed_performance,
+    outcome_values,
+    stratify,
+    worklist,
+)
 from fmmtc_core.figures import calibration_figure, probability_histogram, roc_figure
 from fmmtc_core.report import glass_brain_png
 from fmmtc_core.store import repository as repo
@@ -71,6 +78,29 @@ unvalidated = df["model_validity"] == "not validated"
 if unvalidated.any():
     st.warning(f"{int(unvalidated.sum())} of {len(df)} screenings were made by a model NOT "
                "VALIDATED ON THIS SITE'S DATA: treat them as research estimates.")
+
+st.subheader("Worklist")
+c1, c2 = st.columns([2, 3])
+search = c1.text_input("Search participants", key="w_search",
+                       placeholder="pseudonym, site or drug")
+status = c2.radio("Status", WORKLIST_STATUSES, horizontal=True, key="w_status",
+                  help="screened: everyone; awaiting outcome: screened, no observed outcome "
+                       "entered yet")
+work = worklist(df, search=search, status=status)
+st.dataframe(work.drop(columns=["screening_id"]), hide_index=True, width="stretch",
+             column_config={
+                 "last_screened": st.column_config.DatetimeColumn("last screened (UTC)",
+                                                                  format="YYYY-MM-DD HH:mm"),
+                 "probability": st.column_config.NumberColumn(format="%.2f"),
+                 "qc_verdict": "QC", "model_validity": "model validity"})
+c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+opened = c1.selectbox(f"Open a participant ({len(work)} listed)", work["participant"].tolist(),
+                      index=None, key="w_open", placeholder="Choose a participant")
+if c2.button("Open in the explorer", key="w_go", disabled=opened is None):
+    latest = int(work.loc[work["participant"] == opened, "screening_id"].iloc[0])
+    st.session_state["explore_id"] = latest
+    st.session_state.pop("explore_first", None)  # the explorer starts at this screening
+    st.switch_page("pages/explore.py")
 
 with st.expander("Filters", expanded=False):
     c = st.columns(4)

@@ -64,6 +64,11 @@ def _errors(at):
     return [e.value for e in at.error]
 
 
+def _cohort_table(at):
+    """The cohort page's table of screenings (the worklist above it has no band)."""
+    return next(d.value for d in at.dataframe if "band_low" in d.value.columns)
+
+
 def _problems(at):
     """Errors other than the demo model's validity banner (it learnt from simulated data:
     every page that shows its results says so in an error box)."""
@@ -207,7 +212,7 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     assert not at.exception and not _problems(at), _problems(at)
     assert any("Loaded 4 simulated participants" in s.value for s in at.success)
     assert any("SIMULATED demo data" in w.value for w in at.warning)
-    assert len(at.dataframe[0].value) == 4
+    assert len(_cohort_table(at)) == 4
     counts = _counts(db)
     assert counts["screenings"] == 4 and counts["outcomes"] == 4
     assert {m.label for m in at.metric} >= {"Enrolled", "Number needed to screen",
@@ -218,7 +223,7 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     sites = at.multiselect(key="f_site").options
     at.multiselect(key="f_site").set_value([sites[0]])
     at.run()
-    shown = at.dataframe[0].value
+    shown = _cohort_table(at)
     assert 0 < len(shown) < 4 and set(shown["site"]) == {sites[0]}
     # the threshold changes the enrolled count
     at.slider(key="threshold").set_value(0.0)
@@ -545,7 +550,7 @@ def test_explorer_and_cohort_say_which_results_come_from_a_simulated_model(db, a
     assert not at.exception
     assert any("1 of 1 screenings were made by a model trained on SIMULATED data" in e
                for e in _errors(at)), _errors(at)
-    shown = at.dataframe[0].value
+    shown = _cohort_table(at)
     assert list(shown["model_validity"]) == ["simulated"]
 
 
@@ -703,5 +708,44 @@ def test_outcome_has_no_default_and_replacing_one_needs_confirmation(db):
     assert _counts(db)["outcomes"] == 2
     history = next(d.value for d in at.dataframe if "entered_by" in d.value.columns)
     assert list(history["outcome"]) == ["non-responder", "responder"]
-    table = at.dataframe[0].value
+    table = _cohort_table(at)
     assert list(table["outcome"]) == ["non-responder"]
+
+
+# --------------------------------------------------------------------------------------------
+# A worklist: search participants, filter by status, open one in the explorer
+# --------------------------------------------------------------------------------------------
+def _worklist(at):
+    return next(d.value for d in at.dataframe if "status" in d.value.columns)
+
+
+def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+
+    kw = {"n_regions": aal3.n_regions, "atlas": "aal3"}
+    _stored(db, REAL_CARD, "PAIN-0001", **kw)
+    second = _stored(db, REAL_CARD, "PAIN-0002", sha="b" * 64, site="york", **kw)
+    with session_scope(open_database(db), write=True) as s:
+        repo.record_outcome(s, "PAIN-0001", "responder", actor="alice")
+    at = _app("cohort")
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0002", "PAIN-0001"]
+    at.text_input(key="w_search").input("YORK")
+    at.run()
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0002"]
+    at.text_input(key="w_search").input("")
+    at.radio(key="w_status").set_value("outcome recorded")
+    at.run()
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0001"]
+    at.radio(key="w_status").set_value("awaiting outcome")
+    at.run()
+    assert _worklist(at)["status"].tolist() == ["awaiting outcome"]
+    assert at.selectbox(key="w_open").options == ["PAIN-0002"]
+    assert at.button(key="w_go").disabled  # nothing chosen, nothing to open
+    at.selectbox(key="w_open").set_value("PAIN-0002")
+    at.run()
+    at.button(key="w_go").click()
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "Attribution explorer"
+    assert at.selectbox(key="explore_first").value == second
