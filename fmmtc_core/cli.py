@@ -312,7 +312,7 @@ def _stage_progress(args=None):
                 bar.set_postfix_str(extra)
             if done >= total:
                 bar.close()
-        elif done == total or stage == "explain":
+        elif done == total or (stage == "explain" and done > 0):  # not the announcements
             _progress_line(f"{stage} {done}/{total} {extra}".rstrip())
 
     return cb

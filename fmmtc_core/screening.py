@@ -214,8 +214,10 @@ def analyse(
         Explain the prediction (Integrated Gradients); False leaves ``explanation`` None.
     progress : callable(stage, done, total, info) or None, default=None
         Called as each stage advances: ``validate``, ``parcellate``, ``qc`` and ``clean``
-        (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 1, 1, {})`` and,
-        with the explanation, ``("explain", k, n, {"steps": .., "gap": ..})`` per attempt.
+        (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 0, 1, {})`` and
+        ``("predict", 1, 1, {})`` and, with the explanation, ``("explain", 0, 1, {})`` and
+        ``("explain", k, n, {"steps": .., "gap": ..})`` per attempt. Each stage is announced
+        (``done`` 0) before its work starts.
 
     Returns
     -------
@@ -238,6 +240,8 @@ def analyse(
     assert prep.signals is not None and prep.qc is not None
     times = dict(prep.stage_seconds)
     t0 = time.perf_counter()
+    if progress:  # every stage is announced before its work, so a label is never one late
+        progress("predict", 0, 1, {})
     inputs = model.inputs(prep.signals)  # the one path: as the model was trained
     assert inputs.fc is not None  # prepare computes the connectivity by default
     for name, arr in (("time-series window", inputs.window), ("connectivity", inputs.fc)):
@@ -256,6 +260,9 @@ def analyse(
     fold_p = model.fold_probabilities(pred["fold_logits"][:, 0])
     explanation = None
     if with_explanation:
+        if progress:
+            progress("explain", 0, 1, {})
+
         def exp_progress(stage, done, total, info):
             if progress:
                 progress("explain", done, total, info or {})
@@ -508,8 +515,9 @@ def screen(
         Screen again (a new revision) even when these inputs were screened with this model,
         or when the same image was screened with other side files.
     progress : callable(stage, done, total, info) or None, default=None
-        Stages :data:`STAGES` (only ``("save", 1, 1, {"reused": True})`` when a stored
-        screening is returned).
+        Stages :data:`STAGES`, each announced (``done`` 0) before its work and reported done
+        (see :func:`analyse`; ``("save", 0, 1, {})`` before the write); only
+        ``("save", 1, 1, {"reused": True})`` when a stored screening is returned.
 
     Returns
     -------
@@ -569,6 +577,8 @@ def screen(
     regions, connections = summary.attribution_rows()
     e = result.explanation
     assert e is not None
+    if progress:
+        progress("save", 0, 1, {})
     for attempt in range(3):
         try:
             with session_scope(engine, write=True) as s:

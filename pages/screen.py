@@ -8,6 +8,7 @@ from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX
 from fmmtc_app.notices import validity_banner
+from fmmtc_app.progress import StageProgress
 from fmmtc_app.reports import report_buttons
 from fmmtc_app.uploads import staged_uploads
 from fmmtc_core.atlas import load_atlas
@@ -21,21 +22,11 @@ from fmmtc_core.figures import (
 )
 from fmmtc_core.report import glass_brain_png
 from fmmtc_core.review import region_scores, top_regions
-from fmmtc_core.screening import STAGES, QCFailedError
+from fmmtc_core.screening import QCFailedError
 from fmmtc_core.summary import format_share
 from fmmtc_core.validity import model_validity
 
 require_access()
-
-# Where each stage's progress starts and ends on the bar.
-_SPAN = {"validate": (0.0, 0.05), "parcellate": (0.05, 0.45), "qc": (0.45, 0.5),
-         "clean": (0.5, 0.55), "predict": (0.55, 0.6), "explain": (0.6, 0.97),
-         "save": (0.97, 1.0)}
-_TEXT = {"validate": "Validating the file...", "parcellate": "Parcellating the scan...",
-         "qc": "Checking quality...", "clean": "Cleaning the region signals...",
-         "predict": "Predicting...", "explain": "Explaining the prediction...",
-         "save": "Saving to the cohort database..."}
-assert set(_SPAN) == set(STAGES)
 
 st.title("Screen a participant")
 st.write(
@@ -52,6 +43,8 @@ if (active := model_validity(model.card, model.name)).warn:
     st.caption(f":warning: {active.headline.capitalize()}: every result says so "
                "(see the Model page).")
 
+# Progress goes here, above the form (below it, it was out of sight while the form was open).
+progress_slot = st.empty()
 result_area = st.container()  # the latest result shows above the form
 has_result = st.session_state.get("screen_result") is not None
 with st.expander("Screen a participant" if not has_result else "Screen another participant",
@@ -85,19 +78,20 @@ def _glass(atlas_name: str, scores: tuple) -> bytes:
 def _progress_bar():
     import time
 
-    bar = st.progress(0.0, text="Starting...")
+    bar = progress_slot.progress(0.0, text="Starting...")
+    shown = StageProgress()
     last = {"stage": None, "t": 0.0}
 
     def cb(stage, done, total, info):
-        # At most ~4 updates a second (and one per stage): every update is a message to the
-        # browser and a repaint there, which would compete with the screening for the CPU.
+        # At most ~4 updates a second (and every stage's start and end): every update is a
+        # message to the browser and a repaint there, which would compete with the
+        # screening for the CPU.
         now = time.monotonic()
-        if stage == last["stage"] and now - last["t"] < 0.25 and done < total:
+        frac, text = shown.update(stage, done, total)
+        if stage == last["stage"] and now - last["t"] < 0.25 and 0 < done < total:
             return
         last.update(stage=stage, t=now)
-        lo, hi = _SPAN.get(stage, (0.0, 1.0))
-        frac = lo + (hi - lo) * (done / total if total else 1.0)
-        bar.progress(min(max(frac, 0.0), 1.0), text=_TEXT.get(stage, stage))
+        bar.progress(frac, text=text)
 
     return bar, cb
 
@@ -120,7 +114,9 @@ def _run(path, participant, sidecar=None, confounds=None, simulated=False):
         bar.empty()
         session.plain_error(exc, "This scan cannot be used")
         return
-    bar.empty()
+    took = result.summary.runtime_s
+    bar.progress(1.0, text=f"Done: screening {result.screening_id}"
+                 + (f" ({took:.0f} s)." if took and not result.reused else "."))
     st.session_state["screen_result"] = result
     st.session_state["screen_simulated"] = simulated
     st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1

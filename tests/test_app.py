@@ -749,3 +749,66 @@ def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
     assert not at.exception
     assert at.title[0].value == "Attribution explorer"
     assert at.selectbox(key="explore_first").value == second
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: the label names the stage that runs, and the bar is in sight above the form
+# --------------------------------------------------------------------------------------------
+#: The events a screening sends, in order (fmmtc_core.screening.screen announces each stage).
+SCREEN_EVENTS = [("validate", 0, 1), ("validate", 1, 1), ("parcellate", 0, 1),
+                 ("parcellate", 1, 1), ("qc", 0, 1), ("qc", 1, 1), ("clean", 0, 1),
+                 ("clean", 1, 1), ("predict", 0, 1), ("predict", 1, 1), ("explain", 0, 1),
+                 ("explain", 1, 4), ("explain", 2, 4), ("save", 0, 1), ("save", 1, 1)]
+
+
+def test_stage_progress_labels_the_stage_that_runs():
+    from fmmtc_app.progress import STAGE_TEXT, StageProgress
+
+    p, seen = StageProgress(), {}
+    for stage, done, total in SCREEN_EVENTS:
+        seen[(stage, done, total)] = p.update(stage, done, total)
+    assert seen[("predict", 0, 1)][1] == "Predicting..."
+    # predicting is over: the explanation runs now, and the bar says so
+    assert seen[("predict", 1, 1)][1] == STAGE_TEXT["explain"]
+    assert seen[("explain", 2, 4)][1] == STAGE_TEXT["explain"]
+    assert seen[("save", 0, 1)][1] == STAGE_TEXT["save"]
+    assert seen[("save", 1, 1)] == (1.0, "Done.")
+    fractions = [f for f, _ in seen.values()]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0
+
+
+def test_screen_page_progress_is_above_the_form_and_never_a_stage_late(db, monkeypatch):
+    from streamlit.delta_generator import DeltaGenerator
+
+    from fmmtc_app import session
+
+    stored = _result(db, _stored(db, _demo_card()))
+    shown, after = [], {}
+    real_progress = DeltaGenerator.progress
+
+    def spy(self, value, text=None, **kw):
+        shown.append(text)
+        return real_progress(self, value, text=text, **kw)
+
+    def fake_run(source, participant, *, progress=None, **kwargs):
+        for stage, done, total in SCREEN_EVENTS:
+            progress(stage, done, total, {})
+            after[(stage, done, total)] = shown[-1]
+        return stored
+
+    monkeypatch.setattr(DeltaGenerator, "progress", spy)
+    monkeypatch.setattr(session, "run_screening", fake_run)
+    at = _app()
+    at.text_input(key="pseudonym").input("PAIN-0001")
+    at.file_uploader[0].upload("t.tsv", b"a\tb\n1\t2\n", "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not _problems(at), _problems(at)
+    assert after[("predict", 1, 1)] == "Explaining the prediction..."
+    assert after[("explain", 0, 1)] == "Explaining the prediction..."
+    assert after[("save", 0, 1)] == "Saving to the cohort database..."
+    # the bar stays where it ran, above the form, and says it is done
+    order = list(at.main.children.values())
+    bar = next(i for i, n in enumerate(order) if type(n).__name__ == "Progress")
+    form = next(i for i, n in enumerate(order) if type(n).__name__ == "Expander")
+    assert bar < form and order[bar].proto.text == "Done: screening 1."

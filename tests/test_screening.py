@@ -104,6 +104,42 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
     assert integrity_check(engine) == []
 
 
+def test_every_stage_is_announced_before_its_work(monkeypatch, cohort, model, engine):
+    """Progress says what is running: each stage sends (stage, 0, ...) before it starts, so a
+    progress bar never shows the previous stage's label during the next one (it said
+    'Predicting...' during the whole explanation)."""
+    import fmmtc_core.screening as screening
+    from fmmtc_app.progress import StageProgress
+    from fmmtc_core.store import repository as repo
+
+    events, shown = [], StageProgress()
+    at_work = {}
+
+    def progress(stage, done, total, info):
+        events.append((stage, done, total))
+        shown.update(stage, done, total)
+
+    def when(name, fn):
+        def wrapped(*args, **kwargs):
+            at_work[name] = (events[-1], shown.text)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(screening, "explain", when("explain", screening.explain))
+    monkeypatch.setattr(screening, "qc_report", when("qc", screening.qc_report))
+    monkeypatch.setattr(model, "predict_proba", when("predict", model.predict_proba))
+    monkeypatch.setattr(repo, "add_screening", when("save", repo.add_screening))
+    screen(_scans(cohort)[5], "PAIN-0009", model, engine, explain_kwargs=FAST,
+           progress=progress)
+    assert at_work["predict"] == (("predict", 0, 1), "Predicting...")
+    assert at_work["explain"] == (("explain", 0, 1), "Explaining the prediction...")
+    assert at_work["save"] == (("save", 0, 1), "Saving to the cohort database...")
+    assert at_work["qc"][1] == "Checking quality..."
+    starts = [stage for stage, done, _ in events if done == 0]
+    assert starts == ["validate", "parcellate", "qc", "clean", "predict", "explain", "save"]
+    assert events[-1] == ("save", 1, 1) and shown.text == "Done."
+
+
 def test_stored_series_reproduce_the_prediction(cohort, model, engine):
     from sqlalchemy.orm import Session
 
