@@ -42,6 +42,7 @@ from pathlib import Path
 
 from fmmtc_core import __version__
 from fmmtc_core.config import DEFAULT_THRESHOLDS
+from fmmtc_core.validity import model_validity
 from fmmtc_core._errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -239,7 +240,8 @@ def cmd_qc(args) -> int:
         d = report.to_dict()
         for key in ("n_volumes", "tr_s", "tsnr_median", "fd_mean_mm", "frac_high_motion",
                     "n_uncovered_regions"):
-            print(f"  {key}: {d[key]}")
+            unknown = d[key] is None and key in ("fd_mean_mm", "frac_high_motion")
+            print(f"  {key}: {'unknown (no confounds with FD)' if unknown else d[key]}")
     return 0
 
 
@@ -310,7 +312,7 @@ def _stage_progress(args=None):
                 bar.set_postfix_str(extra)
             if done >= total:
                 bar.close()
-        elif done == total or stage == "explain":
+        elif done == total or (stage == "explain" and done > 0):  # not the announcements
             _progress_line(f"{stage} {done}/{total} {extra}".rstrip())
 
     return cb
@@ -788,11 +790,15 @@ def cmd_explain(args) -> int:
     result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
                      explain_kwargs=_explain_kwargs(args), progress=_stage_progress(args))
     out = result.to_dict()
+    validity = model_validity(model.card, model.name)
+    out["model"] = model.name
+    out["model_validity"] = validity.to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     e = result.explanation
     assert e is not None  # analyse() explains by default
+    _print_validity(validity)
     print(f"responder probability {result.probability:.2f} "
           f"[{result.band[0]:.2f}, {result.band[1]:.2f}]: {result.decision}")
     print(f"modality share: time series {e.modality_share['ts']:.1%}, "
@@ -807,6 +813,13 @@ def cmd_explain(args) -> int:
     for r in e.ranked_regions(args.top):
         print(f"  {r['score']:+.4f}  {r['label']:>5}  {r['name']}  ({r['network']})")
     return 0
+
+
+def _print_validity(validity) -> None:
+    """The model's validity warning as the first line of a result (stdout: it is part of the
+    result, and off a terminal stderr holds only an ``error:`` line)."""
+    if validity.warn:
+        print(f"WARNING: {validity.text}")
 
 
 def _participant_from_name(scan) -> str:
@@ -887,6 +900,7 @@ def cmd_screen(args) -> int:
         return 0
     lo, hi = result.band
     note = " (already stored; --force screens again)" if result.reused else ""
+    _print_validity(result.summary.validity)
     print(f"screening {result.screening_id}{note}: participant {result.participant}")
     print(f"  responder probability {result.probability:.2f} [{lo:.2f}, {hi:.2f}]: "
           f"{result.decision}")
@@ -964,6 +978,8 @@ def cmd_screen_batch(args) -> int:
                           explain_kwargs=_explain_kwargs(args), progress=progress)
     if bar is not None:
         bar.close()
+    _print_validity(model_validity(json.loads((model_dir / "model_card.json").read_text()),
+                                   None))
     print(f"screened {len(report.screened)}, already stored {len(report.skipped)}, "
           f"failed {len(report.failed)}"
           + (f", outcomes imported {report.outcomes}" if args.import_outcomes else ""))
@@ -982,8 +998,8 @@ def cmd_outcome(args) -> int:
     ----------
     args : argparse.Namespace
         Reads ``participant``, ``outcome`` (``"responder"`` or ``"non-responder"``),
-        ``operator`` (None: :func:`~fmmtc_core.store.repository.default_operator`), ``note``
-        and ``db``.
+        ``operator`` (None: :func:`~fmmtc_core.store.repository.default_operator`), ``note``,
+        ``replace`` (confirm replacing an outcome recorded before) and ``db``.
 
     Returns
     -------
@@ -993,8 +1009,8 @@ def cmd_outcome(args) -> int:
     Raises
     ------
     InvalidInputError
-        An invalid pseudonym, operator label or note, or no participant with this pseudonym
-        in the database.
+        An invalid pseudonym, operator label or note, no participant with this pseudonym in
+        the database, or an outcome already recorded without ``replace``.
     StorageError
         The database cannot be opened, read or written.
     """
@@ -1011,7 +1027,8 @@ def cmd_outcome(args) -> int:
     note = validate_note(args.note)
     engine = open_database(args.db)
     with session_scope(engine, write=True) as s:
-        record_outcome(s, participant, args.outcome, actor=operator, note=note)
+        record_outcome(s, participant, args.outcome, actor=operator, note=note,
+                       replace=args.replace)
     print(f"recorded: {participant} {args.outcome}")
     return 0
 
@@ -1196,6 +1213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("participant", metavar="PARTICIPANT")
     p.add_argument("outcome", choices=("responder", "non-responder"))
     p.add_argument("--note")
+    p.add_argument("--replace", action="store_true",
+                   help="confirm that this outcome replaces the one recorded before (which "
+                        "is kept in the history)")
     db_arg(p)
     p.set_defaults(func=cmd_outcome)
 

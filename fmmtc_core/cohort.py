@@ -19,7 +19,11 @@ from numpy.typing import ArrayLike
 from fmmtc_core._errors import InvalidInputError
 
 __all__ = ["Stratification", "stratify", "observed_performance", "filter_screenings",
-           "outcome_values"]
+           "outcome_values", "worklist", "WORKLIST_STATUSES"]
+
+#: Worklist statuses: every screened participant, or those still waiting for (or with) an
+#: observed outcome.
+WORKLIST_STATUSES = ("screened", "awaiting outcome", "outcome recorded")
 
 #: Bins of every reliability curve and ECE the project reports.
 RELIABILITY_BINS = 10
@@ -300,3 +304,57 @@ def filter_screenings(df: pd.DataFrame, *, sites: Iterable[str] | None = None,
     if simulated is not None:
         m &= (df["simulated"].astype(bool) == simulated).to_numpy()
     return df.loc[m].reset_index(drop=True)
+
+
+def worklist(df: pd.DataFrame, *, search: str | None = None,
+             status: str | None = None) -> pd.DataFrame:
+    """Participants to work on: one row per participant, found by text and status.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        A :func:`~fmmtc_core.store.repository.screenings_frame` (its ``screening_id``,
+        ``participant``, ``site``, ``drug``, ``probability``, ``decision``, ``qc_verdict``,
+        ``model_validity``, ``created_at`` and ``outcome`` columns are read).
+    search : str or None, default=None
+        Keep participants whose pseudonym, site or drug contains it (case-insensitive; spaces
+        around it ignored); None or blank: everyone.
+    status : {"screened", "awaiting outcome", "outcome recorded"} or None, default=None
+        ``"screened"`` (or None): every participant; ``"awaiting outcome"``: screened, no
+        observed outcome yet; ``"outcome recorded"``: with one.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Latest screening first, one row per participant (their latest screening, by id):
+        ``participant``, ``status`` (``"awaiting outcome"`` or ``"outcome recorded"``),
+        ``site``, ``drug``, ``last_screened``, ``probability``, ``decision``, ``qc_verdict``,
+        ``model_validity``, ``outcome``, ``screenings`` (how many rows of ``df`` they have)
+        and ``screening_id`` (of the latest).
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown ``status``.
+    """
+    from fmmtc_core._errors import check_option
+
+    if status is not None:
+        check_option("status", status, WORKLIST_STATUSES)
+    ordered = df.sort_values("screening_id")
+    latest = ordered.drop_duplicates("participant", keep="last").copy()
+    latest["screenings"] = latest["participant"].map(ordered["participant"].value_counts())
+    latest["status"] = np.where(latest["outcome"].notna(), "outcome recorded",
+                                "awaiting outcome")
+    text = (search or "").strip().lower()
+    if text:
+        hay = latest[["participant", "site", "drug"]].fillna("").astype(str)
+        latest = latest[hay.apply(lambda col: col.str.lower().str.contains(text, regex=False))
+                        .any(axis=1)]
+    if status in ("awaiting outcome", "outcome recorded"):
+        latest = latest[latest["status"] == status]
+    latest = latest.rename(columns={"created_at": "last_screened"})
+    cols = ["participant", "status", "site", "drug", "last_screened", "probability",
+            "decision", "qc_verdict", "model_validity", "outcome", "screenings",
+            "screening_id"]
+    return latest.sort_values("screening_id", ascending=False)[cols].reset_index(drop=True)

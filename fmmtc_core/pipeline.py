@@ -99,8 +99,10 @@ def load_and_clean(
         QC. Before cleaning, a scan whose QC failed is refused and region values that are
         infinite or out of range are refused (as read, and again once cleaned).
     progress : callable(stage, done, total, info) or None, default=None
-        ``validate`` 0/1 and 1/1; ``parcellate`` per block of volumes read (once, with
-        ``{"table": True}``, for a region table); ``qc`` with ``{"verdict": ...}``; ``clean``.
+        Each stage is announced before its work (``done`` 0) and reported done:
+        ``validate`` 0/1 and 1/1; ``parcellate`` 0/1, then per block of volumes read (once,
+        1/1 with ``{"table": True}``, for a region table); ``qc`` 0/1 and 1/1 with
+        ``{"verdict": ...}``; ``clean`` 0/1 and 1/1.
 
     Returns
     -------
@@ -134,6 +136,7 @@ def load_and_clean(
         report("parcellate", done, total)
 
     # A table is already parcellated, in the atlas load_scan checked it against.
+    report("parcellate", 0, 1)  # announced: the first block of a large file takes a while
     raw = parcellate(scan, None if scan.kind == "table" else atlas, progress=parc_progress)
     if not parcellated:
         report("parcellate", 1, 1, {"table": True})
@@ -141,6 +144,7 @@ def load_and_clean(
     times["parcellate"] = t2 - t1
     out = Prepared(scan=scan, raw=raw, stage_seconds=times)
     if qc is not None:
+        report("qc", 0, 1)
         out.qc = qc(scan, raw)
         times["qc"] = time.perf_counter() - t2
         report("qc", 1, 1, {"verdict": out.qc.verdict})
@@ -151,6 +155,7 @@ def load_and_clean(
         raise QCFailedError("The scan failed quality control and was not screened: "
                             + "; ".join(out.qc.reasons), out.qc)
     _check_signal_values(raw.data, scan, "as read", allow_nan=True)
+    report("clean", 0, 1)
     out.signals = clean(raw, **asdict(cleaning))
     _check_signal_values(out.signals.data, scan, "after cleaning", allow_nan=False)
     times["clean"] = time.perf_counter() - t3

@@ -78,8 +78,9 @@ class QCReport:
     Attributes
     ----------
     verdict : {"pass", "warn", "fail"}
-        "fail" when any fail limit is crossed; "warn" when a warn limit is crossed or the input
-        raised a warning; else "pass".
+        "fail" when any fail limit is crossed; "warn" when a warn limit is crossed, head motion
+        is unknown (no confounds, or none with FD or std DVARS) or the input raised a warning;
+        else "pass".
     reasons : list of str
         Why: every crossed fail limit, then every crossed warn limit, one sentence each.
     n_volumes : int
@@ -147,6 +148,12 @@ class QCReport:
         """True unless the verdict is "fail"."""
         return self.verdict != "fail"
 
+    @property
+    def motion_known(self) -> bool:
+        """True when head motion was measured (FD or standardised DVARS from the confounds);
+        unknown motion is a warning reason, never a pass."""
+        return self.fd_mean is not None or self.frac_high_motion is not None
+
     def to_dict(self, *, series: bool = False) -> dict:
         """JSON-friendly summary of the report (numbers rounded to 6 decimals, NaN -> None).
 
@@ -163,7 +170,8 @@ class QCReport:
             ``duration_s``, ``atlas``, ``n_regions``, ``n_uncovered_regions``,
             ``uncovered_regions``, ``tsnr_median``, ``tsnr_region_median`` (median of the
             regions' tSNR), ``fd_mean_mm``, ``fd_max_mm``, ``std_dvars_mean``,
-            ``frac_high_motion`` and ``thresholds`` (a dict of :class:`QCThresholds`).
+            ``frac_high_motion``, ``motion_known`` (:attr:`motion_known`) and ``thresholds``
+            (a dict of :class:`QCThresholds`).
         """
 
         def num(v):
@@ -192,6 +200,7 @@ class QCReport:
             "fd_max_mm": num(self.fd_max),
             "std_dvars_mean": num(self.std_dvars_mean),
             "frac_high_motion": num(self.frac_high_motion),
+            "motion_known": self.motion_known,
             "thresholds": asdict(self.thresholds),
         }
         if series:
@@ -282,7 +291,12 @@ def qc_report(
             sd = conf["std_dvars"].to_numpy(dtype=np.float64)
             std_dvars_mean = float(np.nanmean(sd))
             high |= np.nan_to_num(sd) > th.std_dvars_threshold
-        if fd is not None or std_dvars_mean is not None:
+        if fd is None and std_dvars_mean is None:
+            warns.append(
+                "Head motion is unknown: the confounds file has no framewise_displacement or "
+                "std_dvars column, so motion could not be measured. Motion can bias "
+                "connectivity; use fMRIPrep's desc-confounds_timeseries.tsv of this run.")
+        else:
             frac_hm = float(high.mean())
             if frac_hm > th.scrubbed_fail:
                 fails.append(
@@ -291,6 +305,12 @@ def qc_report(
                 )
             elif frac_hm > th.scrubbed_warn:
                 warns.append(f"{frac_hm:.0%} of volumes are high-motion and would be scrubbed.")
+    else:
+        # Unknown is not clean: without FD a moving participant would 'pass'.
+        warns.append(
+            "Head motion is unknown: no fMRIPrep confounds file was given, so framewise "
+            "displacement (FD) could not be measured. Motion can bias connectivity; upload the "
+            "scan's desc-confounds_timeseries.tsv to check it.")
     lo, hi = th.tr_typical
     if not lo <= scan.tr <= hi:
         warns.append(f"TR {scan.tr:g} s is outside the usual {lo:g}-{hi:g} s.")

@@ -215,8 +215,10 @@ def analyse(
         Explain the prediction (Integrated Gradients); False leaves ``explanation`` None.
     progress : callable(stage, done, total, info) or None, default=None
         Called as each stage advances: ``validate``, ``parcellate``, ``qc`` and ``clean``
-        (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 1, 1, {})`` and,
-        with the explanation, ``("explain", k, n, {"steps": .., "gap": ..})`` per attempt.
+        (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 0, 1, {})`` and
+        ``("predict", 1, 1, {})`` and, with the explanation, ``("explain", 0, 1, {})`` and
+        ``("explain", k, n, {"steps": .., "gap": ..})`` per attempt. Each stage is announced
+        (``done`` 0) before its work starts.
 
     Returns
     -------
@@ -239,6 +241,8 @@ def analyse(
     assert prep.signals is not None and prep.qc is not None
     times = dict(prep.stage_seconds)
     t0 = time.perf_counter()
+    if progress:  # every stage is announced before its work, so a label is never one late
+        progress("predict", 0, 1, {})
     inputs = model.inputs(prep.signals)  # the one path: as the model was trained
     assert inputs.fc is not None  # prepare computes the connectivity by default
     for name, arr in (("time-series window", inputs.window), ("connectivity", inputs.fc)):
@@ -257,6 +261,9 @@ def analyse(
     fold_p = model.fold_probabilities(pred["fold_logits"][:, 0])
     explanation = None
     if with_explanation:
+        if progress:
+            progress("explain", 0, 1, {})
+
         def exp_progress(stage, done, total, info):
             if progress:
                 progress("explain", done, total, info or {})
@@ -509,8 +516,9 @@ def screen(
         Screen again (a new revision) even when these inputs were screened with this model,
         or when the same image was screened with other side files.
     progress : callable(stage, done, total, info) or None, default=None
-        Stages :data:`STAGES` (only ``("save", 1, 1, {"reused": True})`` when a stored
-        screening is returned).
+        Stages :data:`STAGES`, each announced (``done`` 0) before its work and reported done
+        (see :func:`analyse`; ``("save", 0, 1, {})`` before the write); only
+        ``("save", 1, 1, {"reused": True})`` when a stored screening is returned.
 
     Returns
     -------
@@ -564,11 +572,14 @@ def screen(
         "series": repo.encode_series(result.signals.data),
     }
     summary = ScreeningSummary.from_analysis(result, participant=pseudonym, model=model.name,
-                                             operator=operator, simulated=simulated)
+                                             operator=operator, simulated=simulated,
+                                             card=model.card)
     _check_storable(summary, model)
     regions, connections = summary.attribution_rows()
     e = result.explanation
     assert e is not None
+    if progress:
+        progress("save", 0, 1, {})
     for attempt in range(3):
         try:
             with session_scope(engine, write=True) as s:
@@ -824,8 +835,11 @@ def screen_batch(
                 value = bool(int(row["responder"]))
                 if known.get(pid) == value:
                     continue
+                # the cohort file is the source asked for: it replaces a differing outcome,
+                # which stays in the history
                 repo.record_outcome(s, pid, "responder" if value else "non-responder",
-                                    actor=operator, note=f"imported from {root.name}/participants.tsv")
+                                    actor=operator, replace=pid in known,
+                                    note=f"imported from {root.name}/participants.tsv")
                 report.outcomes += 1
     return report
 

@@ -9,22 +9,54 @@ loading the model code.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fmmtc_core.validity import ModelValidity, model_validity
 
 if TYPE_CHECKING:
     from fmmtc_core.explain import Explanation
     from fmmtc_core.screening import Analysis
     from fmmtc_core.store.models import Screening
 
-__all__ = ["RegionScore", "ConnectionScore", "ScreeningSummary", "explanation_scores",
-           "attribution_rows", "EXACT_ATTRIBUTION"]
+__all__ = ["RegionScore", "ConnectionScore", "QCNumbers", "ScreeningSummary",
+           "explanation_scores", "attribution_rows", "format_share", "EXACT_ATTRIBUTION"]
 
 #: ``Explanation.settings["method"]`` of a classic baseline's exact linear attribution (FMM-TC's
 #: is ``"integrated_gradients"``).
 EXACT_ATTRIBUTION = "exact_linear_attribution"
+
+#: What the explanation records for a time series it did not attribute
+#: (:func:`fmmtc_core.explain.explain`).
+_TS_HELD = "held at the scan"
+
+
+def format_share(value: float | None) -> str:
+    """A modality share as a percentage that never rounds a small share down to "0%".
+
+    Parameters
+    ----------
+    value : float or None
+        A share in [0, 1].
+
+    Returns
+    -------
+    str
+        ``"n/a"`` for None; ``"0%"`` only for exactly 0; one decimal below 1 % (``"0.4%"``;
+        ``"<0.1%"`` below 0.05 %); whole percents otherwise.
+    """
+    if value is None:
+        return "n/a"
+    if value == 0:
+        return "0%"
+    if value < 0.0005:
+        return "<0.1%"
+    if value < 0.01 or value > 0.99 and value < 1:
+        return f"{value:.1%}"
+    return f"{value:.0%}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +107,95 @@ class ConnectionScore:
     label_i: int
     label_j: int
     score: float
+
+
+@dataclass(frozen=True)
+class QCNumbers:
+    """The QC numbers a screening shows beside its verdict (from
+    :meth:`fmmtc_core.qc.QCReport.to_dict`, fresh or as stored with the scan).
+
+    A number that was not measured is None (no confounds: no FD; a region table: no tSNR).
+
+    Attributes
+    ----------
+    n_volumes : int or None, default=None
+    tr_s : float or None, default=None
+        Repetition time, seconds.
+    tsnr_median : float or None, default=None
+        Median voxel temporal SNR inside the atlas (NIfTI only).
+    fd_mean_mm, fd_max_mm : float or None, default=None
+        Mean and largest framewise displacement, mm (needs the confounds file).
+    frac_high_motion : float or None, default=None
+        Fraction of volumes over the FD or standardised-DVARS limit.
+    n_regions : int or None, default=None
+        Regions of the atlas.
+    uncovered_regions : tuple of str, default=()
+        Names of the atlas regions without (enough) signal.
+    motion_known : bool, default=False
+        Whether head motion was measured (FD or standardised DVARS from a confounds file).
+    """
+
+    n_volumes: int | None = None
+    tr_s: float | None = None
+    tsnr_median: float | None = None
+    fd_mean_mm: float | None = None
+    fd_max_mm: float | None = None
+    frac_high_motion: float | None = None
+    n_regions: int | None = None
+    uncovered_regions: tuple[str, ...] = ()
+    motion_known: bool = False
+
+    @property
+    def n_covered(self) -> int | None:
+        """Atlas regions with signal (None when the number of regions is unknown)."""
+        return None if self.n_regions is None else self.n_regions - len(self.uncovered_regions)
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> QCNumbers:
+        """The numbers of a QC report dict.
+
+        Parameters
+        ----------
+        d : mapping or None
+            :meth:`fmmtc_core.qc.QCReport.to_dict` (or the ``qc`` column of a stored scan,
+            which may come from an older version and lack keys); None gives all unknown.
+
+        Returns
+        -------
+        QCNumbers
+            ``motion_known`` is the dict's own when it has one, else whether FD or the
+            high-motion fraction was measured.
+        """
+        d = d or {}
+
+        def num(key):
+            v = d.get(key)
+            return None if v is None else float(v)
+
+        motion = d.get("motion_known")
+        if motion is None:
+            motion = d.get("fd_mean_mm") is not None or d.get("frac_high_motion") is not None
+        return cls(
+            n_volumes=None if d.get("n_volumes") is None else int(d["n_volumes"]),
+            tr_s=num("tr_s"), tsnr_median=num("tsnr_median"), fd_mean_mm=num("fd_mean_mm"),
+            fd_max_mm=num("fd_max_mm"), frac_high_motion=num("frac_high_motion"),
+            n_regions=None if d.get("n_regions") is None else int(d["n_regions"]),
+            uncovered_regions=tuple(str(n) for n in d.get("uncovered_regions") or ()),
+            motion_known=bool(motion))
+
+    def to_dict(self) -> dict:
+        """The numbers as a JSON-ready dict (the field names, ``n_covered`` added).
+
+        Returns
+        -------
+        dict
+        """
+        return {"n_volumes": self.n_volumes, "tr_s": self.tr_s,
+                "tsnr_median": self.tsnr_median, "fd_mean_mm": self.fd_mean_mm,
+                "fd_max_mm": self.fd_max_mm, "frac_high_motion": self.frac_high_motion,
+                "n_regions": self.n_regions, "n_covered": self.n_covered,
+                "uncovered_regions": list(self.uncovered_regions),
+                "motion_known": self.motion_known}
 
 
 @dataclass(frozen=True)
@@ -140,6 +261,12 @@ class ScreeningSummary:
         How the attributions were computed (the explanation's ``settings["method"]``):
         ``"integrated_gradients"`` (FMM-TC) or ``"exact_linear_attribution"`` (a classic
         baseline, linear in its features); None when not explained or not recorded.
+    validity : ModelValidity, default=model_validity(None)
+        What the model that made the screening is valid for, from its card
+        (:func:`fmmtc_core.validity.model_validity`): every reader shows its warning. The
+        default (no card known) is status ``"unknown"``, which warns.
+    qc : QCNumbers, default=QCNumbers()
+        The QC numbers beside the verdict (tSNR, FD, coverage, uncovered regions).
     """
 
     participant: str
@@ -175,16 +302,69 @@ class ScreeningSummary:
         """Whether the attributions are exact (a classic baseline, linear in its features)
         rather than Integrated Gradients."""
         return self.attribution_method == EXACT_ATTRIBUTION
+    validity: ModelValidity = field(default_factory=lambda: model_validity(None))
+    qc: QCNumbers = field(default_factory=QCNumbers)
 
     @property
     def runtime_s(self) -> float:
         """Total seconds of the screening: the sum of :attr:`stage_seconds`."""
         return float(sum(self.stage_seconds.values()))
 
+    @property
+    def share_note(self) -> str:
+        """What the modality shares mean for this screening, and why a share is 0 or small:
+        the meaning, then :attr:`share_reason` when there is one.
+
+        ``"This screening was not explained."`` when it has no shares.
+        """
+        if self.share_ts is None:
+            return "This screening was not explained."
+        text = ("Shares of the total absolute attribution: how much of the change from the "
+                "baseline participant came through each modality.")
+        return f"{text} {self.share_reason}" if self.share_reason else text
+
+    @property
+    def share_reason(self) -> str:
+        """Why the time-series (or connectivity) share is 0 or small; empty when it needs no
+        explanation.
+
+        A time-series share of 0 % has three different causes, which must not be confused
+        with "the time series does not matter": the model has no time-series branch; the
+        explanation held the time series fixed at the scan (a foundation encoder too large to
+        attribute on this device, see :func:`fmmtc_core.explain.explain`), so its share is not
+        measured; or it was measured and is genuinely small. The sentence names which, from
+        the explanation's recorded :attr:`baseline`.
+        """
+        b, ts, fc = self.baseline, self.share_ts, self.share_fc or 0.0
+        if ts is None:
+            return ""
+        if not b:
+            return ("How the time series was treated was not recorded for this screening, so "
+                    "a 0 % time-series share cannot be read as a finding." if ts == 0 else "")
+        if "ts" not in b and "amplitude" not in b:
+            return ("This model has no time-series branch (it reads connectivity only), so "
+                    "the time-series share is 0 % by design, not a finding.")
+        if str(b.get("ts", "")).startswith(_TS_HELD):
+            held = ("Integrated Gradients held the time-series encoder's input fixed at this "
+                    "scan (attributing it is too costly for this encoder on this device)")
+            if "amplitude" in b:
+                return held + (", so the time-series share counts only the regional "
+                               "amplitude; the encoder's contribution is not measured.")
+            return held + (", so the time-series share is 0 % by construction: the "
+                           "encoder's contribution is not measured, which does not mean the "
+                           "time series does not matter.")
+        if 0 < ts < 0.005 or (ts == 0 and fc > 0):
+            return (f"The time-series share is genuinely small ({format_share(ts)}): this "
+                    "prediction moved almost entirely with the connectivity.")
+        if "fc" in b and (0 < fc < 0.005 or (fc == 0 and ts > 0)):
+            return (f"The connectivity share is genuinely small ({format_share(fc)}): this "
+                    "prediction moved almost entirely with the time series.")
+        return ""
+
     @classmethod
     def from_analysis(cls, a: Analysis, *, participant: str, model: str, operator: str,
-                      created_at: dt.datetime | None = None,
-                      simulated: bool = False) -> ScreeningSummary:
+                      created_at: dt.datetime | None = None, simulated: bool = False,
+                      card: Mapping | None = None) -> ScreeningSummary:
         """The summary of a fresh analysis.
 
         Parameters
@@ -201,6 +381,8 @@ class ScreeningSummary:
             When; None: now, UTC.
         simulated : bool, default=False
             Whether the participant is simulated.
+        card : mapping or None, default=None
+            The model's card, for :attr:`validity`; None: unknown (the result warns).
 
         Returns
         -------
@@ -224,7 +406,9 @@ class ScreeningSummary:
             decision=a.decision, thresholds=dict(a.thresholds), qc_verdict=a.qc.verdict,
             qc_reasons=tuple(a.qc.reasons), model=model, operator=operator,
             created_at=created_at or dt.datetime.now(dt.timezone.utc), simulated=simulated,
-            stage_seconds={k: float(v) for k, v in a.stage_seconds.items()}, **extra)
+            stage_seconds={k: float(v) for k, v in a.stage_seconds.items()},
+            validity=model_validity(card, model), qc=QCNumbers.from_dict(a.qc.to_dict()),
+            **extra)
 
     @classmethod
     def from_row(cls, sc: Screening, *, reused: bool = False) -> ScreeningSummary:
@@ -265,7 +449,9 @@ class ScreeningSummary:
             baseline=exp.get("baseline"), logit=exp.get("logit"),
             baseline_logit=exp.get("baseline_logit"), stage_seconds=dict(sc.stage_seconds),
             screening_id=sc.id, reused=reused, simulated=bool(sc.participant.simulated),
-            attribution_method=(exp.get("settings") or {}).get("method"))
+            attribution_method=(exp.get("settings") or {}).get("method"),
+            validity=model_validity(sc.model_version.card, sc.model_version.name),
+            qc=QCNumbers.from_dict(sc.scan.qc))
 
     def to_dict(self, *, n_regions: int | None = None) -> dict:
         """The summary as a JSON-ready dict (the ``fmmtc screen --json`` output).
@@ -285,7 +471,10 @@ class ScreeningSummary:
             ``top_connections`` (the :class:`ConnectionScore` fields), ``networks``,
             ``ig_gap``, ``ig_gap_abs``, ``steps``, ``method`` (:attr:`attribution_method`),
             ``baseline``, ``logit``, ``baseline_logit``, ``stage_seconds``, ``runtime_s``
-            (both rounded to 0.1 ms), ``model``, ``operator`` and ``created_at`` (ISO 8601).
+            (both rounded to 0.1 ms), ``model``, ``model_validity`` (:meth:`ModelValidity.to_dict
+            <fmmtc_core.validity.ModelValidity.to_dict>`: whether the result carries a
+            warning, and why), ``operator`` and ``created_at`` (ISO 8601). ``qc`` also holds
+            the numbers of :meth:`QCNumbers.to_dict`.
         """
         regions = self.regions if n_regions is None else self.regions[:n_regions]
         return {
@@ -294,7 +483,8 @@ class ScreeningSummary:
             "probability": self.probability, "band": list(self.band),
             "fold_probabilities": list(self.fold_probabilities), "decision": self.decision,
             "thresholds": self.thresholds,
-            "qc": {"verdict": self.qc_verdict, "reasons": list(self.qc_reasons)},
+            "qc": {"verdict": self.qc_verdict, "reasons": list(self.qc_reasons),
+                   **self.qc.to_dict()},
             "modality_share": {"ts": self.share_ts, "fc": self.share_fc},
             "regions": [{"label": r.label, "name": r.name, "score": r.score, "ts": r.ts,
                          "fc": r.fc, "network": r.network} for r in regions],
@@ -305,7 +495,8 @@ class ScreeningSummary:
             "baseline_logit": self.baseline_logit,
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "runtime_s": round(self.runtime_s, 4), "model": self.model,
-            "operator": self.operator, "created_at": self.created_at.isoformat(),
+            "model_validity": self.validity.to_dict(), "operator": self.operator,
+            "created_at": self.created_at.isoformat(),
         }
 
     def attribution_rows(self) -> tuple[list[dict], list[dict]]:

@@ -10,9 +10,19 @@ import streamlit as st
 from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size, load_demo_cohort
+from fmmtc_app.reports import report_buttons
+from fmmtc_core.atlas import load_atlas
 from fmmtc_core.config import DEFAULT_THRESHOLDS
-from fmmtc_core.cohort import filter_screenings, observed_performance, outcome_values, stratify
+from fmmtc_core.cohort import (
+    WORKLIST_STATUSES,
+    filter_screenings,
+    observed_performance,
+    outcome_values,
+    stratify,
+    worklist,
+)
 from fmmtc_core.figures import calibration_figure, probability_histogram, roc_figure
+from fmmtc_core.report import glass_brain_png
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 
@@ -22,12 +32,13 @@ engine = session.engine()
 
 
 @st.cache_data(show_spinner=False, ttl=5)
-def _screenings(version: int) -> pd.DataFrame:
+def _screenings(version: int, database: str) -> pd.DataFrame:
     return repo.screenings_frame(engine)
 
 
 version = st.session_state.setdefault("cohort_version", 0)
-df = _screenings(version)
+DATABASE = engine.url.render_as_string(hide_password=True)  # a cache key: rows belong to it
+df = _screenings(version, DATABASE)
 
 def _demo_button(label: str, primary: bool) -> None:
     if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
@@ -58,6 +69,38 @@ if df.empty:
 if df["simulated"].any():
     st.warning(f"{int(df['simulated'].sum())} of {len(df)} participants are SIMULATED demo "
                "data (pseudonyms starting SIM-), not real people.")
+severe = df["model_validity"].isin(["simulated", "unknown"])
+if severe.any():
+    st.error(f"**{int(severe.sum())} of {len(df)} screenings were made by a model trained on "
+             "SIMULATED data** (or on data its card does not name): their probabilities and "
+             "decisions say nothing about real people. The 'model validity' column says which.")
+unvalidated = df["model_validity"] == "not validated"
+if unvalidated.any():
+    st.warning(f"{int(unvalidated.sum())} of {len(df)} screenings were made by a model NOT "
+               "VALIDATED ON THIS SITE'S DATA: treat them as research estimates.")
+
+st.subheader("Worklist")
+c1, c2 = st.columns([2, 3])
+search = c1.text_input("Search participants", key="w_search",
+                       placeholder="pseudonym, site or drug")
+status = c2.radio("Status", WORKLIST_STATUSES, horizontal=True, key="w_status",
+                  help="screened: everyone; awaiting outcome: screened, no observed outcome "
+                       "entered yet")
+work = worklist(df, search=search, status=status)
+st.dataframe(work.drop(columns=["screening_id"]), hide_index=True, width="stretch",
+             column_config={
+                 "last_screened": st.column_config.DatetimeColumn("last screened (UTC)",
+                                                                  format="YYYY-MM-DD HH:mm"),
+                 "probability": st.column_config.NumberColumn(format="%.2f"),
+                 "qc_verdict": "QC", "model_validity": "model validity"})
+c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+opened = c1.selectbox(f"Open a participant ({len(work)} listed)", work["participant"].tolist(),
+                      index=None, key="w_open", placeholder="Choose a participant")
+if c2.button("Open in the explorer", key="w_go", disabled=opened is None):
+    latest = int(work.loc[work["participant"] == opened, "screening_id"].iloc[0])
+    st.session_state["explore_id"] = latest
+    st.session_state.pop("explore_first", None)  # the explorer starts at this screening
+    st.switch_page("pages/explore.py")
 
 with st.expander("Filters", expanded=False):
     c = st.columns(4)
@@ -84,7 +127,8 @@ st.caption(f"{len(view)} of {len(df)} participants (latest screening of each wit
 
 show = view[["screening_id", "participant", "site", "drug", "probability", "band_low",
              "band_high", "decision", "qc_verdict", "outcome", "simulated", "model",
-             "operator", "created_at"]].sort_values("created_at", ascending=False)
+             "model_validity", "operator", "created_at"]].sort_values("created_at",
+                                                                     ascending=False)
 st.dataframe(show, hide_index=True, width="stretch", column_config={
     "screening_id": st.column_config.NumberColumn("id"),
     "probability": st.column_config.ProgressColumn("probability", min_value=0.0,
@@ -92,11 +136,36 @@ st.dataframe(show, hide_index=True, width="stretch", column_config={
     "band_low": st.column_config.NumberColumn("band from", format="%.2f"),
     "band_high": st.column_config.NumberColumn("band to", format="%.2f"),
     "qc_verdict": st.column_config.TextColumn("QC"),
+    "model_validity": st.column_config.TextColumn(
+        "model validity", help="simulated: trained on simulated data only; not validated: "
+                               "never checked on this site's data; validated: checked here"),
     "created_at": st.column_config.DatetimeColumn("screened", format="YYYY-MM-DD HH:mm"),
 })
 st.download_button("Export these rows (CSV)", repo.csv_text(view),
                    file_name=f"fmmtc-cohort-{dt.date.today():%Y%m%d}.csv", mime="text/csv",
                    key="export")
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _record(screening_id: int, database: str) -> repo.ScreeningRecord:
+    # keyed by the database too: a screening id means nothing without it
+    with session_scope(engine) as sess:
+        return repo.screening_record(sess, screening_id)
+
+
+@st.cache_data(show_spinner="Drawing the brain map...", max_entries=32)
+def _glass(atlas_name: str, scores: tuple) -> bytes:
+    return glass_brain_png(load_atlas(atlas_name), scores)
+
+
+report_labels = {int(r.screening_id): f"#{r.screening_id} - {r.participant} - "
+                 f"{pd.Timestamp(r.created_at):%Y-%m-%d %H:%M} UTC" for r in show.itertuples()}
+picked = st.selectbox("Report of a screening (HTML or PDF)", list(report_labels),
+                      index=None, format_func=report_labels.get, key="report_pick",
+                      placeholder="Choose one of the rows above")
+if picked is not None:
+    record = _record(picked, DATABASE)
+    report_buttons(record.summary, _glass(record.atlas, tuple(record.regions["total"].round(6))),
+                   key="cohort-report")
 
 st.subheader("Enrolment at a threshold")
 c1, c2 = st.columns([3, 1])
@@ -127,21 +196,51 @@ st.plotly_chart(probability_histogram(view["probability"], threshold, outcome=y)
                 width="stretch")
 
 st.subheader("Observed outcomes")
+who = st.selectbox("Participant", sorted(df["participant"]), index=None, key="o_who",
+                   placeholder="Choose a participant")
+history = repo.outcome_history(engine, who) if who else None
+if history is not None:
+    if history.empty:
+        st.caption(f"No outcome recorded for {who} yet.")
+    else:
+        st.caption(f"Outcomes recorded for {who}, latest first (the latest counts; every "
+                   "entry is kept):")
+        st.dataframe(history, hide_index=True, width="stretch", column_config={
+            "entered_at": st.column_config.DatetimeColumn("entered (UTC)",
+                                                          format="YYYY-MM-DD HH:mm"),
+            "entered_by": "entered by", "current": "counts"})
 with st.form("outcome"):
-    c1, c2, c3 = st.columns([2, 2, 3])
-    who = c1.selectbox("Participant", sorted(df["participant"]), key="o_who")
-    what = c2.radio("Outcome", ["responder", "non-responder"], key="o_what")
-    note = c3.text_input("Note (optional)", key="o_note")
-    if st.form_submit_button("Record outcome"):
+    c1, c2 = st.columns([2, 3])
+    what = c1.radio("Outcome", ["responder", "non-responder"], index=None, key="o_what",
+                    help="Nothing is preselected: choose what was observed.")
+    note = c2.text_input("Note (optional)", key="o_note")
+    replace = False
+    if history is not None and not history.empty:
+        last = history.iloc[0]
+        replace = st.checkbox(
+            f"Replace the outcome on record ({last['outcome']}, entered by "
+            f"{last['entered_by']} on {last['entered_at']:%Y-%m-%d}); it stays in the history",
+            key="o_replace")
+    submitted = st.form_submit_button("Record outcome")
+if submitted:
+    if who is None:
+        st.error("Choose the participant first.")
+    elif what is None:
+        st.error("Choose the observed outcome (responder or non-responder) first.")
+    else:
         try:
             with session_scope(engine, write=True) as sess:
                 repo.record_outcome(sess, who, what, actor=session.operator(),
-                                    note=note or None)
+                                    note=note or None, replace=replace)
         except Exception as exc:  # noqa: BLE001
             session.plain_error(exc, "The outcome was not recorded")
         else:
             st.session_state["cohort_version"] = version + 1
-            st.session_state["outcome_saved"] = f"Recorded: {who} is a {what}."
+            for key in ("o_what", "o_note", "o_replace"):  # the next entry starts empty
+                st.session_state.pop(key, None)
+            st.session_state["outcome_saved"] = (
+                f"Recorded: {who} is a {what}"
+                + (" (the earlier outcome is kept in the history)." if replace else "."))
             st.rerun()
 if msg := st.session_state.pop("outcome_saved", None):
     st.success(msg)

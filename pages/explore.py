@@ -7,6 +7,8 @@ import streamlit as st
 
 from fmmtc_app import session
 from fmmtc_app.access import require_access
+from fmmtc_app.notices import validity_banner
+from fmmtc_app.reports import report_buttons
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.figures import (
     FC_COLOR,
@@ -22,10 +24,12 @@ from fmmtc_core.review import top_regions
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 from fmmtc_core.store.repository import ScreeningRecord
+from fmmtc_core.summary import format_share
 
 require_access()
 st.title("Attribution explorer")
 engine = session.engine()
+DATABASE = engine.url.render_as_string(hide_password=True)
 df = repo.screenings_frame(engine, latest_only=False)
 if df.empty:
     st.info("No screenings yet. Screen a participant, or load the simulated demo cohort on the "
@@ -53,7 +57,8 @@ if compare:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _load(screening_id: int) -> ScreeningRecord:
+def _load(screening_id: int, database: str) -> ScreeningRecord:
+    # keyed by the database too: a screening id means nothing without it
     with session_scope(engine) as s:
         return repo.screening_record(s, screening_id)
 
@@ -74,17 +79,21 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
     sm = d.summary
     if sm.simulated:
         st.info("SIMULATED participant (demo data).")
+    validity_banner(sm.validity)
     m = st.columns(4)
     m[0].metric("Probability", f"{sm.probability:.0%}",
                 help=f"band {sm.band[0]:.0%} - {sm.band[1]:.0%}")
     m[1].metric("Decision", sm.decision)
     m[2].metric("Time series / connectivity",
-                f"{sm.share_ts or 0:.0%} / {sm.share_fc or 0:.0%}")
+                f"{format_share(sm.share_ts)} / {format_share(sm.share_fc)}")
     exact = sm.exact_attribution
     m[3].metric("Attribution gap" if exact else "IG gap", f"{sm.ig_gap or 0:.2%}",
                 help="exact linear attribution (classic baseline)" if exact
                 else f"{sm.ig_steps} integration steps")
-    st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
+    st.caption(sm.share_note)
+    png = _glass(d.atlas, tuple(reg["total"].round(6)))
+    report_buttons(sm, png, key=f"{key}-report")
+    st.image(png, width="stretch")
     views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
               "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
     # One view at a time: only the chosen figure is built and drawn (3D views are costly).
@@ -134,12 +143,12 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
 
 
 if second is None:
-    _panel(_load(first), "a", full=True)
+    _panel(_load(first, DATABASE), "a", full=True)
 else:
     left, right = st.columns(2)
     with left:
         st.subheader(labels[first].split(" - ")[1])
-        _panel(_load(first), "a", full=False)
+        _panel(_load(first, DATABASE), "a", full=False)
     with right:
         st.subheader(labels[second].split(" - ")[1])
-        _panel(_load(second), "b", full=False)
+        _panel(_load(second, DATABASE), "b", full=False)

@@ -10,8 +10,10 @@ import streamlit as st
 
 from fmmtc_app import session
 from fmmtc_app.access import require_access
+from fmmtc_app.notices import validity_banner
 from fmmtc_core import FMMTCError
 from fmmtc_core.ablation import AblationStudy, read_ablation
+from fmmtc_core.validity import model_validity
 
 ABLATION = Path(__file__).resolve().parents[1] / "docs" / "ablation.md"
 
@@ -34,6 +36,10 @@ classic = model.model_type != "fmmtc"
 st.caption(f"Folder `{session.active_model_dir()}`; model type **{model.model_type}**; "
            f"running on **{model.device.type.upper()}**; version id "
            f"`{model.weights_sha256[:12]}`.")
+validity = model_validity(card, model.name)
+validity_banner(validity)
+st.markdown(f"**Valid for:** {validity.valid_for}  \n**Trained on:** {validity.trained_on}")
+st.caption(f"The card's intended use: {card.get('intended_use', 'not stated')}")
 if classic:
     spec = card.get("model", {})
     st.info(f"**Classic baseline `{model.model_type}`, not the deep FMM-TC model**: "
@@ -41,10 +47,7 @@ if classic:
             "folds and under the protocol of `fmmtc compare`, so its numbers below compare "
             "directly with FMM-TC's; its explanations are exact (the model is linear in its "
             "features).")
-if card.get("data", {}).get("simulated"):
-    st.warning(card.get("intended_use", "Trained on simulated data."))
-else:
-    st.info(card.get("intended_use", "Research only. Not a medical device."))
+
 
 for text in card.get("warnings", []):  # training found no usable signal: say it first
     st.error(f"**{text}**")

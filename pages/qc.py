@@ -122,7 +122,10 @@ if result is not None:
     c[0].metric("Volumes", d["n_volumes"])
     c[1].metric("TR (s)", f"{d['tr_s']:g}")
     c[2].metric("Median tSNR", "n/a" if d["tsnr_median"] is None else f"{d['tsnr_median']:.1f}")
-    c[3].metric("Mean FD (mm)", "n/a" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}")
+    c[3].metric("Mean FD (mm)", "unknown" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}",
+                help=None if d["fd_mean_mm"] is not None else
+                "Framewise displacement needs the scan's fMRIPrep confounds file; without it "
+                "head motion is unknown, which is a QC warning.")
     c[4].metric("Uncovered regions", f"{d['n_uncovered_regions']} / {d['n_regions']}")
 
     atlas = signals.atlas

@@ -7,8 +7,12 @@ import streamlit as st
 from fmmtc_app import session
 from fmmtc_app.access import require_access
 from fmmtc_app.demo import DEMO_PREFIX
+from fmmtc_app.notices import validity_banner
+from fmmtc_app.progress import StageProgress
+from fmmtc_app.reports import report_buttons
 from fmmtc_app.uploads import staged_uploads
 from fmmtc_core.atlas import load_atlas
+from fmmtc_core.config import DEFAULT_THRESHOLDS
 from fmmtc_core.figures import (
     brain3d_figure,
     carpet_figure,
@@ -16,21 +20,13 @@ from fmmtc_core.figures import (
     network_figure,
     probability_figure,
 )
-from fmmtc_core.report import glass_brain_png, screening_report_html
+from fmmtc_core.report import glass_brain_png
 from fmmtc_core.review import region_scores, top_regions
-from fmmtc_core.screening import STAGES, QCFailedError
+from fmmtc_core.screening import QCFailedError
+from fmmtc_core.summary import format_share
+from fmmtc_core.validity import model_validity
 
 require_access()
-
-# Where each stage's progress starts and ends on the bar.
-_SPAN = {"validate": (0.0, 0.05), "parcellate": (0.05, 0.45), "qc": (0.45, 0.5),
-         "clean": (0.5, 0.55), "predict": (0.55, 0.6), "explain": (0.6, 0.97),
-         "save": (0.97, 1.0)}
-_TEXT = {"validate": "Validating the file...", "parcellate": "Parcellating the scan...",
-         "qc": "Checking quality...", "clean": "Cleaning the region signals...",
-         "predict": "Predicting...", "explain": "Explaining the prediction...",
-         "save": "Saving to the cohort database..."}
-assert set(_SPAN) == set(STAGES)
 
 st.title("Screen a participant")
 st.write(
@@ -45,7 +41,13 @@ kind = ("FMM-TC" if model.model_type == "fmmtc"
         else f"classic baseline {model.model_type}, not the deep model")
 st.caption(f"Model **{model.name}** ({kind}; {model.atlas} atlas, {len(model.models)} fold "
            f"models) on **{model.device.type.upper()}**.")
+if (active := model_validity(model.card, model.name)).warn:
+    st.caption(f":warning: {active.headline.capitalize()}: every result says so "
+               "(see the Model page).")
 
+
+# Progress goes here, above the form (below it, it was out of sight while the form was open).
+progress_slot = st.empty()
 result_area = st.container()  # the latest result shows above the form
 has_result = st.session_state.get("screen_result") is not None
 with st.expander("Screen a participant" if not has_result else "Screen another participant",
@@ -79,19 +81,20 @@ def _glass(atlas_name: str, scores: tuple) -> bytes:
 def _progress_bar():
     import time
 
-    bar = st.progress(0.0, text="Starting...")
+    bar = progress_slot.progress(0.0, text="Starting...")
+    shown = StageProgress()
     last = {"stage": None, "t": 0.0}
 
     def cb(stage, done, total, info):
-        # At most ~4 updates a second (and one per stage): every update is a message to the
-        # browser and a repaint there, which would compete with the screening for the CPU.
+        # At most ~4 updates a second (and every stage's start and end): every update is a
+        # message to the browser and a repaint there, which would compete with the
+        # screening for the CPU.
         now = time.monotonic()
-        if stage == last["stage"] and now - last["t"] < 0.25 and done < total:
+        frac, text = shown.update(stage, done, total)
+        if stage == last["stage"] and now - last["t"] < 0.25 and 0 < done < total:
             return
         last.update(stage=stage, t=now)
-        lo, hi = _SPAN.get(stage, (0.0, 1.0))
-        frac = lo + (hi - lo) * (done / total if total else 1.0)
-        bar.progress(min(max(frac, 0.0), 1.0), text=_TEXT.get(stage, stage))
+        bar.progress(frac, text=text)
 
     return bar, cb
 
@@ -114,7 +117,9 @@ def _run(path, participant, sidecar=None, confounds=None, simulated=False):
         bar.empty()
         session.plain_error(exc, "This scan cannot be used")
         return
-    bar.empty()
+    took = result.summary.runtime_s
+    bar.progress(1.0, text=f"Done: screening {result.screening_id}"
+                 + (f" ({took:.0f} s)." if took and not result.reused else "."))
     st.session_state["screen_result"] = result
     st.session_state["screen_simulated"] = simulated
     st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
@@ -163,33 +168,41 @@ def _show(result) -> None:
         st.success(f"Saved to the cohort as screening {result.screening_id}.")
 
     st.subheader(f"Participant {result.participant}")
+    validity_banner(summary.validity)  # above the decision: it cannot be read without it
     c = st.columns(4)
     c[0].metric("Responder probability", f"{result.probability:.0%}")
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     c[3].metric("Model", summary.model)
     st.plotly_chart(probability_figure(result.probability, result.band,
-                                       summary.thresholds), width="stretch")
+                                       {**DEFAULT_THRESHOLDS, **summary.thresholds}),
+                    width="stretch")
     st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
                "cross-validation fold models. The decision is 'likely responder' only when the "
                "whole band clears the responder threshold.")
 
     analysis = result.analysis
-    with st.expander(f"Scan quality: {summary.qc_verdict}",
-                     expanded=summary.qc_verdict != "pass"):
+    q = summary.qc
+    motion = "" if q.motion_known else " (head motion unknown)"
+    with st.expander(f"Scan quality: {summary.qc_verdict}{motion}",
+                     expanded=summary.qc_verdict != "pass" or not q.motion_known):
         for reason in summary.qc_reasons:
             st.markdown(f"- {reason}")
+        m = st.columns(4)
+        m[0].metric("Volumes", "n/a" if q.n_volumes is None else q.n_volumes)
+        m[1].metric("Median tSNR", "n/a" if q.tsnr_median is None else f"{q.tsnr_median:.1f}",
+                    help="Not measured for a region table (no voxels)."
+                    if q.tsnr_median is None else None)
+        m[2].metric("Mean FD (mm)", "unknown" if q.fd_mean_mm is None else f"{q.fd_mean_mm:.2f}",
+                    help="Needs the scan's fMRIPrep confounds file: without it head motion is "
+                         "unknown (a QC warning)." if q.fd_mean_mm is None else None)
+        m[3].metric("Regions covered", "n/a" if q.n_covered is None
+                    else f"{q.n_covered} / {q.n_regions}")
+        if q.uncovered_regions:
+            st.caption("Not covered (no information for the model): "
+                       + ", ".join(q.uncovered_regions))
         if analysis is not None:
             rep = analysis.qc
-            d = rep.to_dict()
-            m = st.columns(4)
-            m[0].metric("Volumes", d["n_volumes"])
-            m[1].metric("Median tSNR",
-                        "n/a" if d["tsnr_median"] is None else f"{d['tsnr_median']:.1f}")
-            m[2].metric("Mean FD (mm)",
-                        "n/a" if d["fd_mean_mm"] is None else f"{d['fd_mean_mm']:.2f}")
-            m[3].metric("Regions covered",
-                        f"{d['n_regions'] - d['n_uncovered_regions']} / {d['n_regions']}")
             if rep.carpet is not None:
                 st.plotly_chart(carpet_figure(rep.carpet, rep.carpet_regions,
                                               analysis.signals.atlas.groups, rep.tr),
@@ -198,12 +211,13 @@ def _show(result) -> None:
                 st.plotly_chart(motion_figure(rep.tr, rep.fd, rep.dvars,
                                               rep.thresholds.fd_threshold), width="stretch")
         else:
-            st.caption("Stored result: open the Scan quality page to re-check the file.")
+            st.caption("Stored result: the carpet and motion plots need the file; open the "
+                       "Scan quality page to re-check it.")
 
     st.subheader("Why: where the model looked")
     m = st.columns(3)
-    m[0].metric("Time-series share", f"{summary.share_ts or 0:.0%}")
-    m[1].metric("Connectivity share", f"{summary.share_fc or 0:.0%}")
+    m[0].metric("Time-series share", format_share(summary.share_ts))
+    m[1].metric("Connectivity share", format_share(summary.share_fc))
     exact = summary.exact_attribution
     m[2].metric("Completeness gap", f"{summary.ig_gap or 0:.2%}",
                 help=("Exact linear attribution (a classic baseline is linear in its "
@@ -211,6 +225,7 @@ def _show(result) -> None:
                       f"Integrated Gradients with {summary.ig_steps} steps: how far the "
                       "attributions are from adding up exactly to the change in the model's "
                       "output (kept below 1 %)."))
+    st.caption(summary.share_note)
     st.caption(("Exact linear attribution (weight x distance from the training cohort's mean "
                 "feature)" if exact else "Integrated Gradients scores")
                + " in logit units. **Red**: pushed towards responder; **blue**: towards "
@@ -238,10 +253,7 @@ def _show(result) -> None:
     st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
                  width="stretch")
 
-    html = screening_report_html(summary, png=png)
-    st.download_button("Download the report (HTML)", html,
-                       file_name=f"fmmtc-screening-{result.screening_id}.html",
-                       mime="text/html", key="report")
+    report_buttons(summary, png, key="report")
 
 
 result = st.session_state.get("screen_result")

@@ -38,6 +38,7 @@ SLOW = (
     "test_screening.py::test_*_processes_*",
     "test_screening.py::test_batch_*",
     "test_screening.py::test_same_image_with_other_side_files_keeps_its_participant",
+    "test_screening.py::test_same_image_without_its_side_files_is_refused_*",
     "test_screening.py::test_a_non_finite_model_output_names_the_model_and_stores_nothing",
     "test_screening.py::test_every_bad_input_leaves_every_table_unchanged",
     "test_screening.py::test_cli_screen_json_outcome_export",
@@ -291,7 +292,7 @@ def classic_folder(path, *, kind="amplitude", atlas="HCPEx", n_regions=426, seed
 
 
 def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_regions=3,
-                   revision=0, site="S1"):
+                   revision=0, site="S1", atlas="X", qc=None, fields=None):
     """Store a screening with made-up numbers through the repository (no model, no scan): for
     tests of the database, the export and the pages. Labels are not validated here, as rows
     written by an older version would not have been."""
@@ -300,14 +301,15 @@ def fake_screening(session, pseudonym="PAIN-0001", sha="a" * 64, prob=0.7, n_reg
     p = repo.get_or_create_participant(session, pseudonym, actor="t", site=site)
     mv = repo.get_or_create_model_version(session, "m", "f" * 64, {"name": "m"}, actor="t")
     scan = {"sha256": sha, "kind": "table", "shape": [100, n_regions], "tr": 2.0,
-            "atlas": "X", "qc_verdict": "pass", "qc": {"reasons": []}, "n_volumes": 100,
+            "atlas": atlas, "qc_verdict": (qc or {}).get("verdict", "pass"),
+            "qc": qc or {"reasons": []}, "n_volumes": 100,
             "n_regions": n_regions,
             "series": repo.encode_series(np.zeros((100, n_regions), np.float32))}
     fields = {"inputs_sha256": sha, "probability": prob, "band_low": prob - 0.1,
               "band_high": prob + 0.1, "fold_probabilities": [prob], "decision": "uncertain",
               "thresholds": {"responder": 0.6}, "share_ts": 0.1, "share_fc": 0.9,
               "ig_gap": 0.001, "ig_steps": 8, "explanation": {}, "runtime_s": 1.0,
-              "stage_seconds": {}, "software_version": "0"}
+              "stage_seconds": {}, "software_version": "0", **(fields or {})}
     regions = [{"region_index": i, "label": i + 1, "name": f"r{i}", "network": "N",
                 "ts": 0.0, "fc": float(i), "total": float(i)} for i in range(n_regions)]
     conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,

@@ -64,6 +64,17 @@ def _errors(at):
     return [e.value for e in at.error]
 
 
+def _cohort_table(at):
+    """The cohort page's table of screenings (the worklist above it has no band)."""
+    return next(d.value for d in at.dataframe if "band_low" in d.value.columns)
+
+
+def _problems(at):
+    """Errors other than the demo model's validity banner (it learnt from simulated data:
+    every page that shows its results says so in an error box)."""
+    return [e for e in _errors(at) if "SIMULATED" not in e]
+
+
 def _counts(db):
     return row_counts(open_database(db))
 
@@ -76,7 +87,8 @@ def _counts(db):
 def test_every_page_renders_on_an_empty_database(db, page, title):
     at = _app(page)
     assert at.title[0].value == title
-    assert not at.error
+    # the Model page says (as an error box) that the demo learnt from simulated data only
+    assert [e for e in _errors(at) if "SIMULATED DATA ONLY" not in e] == []
 
 
 @pytest.mark.slow  # a screening (or four) in the worker
@@ -87,7 +99,7 @@ def test_screen_a_nifti_upload_shows_the_result_and_stores_it(db, hcpex_scans):
     at.file_uploader[0].upload(nifti.name, nifti.read_bytes(), "application/gzip")
     at.form_submit_button[0].click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Responder probability"].endswith("%")
     assert metrics["Decision"] in ("likely responder", "likely non-responder", "uncertain")
@@ -108,7 +120,7 @@ def test_screen_a_table_with_its_sidecar(db, hcpex_scans):
                                "application/json")
     at.form_submit_button[0].click()
     at.run()
-    assert not _errors(at), _errors(at)
+    assert not _problems(at), _problems(at)
     assert _counts(db)["screenings"] == 1
 
 
@@ -187,7 +199,7 @@ def test_demo_participant_is_labelled_as_simulated(db):
     at = _app()
     at.button(key="demo").click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     assert any("SIMULATED participant" in i.value for i in at.info)
     assert at.subheader[0].value == "Participant SIM-DEMO"
 
@@ -197,10 +209,10 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at = _app("cohort")
     at.button(key="load_demo").click()
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     assert any("Loaded 4 simulated participants" in s.value for s in at.success)
     assert any("SIMULATED demo data" in w.value for w in at.warning)
-    assert len(at.dataframe[0].value) == 4
+    assert len(_cohort_table(at)) == 4
     counts = _counts(db)
     assert counts["screenings"] == 4 and counts["outcomes"] == 4
     assert {m.label for m in at.metric} >= {"Enrolled", "Number needed to screen",
@@ -211,19 +223,16 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     sites = at.multiselect(key="f_site").options
     at.multiselect(key="f_site").set_value([sites[0]])
     at.run()
-    shown = at.dataframe[0].value
+    shown = _cohort_table(at)
     assert 0 < len(shown) < 4 and set(shown["site"]) == {sites[0]}
     # the threshold changes the enrolled count
     at.slider(key="threshold").set_value(0.0)
     at.run()
     enrolled = {m.label: m.value for m in at.metric}["Enrolled"]
     assert enrolled == f"{len(shown)} of {len(shown)}"
-    # enter an observed outcome
-    at.selectbox(key="o_who").set_value(at.selectbox(key="o_who").options[0])
-    at.radio(key="o_what").set_value("non-responder")
-    at.form_submit_button[0].click()
-    at.run()
-    assert not _errors(at)
+    # enter an observed outcome: the demo participants have one, so confirm the replacement
+    _record_outcome(at, at.selectbox(key="o_who").options[0], "non-responder", replace=True)
+    assert not _problems(at)
     assert any(s.value.startswith("Recorded: ") for s in at.success)
     assert _counts(db)["outcomes"] == 5
 
@@ -235,7 +244,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     at.run()
     at.switch_page("pages/explore.py")
     at.run()
-    assert not at.exception and not _errors(at), _errors(at)
+    assert not at.exception and not _problems(at), _problems(at)
     labels = {m.label for m in at.metric}
     assert {"Probability", "Decision", "IG gap"} <= labels
     views = at.radio(key="a-view").options
@@ -243,7 +252,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     for view in views[1:]:  # every view draws without an error
         at.radio(key="a-view").set_value(view)
         at.run()
-        assert not at.exception and not _errors(at), (view, _errors(at))
+        assert not at.exception and not _problems(at), (view, _problems(at))
     at.toggle(key="explore_compare").set_value(True)
     at.run()
     assert not at.exception
@@ -255,7 +264,7 @@ def test_model_page_shows_the_card(db):
     labels = {m.label: m.value for m in at.metric}
     card = json.loads((DEMO_MODEL_DIR / "model_card.json").read_text())
     assert labels["AUC"] == f"{card['metrics_out_of_fold']['auc']:.3f}"
-    assert any("SIMULATED" in w.value for w in at.warning)
+    assert any("SIMULATED DATA ONLY" in e for e in _errors(at))  # louder than a warning
     frames = [d.value for d in at.dataframe if "model" in d.value.columns]
     # the demo ships fmmtc compare's table (lower-case "auc") beside the ablation study's
     comparison = [f for f in frames if "auc" in f.columns]
@@ -414,7 +423,7 @@ def test_password_gate_and_operator_in_audit_log(db, monkeypatch):
     assert at.title[0].value == "Screen a participant"
     at.button(key="demo").click()
     at.run()
-    assert not _errors(at)
+    assert not _problems(at)
     with open_database(db).connect() as conn:
         rows = conn.execute(text("SELECT actor, action FROM audit_log")).all()
     assert rows[0] == ("not signed in", "sign-in failed") and rows[1] == ("dr who", "sign-in")
@@ -480,3 +489,346 @@ def test_qc_page_bad_upload_shows_a_plain_error(db):
     at.run()
     assert at.error[0].value.startswith("This scan cannot be used: ")
     assert "wrong magic number" in at.error[0].value
+
+
+# --------------------------------------------------------------------------------------------
+# The honesty of a result: what the model is valid for, on every page that shows a result
+# --------------------------------------------------------------------------------------------
+def _demo_card() -> dict:
+    return json.loads((DEMO_MODEL_DIR / "model_card.json").read_text())
+
+
+REAL_CARD = {"name": "site-model", "data": {"cohort": "/data/pain", "n_subjects": 80,
+                                            "n_responders": 30, "simulated": False}}
+
+
+def _stored(db, card: dict | None, pseudonym="PAIN-0001", **kw) -> int:
+    """Store a made-up screening whose model version carries ``card``; return its id."""
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+
+    with session_scope(open_database(db), write=True) as s:
+        if card is not None:  # fake_screening's model version ("f" * 64), with this card
+            repo.get_or_create_model_version(s, card.get("name", "m"), "f" * 64, card,
+                                             actor="t")
+        return fake_screening(s, pseudonym, **kw).id
+
+
+def _result(db, screening_id: int):
+    from fmmtc_core.screening import ScreeningResult
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.summary import ScreeningSummary
+
+    with session_scope(open_database(db)) as s:
+        return ScreeningResult(ScreeningSummary.from_row(repo.get_screening(s, screening_id)))
+
+
+def _app_with(state: dict, page: str | None = None) -> AppTest:
+    """The app with ``state`` in the browser session before the first run (a result card as
+    a screening leaves it, without running one)."""
+    at = AppTest.from_file(APP, default_timeout=300)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_result_card_says_the_demo_model_learnt_from_simulated_data(db):
+    """A real (not simulated) participant screened with the demo model: the card says, above
+    the decision, that the model was trained on simulated data only."""
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card()))})
+    errors = _errors(at)
+    assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
+               and "says nothing about a real person" in e for e in errors), errors
+    assert any("Decision" == m.label for m in at.metric)
+
+
+def test_result_card_says_a_real_model_is_not_validated_here(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, REAL_CARD))})
+    assert any("NOT VALIDATED ON THIS SITE'S DATA" in w.value for w in at.warning)
+    assert not any("SIMULATED DATA ONLY" in e for e in _errors(at))
+
+
+def test_a_validated_model_shows_no_validity_warning(db):
+    card = REAL_CARD | {"site_validation": {"site": "leeds", "n_subjects": 40}}
+    at = _app_with({"screen_result": _result(db, _stored(db, card))})
+    assert not any("VALIDATED" in w.value for w in at.warning) and not _errors(at)
+
+
+def test_explorer_and_cohort_say_which_results_come_from_a_simulated_model(db, aal3):
+    _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3")
+    at = _app("explore")
+    assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
+               for e in _errors(at)), _errors(at)
+    at.switch_page("pages/cohort.py")
+    at.run()
+    assert not at.exception
+    assert any("1 of 1 screenings were made by a model trained on SIMULATED data" in e
+               for e in _errors(at)), _errors(at)
+    shown = _cohort_table(at)
+    assert list(shown["model_validity"]) == ["simulated"]
+
+
+def test_model_page_states_what_the_model_is_valid_for(db):
+    at = _app("model")
+    shown = _everything_shown(at)
+    assert "**Valid for:** Trying out the software" in shown
+    assert "DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in shown
+
+
+# --------------------------------------------------------------------------------------------
+# Unknown head motion is a warning, shown as such
+# --------------------------------------------------------------------------------------------
+def test_qc_page_says_motion_is_unknown_without_confounds(db, tmp_path, grid_labels):
+    path = save_nifti(tmp_path / "sub-01_bold.nii.gz", make_bold(grid_labels))
+    at = _app("qc")
+    at.selectbox[0].set_value("aal3")
+    at.file_uploader[0].upload("sub-01_bold.nii.gz", path.read_bytes(), "application/gzip")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not at.success  # never "Passed quality control"
+    assert [w.value for w in at.warning] == ["Usable, with warnings"]
+    assert any(m.value.startswith("- Head motion is unknown: no fMRIPrep confounds file")
+               for m in at.markdown)
+    assert {m.label: m.value for m in at.metric}["Mean FD (mm)"] == "unknown"
+
+
+def test_result_card_shows_unknown_motion_as_a_warning(db):
+    reason = ("Head motion is unknown: no fMRIPrep confounds file was given, so framewise "
+              "displacement (FD) could not be measured.")
+    qc = {"verdict": "warn", "reasons": [reason], "n_volumes": 100, "tr_s": 2.0,
+          "n_regions": 3, "uncovered_regions": [], "tsnr_median": None, "fd_mean_mm": None,
+          "motion_known": False}
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card(), qc=qc))})
+    qc_box = next(e for e in at.expander if e.label.startswith("Scan quality"))
+    assert qc_box.label == "Scan quality: warn (head motion unknown)"
+    metrics = {m.label: m.value for m in qc_box.metric}
+    assert metrics["Mean FD (mm)"] == "unknown" and metrics["Regions covered"] == "3 / 3"
+    assert any(reason in m.value for m in qc_box.markdown)
+
+
+# --------------------------------------------------------------------------------------------
+# A 0 % time-series share says what it means and why
+# --------------------------------------------------------------------------------------------
+HELD_TS = {"share_ts": 0.0, "share_fc": 1.0, "explanation": {
+    "baseline": {"ts": "held at the scan (not attributed)", "fc": "cohort_mean"}}}
+
+
+def test_result_card_explains_a_zero_time_series_share(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card(), fields=HELD_TS))})
+    assert {m.label: m.value for m in at.metric}["Time-series share"] == "0%"
+    assert any("held the time-series encoder's input fixed" in c.value
+               and "0 % by construction" in c.value for c in at.caption)
+
+
+def test_explorer_explains_a_small_time_series_share(db, aal3):
+    fields = {"share_ts": 0.003, "share_fc": 0.997,
+              "explanation": {"baseline": {"ts": "flat", "fc": "cohort_mean"}}}
+    _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3", fields=fields)
+    at = _app("explore")
+    assert {m.label: m.value for m in at.metric}["Time series / connectivity"] == \
+        "0.3% / 99.7%"
+    assert any("The time-series share is genuinely small (0.3%)" in c.value
+               for c in at.caption)
+
+
+# --------------------------------------------------------------------------------------------
+# The report: for any past screening, as HTML and PDF
+# --------------------------------------------------------------------------------------------
+def _downloads(at) -> list[str]:
+    return [el.proto.label for el in at.get("download_button")]
+
+
+def test_result_card_offers_the_report_as_html_and_pdf(db):
+    at = _app_with({"screen_result": _result(db, _stored(db, _demo_card()))})
+    assert {"Download the report (HTML)", "Download the report (PDF)"} <= set(_downloads(at))
+
+
+def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(db, aal3):
+    first = _stored(db, _demo_card(), n_regions=aal3.n_regions, atlas="aal3")
+    _stored(db, _demo_card(), "PAIN-0002", sha="b" * 64, n_regions=aal3.n_regions,
+            atlas="aal3")
+    at = _app("explore")
+    assert _downloads(at) == ["Download the report (HTML)", "Download the report (PDF)"]
+    at.switch_page("pages/cohort.py")
+    at.run()
+    before = _downloads(at)
+    pick = at.selectbox(key="report_pick")
+    assert pick.value is None and len(pick.options) == 2  # nothing drawn until one is chosen
+    pick.set_value(first)
+    at.run()
+    assert not at.exception and not _problems(at)
+    assert _downloads(at) == before + ["Download the report (HTML)",
+                                       "Download the report (PDF)"]
+
+
+# --------------------------------------------------------------------------------------------
+# One image, one participant: whatever side files come (or do not come) with it
+# --------------------------------------------------------------------------------------------
+def test_same_scan_without_side_files_under_another_pseudonym_is_refused(db, tmp_path,
+                                                                          grid_labels):
+    """The image was stored for PAIN-0001 (uploaded with its sidecar and confounds); the same
+    image uploaded alone under PAIN-0002 is refused with whose it is, and nothing is stored."""
+    import hashlib
+
+    nifti = save_nifti(tmp_path / "sub-a_bold.nii.gz", make_bold(grid_labels, 60))
+    data = nifti.read_bytes()
+    _stored(db, None, "PAIN-0001", sha=hashlib.sha256(data).hexdigest())
+    before = _counts(db)
+    at = _app()
+    at.text_input(key="pseudonym").input("PAIN-0002")
+    at.file_uploader[0].upload("renamed_bold.nii.gz", data, "application/gzip")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception
+    assert _errors(at) == [
+        "This scan cannot be used: This scan was already screened for participant "
+        "'PAIN-0001'; a scan belongs to one participant (whatever sidecar or confounds come "
+        "with it). Check the pseudonym."]
+    assert _counts(db) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Outcomes: no default, a confirmation to replace one, the history kept and shown
+# --------------------------------------------------------------------------------------------
+def _record_outcome(at, who, what=None, replace=None):
+    at.selectbox(key="o_who").set_value(who)
+    at.run()
+    if what is not None:
+        at.radio(key="o_what").set_value(what)
+    if replace:
+        at.checkbox(key="o_replace").check()
+    next(b for b in at.button if b.label == "Record outcome").click()
+    at.run()
+    assert not at.exception
+
+
+def test_outcome_has_no_default_and_replacing_one_needs_confirmation(db):
+    _stored(db, REAL_CARD)
+    at = _app("cohort")
+    assert at.radio(key="o_what").value is None  # no outcome preselected
+    _record_outcome(at, "PAIN-0001")
+    assert "Choose the observed outcome (responder or non-responder) first." in _errors(at)
+    assert _counts(db)["outcomes"] == 0
+    _record_outcome(at, "PAIN-0001", "responder")
+    assert any(s.value.startswith("Recorded: PAIN-0001 is a responder") for s in at.success)
+    assert _counts(db)["outcomes"] == 1
+    assert at.radio(key="o_what").value is None  # the next entry starts empty again
+    # a second outcome: refused until the replacement is confirmed
+    _record_outcome(at, "PAIN-0001", "non-responder")
+    assert any("PAIN-0001 already has an observed outcome: responder" in e
+               for e in _errors(at)), _errors(at)
+    assert _counts(db)["outcomes"] == 1
+    _record_outcome(at, "PAIN-0001", "non-responder", replace=True)
+    assert _counts(db)["outcomes"] == 2
+    history = next(d.value for d in at.dataframe if "entered_by" in d.value.columns)
+    assert list(history["outcome"]) == ["non-responder", "responder"]
+    table = _cohort_table(at)
+    assert list(table["outcome"]) == ["non-responder"]
+
+
+# --------------------------------------------------------------------------------------------
+# A worklist: search participants, filter by status, open one in the explorer
+# --------------------------------------------------------------------------------------------
+def _worklist(at):
+    return next(d.value for d in at.dataframe if "status" in d.value.columns)
+
+
+def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store import session_scope
+
+    kw = {"n_regions": aal3.n_regions, "atlas": "aal3"}
+    _stored(db, REAL_CARD, "PAIN-0001", **kw)
+    second = _stored(db, REAL_CARD, "PAIN-0002", sha="b" * 64, site="york", **kw)
+    with session_scope(open_database(db), write=True) as s:
+        repo.record_outcome(s, "PAIN-0001", "responder", actor="alice")
+    at = _app("cohort")
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0002", "PAIN-0001"]
+    at.text_input(key="w_search").input("YORK")
+    at.run()
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0002"]
+    at.text_input(key="w_search").input("")
+    at.radio(key="w_status").set_value("outcome recorded")
+    at.run()
+    assert _worklist(at)["participant"].tolist() == ["PAIN-0001"]
+    at.radio(key="w_status").set_value("awaiting outcome")
+    at.run()
+    assert _worklist(at)["status"].tolist() == ["awaiting outcome"]
+    assert at.selectbox(key="w_open").options == ["PAIN-0002"]
+    assert at.button(key="w_go").disabled  # nothing chosen, nothing to open
+    at.selectbox(key="w_open").set_value("PAIN-0002")
+    at.run()
+    at.button(key="w_go").click()
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "Attribution explorer"
+    assert at.selectbox(key="explore_first").value == second
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: the label names the stage that runs, and the bar is in sight above the form
+# --------------------------------------------------------------------------------------------
+#: The events a screening sends, in order (fmmtc_core.screening.screen announces each stage).
+SCREEN_EVENTS = [("validate", 0, 1), ("validate", 1, 1), ("parcellate", 0, 1),
+                 ("parcellate", 1, 1), ("qc", 0, 1), ("qc", 1, 1), ("clean", 0, 1),
+                 ("clean", 1, 1), ("predict", 0, 1), ("predict", 1, 1), ("explain", 0, 1),
+                 ("explain", 1, 4), ("explain", 2, 4), ("save", 0, 1), ("save", 1, 1)]
+
+
+def test_stage_progress_labels_the_stage_that_runs():
+    from fmmtc_app.progress import STAGE_TEXT, StageProgress
+
+    p, seen = StageProgress(), {}
+    for stage, done, total in SCREEN_EVENTS:
+        seen[(stage, done, total)] = p.update(stage, done, total)
+    assert seen[("predict", 0, 1)][1] == "Predicting..."
+    # predicting is over: the explanation runs now, and the bar says so
+    assert seen[("predict", 1, 1)][1] == STAGE_TEXT["explain"]
+    assert seen[("explain", 2, 4)][1] == STAGE_TEXT["explain"]
+    assert seen[("save", 0, 1)][1] == STAGE_TEXT["save"]
+    assert seen[("save", 1, 1)] == (1.0, "Done.")
+    fractions = [f for f, _ in seen.values()]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0
+
+
+def test_screen_page_progress_is_above_the_form_and_never_a_stage_late(db, monkeypatch):
+    from streamlit.delta_generator import DeltaGenerator
+
+    from fmmtc_app import session
+
+    stored = _result(db, _stored(db, _demo_card()))
+    shown, after = [], {}
+    real_progress = DeltaGenerator.progress
+
+    def spy(self, value, text=None, **kw):
+        shown.append(text)
+        return real_progress(self, value, text=text, **kw)
+
+    def fake_run(source, participant, *, progress=None, **kwargs):
+        for stage, done, total in SCREEN_EVENTS:
+            progress(stage, done, total, {})
+            after[(stage, done, total)] = shown[-1]
+        return stored
+
+    monkeypatch.setattr(DeltaGenerator, "progress", spy)
+    monkeypatch.setattr(session, "run_screening", fake_run)
+    at = _app()
+    at.text_input(key="pseudonym").input("PAIN-0001")
+    at.file_uploader[0].upload("t.tsv", b"a\tb\n1\t2\n", "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not _problems(at), _problems(at)
+    assert after[("predict", 1, 1)] == "Explaining the prediction..."
+    assert after[("explain", 0, 1)] == "Explaining the prediction..."
+    assert after[("save", 0, 1)] == "Saving to the cohort database..."
+    # the bar stays where it ran, above the form, and says it is done
+    order = list(at.main.children.values())
+    bar = next(i for i, n in enumerate(order) if type(n).__name__ == "Progress")
+    form = next(i for i, n in enumerate(order) if type(n).__name__ == "Expander")
+    assert bar < form and order[bar].proto.text == "Done: screening 1."

@@ -189,11 +189,15 @@ def test_explain_json(hcpex_scans, capsys, kind):
     assert d["steps"] in (8, 16, 32, 64) and d["ig_gap"] <= 0.01 or d["steps"] == 64
     assert len(d["top_connections"]) == 20 and 0 <= d["probability"] <= 1
     assert d["band"][0] <= d["probability"] <= d["band"][1]
+    assert d["model"] == "fmmtc-demo" and d["model_validity"]["status"] == "simulated"
 
 
 def test_explain_text_and_errors(hcpex_scans, tmp_path, capsys):
     code, out, _ = run(["explain", hcpex_scans[0], "--top", "3"], capsys)
     assert code == 0 and "responder probability" in out and "completeness gap" in out
+    result = out[out.index("\nWARNING: "):].splitlines()[1:]  # after the progress lines
+    assert result[0].startswith("WARNING: DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert result[1].startswith("responder probability")
     assert len([ln for ln in out.splitlines() if ln.startswith("  ")]) == 3
     code, _, err = run(["explain", hcpex_scans[0], "--model", tmp_path], capsys)
     assert_one_error_line(code, err, "is not an FMM-TC model folder")

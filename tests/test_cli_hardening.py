@@ -300,6 +300,23 @@ def test_thresholds_in_the_wrong_order(hcpex_table, capsys):
     assert_refused(code, err, EXIT_BAD_INPUT, "must not exceed --responder-threshold")
 
 
+def test_a_second_outcome_needs_replace_and_keeps_the_first(tmp_path, capsys):
+    from conftest import fake_screening
+
+    from fmmtc_core.store import row_counts
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    with session_scope(open_database(url), write=True) as s:
+        fake_screening(s, "P1")
+    assert run(["outcome", "P1", "responder", "--db", url], capsys)[0] == 0
+    code, _, err = run(["outcome", "P1", "non-responder", "--db", url], capsys)
+    assert_refused(code, err, EXIT_BAD_INPUT, "P1 already has an observed outcome: responder")
+    assert "--replace" in err and row_counts(open_database(url))["outcomes"] == 1
+    code, out, _ = run(["outcome", "P1", "non-responder", "--replace", "--db", url], capsys)
+    assert code == 0 and out == "recorded: P1 non-responder\n"
+    assert row_counts(open_database(url))["outcomes"] == 2
+
+
 def test_outcome_note_and_pseudonym_checked_before_the_database(tmp_path, capsys):
     db = tmp_path / "never.db"
     code, _, err = run(["outcome", "Jane Doe", "responder", "--db", f"sqlite:///{db}"], capsys)
@@ -430,5 +447,8 @@ def test_batch_progress_goes_to_stdout_off_a_terminal(tmp_path, monkeypatch, cap
     code, out, err = run(["screen-batch", tmp_path, "--db", f"sqlite:///{tmp_path / 'b.db'}"],
                          capsys)
     assert (code, err) == (0, "")
-    assert out.splitlines() == ["screen 1/2 A", "screen 2/2 B",
-                                "screened 2, already stored 0, failed 0"]
+    lines = out.splitlines()
+    assert lines[:2] == ["screen 1/2 A", "screen 2/2 B"]
+    # the (demo) model's validity before the counts: what the stored results are worth
+    assert lines[2].startswith("WARNING: DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert lines[3:] == ["screened 2, already stored 0, failed 0"]

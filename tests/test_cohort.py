@@ -71,3 +71,44 @@ def test_one_reliability_binning_for_the_page_and_the_metrics():
     assert sum(b["n"] for b in bins) == 6 and RELIABILITY_BINS == 10
     assert expected_calibration_error(p, y) == pytest.approx(
         (0.05 + 0.1 + 2 * 0.2 + 2 * 0.025) / 6)
+
+
+def _frame() -> pd.DataFrame:
+    """Three participants; PAIN-0001 screened twice (two models), PAIN-0002 with an outcome."""
+    return pd.DataFrame({
+        "screening_id": [1, 2, 3, 4], "participant": ["PAIN-0001", "PAIN-0002", "SIM-003",
+                                                      "PAIN-0001"],
+        "site": ["leeds", "york", None, "leeds"], "drug": ["pregabalin", None, "x", "pregabalin"],
+        "probability": [0.2, 0.7, 0.5, 0.3],
+        "decision": ["likely non-responder", "likely responder", "uncertain", "uncertain"],
+        "qc_verdict": ["pass", "warn", "pass", "pass"],
+        "model_validity": ["simulated"] * 4,
+        "created_at": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]),
+        "outcome": [None, "responder", None, None]})
+
+
+def test_worklist_one_row_per_participant_latest_first():
+    from fmmtc_core.cohort import worklist
+
+    w = worklist(_frame())
+    assert w["participant"].tolist() == ["PAIN-0001", "SIM-003", "PAIN-0002"]
+    first = w.iloc[0]
+    assert (first["screening_id"], first["screenings"], first["decision"]) == (4, 2, "uncertain")
+    assert w["status"].tolist() == ["awaiting outcome", "awaiting outcome", "outcome recorded"]
+    assert worklist(_frame(), status="screened").equals(w)
+
+
+def test_worklist_search_and_status():
+    from fmmtc_core.cohort import worklist
+
+    assert worklist(_frame(), search=" pain-000 ")["participant"].tolist() == [
+        "PAIN-0001", "PAIN-0002"]
+    assert worklist(_frame(), search="YORK")["participant"].tolist() == ["PAIN-0002"]
+    assert worklist(_frame(), search="pregab")["participant"].tolist() == ["PAIN-0001"]
+    assert worklist(_frame(), search="nobody").empty
+    assert worklist(_frame(), status="awaiting outcome")["participant"].tolist() == [
+        "PAIN-0001", "SIM-003"]
+    assert worklist(_frame(), search="pain", status="outcome recorded")[
+        "participant"].tolist() == ["PAIN-0002"]
+    with pytest.raises(InvalidInputError, match="Invalid value for the 'status' parameter"):
+        worklist(_frame(), status="done")

@@ -80,8 +80,32 @@ def test_table_scan_has_no_voxel_metrics(tmp_path, aal3):
     scan = load_scan(tmp_path / "t.npy", sidecar={"RepetitionTime": 2.0, "Atlas": "aal3"})
     rep = qc_report(scan)
     assert rep.tsnr_median is None and rep.carpet is None
-    assert rep.verdict == "pass"
+    assert rep.verdict == "warn" and not rep.motion_known  # no confounds: motion unknown
     assert rep.to_dict()["tsnr_median"] is None
+
+
+def test_unknown_motion_is_a_warning_not_a_pass(tmp_path, grid_labels, aal3):
+    """No confounds file: FD cannot be measured, so the scan does not 'pass' (mean FD 'n/a'
+    looked like a clean bill of health); it is a warning that says why."""
+    th = QCThresholds(uncovered_warn=0.5)
+    rep = qc_report(_scan(tmp_path, grid_labels), atlas=aal3, thresholds=th)
+    assert rep.verdict == "warn" and rep.passed and not rep.motion_known
+    assert rep.reasons == [
+        "Head motion is unknown: no fMRIPrep confounds file was given, so framewise "
+        "displacement (FD) could not be measured. Motion can bias connectivity; upload the "
+        "scan's desc-confounds_timeseries.tsv to check it."]
+    assert rep.to_dict()["motion_known"] is False and rep.to_dict()["fd_mean_mm"] is None
+    # a confounds table without FD or std_dvars cannot tell either
+    conf = fmriprep_confounds(60).drop(columns=["framewise_displacement", "std_dvars"])
+    rep = qc_report(_scan(tmp_path, grid_labels, confounds=conf, name="c"), atlas=aal3,
+                    thresholds=th)
+    assert rep.verdict == "warn" and not rep.motion_known
+    assert rep.reasons[0].startswith("Head motion is unknown: the confounds file has no "
+                                     "framewise_displacement or std_dvars column")
+    # with FD measured, the same scan passes
+    rep = qc_report(_scan(tmp_path, grid_labels, confounds=fmriprep_confounds(60), name="d"),
+                    atlas=aal3, thresholds=th)
+    assert rep.verdict == "pass" and rep.motion_known and rep.to_dict()["motion_known"]
 
 
 def test_unknown_space_is_a_warn_reason_listed_once(tmp_path, grid_labels, aal3):

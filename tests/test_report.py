@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from fmmtc_core.atlas import load_atlas
-from fmmtc_core.report import glass_brain_png, screening_report_html
+from fmmtc_core.report import glass_brain_png, screening_report_html, screening_report_pdf
 from fmmtc_core.summary import ConnectionScore, RegionScore, ScreeningSummary
 
 def _summary(**changes) -> ScreeningSummary:
@@ -36,9 +36,12 @@ def test_report_is_self_contained_and_escaped():
     assert "SIMULATED DATA" in html and "72%" in html and "likely responder" in html
     assert "data:image/png;base64," in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
-    assert "Precentral_L" in html and "+0.5000" in html and "run by alice" in html
-    assert "2026-11-25 10:00 UTC" in html  # date, time and zone
-    assert "ts: flat, fc: cohort_mean" in html and "{" not in html.split("<style>")[0]
+    assert "Precentral_L" in html and "+0.5000" in html
+    assert "<th>Operator</th><td>alice</td>" in html
+    assert "<th>Date and time</th><td>2026-11-25 10:00 UTC</td>" in html  # date, time, zone
+    # the baseline in words, never a Python dict
+    assert ("time series flat (every region at its median); connectivity at the training "
+            "cohort&#39;s mean") in html and "{" not in html.split("</style>")[1]
 
 
 def test_report_names_the_attribution_method():
@@ -67,3 +70,72 @@ def test_glass_brain_png():
     atlas = load_atlas("aal3")
     png = glass_brain_png(atlas, np.linspace(-1, 1, atlas.n_regions))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_report_carries_the_model_validity_warning_first():
+    from fmmtc_core.validity import model_validity
+
+    demo = model_validity({"name": "demo", "data": {"simulated": True}})
+    html = screening_report_html(_summary(validity=demo, simulated=False))
+    banner = html.index("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert banner < html.index("likely responder") and "says nothing about a real person" in html
+    real = model_validity({"name": "m", "data": {"cohort": "c", "n_subjects": 9}})
+    assert "NOT VALIDATED ON THIS SITE&#39;S DATA" in screening_report_html(
+        _summary(validity=real))
+    ok = model_validity({"name": "m", "data": {"n_subjects": 9},
+                         "site_validation": {"site": "here"}})
+    assert "VALIDATED ON" not in screening_report_html(_summary(validity=ok))
+
+
+def _fresh_unsigned() -> ScreeningSummary:
+    """A fresh screening by nobody signed in, without confounds, with uncovered regions."""
+    from fmmtc_core.summary import QCNumbers
+
+    qc = QCNumbers(n_volumes=200, tr_s=2.0, tsnr_median=48.25, n_regions=426,
+                   uncovered_regions=("Thal_AV_L", "Cerebellum_10_R"), motion_known=False)
+    return _summary(participant="PAIN-0001", operator="not signed in", screening_id=None,
+                    qc=qc, simulated=False)
+
+
+def test_report_of_a_fresh_screening_names_when_who_model_and_qc_numbers():
+    html = screening_report_html(_fresh_unsigned(), png=b"\x89PNG fake")
+    for fact in ("<th>Participant</th><td>PAIN-0001</td>",
+                 "<th>Date and time</th><td>2026-11-25 10:00 UTC</td>",
+                 "<th>Operator</th><td>not signed in</td>", "<th>Model</th><td>demo</td>",
+                 "<th>Median tSNR</th><td>48.2</td>",
+                 "<th>Mean framewise displacement</th><td>unknown (no confounds file",
+                 "<th>Atlas regions covered</th><td>424 of 426</td>",
+                 "<th>Uncovered regions</th><td>Thal_AV_L, Cerebellum_10_R</td>",
+                 "MODEL TRAINING DATA UNKNOWN"):  # the summary names no card
+        assert fact in html, fact
+    assert ", ," not in html and "run by" not in html
+    # the figures: probability scale, the glass brain given, the network chart
+    assert html.count("data:image/png;base64,") == 3
+
+
+def test_pdf_report_draws_what_the_html_says(monkeypatch):
+    from fmmtc_core import report
+
+    drawn = []
+    put = report._PdfPages._put
+    monkeypatch.setattr(report._PdfPages, "_put",
+                        lambda self, x, text, size, **kw: (drawn.append(text),
+                                                           put(self, x, text, size, **kw)))
+    pdf = report.screening_report_pdf(_fresh_unsigned(), png=glass_brain_png(
+        load_atlas("aal3"), np.linspace(-1, 1, 166)))
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    assert pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 2
+    assert b"FMM-TC screening report - PAIN-0001" in pdf  # the document's title
+    text = " ".join(drawn)
+    for fact in ("2026-11-25 10:00 UTC", "not signed in", "MODEL TRAINING DATA UNKNOWN",
+                 "72% calibrated responder probability", "48.2", "424 of 426",
+                 "Thal_AV_L, Cerebellum_10_R", "unknown (no confounds file", "Precentral_L",
+                 "time series flat (every region at its median)"):
+        assert fact in text, fact
+
+
+def test_pdf_text_is_never_read_as_markup():
+    bad = "$\\frac{1}{0}$ <b>x</b>"
+    pdf = screening_report_pdf(_summary(participant="P1", operator=bad, qc_reasons=(bad,),
+                                        regions=(RegionScore(0, 1, bad, bad, 0.1, 0.4, 0.5),)))
+    assert pdf.startswith(b"%PDF-")

@@ -92,7 +92,8 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
     assert [x.label for x in stored.regions[:20]] == [x.label for x in fresh.regions[:20]]
     assert fresh.created_at.tzinfo is not None and fresh.operator == "alice"
     html = screening_report_html(fresh)
-    assert fresh.created_at.strftime("%Y-%m-%d %H:%M UTC") in html and "run by alice" in html
+    assert fresh.created_at.strftime("%Y-%m-%d %H:%M UTC") in html
+    assert "<th>Operator</th><td>alice</td>" in html and "Median tSNR" in html
     assert again.probability == pytest.approx(r.probability)
     assert [x["label"] for x in again.to_dict()["regions"][:10]] == \
         [x["label"] for x in d["regions"][:10]]
@@ -101,6 +102,42 @@ def test_screen_stores_everything_in_one_go_and_reuses_it(cohort, model, engine)
     assert not forced.reused and forced.screening_id != r.screening_id
     assert row_counts(engine)["screenings"] == 2 and row_counts(engine)["scans"] == 1
     assert integrity_check(engine) == []
+
+
+def test_every_stage_is_announced_before_its_work(monkeypatch, cohort, model, engine):
+    """Progress says what is running: each stage sends (stage, 0, ...) before it starts, so a
+    progress bar never shows the previous stage's label during the next one (it said
+    'Predicting...' during the whole explanation)."""
+    import fmmtc_core.screening as screening
+    from fmmtc_app.progress import StageProgress
+    from fmmtc_core.store import repository as repo
+
+    events, shown = [], StageProgress()
+    at_work = {}
+
+    def progress(stage, done, total, info):
+        events.append((stage, done, total))
+        shown.update(stage, done, total)
+
+    def when(name, fn):
+        def wrapped(*args, **kwargs):
+            at_work[name] = (events[-1], shown.text)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(screening, "explain", when("explain", screening.explain))
+    monkeypatch.setattr(screening, "qc_report", when("qc", screening.qc_report))
+    monkeypatch.setattr(model, "predict_proba", when("predict", model.predict_proba))
+    monkeypatch.setattr(repo, "add_screening", when("save", repo.add_screening))
+    screen(_scans(cohort)[5], "PAIN-0009", model, engine, explain_kwargs=FAST,
+           progress=progress)
+    assert at_work["predict"] == (("predict", 0, 1), "Predicting...")
+    assert at_work["explain"] == (("explain", 0, 1), "Explaining the prediction...")
+    assert at_work["save"] == (("save", 0, 1), "Saving to the cohort database...")
+    assert at_work["qc"][1] == "Checking quality..."
+    starts = [stage for stage, done, _ in events if done == 0]
+    assert starts == ["validate", "parcellate", "qc", "clean", "predict", "explain", "save"]
+    assert events[-1] == ("save", 1, 1) and shown.text == "Done."
 
 
 def test_stored_series_reproduce_the_prediction(cohort, model, engine):
@@ -151,6 +188,31 @@ def test_same_image_with_other_side_files_keeps_its_participant(tmp_path, cohort
                    force=True)
     assert not again.reused and again.screening_id != first.screening_id
     assert row_counts(engine)["scans"] == 1
+
+
+def test_same_image_without_its_side_files_is_refused_for_another_pseudonym(tmp_path, cohort,
+                                                                           model, engine):
+    """The reported case: the first upload brings the JSON sidecar and the confounds, the
+    second the same image alone under another pseudonym. The image is the identity, so the
+    second is refused, saying whose it is, and nothing is stored."""
+    scan = _scans(cohort)[4]
+    side = scan.with_suffix(".json")
+    conf = next(scan.parent.glob("*desc-confounds_timeseries.tsv"))
+    screen(scan, "PAIN-0007", model, engine, sidecar=side, confounds=conf,
+           explain_kwargs=FAST)
+    alone = tmp_path / "upload" / "scan.tsv"  # the same bytes, no sidecar beside it
+    alone.parent.mkdir()
+    alone.write_bytes(scan.read_bytes())
+    before = row_counts(engine)
+    with pytest.raises(InvalidInputError,
+                       match=r"^This scan was already screened for participant 'PAIN-0007'; a "
+                             r"scan belongs to one participant \(whatever sidecar or confounds "
+                             r"come with it\)\. Check the pseudonym\.$"):
+        screen(alone, "PAIN-0008", model, engine, explain_kwargs=FAST)
+    assert row_counts(engine) == before
+    from fmmtc_core.store.repository import screenings_frame
+
+    assert list(screenings_frame(engine)["participant"]) == ["PAIN-0007"]
 
 
 def _race(monkeypatch, url, model, scan, pseudonyms):
@@ -377,6 +439,8 @@ def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
     assert len(d["band"]) == 2 and set(d["modality_share"]) == {"ts", "fc"}
     assert set(d["regions"][0]) == {"label", "name", "score", "ts", "fc", "network"}
     assert d["created_at"].endswith("+00:00") and d["operator"]
+    # the demo model learnt from simulated data: the JSON says so, as the export row does
+    assert d["model_validity"]["status"] == "simulated" and d["model_validity"]["warning"]
     code, out, _ = _cli(["outcome", d["participant_id"], "responder", "--db", db], capsys)
     assert code == 0 and "recorded" in out
     csv = tmp_path / "export" / "screenings.csv"
@@ -385,14 +449,20 @@ def test_cli_screen_json_outcome_export(tmp_path, cohort, capsys):
     table = pd.read_csv(csv)
     assert table.loc[0, "outcome"] == "responder"
     assert table.loc[0, "probability"] == pytest.approx(d["probability"])
+    assert table.loc[0, "model_validity"] == "simulated"
+    assert table.loc[0, "model_warning"].startswith("DEMONSTRATION MODEL - TRAINED ON SIMULATED")
     code, out, _ = _cli(["db", "check", "--db", db], capsys)
     assert code == 0 and "ok" in out
 
 
 def test_cli_bad_input_exit_2_and_database_unchanged(tmp_path, cohort, capsys):
     db = f"sqlite:///{tmp_path / 'cli.db'}"
-    code, _, err = _cli(["screen", _scans(cohort)[0], "--db", db, "--tolerance", "0.05"], capsys)
+    code, out, err = _cli(["screen", _scans(cohort)[0], "--db", db, "--tolerance", "0.05"],
+                          capsys)
     assert code == 0, err
+    result = out[out.index("\nWARNING: "):].splitlines()[1:]  # after the progress lines
+    assert result[0].startswith("WARNING: DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
+    assert result[1].startswith("screening 1: participant ")
     engine = open_database(db)
     before = row_counts(engine)
     bad = tmp_path / "bad.nii.gz"

@@ -231,7 +231,8 @@ def test_repository_writes_are_audited_and_atomic(tmp_path):
     _assert_crash_rolls_back(engine)
     with session_scope(engine, write=True) as s:
         repo.record_outcome(s, "PAIN-0001", "non-responder", actor="bob")
-        repo.record_outcome(s, "PAIN-0001", "responder", actor="bob", note="corrected")
+        repo.record_outcome(s, "PAIN-0001", "responder", actor="bob", note="corrected",
+                            replace=True)
         with pytest.raises(InvalidInputError, match="'responder' or 'non-responder'"):
             repo.record_outcome(s, "PAIN-0001", "maybe", actor="bob")
     df = repo.screenings_frame(engine)
@@ -248,6 +249,40 @@ def test_repository_writes_are_audited_and_atomic(tmp_path):
     assert repo.export_csv(engine, out) == 1
     assert "PAIN-0001" in out.read_text()
     assert integrity_check(engine) == []
+
+
+def test_a_second_outcome_must_be_confirmed_and_the_first_is_kept(tmp_path):
+    """Recording an outcome never silently replaces the one recorded before: without
+    replace=True it is refused (naming what is on record); with it, both stay in the history
+    and the latest counts."""
+    from sqlalchemy import text
+
+    engine = open_database(f"sqlite:///{tmp_path / 'o.db'}")
+    with session_scope(engine, write=True) as s:
+        fake_screening(s)
+        repo.record_outcome(s, "PAIN-0001", "responder", actor="alice", note="week 12")
+    with pytest.raises(InvalidInputError,
+                       match=r"^PAIN-0001 already has an observed outcome: responder, entered "
+                             r"by alice on \d{4}-\d\d-\d\d \d\d:\d\d UTC\. To record "
+                             r"another, confirm that it replaces it"):
+        with session_scope(engine, write=True) as s:
+            repo.record_outcome(s, "PAIN-0001", "non-responder", actor="bob")
+    assert row_counts(engine)["outcomes"] == 1
+    with session_scope(engine, write=True) as s:
+        repo.record_outcome(s, "PAIN-0001", "non-responder", actor="bob", note="re-read",
+                            replace=True)
+    history = repo.outcome_history(engine, "PAIN-0001")
+    assert list(history["outcome"]) == ["non-responder", "responder"]  # latest first
+    assert list(history["entered_by"]) == ["bob", "alice"]
+    assert list(history["note"]) == ["re-read", "week 12"] and list(history["current"]) == [
+        True, False]
+    assert repo.screenings_frame(engine).loc[0, "outcome"] == "non-responder"
+    assert repo.outcome_history(engine, "PAIN-0404").empty
+    with engine.connect() as conn:
+        audit = conn.execute(text("SELECT action, details FROM audit_log "
+                                  "WHERE entity = 'outcome' ORDER BY id")).all()
+    assert [a for a, _ in audit] == ["create", "replace"]
+    assert '"previous": "responder"' in audit[1][1]
 
 
 def test_screenings_frame_keeps_the_latest_screening_per_participant(tmp_path):

@@ -43,6 +43,7 @@ __all__ = [
     "latest_screening",
     "add_screening",
     "record_outcome",
+    "outcome_history",
     "get_screening",
     "ScreeningRecord",
     "screening_record",
@@ -483,8 +484,13 @@ def add_screening(session: Session, *, participant: Participant, model_version: 
 
 @fill_doc
 def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str,
-                   note: str | None = None) -> Outcome:
+                   note: str | None = None, replace: bool = False) -> Outcome:
     """Enter an observed outcome for a participant (audited); the latest one entered counts.
+
+    An outcome never silently replaces another: when the participant already has one,
+    ``replace=True`` must confirm it. Every outcome entered stays in the table (the history,
+    :func:`outcome_history`); the audit log records a replacement with the outcome it
+    replaced.
 
     Parameters
     ----------
@@ -496,6 +502,8 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
         Who enters it (checked by :func:`validate_label`).
     note : str or None, default=None
         Free-text note (checked by :func:`validate_note`).
+    replace : bool, default=False
+        Confirm that this outcome replaces the one recorded before (which is kept).
 
     Returns
     -------
@@ -505,8 +513,9 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
     Raises
     ------
     InvalidInputError
-        An unknown outcome, an invalid pseudonym, actor or note, no actor, or no participant
-        with this pseudonym in the database.
+        An unknown outcome, an invalid pseudonym, actor or note, no actor, no participant
+        with this pseudonym in the database, or an outcome already recorded for the
+        participant without ``replace``.
     """
     if outcome not in OUTCOMES:
         raise InvalidInputError(
@@ -521,12 +530,55 @@ def record_outcome(session: Session, pseudonym: str, outcome: str, *, actor: str
     if p is None:
         raise InvalidInputError(
             f"No participant {pseudonym!r} in the database; screen them first.")
+    previous = session.scalar(select(Outcome).where(Outcome.participant_id == p.id)
+                              .order_by(Outcome.id.desc()).limit(1))
+    if previous is not None and not replace:
+        raise InvalidInputError(
+            f"{pseudonym} already has an observed outcome: {_outcome_word(previous.responder)}, "
+            f"entered by {previous.entered_by} on {previous.entered_at:%Y-%m-%d %H:%M} UTC. "
+            "To record another, confirm that it replaces it (dashboard: 'Replace'; fmmtc "
+            "outcome: --replace); the earlier one is kept in the history.")
     o = Outcome(participant=p, responder=OUTCOMES[outcome], entered_by=actor, note=note)
     session.add(o)
     session.flush()
-    audit(session, actor, "create", "outcome", o.id, {"participant": pseudonym,
-                                                      "outcome": outcome})
+    details: dict[str, object] = {"participant": pseudonym, "outcome": outcome}
+    if previous is not None:
+        details |= {"previous": _outcome_word(previous.responder),
+                    "previous_id": previous.id}
+    audit(session, actor, "replace" if previous is not None else "create", "outcome", o.id,
+          details)
     return o
+
+
+def _outcome_word(responder: bool) -> str:
+    return "responder" if responder else "non-responder"
+
+
+@fill_doc
+def outcome_history(engine: Engine, pseudonym: str) -> pd.DataFrame:
+    """Every observed outcome entered for a participant, latest first.
+
+    Parameters
+    ----------
+    %(engine)s
+    pseudonym : str
+        The participant's study pseudonym (stored form; an unknown one gives an empty table).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``entered_at`` (UTC, naive), ``outcome`` (``"responder"`` or ``"non-responder"``),
+        ``entered_by``, ``note`` and ``current`` (True for the latest: the one that counts).
+    """
+    with Session(engine) as s:
+        rows = s.execute(select(Outcome.entered_at, Outcome.responder, Outcome.entered_by,
+                                Outcome.note)
+                         .join(Participant).where(Participant.pseudonym == pseudonym)
+                         .order_by(Outcome.id.desc())).all()
+    df = pd.DataFrame(rows, columns=["entered_at", "outcome", "entered_by", "note"])
+    df["outcome"] = [_outcome_word(bool(v)) for v in df["outcome"]]
+    df["current"] = [i == 0 for i in range(len(df))]
+    return df
 
 
 @fill_doc
@@ -635,8 +687,8 @@ def _latest_outcomes(session: Session) -> dict[int, bool]:
 
 SCREENING_COLUMNS = ["screening_id", "participant", "site", "drug", "arm", "simulated",
                      "probability", "band_low", "band_high", "decision", "qc_verdict", "model",
-                     "share_ts", "share_fc", "ig_gap", "ig_steps", "runtime_s", "operator",
-                     "created_at", "outcome"]
+                     "model_validity", "model_warning", "share_ts", "share_fc", "ig_gap",
+                     "ig_steps", "runtime_s", "operator", "created_at", "outcome"]
 
 
 @fill_doc
@@ -656,10 +708,15 @@ def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFram
         In screening order, the columns of :data:`SCREENING_COLUMNS`: ``screening_id``,
         ``participant`` (pseudonym), ``site``, ``drug``, ``arm``, ``simulated``,
         ``probability``, ``band_low``, ``band_high``, ``decision``, ``qc_verdict``, ``model``
-        (name), ``share_ts``, ``share_fc``, ``ig_gap``, ``ig_steps``, ``runtime_s``,
-        ``operator``, ``created_at`` (UTC, naive) and ``outcome`` (``"responder"``,
-        ``"non-responder"`` or None).
+        (name), ``model_validity`` (the model's
+        :attr:`~fmmtc_core.validity.ModelValidity.status`: ``"simulated"``, ``"unknown"``,
+        ``"not validated"`` or ``"validated"``), ``model_warning`` (its warning as one
+        sentence; empty for a validated model), ``share_ts``, ``share_fc``, ``ig_gap``,
+        ``ig_steps``, ``runtime_s``, ``operator``, ``created_at`` (UTC, naive) and ``outcome``
+        (``"responder"``, ``"non-responder"`` or None).
     """
+    from fmmtc_core.validity import model_validity
+
     with Session(engine) as s:
         q = (select(Screening.id, Participant.pseudonym, Participant.site, Participant.drug,
                     Participant.arm, Participant.simulated, Screening.probability,
@@ -674,10 +731,18 @@ def screenings_frame(engine: Engine, *, latest_only: bool = True) -> pd.DataFram
              .order_by(Screening.id))
         rows = s.execute(q).all()
         outcomes = _latest_outcomes(s)
-    cols = SCREENING_COLUMNS[:-1] + ["participant_id", "model_version_id"]
+        validity = {mv.id: model_validity(mv.card, mv.name)
+                    for mv in s.scalars(select(ModelVersion))}
+    extra = ["model_validity", "model_warning", "outcome"]
+    cols = [c for c in SCREENING_COLUMNS if c not in extra] + ["participant_id",
+                                                               "model_version_id"]
     df = pd.DataFrame(rows, columns=cols)
     if latest_only and len(df):
         df = df.drop_duplicates(["participant_id", "model_version_id"], keep="last")
+    df.insert(cols.index("model") + 1, "model_validity",
+              [validity[m].status for m in df["model_version_id"]])
+    df.insert(cols.index("model") + 2, "model_warning",
+              [validity[m].text if validity[m].warn else "" for m in df["model_version_id"]])
     df["outcome"] = [
         None if pid not in outcomes else ("responder" if outcomes[pid] else "non-responder")
         for pid in df["participant_id"]]
