@@ -358,15 +358,21 @@ def connectome_figure(centroids: ArrayLike, connections: list[dict], names: Sequ
     return _layout(fig, 440, title)
 
 
-def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
-    """Per network / lobe: time-series and connectivity attribution side by side.
+def network_figure(networks: dict, *, title: str | None = None,
+                   group_title: str = "Lobe") -> go.Figure:
+    """Per anatomical group (lobe, HCP-MMP section): time-series and connectivity attribution
+    side by side.
 
     Parameters
     ----------
     networks : dict
         Group name -> ``{"ts": float, "fc": float, ...}`` (logit units), drawn in its order
-        from the top (:attr:`fmmtc_core.summary.ScreeningSummary.networks`).
+        from the top (:func:`fmmtc_core.review.group_attributions`,
+        :attr:`fmmtc_core.summary.ScreeningSummary.networks`).
     title : str or None, default=None
+    group_title : str, default="Lobe"
+        What the groups are (the group axis's title), e.g.
+        :data:`fmmtc_core.anatomy.GROUPINGS` ``["section"]``.
 
     Returns
     -------
@@ -381,7 +387,7 @@ def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
                orientation="h", marker_color=FC_COLOR),
     ])
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.15))
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", title=group_title)
     fig.update_xaxes(title="attribution (logit units; + towards responder)", zeroline=True,
                      zerolinecolor="#999")
     return _layout(fig, 60 + 34 * len(names), title)

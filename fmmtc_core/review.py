@@ -4,7 +4,11 @@ dashboard's pages (and anyone else) lay these out; none of them computes.
 - a checked scan (:func:`fmmtc_core.qc.assess_scan`): :func:`scan_connectivity`,
   :func:`region_quality`, :func:`complete_regions`;
 - a screening summary (:class:`fmmtc_core.summary.ScreeningSummary`): :func:`region_scores`;
-- any region table: :func:`top_regions`.
+- any region table: :func:`top_regions`, :func:`with_anatomy`, :func:`group_attributions`.
+
+Regions are grouped by what the atlas says today (:attr:`fmmtc_core.atlas.Atlas.groups`,
+:attr:`~fmmtc_core.atlas.Atlas.sections`), not by the group stored with an older screening,
+so a correction of the anatomy reaches every stored screening.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ if TYPE_CHECKING:
     from fmmtc_core.summary import RegionScore
 
 __all__ = ["scan_connectivity", "region_quality", "complete_regions", "region_scores",
-           "top_regions"]
+           "top_regions", "with_anatomy", "group_attributions"]
 
 
 def scan_connectivity(signals: RegionSignals) -> np.ndarray:
@@ -64,16 +68,18 @@ def region_quality(signals: RegionSignals, report: QCReport) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        One row per atlas region, in the atlas's order: ``label``, ``region``, ``group``,
-        ``hemisphere``, ``voxels`` (NaN for a region table, where it is unknown), ``tSNR`` (NaN
-        when not measured) and ``covered`` (False for the report's uncovered regions).
+        One row per atlas region, in the atlas's order: ``label``, ``region``, ``lobe``,
+        ``section`` (only for an atlas with sections, such as HCPEx: the HCP-MMP section or
+        subcortical structure), ``hemisphere``, ``voxels`` (NaN for a region table, where it is
+        unknown), ``tSNR`` (NaN when not measured) and ``covered`` (False for the report's
+        uncovered regions).
     """
     atlas = signals.atlas
     n_voxels = np.asarray(signals.n_voxels, dtype=float)
-    return pd.DataFrame({
-        "label": atlas.labels,
-        "region": atlas.names,
-        "group": atlas.groups,
+    columns: dict = {"label": atlas.labels, "region": atlas.names, "lobe": atlas.groups}
+    if atlas.sections:
+        columns["section"] = atlas.sections
+    return pd.DataFrame(columns | {
         "hemisphere": atlas.hemispheres,
         "voxels": np.where(n_voxels >= 0, n_voxels, np.nan),
         "tSNR": report.tsnr_regions if report.tsnr_regions is not None else np.nan,
@@ -114,20 +120,24 @@ def region_scores(regions: Iterable[RegionScore | dict], atlas: Atlas) -> pd.Dat
     Returns
     -------
     pandas.DataFrame
-        ``region_index``, ``label``, ``name``, ``network`` (the atlas's region group) and
+        ``region_index``, ``label``, ``name``, ``lobe``, ``network`` (the same lobe, under
+        the name older readers know), ``section`` (only for an atlas with sections) and
         ``score`` (logit units; 0 for a region the summary does not list).
     """
     pairs = ((r["label"], r["score"]) if isinstance(r, dict) else (r.label, r.score)
              for r in regions)
     by_label = {int(label): float(score) for label, score in pairs}
     labels = [int(lab) for lab in atlas.labels]
-    return pd.DataFrame({
+    columns: dict = {
         "region_index": np.arange(len(labels)),
         "label": labels,
         "name": list(atlas.names),
+        "lobe": list(atlas.groups),
         "network": list(atlas.groups),
-        "score": [by_label.get(lab, 0.0) for lab in labels],
-    })
+    }
+    if atlas.sections:
+        columns["section"] = list(atlas.sections)
+    return pd.DataFrame(columns | {"score": [by_label.get(lab, 0.0) for lab in labels]})
 
 
 def top_regions(table: pd.DataFrame, column: str = "score", n: int = 15) -> pd.DataFrame:
@@ -151,3 +161,78 @@ def top_regions(table: pd.DataFrame, column: str = "score", n: int = 15) -> pd.D
     """
     order = table[column].abs().sort_values(ascending=False, kind="stable").index
     return table.loc[order].head(n)
+
+
+def with_anatomy(table: pd.DataFrame, atlas: Atlas) -> pd.DataFrame:
+    """A region table with the atlas's current anatomy in place of a stored ``network`` column.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Region rows with a ``region_index`` column (the position in ``atlas``), e.g. a stored
+        screening's regions (:attr:`fmmtc_core.store.repository.ScreeningRecord.regions`).
+    atlas : Atlas
+        The atlas of the screening.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy without ``network`` and with ``lobe`` (and, for an atlas with sections,
+        ``section``) right after ``name`` (or at the end when there is no ``name``).
+
+    Raises
+    ------
+    InvalidInputError
+        ``table`` has no ``region_index`` column or a value outside the atlas.
+    """
+    from fmmtc_core._errors import InvalidInputError
+
+    if "region_index" not in table:
+        raise InvalidInputError("Expected a region table with a 'region_index' column, got "
+                                f"columns {list(table.columns)}.")
+    idx = table["region_index"].to_numpy()
+    if idx.size and (idx.min() < 0 or idx.max() >= atlas.n_regions):
+        raise InvalidInputError(
+            f"Region index {int(idx.max() if idx.max() >= atlas.n_regions else idx.min())} is "
+            f"outside atlas {atlas.name!r} ({atlas.n_regions} regions).")
+    out = table.drop(columns=[c for c in ("network", "lobe", "section") if c in table])
+    at = list(out.columns).index("name") + 1 if "name" in out else len(out.columns)
+    out.insert(at, "lobe", np.asarray(atlas.groups, dtype=object)[idx])
+    if atlas.sections:
+        out.insert(at + 1, "section", np.asarray(atlas.sections, dtype=object)[idx])
+    return out
+
+
+def group_attributions(table: pd.DataFrame, atlas: Atlas, by: str = "lobe",
+                       ) -> dict[str, dict[str, float]]:
+    """Region attributions summed per anatomical group (lobe or HCP-MMP section).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Region rows with ``region_index`` and ``ts``, ``fc`` and ``total`` (logit units; a
+        missing column counts as 0), e.g. a stored screening's regions.
+    atlas : Atlas
+        The atlas of the screening.
+    by : {"lobe", "section"}, default="lobe"
+        The grouping (:meth:`fmmtc_core.atlas.Atlas.grouping`).
+
+    Returns
+    -------
+    dict
+        Group -> ``{"ts": float, "fc": float, "total": float}``, largest ``|total|`` first
+        (the shape of :attr:`fmmtc_core.summary.ScreeningSummary.networks`).
+
+    Raises
+    ------
+    InvalidInputError
+        ``by`` is not a grouping of the atlas, or as :func:`with_anatomy`.
+    """
+    groups = atlas.grouping(by)
+    rows = with_anatomy(table, atlas)
+    rows = rows.assign(group=np.asarray(groups, dtype=object)[rows["region_index"].to_numpy()])
+    sums = {c: (rows[c].astype(float) if c in rows else pd.Series(0.0, index=rows.index))
+            for c in ("ts", "fc", "total")}
+    frame = pd.DataFrame(sums).groupby(rows["group"], sort=False).sum()
+    frame = frame.iloc[np.argsort(-frame["total"].abs().to_numpy(), kind="stable")]
+    return {str(g): {c: float(v) for c, v in r.items()} for g, r in frame.iterrows()}

@@ -18,7 +18,7 @@ from fmmtc_core.figures import (
     region_series_figure,
 )
 from fmmtc_core.report import glass_brain_png
-from fmmtc_core.review import top_regions
+from fmmtc_core.review import group_attributions, top_regions, with_anatomy
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 from fmmtc_core.store.repository import ScreeningRecord
@@ -82,8 +82,8 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
                 f"{sm.share_ts or 0:.0%} / {sm.share_fc or 0:.0%}")
     m[3].metric("IG gap", f"{sm.ig_gap or 0:.2%}", help=f"{sm.ig_steps} integration steps")
     st.image(_glass(d.atlas, tuple(reg["total"].round(6))), width="stretch")
-    views = (["TS vs connectivity", "Networks", "Connections", "3D", "Region series",
-              "Against the cohort"] if full else ["TS vs connectivity", "Networks"])
+    views = (["TS vs connectivity", "By anatomy", "Connections", "3D", "Region series",
+              "Against the cohort"] if full else ["TS vs connectivity", "By anatomy"])
     # One view at a time: only the chosen figure is built and drawn (3D views are costly).
     view = st.radio("View", views, horizontal=True, key=f"{key}-view",
                     label_visibility="collapsed")
@@ -94,10 +94,18 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool) -> None:
             title="Top regions: time-series and connectivity attribution",
             colors=[TS_COLOR, FC_COLOR]),
             width="stretch", key=f"{key}-tsfc")
-        st.dataframe(top[["label", "name", "network", "ts", "fc", "total"]], hide_index=True,
-                     width="stretch")
-    elif view == "Networks":
-        st.plotly_chart(network_figure(sm.networks), width="stretch", key=f"{key}-net")
+        shown = with_anatomy(top, atlas)
+        st.dataframe(shown[[c for c in ("label", "name", "lobe", "section", "ts", "fc", "total")
+                            if c in shown]], hide_index=True, width="stretch")
+    elif view == "By anatomy":
+        groupings = atlas.groupings
+        by = st.radio("Group regions by", list(groupings), format_func=groupings.get,
+                      horizontal=True, key=f"{key}-by")
+        st.plotly_chart(network_figure(group_attributions(reg, atlas, by),
+                                       group_title=groupings[by]),
+                        width="stretch", key=f"{key}-net")
+        if "section" not in groupings:
+            st.caption(f"{atlas.name} has no HCP-MMP sections: regions are grouped by lobe.")
     elif view == "Connections":
         st.plotly_chart(connectome_figure(atlas.centroids_mm,
                                           d.connections.to_dict("records"), atlas.names),

@@ -460,3 +460,72 @@ def test_qc_page_bad_upload_shows_a_plain_error(db):
     at.run()
     assert at.error[0].value.startswith("This scan cannot be used: ")
     assert "wrong magic number" in at.error[0].value
+
+
+# --------------------------------------------------------------------------------------------
+# The clinician's experience: anatomy, readable figures, QC views (issue 17)
+# --------------------------------------------------------------------------------------------
+def _store_hcpex_screenings(db, decisions=("likely non-responder",), seed=0):
+    """Store screenings of HCPEx scans with made-up attributions (no model, no worker), as an
+    older version wrote them: every region's stored group is the stale 'Frontal'."""
+    import numpy as np
+
+    from fmmtc_core.atlas import load_atlas
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.store import repository as repo
+
+    atlas = load_atlas("hcpex")
+    rng = np.random.default_rng(seed)
+    engine = open_database(db)
+    ids = []
+    with session_scope(engine, write=True) as s:
+        mv = repo.get_or_create_model_version(s, "m", "f" * 64, {"name": "m"}, actor="t")
+        for k, decision in enumerate(decisions):
+            p = repo.get_or_create_participant(s, f"PAIN-{k:04d}", actor="t", site="S1")
+            prob = {"likely responder": 0.8, "uncertain": 0.5}.get(decision, 0.2)
+            scan = {"sha256": f"{k:064x}", "kind": "table", "shape": [50, 426], "tr": 2.0,
+                    "atlas": "hcpex", "qc_verdict": "pass", "qc": {"reasons": []},
+                    "n_volumes": 50, "n_regions": 426,
+                    "series": repo.encode_series(np.zeros((50, 426), np.float32))}
+            fields = {"inputs_sha256": f"{k:064x}", "probability": prob,
+                      "band_low": prob - 0.1, "band_high": prob + 0.1,
+                      "fold_probabilities": [prob], "decision": decision,
+                      "thresholds": {"responder": 0.6, "non_responder": 0.4},
+                      "share_ts": 0.4, "share_fc": 0.6, "ig_gap": 0.001, "ig_steps": 8,
+                      "explanation": {}, "runtime_s": 1.0, "stage_seconds": {},
+                      "software_version": "0"}
+            # later screenings are (much) stronger: compare mode must still share one scale
+            ts = rng.normal(0, 0.01 * 10 ** k, 426)
+            fc = rng.normal(0, 0.01 * 10 ** k, 426)
+            regions = [{"region_index": i, "label": int(atlas.labels[i]), "name": atlas.names[i],
+                        "network": "Frontal", "ts": float(ts[i]), "fc": float(fc[i]),
+                        "total": float(ts[i] + fc[i])} for i in range(426)]
+            conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,
+                      "score": 0.5}]
+            ids.append(repo.add_screening(
+                s, participant=p, model_version=mv, scan_fields=scan, screening_fields=fields,
+                regions=regions, connections=conns, actor="t").id)
+    engine.dispose()
+    return ids
+
+
+def test_explorer_groups_by_the_atlas_anatomy_not_a_stored_network(db):
+    _store_hcpex_screenings(db)
+    at = _app("explore")
+    assert not _errors(at), _errors(at)
+    table = at.dataframe[0].value
+    assert "network" not in table.columns and {"lobe", "section"} <= set(table.columns)
+    assert set(table["lobe"]) != {"Frontal"}  # the atlas's lobes, not the stale stored group
+    at.radio(key="a-view").set_value("By anatomy")
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    by = at.radio(key="a-by")
+    assert by.options == ["Lobe", "HCP-MMP section / subcortical structure"]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["title"]["text"] == "Lobe"
+    by.set_value("section")
+    at.run()
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["title"]["text"] == "HCP-MMP section / subcortical structure"
+    groups = set(figure["data"][0]["y"])
+    assert "Somatosensory and Motor" in groups and "Thalamus" in groups

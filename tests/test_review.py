@@ -11,12 +11,15 @@ from conftest import fake_screening
 from fmmtc_core._errors import InvalidInputError
 from fmmtc_core.cohort import outcome_values
 from fmmtc_core.qc import assess_scan
+from fmmtc_core.atlas import load_atlas
 from fmmtc_core.review import (
     complete_regions,
+    group_attributions,
     region_quality,
     region_scores,
     scan_connectivity,
     top_regions,
+    with_anatomy,
 )
 
 
@@ -32,8 +35,8 @@ def checked(tmp_path_factory, grid_labels):
 def test_region_quality_lists_every_region_with_its_coverage(checked, aal3):
     _, signals, report = checked
     table = region_quality(signals, report)
-    assert list(table.columns) == ["label", "region", "group", "hemisphere", "voxels", "tSNR",
-                                   "covered"]
+    assert list(table.columns) == ["label", "region", "lobe", "hemisphere", "voxels", "tSNR",
+                                   "covered"]  # AAL3 has lobes, no HCP-MMP sections
     assert len(table) == aal3.n_regions and table["label"].tolist() == aal3.labels.tolist()
     assert set(table.loc[~table["covered"], "region"]) == set(report.uncovered_regions)
     assert (table["voxels"].dropna() >= 0).all()
@@ -74,11 +77,51 @@ def test_region_scores_put_a_summary_in_atlas_order(aal3):
     table = region_scores(summary, aal3)
     assert len(table) == aal3.n_regions
     assert table["region_index"].tolist() == list(range(aal3.n_regions))
-    assert table["network"].tolist() == list(aal3.groups)
+    assert table["lobe"].tolist() == table["network"].tolist() == list(aal3.groups)
+    assert "section" not in table
     assert table["score"].iloc[:3].tolist() == [0.25, 0.0, -0.5]
     assert table["score"].iloc[3:].eq(0.0).all()
     top = top_regions(table, n=2)
     assert top["label"].tolist() == [int(aal3.labels[2]), int(aal3.labels[0])]
+
+
+def _stored_regions(atlas, rows):
+    """A stored screening's region table as an older version wrote it (a stale 'network')."""
+    return pd.DataFrame([{"region_index": i, "label": int(atlas.labels[i]),
+                          "name": atlas.names[i], "network": "Frontal", "ts": ts, "fc": fc,
+                          "total": ts + fc} for i, ts, fc in rows])
+
+
+def test_with_anatomy_replaces_a_stored_network_by_the_atlas_groups():
+    hcpex = load_atlas("hcpex")
+    s1_right = hcpex.names.index("Primary_Sensory_Cortex_R")
+    table = with_anatomy(_stored_regions(hcpex, [(s1_right, 0.5, 0.0), (0, 0.0, 0.1)]), hcpex)
+    assert list(table.columns[:5]) == ["region_index", "label", "name", "lobe", "section"]
+    assert "network" not in table
+    assert table["lobe"].tolist() == ["Parietal", "Occipital"]
+    assert table["section"].tolist() == ["Somatosensory and Motor", "Primary Visual"]
+    with pytest.raises(InvalidInputError, match="outside atlas 'HCPEx'"):
+        with_anatomy(pd.DataFrame({"region_index": [426]}), hcpex)
+    with pytest.raises(InvalidInputError, match="'region_index' column"):
+        with_anatomy(pd.DataFrame({"name": ["x"]}), hcpex)
+
+
+def test_group_attributions_sum_per_lobe_or_section():
+    hcpex = load_atlas("hcpex")
+    i = {n: hcpex.names.index(n) for n in ("Primary_Sensory_Cortex_L", "Area_1_R",
+                                           "Primary_Motor_Cortex_L", "Thal_Centralmedian_L")}
+    table = _stored_regions(hcpex, [(i["Primary_Sensory_Cortex_L"], 0.25, 0.5),
+                                    (i["Area_1_R"], 0.25, 0.0),
+                                    (i["Primary_Motor_Cortex_L"], 0.0, -0.25),
+                                    (i["Thal_Centralmedian_L"], -2.0, 0.0)])
+    lobes = group_attributions(table, hcpex)
+    assert list(lobes) == ["Subcortical", "Parietal", "Frontal"]  # by |total|
+    assert lobes["Parietal"] == {"ts": 0.5, "fc": 0.5, "total": 1.0}
+    sections = group_attributions(table, hcpex, by="section")
+    assert list(sections) == ["Thalamus", "Somatosensory and Motor"]
+    assert sections["Somatosensory and Motor"]["total"] == pytest.approx(0.75)
+    with pytest.raises(InvalidInputError, match="Allowed values are 'lobe', but got"):
+        group_attributions(table.head(0), load_atlas("aal3"), by="section")
 
 
 def test_top_regions_rank_by_absolute_value_and_keep_ties_in_order():
