@@ -419,6 +419,9 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
         10 x 3.2 inches, four views (``lyrz``); close it after use
         (``matplotlib.pyplot.close``).
     """
+    from fmmtc_core.config import use_cache_dir_for_libraries
+
+    use_cache_dir_for_libraries()  # before matplotlib is imported: no font cache in ~/.cache
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -529,3 +529,51 @@ def test_explorer_groups_by_the_atlas_anatomy_not_a_stored_network(db):
     assert figure["layout"]["yaxis"]["title"]["text"] == "HCP-MMP section / subcortical structure"
     groups = set(figure["data"][0]["y"])
     assert "Somatosensory and Motor" in groups and "Thalamus" in groups
+
+
+def test_the_landing_page_says_when_the_password_gate_is_off(db, monkeypatch):
+    from streamlit import config as st_config
+
+    at = _app()
+    notes = [w.value for w in at.warning if "password gate is off" in w.value]
+    assert len(notes) == 1 and "FMMTC_PASSWORD" in notes[0]
+    assert "127.0.0.1 only" in notes[0]  # .streamlit/config.toml: loopback
+    assert any("Password gate off" in c.value for c in at.sidebar.caption)
+    at.switch_page("pages/model.py")
+    at.run()
+    assert not [w for w in at.warning if "password gate is off" in w.value]  # landing page only
+    # Listening on every interface with the gate off: said loudly.
+    before = st_config.get_option("server.address")
+    st_config.set_option("server.address", "0.0.0.0")
+    try:
+        at = _app()
+        notes = [w.value for w in at.warning if "password gate is off" in w.value]
+        assert "anyone who can reach this computer over the network" in notes[0]
+    finally:
+        st_config.set_option("server.address", before)
+    # With a password, after sign-in: no notice.
+    monkeypatch.setenv("FMMTC_PASSWORD", "s3cret")
+    at = _app()
+    at.text_input[0].input("dr who")
+    at.text_input[1].input("s3cret")
+    at.form_submit_button[0].click()
+    at.run()
+    assert at.title[0].value == "Screen a participant"
+    assert not [w for w in at.warning if "password gate" in w.value]
+
+
+def test_the_server_listens_on_loopback_unless_configured():
+    import re
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^ADDRESS \?= 127\.0\.0\.1$", makefile, re.M)
+    run = re.search(r"^run:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert "--server.address $(ADDRESS)" in run
+    # The image listens on every interface inside its container (or -p could not reach it);
+    # the README publishes it on loopback.
+    cmd = [ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("CMD")]
+    assert '"--server.address", "0.0.0.0"' in cmd[0]
+    assert "docker run -p 127.0.0.1:8501:8501" in (ROOT / "README.md").read_text()
