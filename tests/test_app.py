@@ -237,7 +237,8 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     at.run()
     assert not at.exception and not _errors(at), _errors(at)
     labels = {m.label for m in at.metric}
-    assert {"Probability", "Decision", "IG gap"} <= labels
+    assert {"Probability", "IG gap"} <= labels
+    assert any(md.value.startswith("Decision: **") for md in at.markdown)
     views = at.radio(key="a-view").options
     assert len(views) == 6
     for view in views[1:]:  # every view draws without an error
@@ -577,3 +578,33 @@ def test_the_server_listens_on_loopback_unless_configured():
     cmd = [ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("CMD")]
     assert '"--server.address", "0.0.0.0"' in cmd[0]
     assert "docker run -p 127.0.0.1:8501:8501" in (ROOT / "README.md").read_text()
+
+
+def test_explorer_compare_mode_is_readable_and_shares_one_scale(db):
+    """Compare mode: decisions in full (not cut to a metric's width), both glass brains on one
+    colour scale and both bar charts on one axis range, although the second screening's
+    attributions are ten times stronger."""
+    first, second = _store_hcpex_screenings(db, ("likely non-responder", "uncertain"))
+    at = _app("explore")
+    at.toggle(key="explore_compare").set_value(True)
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    assert "Decision" not in {m.label for m in at.metric}
+    decisions = [md.value for md in at.markdown if md.value.startswith("Decision: ")]
+    assert sorted(decisions) == ["Decision: **likely non-responder**", "Decision: **uncertain**"]
+    scales = [c.value for c in at.caption if c.value.startswith("Colour scale ")]
+    assert len(scales) == 2 and scales[0] == scales[1] and "both maps share" in scales[0]
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(charts) == 2
+    ranges = [c["layout"]["xaxis"]["range"] for c in charts]
+    assert ranges[0] == ranges[1] and ranges[0][0] == -ranges[0][1]
+    for chart in charts:  # names level and short enough, the legend above the bars
+        assert all(bar["orientation"] == "h" for bar in chart["data"])
+        assert max(len(y) for y in chart["data"][0]["y"]) <= 31
+        assert chart["layout"]["legend"]["y"] >= 1
+    for key in ("a-view", "b-view"):
+        at.radio(key=key).set_value("By anatomy")
+    at.run()
+    assert not _errors(at), _errors(at)
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert charts[0]["layout"]["xaxis"]["range"] == charts[1]["layout"]["xaxis"]["range"]
