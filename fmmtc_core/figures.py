@@ -34,6 +34,11 @@ __all__ = [
     "glass_brain_scale",
     "brain_map_png",
     "short_label",
+    "png_bytes",
+    "alignment_figure",
+    "tsnr_figure",
+    "fd_histogram",
+    "attribution_slices_html",
     "RESPONDER_COLOR",
     "TS_COLOR",
     "FC_COLOR",
@@ -546,13 +551,7 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
         10 x 3.2 inches, four views (``lyrz``); close it after use
         (``matplotlib.pyplot.close``).
     """
-    from fmmtc_core.config import use_cache_dir_for_libraries
-
-    use_cache_dir_for_libraries()  # before matplotlib is imported: no font cache in ~/.cache
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _matplotlib()
     from nilearn import plotting
 
     data = np.asanyarray(img.dataobj)
@@ -566,6 +565,201 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
                               colorbar=True, cmap="cold_hot", vmax=vmax, vmin=-vmax,
                               threshold=threshold, title=title)
     return fig
+
+
+def _matplotlib():
+    """matplotlib.pyplot on the non-interactive ``Agg`` backend, its caches under ours."""
+    from fmmtc_core.config import use_cache_dir_for_libraries
+
+    use_cache_dir_for_libraries()  # before matplotlib is imported: no font cache in ~/.cache
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig: Figure, *, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    dpi : int, default=110
+
+    Returns
+    -------
+    bytes
+        The PNG, cropped to what is drawn.
+    """
+    import io
+
+    plt = _matplotlib()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+#: Axial slices shown by the QC maps (MNI z, mm): from the cerebellum to the vertex.
+QC_SLICES_Z = (-30, -12, 6, 24, 42, 60)
+
+
+def alignment_figure(mean_img: SpatialImage, labels_img: SpatialImage, *,
+                     title: str | None = None) -> Figure:
+    """The scan's mean image with the atlas's outline: is the scan where the atlas expects it?
+
+    The outline is the outer edge of the atlas's brain (its labelled voxels, closed and with
+    the white matter between them filled) projected onto the scan's grid; a scan that is not in
+    MNI space, flipped or shifted shows the brain and the outline apart. MRIQC draws the same
+    check against its template.
+
+    Parameters
+    ----------
+    mean_img : nibabel image
+        The mean over time (:attr:`fmmtc_core.review.ScanImages.mean`).
+    labels_img : nibabel image
+        The atlas labels on the same grid (:attr:`fmmtc_core.review.ScanImages.labels`).
+    title : str or None, default=None
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        10 x 2.4 inches, axial slices at :data:`QC_SLICES_Z` (grey scale, outline in red);
+        close it after use (or pass it to :func:`png_bytes`).
+    """
+    import nibabel as nib
+    from scipy import ndimage
+
+    plt = _matplotlib()
+    from nilearn import plotting
+
+    labels = np.asanyarray(labels_img.dataobj)
+    # The labels cover grey matter: close the gaps and fill the white matter, so the outline
+    # is the brain's edge rather than every sulcus.
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(labels > 0, iterations=2))
+    mask = nib.Nifti1Image(np.asarray(brain, dtype=np.int8), labels_img.affine)
+    fig = plt.figure(figsize=(10, 2.4))
+    display = plotting.plot_epi(mean_img, figure=fig, display_mode="z", cut_coords=QC_SLICES_Z,
+                                cmap="gray", colorbar=False, title=title, black_bg=True,
+                                draw_cross=False, annotate=True)
+    if labels.any():
+        display.add_contours(mask, levels=[0.5], colors=[RESPONDER_COLOR], linewidths=1.2)
+    return fig
+
+
+def tsnr_figure(tsnr_img: SpatialImage, *, title: str | None = None,
+                vmax: float | None = None) -> Figure:
+    """The voxel-wise temporal SNR map (mean / SD over time) on axial slices.
+
+    Parameters
+    ----------
+    tsnr_img : nibabel image
+        :attr:`fmmtc_core.review.ScanImages.tsnr` (0 outside the scan's brain).
+    title : str or None, default=None
+    vmax : float or None, default=None
+        Top of the colour scale; None: the 99th percentile of the non-zero voxels (a few very
+        high voxels do not wash out the map).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        10 x 2.4 inches, axial slices at :data:`QC_SLICES_Z`, scale from 0 (dark) to ``vmax``
+        (bright), with a colour bar; close it after use (or pass it to :func:`png_bytes`).
+    """
+    plt = _matplotlib()
+    from nilearn import plotting
+
+    data = np.asanyarray(tsnr_img.dataobj)
+    values = data[np.isfinite(data) & (data > 0)]
+    if vmax is None:
+        vmax = float(np.percentile(values, 99)) if values.size else 1.0
+    fig = plt.figure(figsize=(10, 2.4))
+    plotting.plot_img(tsnr_img, figure=fig, display_mode="z", cut_coords=QC_SLICES_Z,
+                      cmap="inferno", vmin=0.0, vmax=max(vmax, 1e-6), colorbar=True,
+                      title=title, black_bg=True, draw_cross=False, annotate=True)
+    return fig
+
+
+def fd_histogram(fd: ArrayLike, threshold: float = FD_THRESHOLD_MM) -> go.Figure:
+    """How framewise displacement is distributed over the volumes, with the high-motion limit.
+
+    Parameters
+    ----------
+    fd : array-like of float (T,)
+        Framewise displacement per volume, mm (fMRIPrep's ``framewise_displacement``); the first
+        volume (no change defined) and non-finite values are left out.
+    threshold : float, default=FD_THRESHOLD_MM
+        The high-motion limit, mm: a dashed line, with the number of volumes above it.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Bars of 0.05 mm (volumes above the limit in red), 300 px high.
+    """
+    values = np.asarray(fd, dtype=float)[1:]
+    values = values[np.isfinite(values)]
+    above = int((values > threshold).sum())
+    size = 0.05
+    top = max(float(values.max()) if values.size else 0.0, threshold) + size
+    bins = dict(start=0.0, end=top, size=size)
+    fig = go.Figure([
+        go.Histogram(x=values[values <= threshold], xbins=bins, name="at or under the limit",
+                     marker_color="#2a6f97"),
+        go.Histogram(x=values[values > threshold], xbins=bins, name="above the limit",
+                     marker_color=RESPONDER_COLOR),
+    ])
+    fig.update_layout(barmode="stack", legend=_LEGEND_ON_TOP)
+    fig.add_vline(x=threshold, line_dash="dash", line_color="#1d2a33",
+                  annotation_text=f"{threshold:g} mm: {above} of {values.size} volumes above",
+                  annotation_position="top right")
+    fig.update_xaxes(title="framewise displacement (mm)", range=[0, top])
+    fig.update_yaxes(title="volumes")
+    return _layout(fig, 300)
+
+
+def attribution_slices_html(img: SpatialImage, *, threshold: float, vmax: float,
+                            title: str | None = None, width: int = 600) -> str:
+    """Interactive slices of an attribution map (nilearn's ``view_img``) as a standalone page.
+
+    Click to move through the brain; regions whose ``|score|`` is under ``threshold`` are
+    transparent. Everything the page needs (scripts, the MNI152 background) is inside it: it
+    loads nothing from the network.
+
+    Parameters
+    ----------
+    img : nibabel image
+        3D map of region scores (:func:`fmmtc_core.explain.region_map`), MNI space.
+    threshold : float
+        Scores with a smaller absolute value are not shown.
+    vmax : float
+        Colour-scale limit (``-vmax`` blue to ``+vmax`` red, nilearn's cold_hot); share it
+        between maps that are compared (:func:`glass_brain_scale`).
+    title : str or None, default=None
+    width : int, default=600
+        Width of the three slices together, px (they are about half as high).
+
+    Returns
+    -------
+    str
+        An HTML document (a few hundred kB: its scripts and images are inlined).
+    """
+    import re
+    import warnings
+
+    from nilearn.plotting import view_img
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nilearn's notes on masked arrays and thresholds
+        view = view_img(img, threshold=max(float(threshold), 1e-6), vmax=max(float(vmax), 1e-6),
+                        symmetric_cmap=True, cmap="cold_hot", title=title, black_bg=False,
+                        colorbar=True, resampling_interpolation="nearest",
+                        width_view=int(width))
+    # nilearn links a favicon on github.com: drop it, the page must not reach the network.
+    return re.sub(r"<link[^>]*rel=\"icon\"[^>]*/?>", "", view.get_standalone())
 
 
 def brain_map_png(img: SpatialImage, *, vmax: float | None = None,
@@ -591,21 +785,13 @@ def brain_map_png(img: SpatialImage, *, vmax: float | None = None,
     bytes
         A PNG image.
     """
-    import io
     import warnings
-
-    import matplotlib.pyplot as plt
 
     with warnings.catch_warnings():
         # On a scale shared with a stronger map, a weak map may show nothing: that is the point.
         warnings.filterwarnings("ignore", message="empty mask", category=UserWarning)
         fig = glass_brain_figure(img, title=title, vmax=vmax, threshold=threshold)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=dpi)
 
 
 def probability_histogram(probability: ArrayLike, threshold: float, *,

@@ -12,6 +12,7 @@ from fmmtc_core.explain import region_map
 from fmmtc_core.figures import (
     FC_COLOR,
     TS_COLOR,
+    attribution_slices_html,
     brain3d_figure,
     brain_map_png,
     compare_regions_figure,
@@ -21,7 +22,7 @@ from fmmtc_core.figures import (
     region_series_figure,
     shared_limit,
 )
-from fmmtc_core.review import group_attributions, top_regions, with_anatomy
+from fmmtc_core.review import attribution_nifti, group_attributions, top_regions, with_anatomy
 from fmmtc_core.store import repository as repo
 from fmmtc_core.store import session_scope
 from fmmtc_core.store.repository import ScreeningRecord
@@ -72,6 +73,17 @@ def _glass(atlas_name: str, scores: tuple, vmax: float, threshold: float) -> byt
                          threshold=threshold)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _nifti(atlas_name: str, scores: tuple) -> bytes:
+    return attribution_nifti(load_atlas(atlas_name), scores)
+
+
+@st.cache_data(show_spinner="Preparing the slices...", max_entries=16)
+def _slices(atlas_name: str, scores: tuple, threshold: float, vmax: float) -> str:
+    return attribution_slices_html(region_map(load_atlas(atlas_name), list(scores)),
+                                   threshold=threshold, vmax=vmax)
+
+
 def _range(limit: float) -> tuple[float, float]:
     """A symmetric axis range a little wider than ``limit`` (bars are not cut at the edge)."""
     return (-1.08 * limit, 1.08 * limit)
@@ -101,11 +113,20 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool, shown: list[ScreeningRec
     vmax, threshold = glass_brain_scale(*(r.regions["total"] for r in shown))
     st.image(_glass(d.atlas, tuple(reg["total"].round(6)), round(vmax, 6), round(threshold, 6)),
              width="stretch")
-    st.caption(f"Colour scale -{vmax:.3g} to +{vmax:.3g} (logit units; red towards responder), "
+    st.caption(f"Colour scale -{vmax:.3g} to +{vmax:.3g} (logit units; warm colours towards "
+               "responder, cold towards non-responder), "
                f"regions under {threshold:.3g} hidden"
                + ("; both maps share this scale." if len(shown) > 1 else "."))
-    views = (["TS vs connectivity", "By anatomy", "Connections", "3D", "Region series",
-              "Against the cohort"] if full else ["TS vs connectivity", "By anatomy"])
+    scores = tuple(reg["total"].round(6))
+    st.download_button(
+        "Download the attribution map (NIfTI)", _nifti(d.atlas, scores),
+        file_name=f"{sm.participant}_screening-{sm.screening_id}_attribution.nii.gz",
+        mime="application/gzip", key=f"{key}-nifti",
+        help="Each region's total attribution (logit units, + towards responder) in its voxels, "
+             f"on the {atlas.name} grid in MNI space: open it in FSLeyes, MRIcroGL or nilearn.")
+    views = (["TS vs connectivity", "By anatomy", "Slices", "Connections", "3D",
+              "Region series", "Against the cohort"] if full
+             else ["TS vs connectivity", "By anatomy"])
     # One view at a time: only the chosen figure is built and drawn (3D views are costly).
     view = st.radio("View", views, horizontal=True, key=f"{key}-view",
                     label_visibility="collapsed")
@@ -133,6 +154,14 @@ def _panel(d: ScreeningRecord, key: str, *, full: bool, shown: list[ScreeningRec
                         width="stretch", key=f"{key}-net")
         if "section" not in groupings:
             st.caption(f"{atlas.name} has no HCP-MMP sections: regions are grouped by lobe.")
+    elif view == "Slices":
+        cut = st.slider("Hide regions whose |score| is under", 0.0, float(vmax),
+                        float(threshold), step=float(vmax) / 100, format="%.3f",
+                        key=f"{key}-cut")
+        st.iframe(_slices(d.atlas, scores, round(cut, 6), round(vmax, 6)), height=330)
+        st.caption("Click a point to move the three slices there. The scan's own mean image "
+                   "and tSNR map are shown when it is checked on the Scan quality page; the "
+                   "image is not stored, so they cannot be drawn here.")
     elif view == "Connections":
         st.plotly_chart(connectome_figure(atlas.centroids_mm,
                                           d.connections.to_dict("records"), atlas.names),

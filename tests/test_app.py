@@ -240,7 +240,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     assert {"Probability", "IG gap"} <= labels
     assert any(md.value.startswith("Decision: **") for md in at.markdown)
     views = at.radio(key="a-view").options
-    assert len(views) == 6
+    assert len(views) == 7
     for view in views[1:]:  # every view draws without an error
         at.radio(key="a-view").set_value(view)
         at.run()
@@ -608,3 +608,52 @@ def test_explorer_compare_mode_is_readable_and_shares_one_scale(db):
     assert not _errors(at), _errors(at)
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert charts[0]["layout"]["xaxis"]["range"] == charts[1]["layout"]["xaxis"]["range"]
+
+
+def test_explorer_offers_slices_and_the_attribution_map_as_nifti(db):
+    _store_hcpex_screenings(db)
+    at = _app("explore")
+    downloads = [b for b in at.get("download_button")
+                 if b.proto.label == "Download the attribution map (NIfTI)"]
+    assert len(downloads) == 1 and downloads[0].proto.url.endswith(".gz")
+    at.radio(key="a-view").set_value("Slices")
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    cut = at.slider(key="a-cut")
+    frame = at.get("iframe")[0].proto.srcdoc
+    assert "brainsprite" in frame.lower() and "https://" not in frame
+    cut.set_value(cut.max)  # hide (almost) everything: another map
+    at.run()
+    assert at.get("iframe")[0].proto.srcdoc != frame
+    assert any("cannot be drawn here" in c.value for c in at.caption)
+
+
+def test_qc_page_shows_alignment_tsnr_fd_and_uncovered_regions(db, tmp_path, grid_labels):
+    from conftest import fmriprep_confounds
+
+    path = save_nifti(tmp_path / "sub-01_bold.nii.gz", make_bold(grid_labels))
+    conf = tmp_path / "sub-01_desc-confounds_timeseries.tsv"
+    fmriprep_confounds(60, spikes=(10, 30)).to_csv(conf, sep="\t", index=False, na_rep="n/a")
+    at = _app("qc")
+    at.selectbox[0].set_value("aal3")
+    at.file_uploader[0].upload("sub-01_bold.nii.gz", path.read_bytes(), "application/gzip")
+    at.file_uploader[2].upload(conf.name, conf.read_bytes(), "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    captions = [i.proto.imgs[0].caption for i in at.get("image")]
+    assert any("outline of the atlas" in c for c in captions)
+    assert any("Temporal SNR" in c for c in captions)
+    assert any("never stored" in c.value and "at upload" in c.value for c in at.caption)
+    titles = [json.loads(c.proto.spec)["layout"].get("xaxis", {}).get("title", {}).get("text")
+              for c in at.get("plotly_chart")]
+    assert "framewise displacement (mm)" in titles  # the FD histogram
+    # uncovered regions by name (the 6 mm test grid loses AAL3's smallest regions)
+    n_uncovered = int({m.label: m.value for m in at.metric}["Uncovered regions"].split(" / ")[0])
+    assert n_uncovered > 0
+    named = [md.value for md in at.markdown if md.value.startswith("**Uncovered regions**")]
+    assert len(named) == 1 and f"({n_uncovered})" in named[0]
+    tables = [d.value for d in at.dataframe if "covered" in d.value.columns]
+    assert len(tables) == 2  # the uncovered regions, then all regions
+    assert len(tables[0]) == n_uncovered and not tables[0]["covered"].any()
+    assert {"lobe", "coverage"} <= set(tables[0].columns)

@@ -134,3 +134,45 @@ def test_brain_map_png_takes_the_scale_it_is_given(monkeypatch):
     png = brain_map_png(nib.Nifti1Image(data, affine), vmax=3.0, threshold=1.0)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert seen == [(3.0, 1.0)]  # a weak map on a strong map's scale: drawn, nearly blank
+
+
+def _blob_image(value=1.0):
+    data = np.zeros((20, 24, 20), np.float32)
+    data[5:9, 8:12, 8:12] = value
+    data[12:15, 8:12, 8:12] = -value / 2
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-80, -110, -70]
+    return nib.Nifti1Image(data, affine)
+
+
+def test_qc_maps_draw_the_mean_with_the_atlas_outline_and_the_tsnr():
+    img = _blob_image(800.0)
+    labels = nib.Nifti1Image((np.asarray(img.dataobj) != 0).astype(np.int16), img.affine)
+    fig = figures.alignment_figure(img, labels, title="mean")
+    # nilearn draws one axis per slice; the outline is a contour set on them
+    assert len(fig.axes) >= len(figures.QC_SLICES_Z)
+    assert any(type(c).__name__ == "QuadContourSet" or "Contour" in type(c).__name__
+               for ax in fig.axes for c in ax.collections)
+    png = figures.png_bytes(fig)
+    assert png[:4] == b"\x89PNG"
+    png = figures.png_bytes(figures.tsnr_figure(img))
+    assert png[:4] == b"\x89PNG"
+
+
+def test_fd_histogram_marks_the_limit_and_counts_the_volumes_above():
+    fd = np.array([0.0, 0.1, 0.2, 0.7, 0.3, 1.2, np.nan])
+    fig = figures.fd_histogram(fd, 0.5)
+    below, above = fig.data
+    assert sorted(above.x) == [0.7, 1.2] and sorted(below.x) == [0.1, 0.2, 0.3]
+    assert fig.layout.shapes[0].x0 == 0.5  # the dashed line at the limit
+    assert "2 of 5 volumes above" in fig.layout.annotations[0].text
+    assert _legend_clear_of_the_plot(fig)
+
+
+def test_attribution_slices_are_interactive_and_offline():
+    html = figures.attribution_slices_html(_blob_image(), threshold=0.3, vmax=2.0, title="t")
+    assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:200]
+    assert "brainsprite" in html.lower()  # nilearn's slice viewer
+    import re
+
+    assert not re.search(r"(src|href)=[\"']https?://", html)  # nothing from the network

@@ -13,11 +13,13 @@ from fmmtc_core.cohort import outcome_values
 from fmmtc_core.qc import assess_scan
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.review import (
+    attribution_nifti,
     complete_regions,
     group_attributions,
     region_quality,
     region_scores,
     scan_connectivity,
+    scan_images,
     top_regions,
     with_anatomy,
 )
@@ -35,8 +37,11 @@ def checked(tmp_path_factory, grid_labels):
 def test_region_quality_lists_every_region_with_its_coverage(checked, aal3):
     _, signals, report = checked
     table = region_quality(signals, report)
-    assert list(table.columns) == ["label", "region", "lobe", "hemisphere", "voxels", "tSNR",
-                                   "covered"]  # AAL3 has lobes, no HCP-MMP sections
+    assert list(table.columns) == ["label", "region", "lobe", "hemisphere", "voxels",
+                                   "coverage", "tSNR", "covered"]  # AAL3: lobes, no sections
+    assert table["coverage"].between(0, 100).all()
+    np.testing.assert_allclose(table["coverage"], 100 * np.clip(signals.coverage, 0, 1),
+                               atol=0.05)
     assert len(table) == aal3.n_regions and table["label"].tolist() == aal3.labels.tolist()
     assert set(table.loc[~table["covered"], "region"]) == set(report.uncovered_regions)
     assert (table["voxels"].dropna() >= 0).all()
@@ -160,3 +165,60 @@ def test_screening_record_holds_plain_values(tmp_path):
     with session_scope(engine) as s, pytest.raises(InvalidInputError, match="No screening "):
         repo.screening_record(s, 99)
     engine.dispose()
+
+
+def test_scan_images_are_the_voxelwise_mean_and_tsnr(tmp_path, grid_labels, aal3):
+    from conftest import make_bold, save_nifti
+
+    import nibabel as nib
+
+    bold = make_bold(grid_labels, seed=3)
+    bold[2, 3, 4, 7] = np.nan  # a voxel with a missing value has no tSNR
+    path = save_nifti(tmp_path / "sub-i_bold.nii.gz", bold)
+    scan, _, _ = assess_scan(path, atlas="aal3")
+    images = scan_images(scan, aal3, block_bytes=4096)  # many small blocks
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean, sd = data.mean(axis=3), data.std(axis=3)
+        expected_tsnr = mean / sd
+    brain = grid_labels.region_index >= 0
+    np.testing.assert_allclose(np.asarray(images.mean.dataobj)[brain], mean[brain], rtol=1e-5)
+    tsnr = np.asarray(images.tsnr.dataobj)
+    np.testing.assert_allclose(tsnr[brain & np.isfinite(mean)],
+                               expected_tsnr[brain & np.isfinite(mean)], rtol=1e-3)
+    assert tsnr[2, 3, 4] == 0 and (tsnr[~brain] == 0).all()  # NaN voxel, flat background
+    assert images.mean.shape == bold.shape[:3]
+    np.testing.assert_array_equal(images.labels.affine, images.mean.affine)
+    assert (np.asarray(images.labels.dataobj) > 0).sum() == brain.sum()
+
+
+def test_scan_images_need_an_image(tmp_path, aal3):
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).standard_normal((60, aal3.n_regions)))
+    (tmp_path / "t.json").write_text('{"RepetitionTime": 2.0, "Atlas": "aal3"}')
+    scan, _, _ = assess_scan(tmp_path / "t.npy", sidecar=tmp_path / "t.json")
+    with pytest.raises(InvalidInputError, match="is a region table: there is no image"):
+        scan_images(scan, aal3)
+
+
+def test_attribution_nifti_puts_each_score_in_its_region(tmp_path, aal3):
+    import gzip
+
+    import nibabel as nib
+
+    scores = np.linspace(-1, 1, aal3.n_regions)
+    raw = attribution_nifti(aal3, scores)
+    assert raw[:2] == b"\x1f\x8b"  # gzip
+    (tmp_path / "map.nii.gz").write_bytes(raw)
+    img = nib.load(tmp_path / "map.nii.gz")
+    assert img.get_data_dtype() == np.float32
+    assert img.header.get_intent()[0] == "estimate"
+    assert b"attribution" in img.header["descrip"].tobytes()
+    np.testing.assert_array_equal(img.affine, aal3.labels_img.affine)
+    data = np.asarray(img.dataobj)
+    labels = np.asarray(aal3.labels_img.dataobj)
+    for i in (0, 57, aal3.n_regions - 1):
+        assert np.allclose(data[labels == aal3.labels[i]], scores[i])
+    assert (data[labels == 0] == 0).all()
+    assert gzip.decompress(raw)[344:348] == b"n+1\x00"  # a single-file NIfTI-1
+    with pytest.raises(InvalidInputError, match="Expected 166 region scores"):
+        attribution_nifti(aal3, [0.0, 1.0])
