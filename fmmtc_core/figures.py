@@ -311,7 +311,8 @@ def region_series_figure(data: np.ndarray, names: Sequence[str], tr: float,
     data : ndarray (T, R)
         Region series (e.g. :attr:`fmmtc_core.preprocess.RegionSignals.data`).
     names : sequence of str
-        The atlas's region names (the legend).
+        The atlas's region names (the legend, above the plot; names longer than
+        :data:`MAX_LABEL_CHARS` are shortened in the middle, the full name is in the hover).
     tr : float
         Repetition time, seconds.
     columns : iterable of int
