@@ -34,4 +34,8 @@ RUN pip install --no-deps -e . \
 
 EXPOSE 8501
 VOLUME ["/data"]
+# Inside the container the server must listen on all interfaces (0.0.0.0), or `docker run -p`
+# cannot reach it; .streamlit/config.toml's loopback default is for a bare install. Decide who
+# reaches it where the port is published: `docker run -p 127.0.0.1:8501:8501` keeps it on this
+# computer; publishing it further needs FMMTC_PASSWORD (-e FMMTC_PASSWORD=...) and TLS in front.
 CMD ["streamlit", "run", "app.py", "--server.headless", "true", "--server.address", "0.0.0.0", "--server.port", "8501"]

@@ -1,5 +1,7 @@
 # Two commands set up a fresh machine (see README):
-#   make run   - install into .venv and start the dashboard on the embedded default
+#   make run   - install into .venv and start the dashboard on the embedded default, on this
+#                computer only (ADDRESS=127.0.0.1; `make run ADDRESS=0.0.0.0` opens it to the
+#                network: set FMMTC_PASSWORD first)
 #   make test  - install into .venv (plus test tools) and run the whole test suite (CI)
 #   make test-fast - the daily tier: no slow, PostgreSQL or browser tests (under 2 minutes)
 #   make typecheck - mypy on fmmtc_core (settings in pyproject.toml [tool.mypy]; CI runs it)
@@ -10,6 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
+ADDRESS ?= 127.0.0.1
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast typecheck install install-dev bench clean-venv
@@ -31,7 +34,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
-	$(BIN)/streamlit run app.py --server.headless true --server.port $(PORT)
+	$(BIN)/streamlit run app.py --server.headless true --server.address $(ADDRESS) --server.port $(PORT)
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

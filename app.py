@@ -5,10 +5,12 @@ from pathlib import Path
 import streamlit as st
 
 from fmmtc_app import session
-from fmmtc_app.access import access_granted, sign_in_page
+from fmmtc_app.access import access_granted, gate_off_notice, sign_in_page
 from fmmtc_core import __version__
+from fmmtc_core.config import use_cache_dir_for_libraries
 
 HERE = Path(__file__).parent
+use_cache_dir_for_libraries()  # matplotlib's caches under the data folder, not in ~/.cache
 
 st.set_page_config(page_title="FMM-TC Screen", page_icon=":material/neurology:", layout="wide")
 
@@ -20,9 +22,10 @@ if not access_granted():
                            url_path="sign-in", default=True)], position="hidden").run()
     st.stop()
 
+landing = st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
+                  icon=":material/person_search:", default=True)
 pages = [
-    st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
-            icon=":material/person_search:", default=True),
+    landing,
     st.Page(str(HERE / "pages" / "explore.py"), title="Attribution explorer",
             icon=":material/neurology:"),
     st.Page(str(HERE / "pages" / "cohort.py"), title="Cohort review",
@@ -44,5 +47,11 @@ with st.sidebar:
     except Exception as exc:  # noqa: BLE001 - the pages show a plain error too
         st.caption(f"Model not loaded: {exc}")
     st.caption(f"Version {__version__}")
+    notice = gate_off_notice()
+    if notice:
+        st.caption(":material/lock_open: Password gate off")
+
+if notice and nav.url_path == landing.url_path:
+    st.warning(notice, icon=":material/lock_open:")
 
 nav.run()

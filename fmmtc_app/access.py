@@ -19,7 +19,8 @@ from fmmtc_app.session import NOT_SIGNED_IN, engine, setting
 from fmmtc_core._errors import FMMTCError
 
 __all__ = ["access_granted", "require_access", "sign_in_page", "client_address",
-           "FREE_ATTEMPTS", "MAX_DELAY_S", "LOCK_AFTER", "LOCK_S", "WINDOW_S"]
+           "gate_off_notice", "FREE_ATTEMPTS", "MAX_DELAY_S", "LOCK_AFTER", "LOCK_S",
+           "WINDOW_S"]
 
 #: Sign-in throttling: after FREE_ATTEMPTS wrong passwords (per browser session and per client
 #: address, within WINDOW_S), each further attempt waits 2, 4, 8 ... (at most MAX_DELAY_S)
@@ -109,6 +110,34 @@ def access_granted() -> bool:
         signed in.
     """
     return not setting("FMMTC_PASSWORD") or bool(st.session_state.get("authenticated"))
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def gate_off_notice() -> str | None:
+    """What the landing page says when the password gate is off.
+
+    Returns
+    -------
+    str or None
+        None when ``FMMTC_PASSWORD`` is set; else a Markdown sentence saying that nobody is
+        asked for a password, on which address the server listens (``server.address``: this
+        computer only for a loopback address, the network otherwise) and how to turn the gate
+        on.
+    """
+    if setting("FMMTC_PASSWORD"):
+        return None
+    address = str(st.get_option("server.address") or "")
+    if address.startswith(_LOOPBACK):
+        reach = (f"The server listens on {address} only, so only this computer can open it.")
+    else:
+        shown = address or "every network interface"
+        reach = (f"**The server listens on {shown}: anyone who can reach this computer over "
+                 "the network can open it.**")
+    return ("**The password gate is off**: nobody is asked for a name or password. "
+            f"{reach} Set `FMMTC_PASSWORD` (environment or `.streamlit/secrets.toml`) and "
+            "restart to turn it on.")
 
 
 def require_access() -> None:

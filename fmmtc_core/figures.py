@@ -30,6 +30,15 @@ __all__ = [
     "roc_figure",
     "calibration_figure",
     "compare_regions_figure",
+    "shared_limit",
+    "glass_brain_scale",
+    "brain_map_png",
+    "short_label",
+    "png_bytes",
+    "alignment_figure",
+    "tsnr_figure",
+    "fd_histogram",
+    "attribution_slices_html",
     "RESPONDER_COLOR",
     "TS_COLOR",
     "FC_COLOR",
@@ -46,17 +55,120 @@ _DIVERGING = [[0.0, NON_RESPONDER_COLOR], [0.5, "#f2f2f2"], [1.0, RESPONDER_COLO
 
 _FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=13)
 
+#: Longest tick label (characters) on a bar chart's category axis: a region name beyond it is
+#: shortened in the middle (its full name is in the hover). 30 characters of 13 px text take
+#: about 200 px, which leaves the bars most of a half-width panel (compare mode at 1280 px).
+MAX_LABEL_CHARS = 30
+#: Group names (HCP-MMP sections) are wrapped onto lines of at most this many characters.
+WRAP_CHARS = 24
+#: A legend sits above the plot area, left-aligned, in one row: it never covers the bars, the
+#: tick labels or the axis title (a legend below the plot collides with rotated labels).
+_LEGEND_ON_TOP = dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom")
+#: The attribution axis's title, on two short lines: plotly widens the margins to fit an axis
+#: title, so one long line squeezes the plot of a half-width panel (or is cut).
+_SCORE_AXIS = "{what} (logit units)<br>+ towards responder"
+
 
 def _layout(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
+    legend = fig.layout.showlegend is not False and len(fig.data) > 1
     fig.update_layout(
         height=height,
-        margin=dict(l=60, r=20, t=40 if title else 10, b=40),
+        margin=dict(l=60, r=20, t=(40 if title else 10) + (30 if legend else 0), b=40),
         font=_FONT,
         title=dict(text=title, x=0, font=dict(size=15)) if title else None,
         plot_bgcolor="white",
         paper_bgcolor="white",
     )
+    if title and legend:  # the legend row sits between the title and the plot
+        fig.update_layout(title=dict(y=1.0, yanchor="top", yref="container", pad=dict(t=8)))
+    # Margins grow to fit the tick labels and axis titles instead of clipping them.
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
+
+
+def short_label(name: str, limit: int = MAX_LABEL_CHARS) -> str:
+    """A region name shortened in the middle to at most ``limit`` characters.
+
+    The start (what the region is) and the end (its hemisphere suffix) are kept:
+    ``"Area_TemporoParietoOccipital_Junction_1_L"`` -> ``"Area_TemporoPar…Junction_1_L"``.
+
+    Parameters
+    ----------
+    name : str
+        The label.
+    limit : int, default=MAX_LABEL_CHARS
+        Most characters returned (at least 5).
+
+    Returns
+    -------
+    str
+        ``name`` itself when short enough, else its start, ``"…"`` and its end.
+    """
+    name = str(name)
+    limit = max(int(limit), 5)
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    head = limit - 1 - tail
+    return f"{name[:head]}…{name[-tail:]}"
+
+
+def _wrap(text: str, width: int = WRAP_CHARS) -> str:
+    """``text`` broken at spaces into lines of at most ``width`` characters (``<br>``)."""
+    lines: list[str] = []
+    for word in str(text).split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines)
+
+
+def shared_limit(*values: ArrayLike) -> float:
+    """One symmetric colour / axis limit for several score arrays: the largest ``|value|``.
+
+    Parameters
+    ----------
+    *values : array-like of float
+        Score arrays (e.g. the region scores of two screenings shown side by side); NaN is
+        ignored.
+
+    Returns
+    -------
+    float
+        ``max |value|`` over all arrays; 1.0 when there is none or all are 0, so that a scale
+        ``-limit .. limit`` is always valid.
+    """
+    tops = [float(np.nanmax(np.abs(a))) for a in (np.asarray(v, dtype=float) for v in values)
+            if a.size and np.isfinite(a).any()]
+    top = max(tops, default=0.0)
+    return top if top > 0 else 1.0
+
+
+def glass_brain_scale(*scores: ArrayLike) -> tuple[float, float]:
+    """The colour scale and threshold that :func:`glass_brain_figure` would choose, for
+    several maps at once (compare mode: both maps on one scale).
+
+    Parameters
+    ----------
+    *scores : array-like of float
+        Region scores of each map (logit units).
+
+    Returns
+    -------
+    vmax : float
+        :func:`shared_limit` of all scores: every map runs from ``-vmax`` to ``vmax``.
+    threshold : float
+        The 90th percentile of the distinct non-zero ``|score|`` values of all maps together,
+        at most ``0.99 * vmax`` (0 when there are none): the same rule as a single map's.
+    """
+    vmax = shared_limit(*scores)
+    flat = (np.concatenate([np.ravel(np.asarray(s, dtype=float)) for s in scores]) if scores
+            else np.zeros(1))
+    values = np.unique(np.abs(flat[np.isfinite(flat) & (flat != 0)]))
+    threshold = float(np.quantile(values, 0.9)) if values.size else 0.0
+    return vmax, min(threshold, 0.99 * vmax)
 
 
 def carpet_figure(carpet: np.ndarray, regions: np.ndarray, groups: Sequence[str],
@@ -199,7 +311,8 @@ def region_series_figure(data: np.ndarray, names: Sequence[str], tr: float,
     data : ndarray (T, R)
         Region series (e.g. :attr:`fmmtc_core.preprocess.RegionSignals.data`).
     names : sequence of str
-        The atlas's region names (the legend).
+        The atlas's region names (the legend, above the plot; names longer than
+        :data:`MAX_LABEL_CHARS` are shortened in the middle, the full name is in the hover).
     tr : float
         Repetition time, seconds.
     columns : iterable of int
@@ -214,11 +327,13 @@ def region_series_figure(data: np.ndarray, names: Sequence[str], tr: float,
     fig = go.Figure()
     t = np.arange(data.shape[0]) * tr
     for c in columns:
-        fig.add_trace(go.Scatter(x=t, y=data[:, c], mode="lines", name=names[c],
-                                 line=dict(width=1.3)))
+        fig.add_trace(go.Scatter(x=t, y=data[:, c], mode="lines", name=short_label(names[c]),
+                                 line=dict(width=1.3), hovertext=names[c],
+                                 hovertemplate="%{hovertext}<br>t=%{x:.0f} s<br>%{y:.2f}"
+                                               "<extra></extra>"))
     fig.update_xaxes(title="time (s)")
     fig.update_yaxes(title="signal")
-    fig.update_layout(legend=dict(orientation="h", y=-0.3))
+    fig.update_layout(legend=_LEGEND_ON_TOP)
     return _layout(fig, 300)
 
 
@@ -242,7 +357,7 @@ def probability_figure(probability: float, band: Sequence[float],
     Returns
     -------
     plotly.graph_objects.Figure
-        150 px high.
+        170 px high; a zone narrower than half the scale has its label on two lines.
     """
     lo_t, hi_t = thresholds["non_responder"], thresholds["responder"]
     fig = go.Figure()
@@ -252,8 +367,12 @@ def probability_figure(probability: float, band: Sequence[float],
         fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, fillcolor=color, line_width=0,
                       layer="below")
         if x1 > x0:
-            fig.add_annotation(x=(x0 + x1) / 2, y=1.18, text=label, showarrow=False,
-                               font=dict(size=12, color="#555"))
+            # A zone under half the scale gets its label on two lines ("likely" above
+            # "non-responder"): on one line, labels of neighbouring zones run into each other
+            # in a half-width panel.
+            text = label.replace(" ", "<br>", 1) if x1 - x0 < 0.5 else label
+            fig.add_annotation(x=(x0 + x1) / 2, y=1.18, text=text, showarrow=False,
+                               font=dict(size=12, color="#555"), yanchor="bottom")
     fig.add_trace(go.Scatter(x=[band[0], band[1]], y=[0.5, 0.5], mode="lines",
                              line=dict(color="#1d2a33", width=6), name="band",
                              hovertemplate="band %{x:.2f}<extra></extra>"))
@@ -261,10 +380,13 @@ def probability_figure(probability: float, band: Sequence[float],
                              marker=dict(size=20, color="#1d2a33", symbol="diamond"),
                              name="probability",
                              hovertemplate="probability %{x:.2f}<extra></extra>"))
-    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.1, showgrid=False)
-    fig.update_yaxes(visible=False, range=[0, 1.35])
+    # Ticks every 20 %: every 10 % they turn sideways in a half-width panel.
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.2, showgrid=False)
+    fig.update_yaxes(visible=False, range=[0, 1.2])
     fig.update_layout(showlegend=False)
-    return _layout(fig, 150)
+    fig = _layout(fig, 170)
+    fig.update_layout(margin=dict(t=46))  # room for two-line zone labels above the scale
+    return fig
 
 
 def _sizes(scores, lo=4.0, hi=22.0):
@@ -358,33 +480,50 @@ def connectome_figure(centroids: ArrayLike, connections: list[dict], names: Sequ
     return _layout(fig, 440, title)
 
 
-def network_figure(networks: dict, *, title: str | None = None) -> go.Figure:
-    """Per network / lobe: time-series and connectivity attribution side by side.
+def network_figure(networks: dict, *, title: str | None = None, group_title: str = "Lobe",
+                   value_range: tuple[float, float] | None = None) -> go.Figure:
+    """Per anatomical group (lobe, HCP-MMP section): time-series and connectivity attribution
+    side by side.
 
     Parameters
     ----------
     networks : dict
         Group name -> ``{"ts": float, "fc": float, ...}`` (logit units), drawn in its order
-        from the top (:attr:`fmmtc_core.summary.ScreeningSummary.networks`).
+        from the top (:func:`fmmtc_core.review.group_attributions`,
+        :attr:`fmmtc_core.summary.ScreeningSummary.networks`).
     title : str or None, default=None
+    group_title : str, default="Lobe"
+        What the groups are (the group axis's title), e.g.
+        :data:`fmmtc_core.anatomy.GROUPINGS` ``["section"]``.
+    value_range : tuple of 2 float or None, default=None
+        Fixed attribution axis range (compare mode: the same for both panels); None fits the
+        data.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        Grouped horizontal bars, 60 px plus 34 px per group high.
+        Grouped horizontal bars, the legend above them; group names are wrapped onto lines of
+        at most :data:`WRAP_CHARS` characters (full names in the hover); 110 px plus 38 px
+        per group (14 px more per extra line) high.
     """
     names = list(networks)
+    shown = [_wrap(n) for n in names]
+    lines = max((t.count("<br>") + 1 for t in shown), default=1)
     fig = go.Figure([
-        go.Bar(y=names, x=[networks[n]["ts"] for n in names], name="time series",
-               orientation="h", marker_color=TS_COLOR),
-        go.Bar(y=names, x=[networks[n]["fc"] for n in names], name="connectivity",
-               orientation="h", marker_color=FC_COLOR),
+        go.Bar(y=shown, x=[networks[n]["ts"] for n in names], name="time series",
+               orientation="h", marker_color=TS_COLOR, customdata=names,
+               hovertemplate="%{customdata}<br>time series %{x:+.3f}<extra></extra>"),
+        go.Bar(y=shown, x=[networks[n]["fc"] for n in names], name="connectivity",
+               orientation="h", marker_color=FC_COLOR, customdata=names,
+               hovertemplate="%{customdata}<br>connectivity %{x:+.3f}<extra></extra>"),
     ])
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.15))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_xaxes(title="attribution (logit units; + towards responder)", zeroline=True,
+    fig.update_layout(barmode="group", legend=_LEGEND_ON_TOP)
+    fig.update_yaxes(autorange="reversed", title=group_title)
+    fig.update_xaxes(title=_SCORE_AXIS.format(what="attribution"), zeroline=True,
                      zerolinecolor="#999")
-    return _layout(fig, 60 + 34 * len(names), title)
+    if value_range is not None:
+        fig.update_xaxes(range=list(value_range), autorange=False)
+    return _layout(fig, 110 + (24 + 14 * lines) * len(names), title)
 
 
 def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
@@ -413,10 +552,7 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
         10 x 3.2 inches, four views (``lyrz``); close it after use
         (``matplotlib.pyplot.close``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _matplotlib()
     from nilearn import plotting
 
     data = np.asanyarray(img.dataobj)
@@ -430,6 +566,233 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
                               colorbar=True, cmap="cold_hot", vmax=vmax, vmin=-vmax,
                               threshold=threshold, title=title)
     return fig
+
+
+def _matplotlib():
+    """matplotlib.pyplot on the non-interactive ``Agg`` backend, its caches under ours."""
+    from fmmtc_core.config import use_cache_dir_for_libraries
+
+    use_cache_dir_for_libraries()  # before matplotlib is imported: no font cache in ~/.cache
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig: Figure, *, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    dpi : int, default=110
+
+    Returns
+    -------
+    bytes
+        The PNG, cropped to what is drawn.
+    """
+    import io
+
+    plt = _matplotlib()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+#: Axial slices shown by the QC maps (MNI z, mm): from the cerebellum to the vertex.
+QC_SLICES_Z = (-30, -12, 6, 24, 42, 60)
+
+
+def alignment_figure(mean_img: SpatialImage, labels_img: SpatialImage, *,
+                     title: str | None = None) -> Figure:
+    """The scan's mean image with the atlas's outline: is the scan where the atlas expects it?
+
+    The outline is the outer edge of the atlas's brain (its labelled voxels, closed and with
+    the white matter between them filled) projected onto the scan's grid; a scan that is not in
+    MNI space, flipped or shifted shows the brain and the outline apart. MRIQC draws the same
+    check against its template.
+
+    Parameters
+    ----------
+    mean_img : nibabel image
+        The mean over time (:attr:`fmmtc_core.review.ScanImages.mean`).
+    labels_img : nibabel image
+        The atlas labels on the same grid (:attr:`fmmtc_core.review.ScanImages.labels`).
+    title : str or None, default=None
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        10 x 2.4 inches, axial slices at :data:`QC_SLICES_Z` (grey scale, outline in red);
+        close it after use (or pass it to :func:`png_bytes`).
+    """
+    import nibabel as nib
+    from scipy import ndimage
+
+    plt = _matplotlib()
+    from nilearn import plotting
+
+    labels = np.asanyarray(labels_img.dataobj)
+    # The labels cover grey matter: close the gaps and fill the white matter, so the outline
+    # is the brain's edge rather than every sulcus.
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(labels > 0, iterations=2))
+    mask = nib.Nifti1Image(np.asarray(brain, dtype=np.int8), labels_img.affine)
+    fig = plt.figure(figsize=(10, 2.4))
+    display = plotting.plot_epi(mean_img, figure=fig, display_mode="z", cut_coords=QC_SLICES_Z,
+                                cmap="gray", colorbar=False, title=title, black_bg=True,
+                                draw_cross=False, annotate=True)
+    if labels.any():
+        display.add_contours(mask, levels=[0.5], colors=[RESPONDER_COLOR], linewidths=1.2)
+    return fig
+
+
+def tsnr_figure(tsnr_img: SpatialImage, *, title: str | None = None,
+                vmax: float | None = None) -> Figure:
+    """The voxel-wise temporal SNR map (mean / SD over time) on axial slices.
+
+    Parameters
+    ----------
+    tsnr_img : nibabel image
+        :attr:`fmmtc_core.review.ScanImages.tsnr` (0 outside the scan's brain).
+    title : str or None, default=None
+    vmax : float or None, default=None
+        Top of the colour scale; None: the 99th percentile of the non-zero voxels (a few very
+        high voxels do not wash out the map).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        10 x 2.4 inches, axial slices at :data:`QC_SLICES_Z`, scale from 0 (dark) to ``vmax``
+        (bright), with a colour bar; close it after use (or pass it to :func:`png_bytes`).
+    """
+    plt = _matplotlib()
+    from nilearn import plotting
+
+    data = np.asanyarray(tsnr_img.dataobj)
+    values = data[np.isfinite(data) & (data > 0)]
+    if vmax is None:
+        vmax = float(np.percentile(values, 99)) if values.size else 1.0
+    fig = plt.figure(figsize=(10, 2.4))
+    plotting.plot_img(tsnr_img, figure=fig, display_mode="z", cut_coords=QC_SLICES_Z,
+                      cmap="inferno", vmin=0.0, vmax=max(vmax, 1e-6), colorbar=True,
+                      title=title, black_bg=True, draw_cross=False, annotate=True)
+    return fig
+
+
+def fd_histogram(fd: ArrayLike, threshold: float = FD_THRESHOLD_MM) -> go.Figure:
+    """How framewise displacement is distributed over the volumes, with the high-motion limit.
+
+    Parameters
+    ----------
+    fd : array-like of float (T,)
+        Framewise displacement per volume, mm (fMRIPrep's ``framewise_displacement``); the first
+        volume (no change defined) and non-finite values are left out.
+    threshold : float, default=FD_THRESHOLD_MM
+        The high-motion limit, mm: a dashed line, with the number of volumes above it.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Bars of 0.05 mm (volumes above the limit in red), 300 px high.
+    """
+    values = np.asarray(fd, dtype=float)[1:]
+    values = values[np.isfinite(values)]
+    above = int((values > threshold).sum())
+    size = 0.05
+    top = max(float(values.max()) if values.size else 0.0, threshold) + size
+    bins = dict(start=0.0, end=top, size=size)
+    fig = go.Figure([
+        go.Histogram(x=values[values <= threshold], xbins=bins, name="at or under the limit",
+                     marker_color="#2a6f97"),
+        go.Histogram(x=values[values > threshold], xbins=bins, name="above the limit",
+                     marker_color=RESPONDER_COLOR),
+    ])
+    fig.update_layout(barmode="stack", legend=_LEGEND_ON_TOP)
+    fig.add_vline(x=threshold, line_dash="dash", line_color="#1d2a33",
+                  annotation_text=f"{threshold:g} mm: {above} of {values.size} volumes above",
+                  annotation_position="top right")
+    fig.update_xaxes(title="framewise displacement (mm)", range=[0, top])
+    fig.update_yaxes(title="volumes")
+    return _layout(fig, 300)
+
+
+def attribution_slices_html(img: SpatialImage, *, threshold: float, vmax: float,
+                            title: str | None = None, width: int = 600) -> str:
+    """Interactive slices of an attribution map (nilearn's ``view_img``) as a standalone page.
+
+    Click to move through the brain; regions whose ``|score|`` is under ``threshold`` are
+    transparent. Everything the page needs (scripts, the MNI152 background) is inside it: it
+    loads nothing from the network.
+
+    Parameters
+    ----------
+    img : nibabel image
+        3D map of region scores (:func:`fmmtc_core.explain.region_map`), MNI space.
+    threshold : float
+        Scores with a smaller absolute value are not shown.
+    vmax : float
+        Colour-scale limit (``-vmax`` blue to ``+vmax`` red, nilearn's cold_hot); share it
+        between maps that are compared (:func:`glass_brain_scale`).
+    title : str or None, default=None
+    width : int, default=600
+        Width of the three slices together, px (they are about half as high).
+
+    Returns
+    -------
+    str
+        An HTML document (a few hundred kB: its scripts and images are inlined).
+    """
+    import re
+    import warnings
+
+    from nilearn.plotting import view_img
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nilearn's notes on masked arrays and thresholds
+        view = view_img(img, threshold=max(float(threshold), 1e-6), vmax=max(float(vmax), 1e-6),
+                        symmetric_cmap=True, cmap="cold_hot", title=title, black_bg=False,
+                        colorbar=True, resampling_interpolation="nearest",
+                        width_view=int(width))
+    # nilearn links a favicon on github.com: drop it, the page must not reach the network.
+    return re.sub(r"<link[^>]*rel=\"icon\"[^>]*/?>", "", view.get_standalone())
+
+
+def brain_map_png(img: SpatialImage, *, vmax: float | None = None,
+                  threshold: float | None = None, title: str | None = None,
+                  dpi: int = 110) -> bytes:
+    """:func:`glass_brain_figure` as PNG bytes (the figure is closed).
+
+    Parameters
+    ----------
+    img : nibabel image
+        3D map of region scores (:func:`fmmtc_core.explain.region_map`).
+    vmax : float or None, default=None
+        Colour-scale limit; give two maps the same one (:func:`glass_brain_scale`) to compare
+        them. None: the map's own.
+    threshold : float or None, default=None
+        Absolute values below it are hidden; None: the map's own (see
+        :func:`glass_brain_figure`).
+    title : str or None, default=None
+    dpi : int, default=110
+
+    Returns
+    -------
+    bytes
+        A PNG image.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # On a scale shared with a stronger map, a weak map may show nothing: that is the point.
+        warnings.filterwarnings("ignore", message="empty mask", category=UserWarning)
+        fig = glass_brain_figure(img, title=title, vmax=vmax, threshold=threshold)
+    return png_bytes(fig, dpi=dpi)
 
 
 def probability_histogram(probability: ArrayLike, threshold: float, *,
@@ -469,7 +832,7 @@ def probability_histogram(probability: ArrayLike, threshold: float, *,
                   annotation_text="enrol at or above", annotation_position="top right")
     fig.update_xaxes(title="calibrated responder probability", range=[0, 1])
     fig.update_yaxes(title="participants")
-    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(legend=_LEGEND_ON_TOP)
     return _layout(fig, 320)
 
 
@@ -533,29 +896,48 @@ def calibration_figure(perf: dict) -> go.Figure:
 
 def compare_regions_figure(names: Iterable[str], series: dict[str, np.ndarray], *,
                            title: str | None = None,
-                           colors: Sequence[str] | None = None) -> go.Figure:
+                           colors: Sequence[str] | None = None,
+                           value_range: tuple[float, float] | None = None) -> go.Figure:
     """Region scores of several sources (participant, cohort means) as grouped bars.
+
+    Regions run down the page (horizontal bars, first region on top), so their names are
+    read level, never rotated or clipped: names longer than :data:`MAX_LABEL_CHARS` are
+    shortened in the middle (:func:`short_label`), with the full name in the hover.
 
     Parameters
     ----------
     names : iterable of str
-        Region names (the x axis).
+        Region names (the category axis).
     series : dict of str to array-like of float
         Legend name -> one score per region of ``names`` (logit units; NaN leaves a gap).
     title : str or None, default=None
     colors : sequence of str or None, default=None
         Bar colours, one per series, reused in turn when there are more series; None: dark
         grey, red, blue, purple.
+    value_range : tuple of 2 float or None, default=None
+        Fixed score axis range (compare mode: the same for both panels); None fits the data.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        380 px high.
+        The legend above the bars; 120 px plus 12 px per bar (at least 18 px per region)
+        high.
     """
+    names = [str(n) for n in names]
+    labels = [short_label(n) for n in names]
+    if len(set(labels)) < len(labels):  # two names shortened alike: tell them apart
+        labels = [f"{lab} ({i + 1})" if labels.count(lab) > 1 else lab
+                  for i, lab in enumerate(labels)]
     colors = colors or ["#1d2a33", RESPONDER_COLOR, NON_RESPONDER_COLOR, "#8e7cc3"]
-    fig = go.Figure([go.Bar(x=list(names), y=np.asarray(v, dtype=float), name=k,
-                            marker_color=colors[i % len(colors)])
+    fig = go.Figure([go.Bar(y=labels, x=np.asarray(v, dtype=float), name=k, orientation="h",
+                            marker_color=colors[i % len(colors)], customdata=names,
+                            hovertemplate="%{customdata}<br>" + k + " %{x:+.3f}<extra></extra>")
                      for i, (k, v) in enumerate(series.items())])
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.45))
-    fig.update_yaxes(title="score (logit units)")
-    return _layout(fig, 380, title)
+    fig.update_layout(barmode="group", legend=_LEGEND_ON_TOP)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title=_SCORE_AXIS.format(what="score"), zeroline=True,
+                     zerolinecolor="#999")
+    if value_range is not None:
+        fig.update_xaxes(range=list(value_range), autorange=False)
+    per_region = max(18, 12 * max(len(series), 1))
+    return _layout(fig, 120 + per_region * len(names), title)

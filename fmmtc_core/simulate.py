@@ -6,7 +6,10 @@ explanations come from a documented generative model:
 1. **Region dynamics.** A stable multivariate autoregressive process, simulated at a step of
    TR / 4, whose coupling decays with the distance between region centroids (40 mm length
    scale), is stronger within a lobe, and is scaled to spectral radius 0.8; part of each
-   region's innovations is shared within its lobe (network structure).
+   region's innovations is shared within its lobe (network structure). The lobes here are a
+   frozen part of the generator (:func:`fmmtc_core.atlas.voted_lobes`, the AAL3 vote of
+   version 0.1), not the anatomy the pages show, so correcting the anatomy changes no
+   simulated cohort and the demo model still rebuilds bit for bit.
 2. **Haemodynamics.** The canonical double-gamma HRF (SPM's) convolves the latent activity,
    which is then sampled at TR; measurement noise is added per region.
 3. **Nuisance.** Site effects (signal gain and noise level), a slow drift, and motion spikes:
@@ -50,7 +53,7 @@ from scipy.stats import gamma
 
 from fmmtc_core import __version__
 from fmmtc_core._errors import InvalidInputError, check_option
-from fmmtc_core.atlas import Atlas, cache_dir, load_atlas
+from fmmtc_core.atlas import Atlas, cache_dir, load_atlas, voted_lobes
 
 __all__ = [
     "FMRIPREP_MNI_2MM_SHAPE",
@@ -478,7 +481,7 @@ def _baseline_coupling(atlas: Atlas, config: SimulationConfig) -> np.ndarray:
     c = np.nan_to_num(atlas.centroids_mm)
     d = np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
     w = np.exp(-d / config.length_mm)
-    groups = np.asarray(atlas.groups)
+    groups = np.asarray(voted_lobes(atlas))  # the generator's modules (frozen), not anatomy
     w *= np.where(groups[:, None] == groups[None, :], config.same_group_boost, 1.0)
     np.fill_diagonal(w, 0.0)
     w /= np.abs(np.linalg.eigvals(w)).max()
@@ -644,7 +647,7 @@ def simulate_subject(
         n_steps = (n_vol + 16) * k + burn
     innov = rng.standard_normal((n_steps, n_reg))
     if config.network_share > 0:
-        _, group_of = np.unique(np.asarray(atlas.groups), return_inverse=True)
+        _, group_of = np.unique(np.asarray(voted_lobes(atlas)), return_inverse=True)
         common = rng.standard_normal((n_steps, group_of.max() + 1))
         innov = (np.sqrt(1 - config.network_share) * innov
                  + np.sqrt(config.network_share) * common[:, group_of])

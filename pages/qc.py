@@ -9,13 +9,17 @@ from fmmtc_app.uploads import staged_uploads
 from fmmtc_core import FMMTCError
 from fmmtc_core.atlas import BUNDLED_ATLASES
 from fmmtc_core.figures import (
+    alignment_figure,
     carpet_figure,
     connectivity_figure,
+    fd_histogram,
     motion_figure,
+    png_bytes,
     region_series_figure,
+    tsnr_figure,
 )
 from fmmtc_core.qc import assess_scan
-from fmmtc_core.review import complete_regions, region_quality, scan_connectivity
+from fmmtc_core.review import complete_regions, region_quality, scan_connectivity, scan_images
 
 VERDICT_STYLE = {
     "pass": (st.success, "Passed quality control"),
@@ -64,10 +68,11 @@ def run_check(path, sidecar=None, confounds=None):
 
     Returns
     -------
-    tuple of (Scan, RegionSignals, QCReport) or None
-        :func:`fmmtc_core.qc.assess_scan`'s scan, uncleaned region signals and QC report; None
-        when the scan cannot be used (an :class:`~fmmtc_core.FMMTCError`, shown on the page
-        as an error message).
+    tuple of (Scan, RegionSignals, QCReport, dict) or None
+        :func:`fmmtc_core.qc.assess_scan`'s scan, uncleaned region signals and QC report, and
+        the image views drawn while the file is still on disk (``"alignment"`` and ``"tsnr"``
+        PNG bytes; empty for a region table); None when the scan cannot be used (an
+        :class:`~fmmtc_core.FMMTCError`, shown on the page as an error message).
     """
     bar = st.progress(0.0, text="Reading and parcellating the scan...")
     try:
@@ -82,8 +87,19 @@ def run_check(path, sidecar=None, confounds=None):
         bar.empty()
         st.error(f"This scan cannot be used: {exc}")
         return None
+    scan, signals, report = result
+    views = {}
+    if scan.kind == "nifti":
+        # Drawn now: the upload is deleted once checked and the image is never stored.
+        bar.progress(1.0, text="Drawing the mean image and the tSNR map...")
+        try:
+            images = scan_images(scan, signals.atlas)
+            views = {"alignment": png_bytes(alignment_figure(images.mean, images.labels)),
+                     "tsnr": png_bytes(tsnr_figure(images.tsnr))}
+        except FMMTCError as exc:
+            st.warning(f"The image views could not be drawn: {exc}")
     bar.empty()
-    return result
+    return scan, signals, report, views
 
 
 if submitted or demo:
@@ -105,7 +121,7 @@ if submitted or demo:
 
 result = st.session_state.get("qc_result")
 if result is not None:
-    scan, signals, report = result
+    scan, signals, report, views = result
     if st.session_state.get("qc_simulated"):
         st.info("Simulated data: this demo scan was generated on this machine, not acquired.")
     show, headline = VERDICT_STYLE[report.verdict]
@@ -129,7 +145,30 @@ if result is not None:
     c[4].metric("Uncovered regions", f"{d['n_uncovered_regions']} / {d['n_regions']}")
 
     atlas = signals.atlas
-    tab1, tab2, tab3 = st.tabs(["Carpet and motion", "Connectivity", "Regions"])
+    table = region_quality(signals, report)
+    uncovered = table[~table["covered"]]
+    if len(uncovered):
+        names = ", ".join(uncovered["region"].head(12))
+        more = f" and {len(uncovered) - 12} more" if len(uncovered) > 12 else ""
+        st.markdown(f"**Uncovered regions** ({len(uncovered)}): {names}{more}. See the Regions "
+                    "tab.")
+    tab0, tab1, tab2, tab3 = st.tabs(["Alignment and tSNR", "Carpet and motion", "Connectivity",
+                                      "Regions"])
+    with tab0:
+        if views:
+            st.image(views["alignment"], width="stretch",
+                     caption="Mean image over time, with the outline of the atlas's brain in "
+                             "red: the two should match. A scan that is not in MNI space, "
+                             "flipped or shifted shows them apart.")
+            st.image(views["tsnr"], width="stretch",
+                     caption="Temporal SNR of every voxel (mean / SD over time): dark patches "
+                             "inside the brain are signal dropout or heavy noise.")
+        else:
+            st.caption("A region table has no image: there is no mean image or tSNR map to "
+                       "show.")
+        st.caption("These views are drawn from the image while it is checked. The image itself "
+                   "is never stored (only the region series are), so they are available here, "
+                   "at upload, and not later from a stored screening.")
     with tab1:
         if report.carpet is not None:
             st.plotly_chart(carpet_figure(report.carpet, report.carpet_regions, atlas.groups,
@@ -139,12 +178,25 @@ if result is not None:
         if report.fd is not None or report.dvars is not None:
             st.plotly_chart(motion_figure(report.tr, report.fd, report.dvars,
                                           report.thresholds.fd_threshold), width="stretch")
+        if report.fd is not None:
+            st.plotly_chart(fd_histogram(report.fd, report.thresholds.fd_threshold),
+                            width="stretch")
+        else:
+            st.caption("No fMRIPrep confounds file: no framewise displacement.")
     with tab2:
         st.plotly_chart(connectivity_figure(scan_connectivity(signals), atlas.names,
                                             atlas.groups), width="stretch")
         st.caption("Pearson correlation of the cleaned region series, as Fisher z, regions "
                    "grouped by lobe.")
     with tab3:
-        st.dataframe(region_quality(signals, report), hide_index=True, width="stretch")
+        if len(uncovered):
+            st.markdown(f"**{len(uncovered)} uncovered regions** (under "
+                        f"{report.thresholds.min_region_voxels} voxels, or none with signal, on "
+                        "this scan's grid):")
+            st.dataframe(uncovered, hide_index=True, width="stretch")
+        else:
+            st.caption("Every atlas region is covered.")
+        st.markdown("**All regions**")
+        st.dataframe(table, hide_index=True, width="stretch")
         st.plotly_chart(region_series_figure(signals.data, atlas.names, report.tr,
                                              complete_regions(signals, 4)), width="stretch")

@@ -246,9 +246,10 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     at.run()
     assert not at.exception and not _problems(at), _problems(at)
     labels = {m.label for m in at.metric}
-    assert {"Probability", "Decision", "IG gap"} <= labels
+    assert {"Probability", "IG gap"} <= labels
+    assert any(md.value.startswith("Decision: **") for md in at.markdown)
     views = at.radio(key="a-view").options
-    assert len(views) == 6
+    assert len(views) == 7
     for view in views[1:]:  # every view draws without an error
         at.radio(key="a-view").set_value(view)
         at.run()
@@ -832,3 +833,199 @@ def test_screen_page_progress_is_above_the_form_and_never_a_stage_late(db, monke
     bar = next(i for i, n in enumerate(order) if type(n).__name__ == "Progress")
     form = next(i for i, n in enumerate(order) if type(n).__name__ == "Expander")
     assert bar < form and order[bar].proto.text == "Done: screening 1."
+
+
+# --------------------------------------------------------------------------------------------
+# The clinician's experience: anatomy, readable figures, QC views (issue 17)
+# --------------------------------------------------------------------------------------------
+def _store_hcpex_screenings(db, decisions=("likely non-responder",), seed=0):
+    """Store screenings of HCPEx scans with made-up attributions (no model, no worker), as an
+    older version wrote them: every region's stored group is the stale 'Frontal'."""
+    import numpy as np
+
+    from fmmtc_core.atlas import load_atlas
+    from fmmtc_core.store import session_scope
+    from fmmtc_core.store import repository as repo
+
+    atlas = load_atlas("hcpex")
+    rng = np.random.default_rng(seed)
+    engine = open_database(db)
+    ids = []
+    with session_scope(engine, write=True) as s:
+        mv = repo.get_or_create_model_version(s, "m", "f" * 64, {"name": "m"}, actor="t")
+        for k, decision in enumerate(decisions):
+            p = repo.get_or_create_participant(s, f"PAIN-{k:04d}", actor="t", site="S1")
+            prob = {"likely responder": 0.8, "uncertain": 0.5}.get(decision, 0.2)
+            scan = {"sha256": f"{k:064x}", "kind": "table", "shape": [50, 426], "tr": 2.0,
+                    "atlas": "hcpex", "qc_verdict": "pass", "qc": {"reasons": []},
+                    "n_volumes": 50, "n_regions": 426,
+                    "series": repo.encode_series(np.zeros((50, 426), np.float32))}
+            fields = {"inputs_sha256": f"{k:064x}", "probability": prob,
+                      "band_low": prob - 0.1, "band_high": prob + 0.1,
+                      "fold_probabilities": [prob], "decision": decision,
+                      "thresholds": {"responder": 0.6, "non_responder": 0.4},
+                      "share_ts": 0.4, "share_fc": 0.6, "ig_gap": 0.001, "ig_steps": 8,
+                      "explanation": {}, "runtime_s": 1.0, "stage_seconds": {},
+                      "software_version": "0"}
+            # later screenings are (much) stronger: compare mode must still share one scale
+            ts = rng.normal(0, 0.01 * 10 ** k, 426)
+            fc = rng.normal(0, 0.01 * 10 ** k, 426)
+            regions = [{"region_index": i, "label": int(atlas.labels[i]), "name": atlas.names[i],
+                        "network": "Frontal", "ts": float(ts[i]), "fc": float(fc[i]),
+                        "total": float(ts[i] + fc[i])} for i in range(426)]
+            conns = [{"rank": 0, "region_i": 0, "region_j": 1, "label_i": 1, "label_j": 2,
+                      "score": 0.5}]
+            ids.append(repo.add_screening(
+                s, participant=p, model_version=mv, scan_fields=scan, screening_fields=fields,
+                regions=regions, connections=conns, actor="t").id)
+    engine.dispose()
+    return ids
+
+
+def test_explorer_groups_by_the_atlas_anatomy_not_a_stored_network(db):
+    _store_hcpex_screenings(db)
+    at = _app("explore")
+    assert not _errors(at), _errors(at)
+    table = at.dataframe[0].value
+    assert "network" not in table.columns and {"lobe", "section"} <= set(table.columns)
+    assert set(table["lobe"]) != {"Frontal"}  # the atlas's lobes, not the stale stored group
+    at.radio(key="a-view").set_value("By anatomy")
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    by = at.radio(key="a-by")
+    assert by.options == ["Lobe", "HCP-MMP section / subcortical structure"]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["title"]["text"] == "Lobe"
+    by.set_value("section")
+    at.run()
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["title"]["text"] == "HCP-MMP section / subcortical structure"
+    groups = set(figure["data"][0]["y"])
+    assert "Somatosensory and Motor" in groups and "Thalamus" in groups
+
+
+def test_the_landing_page_says_when_the_password_gate_is_off(db, monkeypatch):
+    from streamlit import config as st_config
+
+    at = _app()
+    notes = [w.value for w in at.warning if "password gate is off" in w.value]
+    assert len(notes) == 1 and "FMMTC_PASSWORD" in notes[0]
+    assert "127.0.0.1 only" in notes[0]  # .streamlit/config.toml: loopback
+    assert any("Password gate off" in c.value for c in at.sidebar.caption)
+    at.switch_page("pages/model.py")
+    at.run()
+    assert not [w for w in at.warning if "password gate is off" in w.value]  # landing page only
+    # Listening on every interface with the gate off: said loudly.
+    before = st_config.get_option("server.address")
+    st_config.set_option("server.address", "0.0.0.0")
+    try:
+        at = _app()
+        notes = [w.value for w in at.warning if "password gate is off" in w.value]
+        assert "anyone who can reach this computer over the network" in notes[0]
+    finally:
+        st_config.set_option("server.address", before)
+    # With a password, after sign-in: no notice.
+    monkeypatch.setenv("FMMTC_PASSWORD", "s3cret")
+    at = _app()
+    at.text_input[0].input("dr who")
+    at.text_input[1].input("s3cret")
+    at.form_submit_button[0].click()
+    at.run()
+    assert at.title[0].value == "Screen a participant"
+    assert not [w for w in at.warning if "password gate" in w.value]
+
+
+def test_the_server_listens_on_loopback_unless_configured():
+    import re
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^ADDRESS \?= 127\.0\.0\.1$", makefile, re.M)
+    run = re.search(r"^run:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert "--server.address $(ADDRESS)" in run
+    # The image listens on every interface inside its container (or -p could not reach it);
+    # the README publishes it on loopback.
+    cmd = [ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("CMD")]
+    assert '"--server.address", "0.0.0.0"' in cmd[0]
+    assert "docker run -p 127.0.0.1:8501:8501" in (ROOT / "README.md").read_text()
+
+
+def test_explorer_compare_mode_is_readable_and_shares_one_scale(db):
+    """Compare mode: decisions in full (not cut to a metric's width), both glass brains on one
+    colour scale and both bar charts on one axis range, although the second screening's
+    attributions are ten times stronger."""
+    first, second = _store_hcpex_screenings(db, ("likely non-responder", "uncertain"))
+    at = _app("explore")
+    at.toggle(key="explore_compare").set_value(True)
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    assert "Decision" not in {m.label for m in at.metric}
+    decisions = [md.value for md in at.markdown if md.value.startswith("Decision: ")]
+    assert sorted(decisions) == ["Decision: **likely non-responder**", "Decision: **uncertain**"]
+    scales = [c.value for c in at.caption if c.value.startswith("Colour scale ")]
+    assert len(scales) == 2 and scales[0] == scales[1] and "both maps share" in scales[0]
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(charts) == 2
+    ranges = [c["layout"]["xaxis"]["range"] for c in charts]
+    assert ranges[0] == ranges[1] and ranges[0][0] == -ranges[0][1]
+    for chart in charts:  # names level and short enough, the legend above the bars
+        assert all(bar["orientation"] == "h" for bar in chart["data"])
+        assert max(len(y) for y in chart["data"][0]["y"]) <= 31
+        assert chart["layout"]["legend"]["y"] >= 1
+    for key in ("a-view", "b-view"):
+        at.radio(key=key).set_value("By anatomy")
+    at.run()
+    assert not _errors(at), _errors(at)
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert charts[0]["layout"]["xaxis"]["range"] == charts[1]["layout"]["xaxis"]["range"]
+
+
+def test_explorer_offers_slices_and_the_attribution_map_as_nifti(db):
+    _store_hcpex_screenings(db)
+    at = _app("explore")
+    downloads = [b for b in at.get("download_button")
+                 if b.proto.label == "Download the attribution map (NIfTI)"]
+    assert len(downloads) == 1 and downloads[0].proto.url.endswith(".gz")
+    at.radio(key="a-view").set_value("Slices")
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    cut = at.slider(key="a-cut")
+    frame = at.get("iframe")[0].proto.srcdoc
+    assert "brainsprite" in frame.lower() and "https://" not in frame
+    cut.set_value(cut.max)  # hide (almost) everything: another map
+    at.run()
+    assert at.get("iframe")[0].proto.srcdoc != frame
+    assert any("cannot be drawn here" in c.value for c in at.caption)
+
+
+def test_qc_page_shows_alignment_tsnr_fd_and_uncovered_regions(db, tmp_path, grid_labels):
+    from conftest import fmriprep_confounds
+
+    path = save_nifti(tmp_path / "sub-01_bold.nii.gz", make_bold(grid_labels))
+    conf = tmp_path / "sub-01_desc-confounds_timeseries.tsv"
+    fmriprep_confounds(60, spikes=(10, 30)).to_csv(conf, sep="\t", index=False, na_rep="n/a")
+    at = _app("qc")
+    at.selectbox[0].set_value("aal3")
+    at.file_uploader[0].upload("sub-01_bold.nii.gz", path.read_bytes(), "application/gzip")
+    at.file_uploader[2].upload(conf.name, conf.read_bytes(), "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not _errors(at), _errors(at)
+    captions = [i.proto.imgs[0].caption for i in at.get("image")]
+    assert any("outline of the atlas" in c for c in captions)
+    assert any("Temporal SNR" in c for c in captions)
+    assert any("never stored" in c.value and "at upload" in c.value for c in at.caption)
+    titles = [json.loads(c.proto.spec)["layout"].get("xaxis", {}).get("title", {}).get("text")
+              for c in at.get("plotly_chart")]
+    assert "framewise displacement (mm)" in titles  # the FD histogram
+    # uncovered regions by name (the 6 mm test grid loses AAL3's smallest regions)
+    n_uncovered = int({m.label: m.value for m in at.metric}["Uncovered regions"].split(" / ")[0])
+    assert n_uncovered > 0
+    named = [md.value for md in at.markdown if md.value.startswith("**Uncovered regions**")]
+    assert len(named) == 1 and f"({n_uncovered})" in named[0]
+    tables = [d.value for d in at.dataframe if "covered" in d.value.columns]
+    assert len(tables) == 2  # the uncovered regions, then all regions
+    assert len(tables[0]) == n_uncovered and not tables[0]["covered"].any()
+    assert {"lobe", "coverage"} <= set(tables[0].columns)

@@ -8,10 +8,59 @@ import pytest
 from conftest import GRID_AFFINE, GRID_SHAPE
 
 from fmmtc_core import InvalidInputError
+from fmmtc_core.anatomy import (
+    HCP_MMP_SECTIONS,
+    SUBCORTICAL_STRUCTURES,
+    hcp_mmp_areas,
+    region_anatomy,
+)
 from fmmtc_core.atlas import Atlas, cache_dir, load_atlas
 
 LOBES = {"Frontal", "Parietal", "Temporal", "Occipital", "Insula", "Cingulate", "Limbic",
          "Subcortical", "Cerebellum", "Other", "Unassigned"}
+
+#: Regions a clinician reads first in a pain study, where they lie (HCPEx names without the
+#: hemisphere suffix): (lobe, HCP-MMP section or subcortical structure).
+KNOWN_REGIONS = {
+    "Primary_Visual_Cortex": ("Occipital", "Primary Visual"),  # V1
+    "Primary_Sensory_Cortex": ("Parietal", "Somatosensory and Motor"),  # S1, area 3b
+    "Area_3a": ("Parietal", "Somatosensory and Motor"),
+    "Area_1": ("Parietal", "Somatosensory and Motor"),
+    "Area_2": ("Parietal", "Somatosensory and Motor"),
+    "Primary_Motor_Cortex": ("Frontal", "Somatosensory and Motor"),  # M1, area 4
+    "Area_OP1-SII": ("Parietal", "Posterior Opercular"),  # secondary somatosensory cortex
+    "Area_OP4-PV": ("Parietal", "Posterior Opercular"),
+    "IntraParietal_Sulcus_Area_1": ("Parietal", "Dorsal Stream Visual"),
+    "Primary_Auditory_Cortex": ("Temporal", "Early Auditory"),  # A1
+    "Insular_Granular_Complex": ("Insula", "Insular and Frontal Opercular"),  # posterior insula
+    "Middle_Insular_Area": ("Insula", "Insular and Frontal Opercular"),
+    "Anterior_Agranular_Insula_Complex": ("Insula", "Insular and Frontal Opercular"),
+    "Area_Posterior_Insular_1": ("Insula", "Insular and Frontal Opercular"),
+    "Area_a24": ("Cingulate", "Anterior Cingulate and Medial Prefrontal"),  # ACC
+    "Area_p32": ("Cingulate", "Anterior Cingulate and Medial Prefrontal"),
+    "Area_25": ("Cingulate", "Anterior Cingulate and Medial Prefrontal"),  # subgenual
+    "Dorsal_Area_24d": ("Cingulate", "Paracentral Lobular and Mid Cingulate"),  # MCC
+    "Area_23d": ("Cingulate", "Posterior Cingulate"),
+    "Area_7m": ("Parietal", "Posterior Cingulate"),  # precuneus
+    "Orbital_Frontal_Complex": ("Frontal", "Orbital and Polar Frontal"),
+    "Area_46": ("Frontal", "DorsoLateral Prefrontal"),  # DLPFC
+    "Area_44": ("Frontal", "Inferior Frontal"),
+    "Hippocampus": ("Limbic", "Medial Temporal"),
+    "Entorhinal_Cortex": ("Limbic", "Medial Temporal"),
+    "Area_TE1_Middle": ("Temporal", "Lateral Temporal"),
+    "Thal_Ventral_posterolateral": ("Subcortical", "Thalamus"),  # VPL: the spinothalamic relay
+    "Thal_Centralmedian": ("Subcortical", "Thalamus"),
+    "Thal_Mediodorsomedial_magnocellular": ("Subcortical", "Thalamus"),
+    "Putamen": ("Subcortical", "Striatum"),
+    "Caudate": ("Subcortical", "Striatum"),
+    "Nucleus_Accumbens": ("Subcortical", "Striatum"),
+    "Globus_pallidus_internalis": ("Subcortical", "Pallidum"),
+    "Amygdala": ("Subcortical", "Amygdala"),
+    "Ventral_tegmenta_area": ("Subcortical", "Midbrain"),
+    "Substantia_nigra_pars_compacta": ("Subcortical", "Midbrain"),
+    "Mammillary_bodies": ("Subcortical", "Hypothalamus"),
+    "Nuclei_basal": ("Subcortical", "Basal forebrain"),
+}
 
 
 def test_hcpex_is_the_426_region_default():
@@ -28,6 +77,76 @@ def test_hcpex_is_the_426_region_default():
     assert sum(g == "Subcortical" for g in atlas.groups) == 66
     assert set(atlas.groups) <= LOBES
     assert atlas.groups[0] == "Occipital"  # V1
+    assert set(atlas.sections) == set(HCP_MMP_SECTIONS) | set(SUBCORTICAL_STRUCTURES)
+
+
+@pytest.mark.parametrize("hemisphere", ["L", "R"])
+def test_hcpex_known_regions_lie_where_anatomy_says(hemisphere):
+    atlas = load_atlas("hcpex")
+    where = {name.lower(): (lobe, section)
+             for name, lobe, section in zip(atlas.names, atlas.groups, atlas.sections)}
+    for base, expected in KNOWN_REGIONS.items():
+        assert where[f"{base}_{hemisphere}".lower()] == expected, base
+
+
+def test_hcpex_groups_are_symmetric_for_every_region():
+    atlas = load_atlas("hcpex")
+    left = {n[:-2].lower(): (g, s) for n, g, s, h in
+            zip(atlas.names, atlas.groups, atlas.sections, atlas.hemispheres) if h == "L"}
+    right = {n[:-2].lower(): (g, s) for n, g, s, h in
+             zip(atlas.names, atlas.groups, atlas.sections, atlas.hemispheres) if h == "R"}
+    assert len(left) == len(right) == 213
+    assert left == right  # every region, left and right (R's "posterior_OFC" case included)
+
+
+def test_hcpex_sections_are_glassers_22_with_the_papers_sizes():
+    atlas = load_atlas("hcpex")
+    # Every cortical region has one of the 22 sections; the table covers all 180 areas.
+    areas = hcp_mmp_areas()
+    assert len(areas) == 180 and set(areas.values()) == set(HCP_MMP_SECTIONS)
+    cortical = [s for s in atlas.sections[:360]]
+    assert set(cortical) == set(HCP_MMP_SECTIONS)
+    # Glasser et al. (2016) Table 1: one area in V1, three in early visual, 13 DLPFC areas.
+    per_hemisphere = {s: cortical.count(s) // 2 for s in HCP_MMP_SECTIONS}
+    assert per_hemisphere["Primary Visual"] == 1
+    assert per_hemisphere["Early Visual"] == 3
+    assert per_hemisphere["Somatosensory and Motor"] == 5
+    assert per_hemisphere["DorsoLateral Prefrontal"] == 13
+    assert sum(per_hemisphere.values()) == 180
+    assert set(atlas.sections[360:]) == set(SUBCORTICAL_STRUCTURES)
+
+
+def test_region_anatomy_reads_both_naming_schemes():
+    s2 = region_anatomy("Area_OP1-SII_L")
+    assert s2 is not None and (s2.area, s2.lobe) == ("OP1", "Parietal")
+    assert region_anatomy("R_OP1_ROI") == s2  # the HCP-MMP label files' spelling
+    assert region_anatomy("posterior_ofc_complex_r") == region_anatomy("Posterior_OFC_Complex_L")
+    assert region_anatomy("Frontal_Sup_2_L") is None  # AAL3: not an HCP-MMP name
+    assert region_anatomy("region_3") is None
+
+
+def test_grouping_by_section_or_lobe():
+    hcpex, aal3 = load_atlas("hcpex"), load_atlas("aal3")
+    assert hcpex.grouping("lobe") == hcpex.groups and hcpex.grouping("section") == hcpex.sections
+    assert list(hcpex.groupings) == ["lobe", "section"]
+    assert "section" in hcpex.groupings["section"].lower()
+    assert aal3.sections == () and list(aal3.groupings) == ["lobe"]
+    with pytest.raises(InvalidInputError, match="Allowed values are 'lobe', but got 'section'"):
+        aal3.grouping("section")
+
+
+def test_user_atlas_lobes_are_symmetric(tmp_path):
+    """Two mirror-image blobs of a user atlas get the same lobe (each voxel votes on both
+    sides of the midline)."""
+    data = np.zeros((20, 24, 20), dtype=np.int16)
+    # x = -80 + 8 i: i 3..6 is x -56..-32, its mirror image i 14..17 is x 32..56.
+    data[3:7, 10:14, 9:12] = 1
+    data[14:18, 10:14, 9:12] = 2
+    affine = np.array([[8.0, 0, 0, -80], [0, 8, 0, -110], [0, 0, 8, -70], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "sym.nii.gz")
+    atlas = load_atlas(tmp_path / "sym.nii.gz")
+    assert atlas.groups[0] == atlas.groups[1] != "Unassigned"
+    assert atlas.sections == ()
 
 
 def test_names_are_case_insensitive_and_memoised():

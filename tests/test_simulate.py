@@ -39,6 +39,26 @@ def test_deterministic_by_seed(aal3):
     assert a.signals.shape == (150, aal3.n_regions) and a.signals.dtype == np.float32
 
 
+@pytest.mark.parametrize("name", ["aal3", "hcpex"])
+def test_a_corrected_anatomy_changes_no_simulated_subject(name):
+    """The generator's coupling modules are frozen (atlas.voted_lobes): relabelling the atlas's
+    lobes, as the HCP-MMP anatomy fix did, leaves every simulated cohort and the demo model's
+    training data as they were."""
+    from dataclasses import replace
+
+    from fmmtc_core.atlas import load_atlas
+
+    atlas = load_atlas(name)
+    relabelled = replace(atlas, groups=("Frontal",) * atlas.n_regions, _grid_cache={})
+    cfg = SimulationConfig(n_volumes=60)
+    from fmmtc_core import simulate
+
+    a = simulate_subject(atlas, responder=True, config=cfg, rng=np.random.default_rng(1))
+    simulate._COUPLING_CACHE.clear()  # the coupling is built again, from the relabelled atlas
+    b = simulate_subject(relabelled, responder=True, config=cfg, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(a.signals, b.signals)
+
+
 def test_planted_regions_are_disjoint_named_and_stable(aal3):
     p = planted_regions(aal3, CFG, seed=0)
     assert len(p["fc_labels"]) == 8 and len(p["ts_labels"]) == 8
