@@ -63,7 +63,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.evaluation import cross_fitted_platt, signal_warnings
-from fmmtc_core.preprocess import CleaningSettings, ModelInputs, RegionSignals
+from fmmtc_core.preprocess import FC_SPAN_SCAN, CleaningSettings, ModelInputs, RegionSignals
 
 __all__ = [
     "BASELINES",
@@ -1448,13 +1448,12 @@ def train_baseline(
 
     from sklearn.metrics import roc_auc_score
 
-    from fmmtc_core import __version__
     from fmmtc_core.atlas import load_atlas
     from fmmtc_core.bids import read_cohort
     from fmmtc_core.evaluation import permutation_p_value, score_out_of_fold
     from fmmtc_core.pipeline import prepare_cohort
     from fmmtc_core.preprocess import preprocessing_card
-    from fmmtc_core.training import TrainingWarning, _atlas_card, _splits
+    from fmmtc_core.training import TrainingWarning, _atlas_card, _card_header, _splits
 
     t0 = time.perf_counter()
     name = _check_deployable(model)
@@ -1514,25 +1513,14 @@ def train_baseline(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a feature missing everywhere
         feature_mean = np.nan_to_num(np.nanmean(X.astype(np.float64), axis=0))
-    description = Path(cohort_dir) / "dataset_description.json"
     preprocessing = {k: v for k, v in preprocessing_card(cleaning, 2).items()
                      if k != "window"}  # the baselines read no window
     preprocessing["connectivity"] = {**preprocessing["connectivity"],
-                                     "span": "the whole cleaned series"}
+                                     "span": FC_SPAN_SCAN}
     import sklearn
 
     card = {
-        "name": out.name,
-        "fmmtc_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "intended_use": "Research only. Not a medical device.",
-        "data": {
-            "cohort": str(Path(cohort_dir).resolve()),
-            "n_subjects": int(len(y)), "n_responders": int(y.sum()),
-            "sites": sorted(set(groups)) if groups is not None else None,
-            "simulated": bool(json.loads(description.read_text()).get("Simulated", False))
-            if description.exists() else False,
-        },
+        **_card_header(out, cohort_dir, y, groups),
         "atlas": _atlas_card(atlas_obj, None),
         "preprocessing": preprocessing,
         "model": {"type": name, "classic_baseline": True, "description": _NOTES[name],

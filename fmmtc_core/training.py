@@ -644,7 +644,6 @@ def train(
         warnings.warn(text, TrainingWarning, stacklevel=2)
     fold_states = [st for run in runs for st in run["states"]]
     fold_scale = [sc for run in runs for sc in run["scales"]]
-    description = Path(cohort_dir) / "dataset_description.json"
     fit_card: dict[str, object] = (
         {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
                 "logistic regression (balanced classes, strength by inner 5-fold CV) on "
@@ -657,17 +656,7 @@ def train(
          "loss": "class-weighted BCE", "optimizer": "AdamW",
          "early_stopping": "inner 20% validation split of each training fold"})
     card = {
-        "name": Path(out_dir).name,
-        "fmmtc_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "intended_use": "Research only. Not a medical device.",
-        "data": {
-            "cohort": str(Path(cohort_dir).resolve()),
-            "n_subjects": int(len(y)), "n_responders": int(y.sum()),
-            "sites": sorted(set(groups)) if groups is not None else None,
-            "simulated": bool(json.loads(description.read_text()).get("Simulated", False))
-            if description.exists() else False,
-        },
+        **_card_header(out_dir, cohort_dir, y, groups),
         "atlas": _atlas_card(atlas_obj, coordinates),
         "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
                           if encoder is not None else preprocessing_card(cleaning, length)),
@@ -718,6 +707,26 @@ def _embedding_kept(runs: list[dict]) -> str:
                 "cross-validation, so no fold model reads it (the T modality is the regional "
                 "amplitude alone)")
     return text + " read the foundation encoder's embedding (the others did not need it)"
+
+
+def _card_header(out_dir, cohort_dir, y: np.ndarray, groups) -> dict:
+    """The first keys of every model card (FMM-TC's and a classic baseline's): ``name``,
+    ``fmmtc_version``, ``created``, ``intended_use`` and ``data`` (the training cohort: path,
+    size, responders, sites, whether it was simulated)."""
+    description = Path(cohort_dir) / "dataset_description.json"
+    return {
+        "name": Path(out_dir).name,
+        "fmmtc_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "intended_use": "Research only. Not a medical device.",
+        "data": {
+            "cohort": str(Path(cohort_dir).resolve()),
+            "n_subjects": int(len(y)), "n_responders": int(y.sum()),
+            "sites": sorted(set(groups)) if groups is not None else None,
+            "simulated": bool(json.loads(description.read_text()).get("Simulated", False))
+            if description.exists() else False,
+        },
+    }
 
 
 def _atlas_card(atlas_obj, coordinates) -> dict:

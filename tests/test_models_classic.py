@@ -545,20 +545,21 @@ def test_a_card_that_does_not_describe_the_baseline_is_refused(folder, edit, mat
 # --------------------------------------------------------------------------------------------
 # Old folders are FMM-TC, unchanged
 # --------------------------------------------------------------------------------------------
-def test_the_bundled_demo_loads_as_fmmtc_with_its_files_unchanged(monkeypatch, tmp_path):
+def test_the_bundled_demo_and_untyped_old_cards_load_as_fmmtc(monkeypatch, tmp_path):
     from fmmtc_core.config import DEMO_MODEL_DIR
 
     monkeypatch.delenv("FMMTC_MODEL_DIR", raising=False)
     card = json.loads((DEMO_MODEL_DIR / "model_card.json").read_text())
-    assert "type" not in card["model"]  # written before baselines were deployable
+    assert card["model"]["type"] == "fmmtc"  # as fmmtc train writes it now
     demo = load_model(device="cpu")  # checks every file against the card's digests
     assert isinstance(demo, FMMTCEnsemble) and isinstance(demo, ScreeningModel)
     assert demo.model_type == "fmmtc"
-    # a card that names the type (as fmmtc train now writes it) loads the same model
+    # a card written before baselines were deployable names no type: FMM-TC, unchanged
     copy = Path(shutil.copytree(DEMO_MODEL_DIR, tmp_path / "demo"))
-    _edit_card(copy, lambda c: c["model"].__setitem__("type", "fmmtc"))
-    typed = load_model(copy, device="cpu")
-    assert isinstance(typed, FMMTCEnsemble) and len(typed.models) == len(demo.models)
+    _edit_card(copy, lambda c: c["model"].pop("type"))
+    untyped = load_model(copy, device="cpu")
+    assert isinstance(untyped, FMMTCEnsemble) and untyped.model_type == "fmmtc"
+    assert len(untyped.models) == len(demo.models)
 
 
 # --------------------------------------------------------------------------------------------
