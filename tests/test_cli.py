@@ -12,6 +12,7 @@ import pytest
 from conftest import fmriprep_confounds, make_bold, save_nifti
 
 from fmmtc_core.cli import main
+from fmmtc_core.explain import NESTED_STEPS
 from fmmtc_core.io import load_scan
 from fmmtc_core.preprocess import parcellate
 
@@ -186,7 +187,7 @@ def test_explain_json(hcpex_scans, capsys, kind):
     assert d["modality_share"]["ts"] + d["modality_share"]["fc"] == pytest.approx(1.0)
     # the demo model reads the regional amplitude too: attributed against the cohort's mean
     assert d["baseline"] == {"ts": "flat", "fc": "cohort_mean", "amplitude": "cohort_mean"}
-    assert d["steps"] in (8, 16, 32, 64) and d["ig_gap"] <= 0.01 or d["steps"] == 64
+    assert d["steps"] in NESTED_STEPS and d["ig_gap"] <= 0.01 or d["steps"] == NESTED_STEPS[-1]
     assert len(d["top_connections"]) == 20 and 0 <= d["probability"] <= 1
     assert d["band"][0] <= d["probability"] <= d["band"][1]
     assert d["model"] == "fmmtc-demo" and d["model_validity"]["status"] == "simulated"
