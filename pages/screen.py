@@ -169,11 +169,13 @@ def _show(result) -> None:
 
     st.subheader(f"Participant {result.participant}")
     validity_banner(summary.validity)  # above the decision: it cannot be read without it
-    c = st.columns(4)
+    # Three columns, the decision the widest: in four equal ones at 1280 px "likely
+    # non-responder" was cut to "likely non-re..." (the model is named in the caption below).
+    c = st.columns([1, 1.2, 1.9])
     c[0].metric("Responder probability", f"{result.probability:.0%}")
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
-    c[3].metric("Model", summary.model)
+    st.caption(f"Model: {summary.model}")
     st.plotly_chart(probability_figure(result.probability, result.band,
                                        {**DEFAULT_THRESHOLDS, **summary.thresholds}),
                     width="stretch")
