@@ -977,6 +977,15 @@ def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, *,
 # --------------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------------
+def _check_counts(*checks: tuple[str, Any, int]) -> None:
+    """Refuse any ``(name, value, least)`` whose value is not a whole number >= ``least``."""
+    for pname, value, least in checks:
+        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                or value < least):
+            raise InvalidInputError(f"{pname} must be a whole number of at least {least}, got "
+                                    f"{value!r}.")
+
+
 def _check_models(models: Sequence[str] | str) -> list[str]:
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
@@ -1113,13 +1122,8 @@ def compare(
     from fmmtc_core.pipeline import prepare_cohort
 
     wanted = _check_models(models)
-    for pname, value, least in (("folds", folds, 2), ("repeats", repeats, 1),
-                                ("inner_folds", inner_folds, 2),
-                                ("n_bootstrap", n_bootstrap, 100)):
-        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-                or value < least):
-            raise InvalidInputError(f"{pname} must be a whole number of at least {least}, got "
-                                    f"{value!r}.")
+    _check_counts(("folds", folds, 2), ("repeats", repeats, 1),
+                  ("inner_folds", inner_folds, 2), ("n_bootstrap", n_bootstrap, 100))
     atlas_obj = load_atlas(atlas)
     cohort = read_cohort(cohort_dir)
     planted = read_planted(cohort_dir, atlas_obj)
@@ -1457,13 +1461,8 @@ def train_baseline(
 
     t0 = time.perf_counter()
     name = _check_deployable(model)
-    for pname, value, least in (("folds", folds, 2), ("repeats", repeats, 1),
-                                ("permutations", permutations, 0),
-                                ("inner_folds", inner_folds, 2)):
-        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-                or value < least):
-            raise InvalidInputError(f"{pname} must be a whole number of at least {least}, got "
-                                    f"{value!r}.")
+    _check_counts(("folds", folds, 2), ("repeats", repeats, 1),
+                  ("permutations", permutations, 0), ("inner_folds", inner_folds, 2))
     out = Path(out_dir)
     _check_writable(out)
     atlas_obj = load_atlas(atlas)
