@@ -14,12 +14,22 @@ loopback):
    (426 region attributions each, written through the repository in one bulk transaction);
    the clock runs from the click on a navigation link until that page's last element is
    drawn and Streamlit reports it is no longer running. Target: under 1 s.
+
+Where the upload-to-result time goes is printed beside it, from the same run: the pipeline's
+stage timings as the dashboard's worker stored them (against ``screen()``'s own in this
+process), the upload's copy to the staging folder (``io.write_upload`` of the same file) and
+the rest (the page's rerun, the pipe, drawing the card). ``--worker-threads 1,2`` measures the
+dashboard once per worker thread count (``FMMTC_WORKER_THREADS``; default: the worker's own
+rule). ``--pin`` puts the browser on CPU 0 and the server with its worker on CPU 1 (Linux
+``taskset``), the layout of a deployment where the browser is on another computer.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -99,12 +109,13 @@ def seed(url: str, n: int, model) -> None:
                  "score": 0.01} for k in range(20)])
 
 
-def start_server(env: dict) -> tuple[subprocess.Popen, str]:
+def start_server(env: dict, cpus: str | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    pin = ["taskset", "-c", cpus] if cpus else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+        [*pin, sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
          "true", "--server.address", "127.0.0.1", "--server.port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -131,14 +142,78 @@ def idle(pg) -> None:
         ".includes('Running')", timeout=120_000)
 
 
+def stored_stages(url: str, prefix: str) -> list[dict]:
+    """Stage seconds of the stored screenings whose participant starts with ``prefix``."""
+    from sqlalchemy import select
+
+    from fmmtc_core.store import open_database, session_scope
+    from fmmtc_core.store.models import Participant, Screening
+
+    engine = open_database(url)
+    try:
+        with session_scope(engine) as s:
+            rows = s.execute(select(Participant.pseudonym, Screening.stage_seconds)
+                             .join(Screening, Screening.participant_id == Participant.id)
+                             .where(Participant.pseudonym.startswith(prefix))
+                             .order_by(Screening.id)).all()
+    finally:
+        engine.dispose()
+    return [dict(stages) for _, stages in rows]
+
+
+def median_stages(runs: list[dict]) -> dict:
+    keys = list(runs[0])
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
+def upload_run(browser, scans, env, args, label: str, pin: bool) -> tuple[list[float], list[dict]]:
+    """Upload-to-result times (the first run warms up) and the worker's stored stage seconds."""
+    proc, url = start_server(env, cpus="1" if pin else None)
+    times = []
+    try:
+        for i in range(args.repeat + 1):  # the first run warms the server's caches
+            pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+            pg.set_default_timeout(300_000)
+            pg.goto(url)
+            pg.get_by_role("heading", name="Screen a participant").wait_for()
+            idle(pg)
+            pg.get_by_label("Study pseudonym").fill(f"UI{label}-{i}")
+            pg.locator("input[type=file]").first.set_input_files(str(scans[i]))
+            pg.locator("[data-testid=stFileChip]").first.wait_for()
+            pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
+            t0 = time.perf_counter()
+            pg.get_by_role("button", name="Screen participant").click()
+            pg.get_by_role("heading", name=f"Participant UI{label}-{i}").wait_for()
+            pg.get_by_text("Responder probability").first.wait_for()
+            if i:
+                times.append(time.perf_counter() - t0)
+            pg.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+    stages = stored_stages(env["FMMTC_DATABASE_URL"], f"UI{label}-")[1:]
+    return times, stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--screenings", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--worker-threads", default="",
+                        help="comma-separated worker thread counts to measure (default: the "
+                             "worker's own rule, once)")
+    parser.add_argument("--pin", action="store_true",
+                        help="browser on CPU 0, server and worker on CPU 1 (taskset)")
+    parser.add_argument("--skip-switches", action="store_true",
+                        help="measure only upload to result")
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    thread_counts = [t.strip() for t in args.worker_threads.split(",") if t.strip()] or [""]
 
     from playwright.sync_api import sync_playwright
 
+    from fmmtc_core.io import write_upload
     from fmmtc_core.screening import screen
     from fmmtc_core.simulate import demo_scan
     from fmmtc_core.store import open_database
@@ -149,54 +224,61 @@ def main() -> None:
     bold = scans[0]
     model = load_model()
     tmp = Path(tempfile.mkdtemp(prefix="fmmtc-bench-ui-"))
+    atexit.register(shutil.rmtree, tmp, True)
 
     # 1. the reference: screen() in this process, same file (after a warm-up)
     ref_engine = open_database(f"sqlite:///{tmp / 'ref.db'}")
     screen(scans[0], "REF-0", model, ref_engine)
-    ref = []
+    ref, ref_stages = [], []
     for i in range(1, args.repeat + 1):
         t0 = time.perf_counter()
-        screen(scans[i], f"REF-{i}", model, ref_engine)
+        got = screen(scans[i], f"REF-{i}", model, ref_engine)
         ref.append(time.perf_counter() - t0)
+        ref_stages.append(got.summary.stage_seconds)
     ref_s = statistics.median(ref)
+    import torch
+
+    ref_threads = torch.get_num_threads()
+    # the upload's copy to the staging folder, as the page makes it (same file, same disk)
+    staging = []
+    for i in range(1, args.repeat + 1):
+        data = scans[i].read_bytes()
+        t0 = time.perf_counter()
+        write_upload(data, scans[i].name, tmp / "staging")
+        staging.append(time.perf_counter() - t0)
+    staging_s = statistics.median(staging)
 
     seeded = f"sqlite:///{tmp / 'seeded.db'}"
     t0 = time.perf_counter()
-    seed(seeded, args.screenings, model)
+    if not args.skip_switches:
+        seed(seeded, args.screenings, model)
     seed_s = time.perf_counter() - t0
 
-    upload_env = {**os.environ, "FMMTC_DATABASE_URL": f"sqlite:///{tmp / 'ui.db'}"}
     seeded_env = {**os.environ, "FMMTC_DATABASE_URL": seeded}
-    launch = dict(executable_path="/usr/bin/chromium",
+    chromium = "/usr/bin/chromium"
+    if args.pin:
+        wrapper = tmp / "chromium-cpu0"
+        wrapper.write_text(f'#!/bin/sh\nexec taskset -c 0 {chromium} "$@"\n')
+        wrapper.chmod(0o755)
+        chromium = str(wrapper)
+    launch = dict(executable_path=chromium,
                   args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    uploads: dict[str, tuple[list[float], list[dict]]] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(**launch)
-        # 2. upload to result
-        proc, url = start_server(upload_env)
-        ui_times = []
-        try:
-            for i in range(args.repeat + 1):  # the first run warms the server's caches
-                pg = browser.new_page(viewport={"width": 1400, "height": 1600})
-                pg.set_default_timeout(300_000)
-                pg.goto(url)
-                pg.get_by_role("heading", name="Screen a participant").wait_for()
-                idle(pg)
-                pg.get_by_label("Study pseudonym").fill(f"UI-{i}")
-                pg.locator("input[type=file]").first.set_input_files(str(scans[i]))
-                pg.locator("[data-testid=stFileChip]").first.wait_for()
-                pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
-                t0 = time.perf_counter()
-                pg.get_by_role("button", name="Screen participant").click()
-                pg.get_by_role("heading", name=f"Participant UI-{i}").wait_for()
-                pg.get_by_text("Responder probability").first.wait_for()
-                if i:
-                    ui_times.append(time.perf_counter() - t0)
-                pg.close()
-        finally:
-            proc.terminate()
-            proc.wait()
+        # 2. upload to result, once per worker thread count
+        for j, threads in enumerate(thread_counts):
+            env = {**os.environ, "FMMTC_DATABASE_URL": f"sqlite:///{tmp / f'ui{j}.db'}"}
+            env.pop("FMMTC_WORKER_THREADS", None)
+            if threads:
+                env["FMMTC_WORKER_THREADS"] = threads
+            uploads[threads] = upload_run(browser, scans, env, args, str(j), args.pin)
         # 3. page switches on the seeded database
-        proc, url = start_server(seeded_env)
+        if args.skip_switches:
+            browser.close()
+            return report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s,
+                          uploads, None, seed_s)
+        proc, url = start_server(seeded_env, cpus="1" if args.pin else None)
         marks = {"Cohort review": ("heading", "Enrolment at a threshold"),
                  "Attribution explorer": ("text", "IG gap"),
                  "Model": ("heading", "Cross-validation metrics (out of fold)"),
@@ -223,13 +305,38 @@ def main() -> None:
             proc.wait()
         browser.close()
 
-    ui_s = statistics.median(ui_times)
+    report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s, uploads, switch, seed_s)
+
+
+def report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s, uploads, switch,
+           seed_s) -> None:
+    from fmmtc_app.worker import worker_threads
+
     print(f"scan {bold.name} ({bold.stat().st_size / 1e6:.0f} MB), model {model.name}, "
-          f"median of {args.repeat}")
+          f"median of {args.repeat}; {len(os.sched_getaffinity(0))} CPUs"
+          + ("; browser pinned to CPU 0, server and worker to CPU 1" if args.pin else "")
+          + f"; load average {os.getloadavg()[0]:.1f}")
     print("\n1. upload finished -> result card")
-    print(f"   screen() in process (reference): {ref_s:6.2f} s")
-    print(f"   dashboard, browser:              {ui_s:6.2f} s   (overhead "
-          f"{ui_s - ref_s:+.2f} s; target <= +2.00 s)")
+    ref_st = median_stages(ref_stages)
+    print(f"   screen() in process (reference, {ref_threads} torch threads): {ref_s:6.2f} s "
+          f"(stages {sum(ref_st.values()):.2f} s)")
+    for threads, (times, stages) in uploads.items():
+        ui_s = statistics.median(times)
+        n = threads or f"{worker_threads() if not args.pin else 1} (default)"
+        st_ = median_stages(stages)
+        pipe = sum(st_.values())
+        print(f"   dashboard, worker with {n} threads: {ui_s:6.2f} s   (overhead "
+              f"{ui_s - ref_s:+.2f} s; target <= +1.00 s)")
+        outside = ref_s - sum(ref_st.values())  # hashing the inputs, the database lookups
+        print(f"      pipeline in the worker {pipe:.2f} s (in process {sum(ref_st.values()):.2f}"
+              f" s), upload copy {staging_s:.2f} s, screen() outside its stages {outside:.2f} s "
+              f"(in process), rest (rerun, pipe, drawing) {ui_s - pipe - staging_s - outside:.2f}"
+              " s")
+        print("      stage      worker   in process")
+        for k in ref_st:
+            print(f"      {k:<10} {st_.get(k, 0.0):6.2f}   {ref_st[k]:6.2f}")
+    if switch is None:
+        return
     print(f"\n2. page switches, database seeded with {args.screenings} screenings "
           f"({seed_s:.0f} s to seed)")
     for link, t in switch.items():

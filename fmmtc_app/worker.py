@@ -31,7 +31,8 @@ from typing import Any
 
 from fmmtc_core._errors import FMMTCError
 
-__all__ = ["ScreeningWorker", "WorkerCrashedError", "worker_for", "run", "current", "shutdown"]
+__all__ = ["ScreeningWorker", "WorkerCrashedError", "worker_for", "run", "current", "shutdown",
+           "worker_threads"]
 
 #: What a page shows when the worker died during a job.
 CRASHED = ("The screening worker stopped unexpectedly (out of memory?). Nothing was saved; "
@@ -39,6 +40,52 @@ CRASHED = ("The screening worker stopped unexpectedly (out of memory?). Nothing 
 
 #: Seconds a model change waits for the job in progress on the old model to end.
 CHANGE_WAIT_S = 600.0
+
+
+def worker_threads(setting: str | None = None) -> int:
+    """How many threads the worker gives torch.
+
+    All the cores this process may use (its CPU affinity, not the machine's count) but one,
+    which stays free for the Streamlit server and, on a single machine, the browser. Measured
+    on this project's 2-core machine with other processes busy (the demo model's screening,
+    alternating 3 times): torch on both cores took 1.5-2.3 s to predict and 1.1-4.3 s to
+    explain, one thread 0.22-0.25 s and 0.62-0.86 s - threads that wait at every parallel step
+    for a pre-empted sibling lose more than the second core gives (``bench/bench_dashboard.py``
+    measures the dashboard both ways).
+
+    Parameters
+    ----------
+    setting : str or None, default=None
+        A whole number >= 1 overriding the rule; None reads ``FMMTC_WORKER_THREADS``
+        (:func:`fmmtc_core.config.worker_threads_setting`).
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Raises
+    ------
+    FMMTCError
+        ``setting`` (or the environment variable) is not a whole number >= 1.
+    """
+    from fmmtc_core.config import worker_threads_setting
+
+    value = worker_threads_setting() if setting is None else setting
+    if value is not None:
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise FMMTCError(f"FMMTC_WORKER_THREADS must be a whole number of at least 1, got "
+                             f"{value!r}.")
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class WorkerCrashedError(FMMTCError):
@@ -56,6 +103,8 @@ class ScreeningWorker:
     ----------
     model_dir : path
         The model folder; the worker loads it once, when it starts.
+    threads : int or None, default=None
+        Torch threads in the worker; None: :func:`worker_threads`.
     stop_timeout : float, default=10.0
         Seconds :meth:`shutdown` gives the process to end on its own before terminating it.
 
@@ -63,11 +112,14 @@ class ScreeningWorker:
     ----------
     model_dir : str
         The model folder, as a string.
+    threads : int
     stop_timeout : float
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, stop_timeout: float = 10.0) -> None:
+    def __init__(self, model_dir: str | os.PathLike, *, threads: int | None = None,
+                 stop_timeout: float = 10.0) -> None:
         self.model_dir = str(model_dir)
+        self.threads = worker_threads() if threads is None else worker_threads(str(threads))
         self.stop_timeout = stop_timeout
         self._process = None
         self._conn = None
@@ -94,7 +146,7 @@ class ScreeningWorker:
             raise RuntimeError("This worker was started already; make a new one.")
         ctx = mp.get_context("spawn")  # no forked torch, SQLite or Streamlit state
         here, there = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(self.model_dir, there),
+        process = ctx.Process(target=_serve, args=(self.model_dir, there, self.threads),
                               name="fmmtc-screening-worker", daemon=True)
         process.start()
         there.close()  # the worker holds the only copy now: its death reads here as end of file
@@ -412,7 +464,7 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(model_dir: str, conn) -> None:
+def _serve(model_dir: str, conn, threads: int = 1) -> None:
     """The worker process: load the model, then run jobs until told to stop (None) or until
     the server is gone (end of file)."""
     import signal
@@ -421,7 +473,7 @@ def _serve(model_dir: str, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     state = _State(model_dir)
     try:
         state.model()

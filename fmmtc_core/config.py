@@ -25,6 +25,9 @@ Environment variables
     ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
 ``FMMTC_OPERATOR``
     Who runs screenings when nobody is named.
+``FMMTC_WORKER_THREADS``
+    Threads of the dashboard's screening worker (default: the cores the server may use, but
+    one, which is left to the server and the page; at least one).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "max_scan_bytes_setting",
     "device_setting",
     "operator_setting",
+    "worker_threads_setting",
 ]
 
 #: Decision thresholds on the calibrated probability: likely responder when the whole band is
@@ -223,3 +227,16 @@ def operator_setting() -> str | None:
         ``$FMMTC_OPERATOR`` as written (validated where it is used); None when unset or empty.
     """
     return _env("FMMTC_OPERATOR")
+
+
+def worker_threads_setting() -> str | None:
+    """The dashboard worker's thread count, as the environment gives it.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_WORKER_THREADS`` as written (validated by
+        :func:`fmmtc_app.worker.worker_threads`); None when unset or empty (then all the
+        cores the server may use but one, at least one).
+    """
+    return _env("FMMTC_WORKER_THREADS")

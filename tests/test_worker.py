@@ -5,6 +5,7 @@ are killed early on purpose; real screenings through the worker are in test_app.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,3 +80,24 @@ def test_a_normal_exit_joins_the_worker(tmp_path):
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
     assert lines["left"] == "None"
     assert not Path(f"/proc/{lines['pid']}").exists()  # joined, not handed over to init
+
+
+def test_worker_threads_leave_one_core_to_the_server(monkeypatch):
+    monkeypatch.delenv("FMMTC_WORKER_THREADS", raising=False)
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert worker.worker_threads() == 3
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {5})
+    assert worker.worker_threads() == 1  # never zero
+
+
+def test_worker_threads_setting(monkeypatch):
+    monkeypatch.setenv("FMMTC_WORKER_THREADS", "2")
+    assert worker.worker_threads() == 2
+    assert worker.ScreeningWorker("unused", threads=4).threads == 4
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("FMMTC_WORKER_THREADS", bad)
+        with pytest.raises(worker.FMMTCError,
+                           match=r"^FMMTC_WORKER_THREADS must be a whole number of at least 1, "
+                                 rf"got '{re.escape(bad)}'\.$"):
+            worker.worker_for("unused")
+    assert worker.current() is None  # nothing started
