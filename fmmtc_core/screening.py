@@ -27,6 +27,7 @@ from fmmtc_core.atlas import load_atlas
 from fmmtc_core.bids import read_cohort
 from fmmtc_core.explain import Explanation, explain
 from fmmtc_core.io import Scan
+from fmmtc_core.models.deployed import card_cleaning
 from fmmtc_core.pipeline import load_and_clean, scan_name
 from fmmtc_core.preprocess import RegionSignals
 from fmmtc_core.qc import QCReport, QCThresholds, qc_report
@@ -236,8 +237,9 @@ def analyse(
     decide(0.5, (0.5, 0.5), thresholds)  # validate the thresholds before any work
     atlas = load_atlas(model.atlas)
     prep = load_and_clean(source, atlas, sidecar=sidecar, confounds=confounds,
-                          qc=partial(qc_report, thresholds=qc_thresholds), progress=progress)
-    # Both were asked for: the default cleaning and a QC function.
+                          qc=partial(qc_report, thresholds=qc_thresholds), progress=progress,
+                          cleaning=card_cleaning(model.card))  # as the model was trained
+    # Both were asked for: the model's cleaning and a QC function.
     assert prep.signals is not None and prep.qc is not None
     times = dict(prep.stage_seconds)
     t0 = time.perf_counter()

@@ -42,6 +42,7 @@ from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.bids import read_cohort
 from fmmtc_core.evaluation import permutation_p_value, score_out_of_fold
+from fmmtc_core.models.deployed import card_cleaning
 from fmmtc_core.models.device import autocast, deterministic, seed_all, select_device
 from fmmtc_core.models.embedding_cache import EmbeddingCache
 from fmmtc_core.models.encoder_base import FoundationEncoder
@@ -802,7 +803,7 @@ def evaluate(model_dir: str | os.PathLike, cohort_dir: str | os.PathLike,
     atlas_obj = load_atlas(ens.atlas)
     cohort = read_cohort(cohort_dir)
     probs = []
-    for signals in prepare_cohort(cohort, atlas_obj, progress):
+    for signals in prepare_cohort(cohort, atlas_obj, progress, cleaning=card_cleaning(ens.card)):
         inputs = ens.inputs(signals)  # as screening gives them
         assert inputs.fc is not None  # prepare() computes the connectivity by default
         amp = None if inputs.amplitude is None else inputs.amplitude[None]

@@ -608,3 +608,33 @@ def test_batch_reports_failed_scans_and_keeps_the_others(tmp_path, cohort, capsy
     assert err.strip().splitlines()[-1].startswith("error: 1 of 6 scans could not be screened")
     assert row_counts(open_database(db))["screenings"] == 5
     assert Path(victim).exists()
+
+
+def test_a_scan_is_cleaned_as_the_model_was_trained(cohort, model):
+    # The card records the training cohort's cleaning; screening follows it, not the defaults.
+    import copy
+
+    from fmmtc_core.screening import analyse
+
+    scan = _scans(cohort)[0]
+    default = analyse(scan, model, with_explanation=False)
+    other = copy.copy(model)
+    other.card = copy.deepcopy(model.card)
+    other.card["preprocessing"]["cleaning"].update(low_pass=None, high_pass=None)
+    unfiltered = analyse(scan, other, with_explanation=False)
+    assert default.signals.cleaning["low_pass"] == 0.1
+    assert unfiltered.signals.cleaning["low_pass"] is None
+    assert not np.allclose(default.signals.data, unfiltered.signals.data)
+
+
+def test_a_card_with_unknown_cleaning_is_refused(cohort, model):
+    import copy
+
+    from fmmtc_core.screening import analyse
+
+    other = copy.copy(model)
+    other.card = copy.deepcopy(model.card)
+    other.card["preprocessing"]["cleaning"]["despike"] = True
+    with pytest.raises(ModelFileError, match=r"preprocessing\.cleaning has settings this "
+                                             r"version does not know: despike \(known: "):
+        analyse(_scans(cohort)[0], other, with_explanation=False)

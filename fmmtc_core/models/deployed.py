@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from fmmtc_core.preprocess import ModelInputs, RegionSignals
 
-__all__ = ["MODEL_TYPES", "CLASSIC_TYPES", "ScreeningModel", "model_type"]
+__all__ = ["MODEL_TYPES", "CLASSIC_TYPES", "ScreeningModel", "model_type", "card_cleaning"]
 
 #: Model types a model folder can hold (a card's ``model.type``).
 MODEL_TYPES = ("fmmtc", "cpm", "nbs", "edges", "amplitude")
@@ -144,3 +144,45 @@ def model_type(card: dict, where: str = "The model card") -> str:
             f"{', '.join(map(repr, MODEL_TYPES))} (a folder written by `fmmtc train "
             "--model`).")
     return str(kind)
+
+
+def card_cleaning(card: dict, where: str = "The model card"):
+    """The cleaning a model was trained with, so a new scan is cleaned the same way.
+
+    Parameters
+    ----------
+    card : dict
+        The model card; its ``preprocessing.cleaning`` block (the arguments of
+        :func:`fmmtc_core.preprocess.clean`) as :func:`fmmtc_core.training.train` and
+        :func:`fmmtc_core.baselines.train_baseline` record it. A card without one (hand-built
+        ensembles) gets the defaults, which is what every training ran with before cards
+        recorded it.
+    where : str, default="The model card"
+        How an error names the card.
+
+    Returns
+    -------
+    CleaningSettings
+
+    Raises
+    ------
+    ModelFileError
+        The block is not a mapping, or names settings this version does not know.
+    """
+    from dataclasses import fields
+
+    from fmmtc_core.preprocess import CleaningSettings
+
+    block = (card.get("preprocessing") or {}).get("cleaning")
+    if block is None:
+        return CleaningSettings()
+    if not isinstance(block, dict):
+        raise ModelFileError(f"{where}'s preprocessing.cleaning must be a mapping of cleaning "
+                             f"settings, got {type(block).__name__}.")
+    known = {f.name for f in fields(CleaningSettings)}
+    if unknown := sorted(set(block) - known):
+        raise ModelFileError(
+            f"{where}'s preprocessing.cleaning has settings this version does not know: "
+            f"{', '.join(unknown)} (known: {', '.join(sorted(known))}); the model was written "
+            "by a newer version.")
+    return CleaningSettings(**block)
