@@ -749,6 +749,19 @@ def _labels(args, names=("site", "drug", "arm", "operator")) -> dict:
     return {name: validate_label(name, getattr(args, name, None)) for name in names}
 
 
+def _ig_steps_text(settings: dict, steps: int) -> str:
+    """How much integration an explanation took, in words: the nested rule's last level is a
+    number of intervals with one more node, and its gradients are shared across levels."""
+    quadrature = settings.get("quadrature")
+    evaluations = settings.get("evaluations")
+    if quadrature == "clenshaw-curtis" and evaluations:
+        return (f"{evaluations} gradient evaluations (nested Clenshaw-Curtis, last level "
+                f"{steps} intervals)")
+    if evaluations:
+        return f"{steps} steps ({quadrature or 'Gauss-Legendre'}; {evaluations} gradient evaluations)"
+    return f"{steps} steps"
+
+
 def cmd_explain(args) -> int:
     """``fmmtc explain``: predict and explain one scan (nothing is stored).
 
@@ -804,8 +817,8 @@ def cmd_explain(args) -> int:
     print(f"modality share: time series {e.modality_share['ts']:.1%}, "
           f"connectivity {e.modality_share['fc']:.1%}")
     if model.model_type == "fmmtc":
-        print(f"Integrated Gradients: {e.steps} steps, completeness gap {e.ig_gap:.2%}, "
-              f"baselines {e.baseline}")
+        print(f"Integrated Gradients: {_ig_steps_text(e.settings, e.steps)}, completeness "
+              f"gap {e.ig_gap:.2%}, baselines {e.baseline}")
     else:  # a classic baseline: linear in its features
         print(f"exact linear attribution (classic baseline {model.model_type}): completeness "
               f"gap {e.ig_gap:.2%}, baselines {e.baseline}")

@@ -220,7 +220,9 @@ class Explanation:
         dict
             ``regions`` (``label``, ``name`` and ``score`` of each ranked region),
             ``modality_share``, ``top_connections``, ``networks``, ``ig_gap``,
-            ``ig_gap_abs``, ``steps``, ``method`` (``settings["method"]``:
+            ``ig_gap_abs``, ``steps``, ``evaluations`` (gradients computed; ``steps``
+            when not recorded), ``quadrature`` (None for exact attributions), ``method``
+            (``settings["method"]``:
             ``"integrated_gradients"`` unless recorded otherwise), ``baseline``, ``logit``,
             ``baseline_logit`` and ``runtime_s``. Neither the attribution arrays nor the
             rest of ``settings`` are included.
@@ -234,6 +236,8 @@ class Explanation:
             "ig_gap": float(self.ig_gap),
             "ig_gap_abs": float(self.ig_gap_abs),
             "steps": int(self.steps),
+            "evaluations": int(self.settings.get("evaluations", self.steps)),
+            "quadrature": self.settings.get("quadrature"),
             "method": str(self.settings.get("method", "integrated_gradients")),
             "baseline": self.baseline,
             "logit": float(self.logit),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -188,6 +189,8 @@ def test_explain_json(hcpex_scans, capsys, kind):
     # the demo model reads the regional amplitude too: attributed against the cohort's mean
     assert d["baseline"] == {"ts": "flat", "fc": "cohort_mean", "amplitude": "cohort_mean"}
     assert d["steps"] in NESTED_STEPS and d["ig_gap"] <= 0.01 or d["steps"] == NESTED_STEPS[-1]
+    # nested: the last level's nodes, each gradient computed once for every level
+    assert d["quadrature"] == "clenshaw-curtis" and d["evaluations"] == d["steps"] + 1
     assert len(d["top_connections"]) == 20 and 0 <= d["probability"] <= 1
     assert d["band"][0] <= d["probability"] <= d["band"][1]
     assert d["model"] == "fmmtc-demo" and d["model_validity"]["status"] == "simulated"
@@ -196,6 +199,8 @@ def test_explain_json(hcpex_scans, capsys, kind):
 def test_explain_text_and_errors(hcpex_scans, tmp_path, capsys):
     code, out, _ = run(["explain", hcpex_scans[0], "--top", "3"], capsys)
     assert code == 0 and "responder probability" in out and "completeness gap" in out
+    assert re.search(r"Integrated Gradients: \d+ gradient evaluations \(nested Clenshaw-Curtis, "
+                     r"last level \d+ intervals\), completeness gap", out)
     result = out[out.index("\nWARNING: "):].splitlines()[1:]  # after the progress lines
     assert result[0].startswith("WARNING: DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY")
     assert result[1].startswith("responder probability")
