@@ -774,10 +774,9 @@ def cmd_explain(args) -> int:
     ----------
     args : argparse.Namespace
         Reads ``model`` (None: ``$FMMTC_MODEL_DIR`` or the bundled demo model), ``scan``,
-        ``sidecar``, ``confounds``, ``min_volumes`` (the cheap check only: the analysis
-        itself keeps :func:`~fmmtc_core.io.load_scan`'s default of 50), ``baseline_fc`` and
-        ``tolerance`` (the explanation's ``baseline_fc`` and ``rel_tol``), ``json`` and
-        ``top``.
+        ``sidecar``, ``confounds``, ``min_volumes`` (the fewest volumes accepted),
+        ``baseline_fc`` and ``tolerance`` (the explanation's ``baseline_fc`` and ``rel_tol``),
+        ``json`` and ``top``.
 
     Returns
     -------
@@ -801,7 +800,8 @@ def cmd_explain(args) -> int:
 
     model = load_model(model_dir)
     result = analyse(args.scan, model, sidecar=args.sidecar, confounds=args.confounds,
-                     explain_kwargs=_explain_kwargs(args), progress=_stage_progress(args))
+                     explain_kwargs=_explain_kwargs(args), min_volumes=args.min_volumes,
+                     progress=_stage_progress(args))
     out = result.to_dict()
     validity = model_validity(model.card, model.name)
     out["model"] = model.name
@@ -857,10 +857,10 @@ def cmd_screen(args) -> int:
     ----------
     args : argparse.Namespace
         Reads ``participant`` (None: the BIDS ``sub-<label>`` of the scan's file name),
-        ``scan``, ``sidecar``, ``confounds``, ``min_volumes`` (the cheap check only: the
-        screening itself keeps :func:`~fmmtc_core.io.load_scan`'s default of 50), ``site``,
-        ``drug``, ``arm``, ``operator``, ``responder_threshold``, ``non_responder_threshold``,
-        ``model``, ``db``, ``baseline_fc``, ``tolerance``, ``force`` and ``json``.
+        ``scan``, ``sidecar``, ``confounds``, ``min_volumes`` (the fewest volumes accepted),
+        ``site``, ``drug``, ``arm``, ``operator``, ``responder_threshold``,
+        ``non_responder_threshold``, ``model``, ``db``, ``baseline_fc``, ``tolerance``,
+        ``force`` and ``json``.
 
     Returns
     -------
@@ -906,7 +906,8 @@ def cmd_screen(args) -> int:
                     confounds=args.confounds, site=labels["site"], drug=labels["drug"],
                     arm=labels["arm"], thresholds=thresholds,
                     explain_kwargs=_explain_kwargs(args), operator=labels["operator"],
-                    force=args.force, progress=_stage_progress(args))
+                    force=args.force, min_volumes=args.min_volumes,
+                    progress=_stage_progress(args))
     out = result.to_dict()
     if args.json:
         print(json.dumps(out, indent=2, default=str))

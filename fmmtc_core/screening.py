@@ -195,6 +195,7 @@ def analyse(
     qc_thresholds: QCThresholds | None = None,
     explain_kwargs: dict | None = None,
     with_explanation: bool = True,
+    min_volumes: int | None = None,
     progress: Progress = None,
 ) -> Analysis:
     """Run the screening computation on one scan file (nothing is stored).
@@ -214,6 +215,9 @@ def analyse(
         Passed to :func:`fmmtc_core.explain.explain` (baselines, tolerance, steps).
     with_explanation : bool, default=True
         Explain the prediction (Integrated Gradients); False leaves ``explanation`` None.
+    min_volumes : int or None, default=None
+        Fewest volumes accepted (``--min-volumes``); None: :func:`~fmmtc_core.io.load_scan`'s
+        default.
     progress : callable(stage, done, total, info) or None, default=None
         Called as each stage advances: ``validate``, ``parcellate``, ``qc`` and ``clean``
         (:func:`fmmtc_core.pipeline.load_and_clean`), then ``("predict", 0, 1, {})`` and
@@ -238,6 +242,7 @@ def analyse(
     atlas = load_atlas(model.atlas)
     prep = load_and_clean(source, atlas, sidecar=sidecar, confounds=confounds,
                           qc=partial(qc_report, thresholds=qc_thresholds), progress=progress,
+                          min_volumes=min_volumes,
                           cleaning=card_cleaning(model.card))  # as the model was trained
     # Both were asked for: the model's cleaning and a QC function.
     assert prep.signals is not None and prep.qc is not None
@@ -476,6 +481,7 @@ def screen(
     explain_kwargs: dict | None = None,
     operator: str | None = None,
     force: bool = False,
+    min_volumes: int | None = None,
     progress: Progress = None,
 ) -> ScreeningResult:
     """Screen one scan and store it: load + validate -> QC -> preprocess -> predict -> explain
@@ -517,6 +523,8 @@ def screen(
     force : bool, default=False
         Screen again (a new revision) even when these inputs were screened with this model,
         or when the same image was screened with other side files.
+    min_volumes : int or None, default=None
+        Fewest volumes accepted; None: :func:`~fmmtc_core.io.load_scan`'s default.
     progress : callable(stage, done, total, info) or None, default=None
         Stages :data:`STAGES`, each announced (``done`` 0) before its work and reported done
         (see :func:`analyse`; ``("save", 0, 1, {})`` before the write); only
@@ -563,7 +571,8 @@ def screen(
             progress("save", 1, 1, {"reused": True})
         return stored
     result = analyse(source, model, sidecar=sidecar, confounds=confounds,
-                     thresholds=thresholds, explain_kwargs=explain_kwargs, progress=progress)
+                     thresholds=thresholds, explain_kwargs=explain_kwargs,
+                     min_volumes=min_volumes, progress=progress)
     t0 = time.perf_counter()
     scan = result.scan
     scan_fields = {

@@ -212,3 +212,22 @@ def test_explain_text_and_errors(hcpex_scans, tmp_path, capsys):
         small, sep="\t", index=False)
     code, _, err = run(["explain", small], capsys)
     assert_one_error_line(code, err, "holds AAL3 region series, but atlas HCPEx was requested")
+
+
+def test_min_volumes_reaches_the_analysis(tmp_path, capsys):
+    # --min-volumes used to pass the cheap header check only: the analysis kept 50 and refused.
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    root = write_cohort(tmp_path / "short", 2, seed=3, fmt="timeseries",
+                        config=SimulationConfig(n_volumes=45))
+    scan = sorted(p for p in root.glob("sub-*/func/*_timeseries.tsv")
+                  if "confounds" not in p.name)[0]
+    code, _, err = run(["explain", scan, "--json"], capsys)
+    assert code == 2 and "has 45 volumes; at least 50 are needed" in err
+    code, out, err = run(["explain", scan, "--json", "--min-volumes", "40"], capsys)
+    assert code == 0, err
+    assert 0 <= json.loads(out)["probability"] <= 1
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    code, out, err = run(["screen", scan, "--db", db, "--json", "--min-volumes", "40"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["participant_id"] == "001"
