@@ -207,10 +207,13 @@ def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> N
         The error. An :class:`~fmmtc_core._errors.FMMTCError` is shown with its message;
         anything else is an internal error, shown by its type only.
     what : str, default="This scan cannot be used"
-        The sentence's start for an ``FMMTCError``.
+        The sentence's start for an ``FMMTCError``; left out when the message already starts
+        with its subject (``"This scan was already screened for ..."``).
     """
     if isinstance(exc, FMMTCError):
-        st.error(f"{what}: {exc}")
+        text = str(exc)
+        subject = " ".join(what.split()[:2])
+        st.error(text if subject and text.startswith(subject) else f"{what}: {text}")
     else:  # an internal bug: say so plainly, keep the details out of the page
         st.error(f"Something went wrong on our side ({type(exc).__name__}). Nothing was saved. "
                  "Please try again; if it happens again, tell the study's data manager.")
