@@ -84,6 +84,17 @@ def test_robust_scaling_by_hand(tmp_path):
         RobustScaling.load(tmp_path / "robust_scaling.json")
 
 
+def test_robust_scaling_of_a_region_constant_in_training():
+    # IQR 0: a later scan's variation there would be divided by 1e-6 (values ~1e6)
+    flat = np.column_stack([np.arange(8.0), np.full(8, 3.0)])
+    stats = RobustScaling.fit([flat])
+    np.testing.assert_allclose(stats.median, [3.5, 3.0])
+    np.testing.assert_allclose(stats.iqr, [3.5, 1.0])
+    got = stats.apply(np.array([[3.5, 5.0]]))
+    np.testing.assert_allclose(got, [[0.0, 2.0 / (1 + 1e-6)]])
+    np.testing.assert_array_equal(stats.apply(flat)[:, 1], 0.0)  # training unchanged
+
+
 def test_order_and_windows_by_hand():
     xyz = np.array([[0, 3, 0], [0, 1, 0], [0, 3, 0], [0, 0, 0], [0, 1, 0]], float)
     assert stable_y_order(xyz).tolist() == [3, 1, 4, 0, 2]  # ties keep label order

@@ -491,7 +491,10 @@ class RobustScaling:
         series : sequence of ndarray (T_i, R)
             Cleaned region series of the training scans (same regions, atlas order). NaN
             samples (regions without signal) are left out; a region with no finite sample gets
-            median 0 and IQR 1.
+            median 0 and IQR 1, and so does the IQR of a region that was constant in training
+            (IQR 0): dividing by ``epsilon`` alone would turn any later variation of that
+            region into values around 1e6 (brainmarks divides by ``0 + 1e-6``; the scaled
+            training series are the same either way, since ``x - median`` is 0 there).
         atlas : str, default=""
             Recorded with the statistics.
         note : str, default=""
@@ -522,7 +525,7 @@ class RobustScaling:
                 q1, med, q3 = np.nanquantile(data, [0.25, 0.5, 0.75], axis=0)
         empty = ~np.isfinite(med)
         med = np.where(empty, 0.0, med)
-        iqr = np.where(empty, 1.0, q3 - q1)
+        iqr = np.where(empty | ~(q3 - q1 > 0), 1.0, q3 - q1)
         return cls(median=med, iqr=iqr, n_scans=len(series), n_samples=int(data.shape[0]),
                    atlas=atlas, note=note)
 
