@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -385,3 +386,19 @@ def test_inspect_says_what_happens_to_a_scan(folders, capsys):
     code = main(["foundation", "inspect", str(root / "nowhere")])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_cache_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    store = EmbeddingCache(tmp_path / "cache")
+    key = "ab" * 32
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")  # written in part, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    assert store.put(key, np.zeros((2, 3), np.float32)) is None
+    assert list((tmp_path / "cache").rglob("*")) == [store.path(key).parent]  # the folder only
+    assert store.get(key) is None

@@ -115,14 +115,20 @@ class EmbeddingCache:
         from safetensors.numpy import save_file
 
         path = self.path(key)
+        tmp = path.with_name(f".{os.getpid()}.{path.name}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{os.getpid()}.{path.name}")
             save_file({"embedding": np.ascontiguousarray(array)}, str(tmp),
                       metadata={k: str(v) for k, v in (metadata or {}).items()})
             os.replace(tmp, path)
         except OSError:
-            return None  # a read-only cache still works, only slower
+            # a read-only or full disk: no half-written file is left behind, and a cache
+            # that cannot be written still works, only slower
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return None
         return path
 
     def __len__(self) -> int:
