@@ -114,12 +114,17 @@ def stratify(probability: ArrayLike, threshold: float, *, band_low: ArrayLike | 
     Raises
     ------
     InvalidInputError
-        ``threshold`` is outside [0, 1], or a probability is.
+        ``threshold`` is outside [0, 1], or a probability is (or is not a number: it would
+        make every rate of the cohort NaN).
     """
     p = np.asarray(probability, dtype=float)
     if not 0.0 <= threshold <= 1.0:
         raise InvalidInputError(f"The threshold must be between 0 and 1, got {threshold}.")
-    if p.size and (np.nanmin(p) < 0 or np.nanmax(p) > 1):
+    if p.size and not np.isfinite(p).all():
+        raise InvalidInputError(f"Probabilities must be numbers between 0 and 1; "
+                                f"{int((~np.isfinite(p)).sum())} of {p.size} are missing or "
+                                "not finite.")
+    if p.size and (p.min() < 0 or p.max() > 1):
         raise InvalidInputError("Probabilities must lie between 0 and 1.")
     enrolled = p >= threshold
     if require_band and band_low is not None:

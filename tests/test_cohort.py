@@ -35,6 +35,9 @@ def test_stratify_edges_and_outcomes():
         stratify(p, 1.5)
     with pytest.raises(InvalidInputError, match="Probabilities must lie between 0 and 1"):
         stratify([1.2], 0.5)
+    with pytest.raises(InvalidInputError, match=r"^Probabilities must be numbers between 0 and "
+                                                r"1; 1 of 3 are missing or not finite\.$"):
+        stratify([0.2, np.nan, 0.9], 0.5)  # every rate would be NaN
 
 
 def test_observed_performance():
