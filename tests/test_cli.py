@@ -207,3 +207,11 @@ def test_explain_text_and_errors(hcpex_scans, tmp_path, capsys):
         small, sep="\t", index=False)
     code, _, err = run(["explain", small], capsys)
     assert_one_error_line(code, err, "holds AAL3 region series, but atlas HCPEx was requested")
+
+
+def test_train_baseline_refuses_a_torchrun_launch(tmp_path, monkeypatch, capsys):
+    for key, value in dict(WORLD_SIZE=2, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=1).items():
+        monkeypatch.setenv(key, str(value))
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--model", "cpm"]) == 2
+    assert "--model cpm runs in one process" in capsys.readouterr().err
