@@ -112,12 +112,11 @@ def _read_checkpoint(ckpt: Path, ctx: DistContext) -> tuple[dict, bytes, bytes] 
     return state, blobs[1], blobs[2]
 
 
-def _resume(model: BrainLMForPretraining, opt: torch.optim.Optimizer,
-            saved: tuple[dict, bytes, bytes], settings: dict, ckpt: Path) -> dict:
-    """Load a checkpoint into ``model`` and ``opt``; refuse one from another run."""
-    state, model_bytes, opt_bytes = saved
+def _check_settings(state: dict, settings: dict, ckpt: Path) -> None:
+    """Refuse a checkpoint whose recorded settings are not this run's (see
+    :data:`_RESUME_KEYS`)."""
     before = state.get("settings")
-    if before is not None:  # checkpoints of fmmtc 0.x before this check carry none
+    if before is not None:  # checkpoints written before this check carry none
         changed = [k for k in _RESUME_KEYS if before.get(k) != settings.get(k)]
         if changed:
             was = ", ".join(f"{k}={before.get(k)!r}" for k in changed if k != "config")
@@ -128,6 +127,13 @@ def _resume(model: BrainLMForPretraining, opt: torch.optim.Optimizer,
                 + (f" it was {was}, now {now};" if was else "")
                 + f" rerun with the same options to resume it, or use another --out (or delete "
                   f"{ckpt}) to start a new run.")
+
+
+def _resume(model: BrainLMForPretraining, opt: torch.optim.Optimizer,
+            saved: tuple[dict, bytes, bytes], ckpt: Path) -> dict:
+    """Load a checkpoint into ``model`` and ``opt`` and return its state; refuse one whose
+    tensors do not fit (a checkpoint written before the settings were recorded)."""
+    state, model_bytes, opt_bytes = saved
     try:
         model.load_state_dict(load(model_bytes))
         _load_optimizer(opt, load(opt_bytes), state["optimizer_scalars"])
@@ -379,19 +385,22 @@ def pretrain(
     with distributed.session(device, backend, threads) as ctx, deterministic(threads):
         if not ctx.is_main:
             progress = None  # rank 0 alone reports (and writes)
+        settings = _settings(cfg, atlas_obj.name, len(corpus.participants),
+                             batch_size=batch_size, lr=lr, seed=seed,
+                             windows_per_subject=windows_per_subject,
+                             regions_per_step=regions_per_step, schedule=schedule)
+        ckpt = out / "checkpoint"
+        saved = _read_checkpoint(ckpt, ctx)
+        if saved is not None:  # another run's checkpoint is refused before the corpus loads
+            _check_settings(saved[0], settings, ckpt)
         subjects = prepare_cohort(corpus, atlas_obj, progress)
         seed_all(seed)
         # transformers wraps PreTrainedModel.to in a decorator whose stub loses the signature.
         model = BrainLMForPretraining(cfg).to(ctx.device)  # type: ignore[arg-type]
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-        settings = _settings(cfg, atlas_obj.name, len(subjects), batch_size=batch_size, lr=lr,
-                             seed=seed, windows_per_subject=windows_per_subject,
-                             regions_per_step=regions_per_step, schedule=schedule)
-        ckpt = out / "checkpoint"
         start, history, step_history, world_sizes = 0, [], [], []
-        saved = _read_checkpoint(ckpt, ctx)
         if saved is not None:
-            state = _resume(model, opt, saved, settings, ckpt)
+            state = _resume(model, opt, saved, ckpt)
             start, history = state["epoch"], state["history"]
             step_history = state.get("loss_per_step", [])
             world_sizes = state.get("world_size_per_epoch", [1] * start)
