@@ -403,8 +403,8 @@ def cmd_train(args) -> int:
         ``permutations``, the FMM-TC options ``foundation``, ``no_foundation``,
         ``modalities``, ``preset``, ``coordinates``, ``epochs`` and ``threads`` (None or
         False when not given; FMM-TC then takes the ``ts+fc`` modalities, the ``small`` preset
-        and 100 epochs), ``dist_backend`` and ``json`` (print the out-of-fold metrics as JSON, without progress
-        lines off a terminal).
+        and 100 epochs), ``dist_backend`` (under torchrun) and ``json`` (print the
+        out-of-fold metrics as JSON, without progress lines off a terminal).
 
     Returns
     -------

@@ -631,7 +631,8 @@ def train(
         if subjects is None:
             subjects = prepare_cohort(cohort, atlas_obj, progress, cleaning=cleaning)
         y = cohort.participants["responder"].to_numpy()
-        groups = cohort.participants["site"].astype(str).to_numpy() if "site" in cohort.participants else None
+        groups = (cohort.participants["site"].astype(str).to_numpy()
+                  if "site" in cohort.participants else None)
         xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
         feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
         scaling_card = embeddings_card = None
@@ -724,7 +725,8 @@ def train(
                          "foundation": foundation_note,
                          **({"embeddings": embeddings_card} if embeddings_card else {})},
             "calibration": {"method": "platt", "a": a, "b": b,
-                            "fitted_on": "out-of-fold mean of scaled fold logits (all participants)",
+                            "fitted_on": "out-of-fold mean of scaled fold logits (all "
+                                         "participants)",
                             "note": calibration_note, "fold_scale": fold_scale,
                             "bootstrap": [[round(float(x), 6) for x in row] for row in draws],
                             "band": "80 % interval of the calibrated probability over "

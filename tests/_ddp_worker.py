@@ -40,7 +40,8 @@ def torchrun(nprocs: int, *args: str, timeout: float = 300) -> subprocess.Comple
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout}\n{run.stderr[-4000:]}"
+    assert run.returncode == 0, (f"torchrun failed ({run.returncode}):\n{run.stdout}\n"
+                                 f"{run.stderr[-4000:]}")
     return run
 
 

@@ -363,7 +363,8 @@ def test_two_processes_train_the_one_process_model(tmp_path, data, monkeypatch):
     assert (one / "metrics.json").read_text() == (two / "metrics.json").read_text()
     assert (one / "oof_predictions.tsv").read_text() == (two / "oof_predictions.tsv").read_text()
     names = sorted(p.name for p in one.glob("*.safetensors"))
-    assert names == sorted(p.name for p in two.glob("*.safetensors")) and "fold_2.safetensors" in names
+    assert names == sorted(p.name for p in two.glob("*.safetensors"))
+    assert "fold_2.safetensors" in names
     for name in names:
         a, b = load_file(str(one / name)), load_file(str(two / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
