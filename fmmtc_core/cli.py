@@ -322,14 +322,16 @@ def cmd_pretrain(args) -> int:
     """``fmmtc pretrain``: masked-reconstruction pretraining of the time-series encoder.
 
     Prints the output folder with the last epoch's loss (read back from its
-    ``pretrain_log.json``).
+    ``pretrain_log.json``). Under ``torchrun`` every process runs this command and rank 0
+    alone prints and writes (:mod:`fmmtc_core.distributed`).
 
     Parameters
     ----------
     args : argparse.Namespace
         Reads ``corpus_dir``, ``out``, ``config``, ``atlas``, ``epochs``, ``batch_size``,
-        ``lr``, ``seed``, ``windows_per_subject``, ``regions_per_step``, ``schedule`` and
-        ``xyz_scale``, all passed to :func:`fmmtc_core.pretraining.pretrain`.
+        ``lr``, ``seed``, ``windows_per_subject``, ``regions_per_step``, ``schedule``,
+        ``xyz_scale``, ``threads`` and ``dist_backend``, all passed to
+        :func:`fmmtc_core.pretraining.pretrain`.
 
     Returns
     -------
@@ -347,7 +349,12 @@ def cmd_pretrain(args) -> int:
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    windows_per_subject=args.windows_per_subject,
                    regions_per_step=args.regions_per_step, schedule=args.schedule,
-                   xyz_scale=args.xyz_scale, progress=_stage_progress(args))
+                   xyz_scale=args.xyz_scale, threads=args.threads, backend=args.dist_backend,
+                   progress=_stage_progress(args))
+    from fmmtc_core.distributed import is_main_process
+
+    if not is_main_process():
+        return 0  # rank 0 reports
     log = json.loads((out / "pretrain_log.json").read_text())
     print(f"wrote the pretrained encoder to {out} (final loss "
           f"{log['loss_per_epoch'][-1]:.4f} after {len(log['loss_per_epoch'])} epochs)")
@@ -386,7 +393,8 @@ def cmd_train(args) -> int:
     any work. Without ``--foundation`` (and without ``--no-foundation``) an FMM-TC model with a
     time-series branch uses the bundled demo encoder; a note on stdout says so (not with
     ``--json``). :class:`~fmmtc_core.training.TrainingWarning` warnings are silenced here: the
-    metrics' ``warnings`` are printed instead, once.
+    metrics' ``warnings`` are printed instead, once. Under ``torchrun`` (FMM-TC only) every
+    process runs this command and rank 0 alone prints and writes.
 
     Parameters
     ----------
@@ -395,8 +403,8 @@ def cmd_train(args) -> int:
         ``permutations``, the FMM-TC options ``foundation``, ``no_foundation``,
         ``modalities``, ``preset``, ``coordinates``, ``epochs`` and ``threads`` (None or
         False when not given; FMM-TC then takes the ``ts+fc`` modalities, the ``small`` preset
-        and 100 epochs) and ``json`` (print the out-of-fold metrics as JSON, without progress
-        lines off a terminal).
+        and 100 epochs), ``dist_backend`` (under torchrun) and ``json`` (print the
+        out-of-fold metrics as JSON, without progress lines off a terminal).
 
     Returns
     -------
@@ -412,7 +420,15 @@ def cmd_train(args) -> int:
     """
     import warnings as _warnings
 
+    from fmmtc_core.distributed import is_main_process, torchrun_environment
+
     kind = args.model
+    env = torchrun_environment()
+    if kind != "fmmtc" and env is not None and env["world_size"] > 1:
+        raise InvalidInputError(
+            f"--model {kind} runs in one process (a classic baseline fits in seconds); run it "
+            "without torchrun.")
+    main_rank = is_main_process()
     if kind != "fmmtc":
         given = [flag for key, flag in _FMMTC_ONLY.items() if getattr(args, key) not in
                  (None, False)]
@@ -423,7 +439,7 @@ def cmd_train(args) -> int:
                 "training); leave them out, or train FMM-TC (--model fmmtc).")
     modalities = args.modalities or "ts+fc"
     if (kind == "fmmtc" and args.foundation is None and not args.no_foundation
-            and "ts" in modalities and not args.json):
+            and "ts" in modalities and not args.json and main_rank):
         # stdout: off a terminal stderr holds only an error line
         print("note: no --foundation given: the time-series branch uses the bundled demo "
               "encoder, pretrained on simulated data only (recorded in the model card).")
@@ -440,7 +456,8 @@ def cmd_train(args) -> int:
                             atlas=args.atlas, coordinates=args.coordinates,
                             epochs=100 if args.epochs is None else args.epochs,
                             repeats=args.repeats, permutations=args.permutations,
-                            threads=args.threads, progress=_stage_progress(args))
+                            threads=args.threads, backend=args.dist_backend,
+                            progress=_stage_progress(args))
         else:
             from fmmtc_core.baselines import train_baseline
 
@@ -448,6 +465,8 @@ def cmd_train(args) -> int:
                                      seed=args.seed, atlas=args.atlas, repeats=args.repeats,
                                      permutations=args.permutations,
                                      progress=_stage_progress(args))
+    if not main_rank:
+        return 0  # rank 0 reports
     if not args.json:
         what = ("FMM-TC" if kind == "fmmtc" else
                 f"the classic baseline {kind} (not the deep model)")
@@ -508,10 +527,18 @@ def _train_model(text: str) -> str:
     return text
 
 
+def _dist_backend_option(p: argparse.ArgumentParser) -> None:
+    """``--dist-backend`` of ``pretrain`` and ``train`` (read under torchrun only)."""
+    p.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
+                   help="under torchrun: the process-group backend (default: nccl when the "
+                        "processes run on CUDA GPUs, else gloo)")
+
+
 #: ``train`` options that only FMM-TC reads: refused with a classic baseline (``--model``).
 _FMMTC_ONLY = {"foundation": "--foundation", "no_foundation": "--no-foundation",
                "preset": "--preset", "modalities": "--modalities", "epochs": "--epochs",
-               "coordinates": "--coordinates", "threads": "--threads"}
+               "coordinates": "--coordinates", "threads": "--threads",
+               "dist_backend": "--dist-backend"}
 
 
 def _model_names(text: str) -> list[str]:
@@ -1273,6 +1300,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommended for new encoders (default: the preset's 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atlas", default="hcpex")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="fix torch's thread count per process and use deterministic "
+                        "algorithms (default: torch's; torchrun sets 1 per process)")
+    _dist_backend_option(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", help="cross-validated training of a model folder: FMM-TC or "
@@ -1320,6 +1351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="(fmmtc) fix torch's thread count and use deterministic algorithms "
                         "(bit-identical reruns)")
+    _dist_backend_option(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)
 

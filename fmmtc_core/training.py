@@ -37,13 +37,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from fmmtc_core import __version__
+from fmmtc_core import __version__, distributed
 from fmmtc_core._errors import InvalidInputError, check_option
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.bids import read_cohort
+from fmmtc_core.distributed import DistContext
 from fmmtc_core.evaluation import permutation_p_value, score_out_of_fold
 from fmmtc_core.models.deployed import card_cleaning
-from fmmtc_core.models.device import autocast, deterministic, seed_all, select_device
+from fmmtc_core.models.device import autocast, deterministic, seed_all
 from fmmtc_core.models.embedding_cache import EmbeddingCache
 from fmmtc_core.models.encoder_base import FoundationEncoder
 from fmmtc_core.models.ensemble import load_model, write_model_folder
@@ -141,8 +142,8 @@ class _CountingCache(EmbeddingCache):
 
 
 def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals], *,
-                      gram: bool, cohort_name: str,
-                      progress: Progress) -> tuple[dict, dict, dict]:
+                      gram: bool, cohort_name: str, progress: Progress,
+                      ctx: DistContext | None = None) -> tuple[dict, dict, dict]:
     """Whole-scan inputs of a cohort through the frozen encoder (the path screening takes).
 
     Returns ``(feats, scaling, embeddings)``: ``feats`` holds numpy ``ts`` (N, hidden) scan
@@ -178,17 +179,49 @@ def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals],
             grams.append(windows_gram(encoder, inputs.window))
     cache = _CountingCache()
     t0 = time.perf_counter()
-    ts = encoder.embed_cohort(
-        [s.data for s in subjects], [s.tr for s in subjects], cache=cache,
-        progress=(lambda i, n: progress("embed", i, n, {})) if progress else None)
-    embeddings = {"scans": len(subjects), "windows": n_windows, "computed": cache.misses,
-                  "cached": cache.hits, "seconds": round(time.perf_counter() - t0, 2),
-                  "precision": encoder.precision}
+    ts, computed = _embed_shared(encoder, subjects, cache, progress, ctx)
+    embeddings = {"scans": len(subjects), "windows": n_windows, "computed": computed,
+                  "cached": len(subjects) - computed,
+                  "seconds": round(time.perf_counter() - t0, 2), "precision": encoder.precision}
     feats = {"ts": ts, "fc": np.stack(fcs).astype(np.float32),
              "amplitude": np.stack(amps).astype(np.float32)}
     if gram:
         feats["gram"] = np.stack(grams).astype(np.float32)
     return feats, scaling, embeddings
+
+
+def _embed_shared(encoder: FoundationEncoder, subjects: list[RegionSignals],
+                  cache: _CountingCache, progress: Progress,
+                  ctx: DistContext | None) -> tuple[np.ndarray, int]:
+    """Scan embeddings (N, hidden) of the cohort and how many were computed (not cached).
+
+    Under torchrun each process embeds every ``world``-th scan (scans are embedded one by
+    one, so a scan's embedding does not depend on who computes it) and sends its rows to
+    the others as a safetensors blob; each process's cache keeps the scans it computed.
+    """
+    series, trs = [s.data for s in subjects], [s.tr for s in subjects]
+    if ctx is None or not ctx.distributed:
+        ts = encoder.embed_cohort(
+            series, trs, cache=cache,
+            progress=(lambda i, n: progress("embed", i, n, {})) if progress else None)
+        return ts, cache.misses
+    from safetensors.torch import load, save
+
+    n, world = len(subjects), ctx.world_size
+    mine = list(range(ctx.rank, n, world))
+    part = encoder.embed_cohort(
+        [series[i] for i in mine], [trs[i] for i in mine], cache=cache,
+        progress=(lambda i, _: progress("embed", min(n - 1, i * world), n, {})) if progress
+        else None)
+    rows: list[np.ndarray | None] = [None] * n
+    for r in range(world):
+        blob = ctx.broadcast_bytes(save({"ts": torch.from_numpy(np.ascontiguousarray(part))})
+                                   if r == ctx.rank else None, src=r)
+        for i, row in zip(range(r, n, world), load(blob)["ts"].numpy()):
+            rows[i] = row
+    if progress:
+        progress("embed", n, n, {})
+    return np.stack(cast(list[np.ndarray], rows)), int(ctx.sum([cache.misses])[0])
 
 
 def _check_encoder_atlas(foundation, note: str, atlas_obj) -> None:
@@ -454,6 +487,7 @@ def train(
     repeats: int = 1,
     permutations: int = 0,
     threads: int | None = None,
+    backend: str | None = None,
 ) -> dict:
     """Cross-validated training; writes a model folder and returns its metrics.
 
@@ -514,6 +548,9 @@ def train(
     threads : int or None, default=None
         Fix torch's thread count and use deterministic algorithms while training, so the same
         command gives the same bytes on any machine (None: torch's defaults).
+    backend : {"gloo", "nccl"} or None, default=None
+        The process-group backend under torchrun (None: NCCL on CUDA, gloo on CPU; see
+        :func:`fmmtc_core.distributed.session`). Unused in a single process.
 
     Returns
     -------
@@ -527,8 +564,19 @@ def train(
     ------
     InvalidInputError
         An option out of range (``repeats``, ``permutations``, ``modalities``, ``preset``),
-        an encoder whose atlas is not ``atlas``, a cohort that cannot be read or cleaned, or
-        a training fold without enough participants of each class.
+        an encoder whose atlas is not ``atlas``, a cohort that cannot be read or cleaned, a
+        training fold without enough participants of each class, or a multi-process launch
+        that cannot work (NCCL without CUDA, ``threads`` that oversubscribe the cores).
+
+    Notes
+    -----
+    Under ``torchrun --nproc_per_node N`` the work is dealt over the processes where it is
+    independent: the scans' embeddings (every N-th scan each) and the fold models (fold
+    ``k`` on rank ``k % N``, for every repeat and every permutation), each sent to every
+    rank as a safetensors blob. A fold's fit depends only on its seed and data, so the
+    model folder and metrics are the one-process ones (bit for bit with the same
+    ``threads``). Rank 0 alone reports progress and writes the folder; every process loads
+    and cleans the whole cohort.
     """
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}.")
@@ -540,159 +588,173 @@ def train(
     preset = check_option("preset", preset, tuple(PRESETS))
     atlas_obj = load_atlas(atlas)
     cohort = read_cohort(cohort_dir)
-    # A str ("cpu") becomes a torch.device: autocast() and the models read device.type.
-    device = torch.device(device) if device else select_device()
-    uses_ts = "ts" in modalities
-    encoder: FoundationEncoder | None = None
-    foundation_note = None
-    if uses_ts and not no_foundation:
-        from fmmtc_core.models.foundation import read_json_object
-        from fmmtc_core.models.registry import load_encoder
+    # One process, or one of torchrun's (a CUDA device becomes this rank's GPU); rank 0
+    # alone reports and writes (see the Notes).
+    with distributed.session(device, backend, threads) as ctx:
+        device = ctx.device
+        if not ctx.is_main:
+            progress = None
+        uses_ts = "ts" in modalities
+        encoder: FoundationEncoder | None = None
+        foundation_note = None
+        if uses_ts and not no_foundation:
+            from fmmtc_core.models.foundation import read_json_object
+            from fmmtc_core.models.registry import load_encoder
 
-        if foundation is None:
-            from fmmtc_core.config import default_model_dir
+            if foundation is None:
+                from fmmtc_core.config import default_model_dir
 
-            foundation = Path(default_model_dir()) / "foundation"
-            foundation_note = (f"the bundled demo encoder ({foundation}), pretrained on "
-                               "simulated data only")
+                foundation = Path(default_model_dir()) / "foundation"
+                foundation_note = (f"the bundled demo encoder ({foundation}), pretrained on "
+                                   "simulated data only")
+            else:
+                foundation_note = str(Path(foundation).resolve())
+            _check_encoder_atlas(foundation, foundation_note, atlas_obj)
+            # The atlas with the coordinate table (A424 row order / coordinates); the scans are
+            # parcellated with atlas_obj itself.
+            enc_atlas = (atlas_obj if coordinates is None
+                         else load_atlas(atlas, coordinates_file=coordinates))
+            encoder = load_encoder(foundation, device, atlas=enc_atlas, token_pooling=ts_pooling)
+            cfg_file = Path(foundation) / "config.json"
+            fcfg = read_json_object(cfg_file, str(cfg_file), "a model config object")
+        elif foundation is not None:  # no_foundation: the same architecture, random weights
+            cfg_path = Path(foundation) / "config.json"
+            if not cfg_path.exists():
+                raise InvalidInputError(f"{foundation} has no config.json.")
+            fcfg = BrainLMConfig(**{k: v for k, v in json.loads(cfg_path.read_text()).items()
+                                    if k != "model_type"}).to_dict()
         else:
-            foundation_note = str(Path(foundation).resolve())
-        _check_encoder_atlas(foundation, foundation_note, atlas_obj)
-        # The atlas with the coordinate table (A424 row order / coordinates); the scans are
-        # parcellated with atlas_obj itself.
-        enc_atlas = (atlas_obj if coordinates is None
-                     else load_atlas(atlas, coordinates_file=coordinates))
-        encoder = load_encoder(foundation, device, atlas=enc_atlas, token_pooling=ts_pooling)
-        cfg_file = Path(foundation) / "config.json"
-        fcfg = read_json_object(cfg_file, str(cfg_file), "a model config object")
-    elif foundation is not None:  # no_foundation: the same architecture, random weights
-        cfg_path = Path(foundation) / "config.json"
-        if not cfg_path.exists():
-            raise InvalidInputError(f"{foundation} has no config.json.")
-        fcfg = BrainLMConfig(**{k: v for k, v in json.loads(cfg_path.read_text()).items()
-                                if k != "model_type"}).to_dict()
-    else:
-        fcfg = BrainLMConfig.tiny(num_brain_voxels=atlas_obj.n_regions).to_dict()
-    length = encoder.entry.window if encoder is not None else int(
-        fcfg["num_timepoints_per_voxel"])
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before training
-    if subjects is None:
-        subjects = prepare_cohort(cohort, atlas_obj, progress, cleaning=cleaning)
-    y = cohort.participants["responder"].to_numpy()
-    groups = cohort.participants["site"].astype(str).to_numpy() if "site" in cohort.participants else None
-    xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
-    feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
-    scaling_card = embeddings_card = None
-    if encoder is not None:  # whole scans through the frozen encoder: the screening path
-        arrays, scaling_card, embeddings_card = _encoder_features(
-            encoder, subjects, gram=PRESETS[preset]["fc_input"] == "gram",
-            cohort_name=Path(cohort_dir).name, progress=progress)
-        feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
-    else:  # connectivity only, or an encoder trained from scratch: the centred window
-        window_np, fc_np, amp_np = _stack_inputs(subjects, length)
-        windows = torch.from_numpy(window_np)
-        feats |= {
-            "window": windows.to(device),
-            "fc": torch.from_numpy(fc_np).float().to(device),
-            "amplitude": torch.from_numpy(amp_np).float().to(device),
-            "gram": (windows @ windows.transpose(1, 2) / length).to(device),
-        }
-    config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
-                         foundation="scratch" if no_foundation else "pretrained",
-                         foundation_config=fcfg, ts_pooling=ts_pooling,
-                         encoder_entry=encoder.entry.name if encoder is not None else "",
-                         encoder_hash=encoder.preprocessing_hash if encoder is not None else "",
-                         # the small preset without a foundation model: regional amplitude
-                         # alone carries the T modality (no encoder trained from scratch)
-                         ts_embedding=not (no_foundation and PRESETS[preset].get("amplitude")),
-                         **PRESETS[preset])
-    fit_kw = {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
-              "device": device}
-    shared = encoder if (uses_ts and not no_foundation) else None
-    with deterministic(threads):
-        runs = []
-        for r in range(repeats):
-            splits, split_how = _splits(y, groups, folds, seed + r)
-            runs.append(_cross_validate(config, shared, feats, y, splits, seed + r, fit_kw,
-                                        progress=progress, stage="train" if repeats == 1
-                                        else f"train (repeat {r + 1}/{repeats})"))
-        fold_of = runs[0]["fold_of"]
-        permutation = None
-        if permutations:
-            def permuted_auc(y_perm: np.ndarray) -> float:
-                perm_splits, _ = _splits(y_perm, groups, folds, seed)
-                run = _cross_validate(config, shared, feats, y_perm, perm_splits, seed, fit_kw,
-                                      keep_states=False)
-                return float(roc_auc_score(y_perm, run["oof"]))
+            fcfg = BrainLMConfig.tiny(num_brain_voxels=atlas_obj.n_regions).to_dict()
+        length = encoder.entry.window if encoder is not None else int(
+            fcfg["num_timepoints_per_voxel"])
+        if ctx.is_main:  # an unwritable folder fails before training
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if subjects is None:
+            subjects = prepare_cohort(cohort, atlas_obj, progress, cleaning=cleaning)
+        y = cohort.participants["responder"].to_numpy()
+        groups = (cohort.participants["site"].astype(str).to_numpy()
+                  if "site" in cohort.participants else None)
+        xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
+        feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
+        scaling_card = embeddings_card = None
+        if encoder is not None:  # whole scans through the frozen encoder: the screening path
+            arrays, scaling_card, embeddings_card = _encoder_features(
+                encoder, subjects, gram=PRESETS[preset]["fc_input"] == "gram",
+                cohort_name=Path(cohort_dir).name, progress=progress, ctx=ctx)
+            feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
+        else:  # connectivity only, or an encoder trained from scratch: the centred window
+            window_np, fc_np, amp_np = _stack_inputs(subjects, length)
+            windows = torch.from_numpy(window_np)
+            feats |= {
+                "window": windows.to(device),
+                "fc": torch.from_numpy(fc_np).float().to(device),
+                "amplitude": torch.from_numpy(amp_np).float().to(device),
+                "gram": (windows @ windows.transpose(1, 2) / length).to(device),
+            }
+        config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
+                             foundation="scratch" if no_foundation else "pretrained",
+                             foundation_config=fcfg, ts_pooling=ts_pooling,
+                             encoder_entry=encoder.entry.name if encoder is not None else "",
+                             encoder_hash=encoder.preprocessing_hash if encoder is not None else "",
+                             # the small preset without a foundation model: regional amplitude
+                             # alone carries the T modality (no encoder trained from scratch)
+                             ts_embedding=not (no_foundation and PRESETS[preset].get("amplitude")),
+                             **PRESETS[preset])
+        fit_kw = {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+                  "device": device}
+        shared = encoder if (uses_ts and not no_foundation) else None
+        with deterministic(threads):
+            runs = []
+            for r in range(repeats):
+                splits, split_how = _splits(y, groups, folds, seed + r)
+                runs.append(_cross_validate(config, shared, feats, y, splits, seed + r, fit_kw,
+                                            progress=progress, stage="train" if repeats == 1
+                                            else f"train (repeat {r + 1}/{repeats})",
+                                            ctx=ctx))
+            fold_of = runs[0]["fold_of"]
+            permutation = None
+            if permutations:
+                def permuted_auc(y_perm: np.ndarray) -> float:
+                    perm_splits, _ = _splits(y_perm, groups, folds, seed)
+                    run = _cross_validate(config, shared, feats, y_perm, perm_splits, seed,
+                                          fit_kw, keep_states=False, ctx=ctx)
+                    return float(roc_auc_score(y_perm, run["oof"]))
 
-            perm_cb = (lambda i, n: progress("permute", i, n, {})) if progress else None
-            permutation = permutation_p_value(
-                float(roc_auc_score(y, runs[0]["oof"])), permuted_auc, y, permutations,
-                seed=seed, progress=perm_cb)
-    # The deployed quantity is the mean of the fold models' scaled logits. Its out-of-fold
-    # estimate for a participant is the mean over repeats of the scaled logit of the model
-    # that held them out (each from a model that never saw them).
-    scored = score_out_of_fold(y, [run["oof"] for run in runs], fold_of, seed=seed,
-                               permutation=permutation)
-    oof, prob, metrics, warnings_ = (scored.logit, scored.probability, scored.metrics,
-                                     scored.warnings)
-    a, b, draws, calibration_note = scored.a, scored.b, scored.bootstrap, scored.note
-    if config.fit == "stacked" and config.use_encoder:
-        kept = [info.get("embedding") == "used" for run in runs for info in run["fit_info"]]
-        metrics["foundation_embedding"] = {"kept": sum(kept), "fold_models": len(kept),
-                                           "note": _embedding_kept(runs)}
-    for text in warnings_:
-        warnings.warn(text, TrainingWarning, stacklevel=2)
-    fold_states = [st for run in runs for st in run["states"]]
-    fold_scale = [sc for run in runs for sc in run["scales"]]
-    fit_card: dict[str, object] = (
-        {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
-                "logistic regression (balanced classes, strength by inner 5-fold CV) on "
-                "cross-fitted read-out features and a cross-fitted linear probe of the "
-                "embedding, the probe kept only where it improves the inner-CV log loss",
-         "fold_fits": [info for run in runs for info in run["fit_info"]],
-         **({"embedding_kept": _embedding_kept(runs)} if config.use_encoder else {})}
-        if config.fit == "stacked" else
-        {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
-         "loss": "class-weighted BCE", "optimizer": "AdamW",
-         "early_stopping": "inner 20% validation split of each training fold"})
-    card = {
-        **_card_header(out_dir, cohort_dir, y, groups),
-        "atlas": _atlas_card(atlas_obj, coordinates),
-        "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
-                          if encoder is not None else preprocessing_card(cleaning, length)),
-        "model": {"type": "fmmtc", **config.to_dict()},
-        "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
-                     **fit_card,
-                     "threads": threads, "deterministic": threads is not None,
-                     "foundation": foundation_note,
-                     **({"embeddings": embeddings_card} if embeddings_card else {})},
-        "calibration": {"method": "platt", "a": a, "b": b,
-                        "fitted_on": "out-of-fold mean of scaled fold logits (all participants)",
-                        "note": calibration_note, "fold_scale": fold_scale,
-                        "bootstrap": [[round(float(x), 6) for x in row] for row in draws],
-                        "band": "80 % interval of the calibrated probability over "
-                                f"{len(draws)} bootstrap refits of the calibration"},
-        "ensemble": ("calibrated mean of the fold models' logits, each divided by its SD over "
-                     "its training participants"),
-        "metrics_out_of_fold": metrics,
-        "warnings": warnings_,
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__},
-        "runtime_s": round(time.perf_counter() - t0, 1),
-    }
-    # Explanation baselines: the cohort's mean connectivity (and mean Gram matrix, the
-    # connectivity input of fc_input="gram" models).
-    baseline = {"cohort_mean_fc": feats["fc"].mean(0), "xyz": xyz}
-    if "gram" in feats:
-        baseline["cohort_mean_gram"] = feats["gram"].mean(0)
-    out = write_model_folder(out_dir, fold_states=fold_states, baseline=baseline,
-                             encoder=encoder, card=card)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "oof_predictions.tsv").write_text(pd.DataFrame({
-        "participant_id": cohort.participants["participant_id"], "responder": y,
-        "fold": fold_of, "logit": oof, "probability": prob}).to_csv(sep="\t", index=False))
-    return metrics
+                perm_cb = (lambda i, n: progress("permute", i, n, {})) if progress else None
+                permutation = permutation_p_value(
+                    float(roc_auc_score(y, runs[0]["oof"])), permuted_auc, y, permutations,
+                    seed=seed, progress=perm_cb)
+        # The deployed quantity is the mean of the fold models' scaled logits. Its out-of-fold
+        # estimate for a participant is the mean over repeats of the scaled logit of the model
+        # that held them out (each from a model that never saw them).
+        scored = score_out_of_fold(y, [run["oof"] for run in runs], fold_of, seed=seed,
+                                   permutation=permutation)
+        oof, prob, metrics, warnings_ = (scored.logit, scored.probability, scored.metrics,
+                                         scored.warnings)
+        a, b, draws, calibration_note = scored.a, scored.b, scored.bootstrap, scored.note
+        if config.fit == "stacked" and config.use_encoder:
+            kept = [info.get("embedding") == "used" for run in runs for info in run["fit_info"]]
+            metrics["foundation_embedding"] = {"kept": sum(kept), "fold_models": len(kept),
+                                               "note": _embedding_kept(runs)}
+        for text in warnings_:
+            warnings.warn(text, TrainingWarning, stacklevel=2)
+        fold_states = [st for run in runs for st in run["states"]]
+        fold_scale = [sc for run in runs for sc in run["scales"]]
+        fit_card: dict[str, object] = (
+            {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
+                    "logistic regression (balanced classes, strength by inner 5-fold CV) on "
+                    "cross-fitted read-out features and a cross-fitted linear probe of the "
+                    "embedding, the probe kept only where it improves the inner-CV log loss",
+             "fold_fits": [info for run in runs for info in run["fit_info"]],
+             **({"embedding_kept": _embedding_kept(runs)} if config.use_encoder else {})}
+            if config.fit == "stacked" else
+            {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+             "loss": "class-weighted BCE", "optimizer": "AdamW",
+             "early_stopping": "inner 20% validation split of each training fold"})
+        card = {
+            **_card_header(out_dir, cohort_dir, y, groups),
+            "atlas": _atlas_card(atlas_obj, coordinates),
+            "preprocessing": (preprocessing_card(cleaning, encoder, scaling=scaling_card)
+                              if encoder is not None else preprocessing_card(cleaning, length)),
+            "model": {"type": "fmmtc", **config.to_dict()},
+            "training": {"folds": folds, "repeats": repeats, "split": split_how, "seed": seed,
+                         **fit_card,
+                         "threads": threads, "deterministic": threads is not None,
+                         **({"processes": ctx.world_size, "parallel": "fold models and scan "
+                             "embeddings dealt over the processes (torchrun)"}
+                            if ctx.distributed else {}),
+                         "foundation": foundation_note,
+                         **({"embeddings": embeddings_card} if embeddings_card else {})},
+            "calibration": {"method": "platt", "a": a, "b": b,
+                            "fitted_on": "out-of-fold mean of scaled fold logits (all "
+                                         "participants)",
+                            "note": calibration_note, "fold_scale": fold_scale,
+                            "bootstrap": [[round(float(x), 6) for x in row] for row in draws],
+                            "band": "80 % interval of the calibrated probability over "
+                                    f"{len(draws)} bootstrap refits of the calibration"},
+            "ensemble": ("calibrated mean of the fold models' logits, each divided by its SD over "
+                         "its training participants"),
+            "metrics_out_of_fold": metrics,
+            "warnings": warnings_,
+            "software": {"python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": np.__version__},
+            "runtime_s": round(time.perf_counter() - t0, 1),
+        }
+        # Explanation baselines: the cohort's mean connectivity (and mean Gram matrix, the
+        # connectivity input of fc_input="gram" models).
+        baseline = {"cohort_mean_fc": feats["fc"].mean(0), "xyz": xyz}
+        if "gram" in feats:
+            baseline["cohort_mean_gram"] = feats["gram"].mean(0)
+        if ctx.is_main:
+            out = write_model_folder(out_dir, fold_states=fold_states, baseline=baseline,
+                                     encoder=encoder, card=card)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (out / "oof_predictions.tsv").write_text(pd.DataFrame({
+                "participant_id": cohort.participants["participant_id"], "responder": y,
+                "fold": fold_of, "logit": oof, "probability": prob}).to_csv(sep="\t",
+                                                                            index=False))
+        ctx.barrier()  # every rank returns once the folder is complete
+        return metrics
 
 
 class TrainingWarning(UserWarning):
@@ -745,37 +807,96 @@ def _atlas_card(atlas_obj, coordinates) -> dict:
 
 def _cross_validate(config: FMMTCConfig, encoder, feats: dict, y: np.ndarray, splits,
                     seed: int, fit_kw: dict, *, progress: Progress = None,
-                    stage: str = "train", keep_states: bool = True) -> dict:
+                    stage: str = "train", keep_states: bool = True,
+                    ctx: DistContext | None = None) -> dict:
     """One K-fold cross-validation: out-of-fold scaled logits, fold states and scales.
 
     Each fold model's logits are divided by their SD over its own training participants (at
     least 0.1), so no fold model dominates the ensemble's mean by the scale of its logits.
+
+    Under torchrun (``ctx`` with more than one process) fold ``k`` is fitted by rank
+    ``k % world`` and its result (out-of-fold logits, scale, weights, fit notes) sent to
+    every rank. A fold's fit depends only on its seed and data, never on the other folds, so
+    the result is the one-process result (bit for bit with the same ``threads``).
     """
     oof = np.zeros(len(y))
     fold_of = np.zeros(len(y), dtype=int)
     states, scales, fit_info = [], [], []
-    device = fit_kw["device"]
+    world = ctx.world_size if ctx is not None else 1
+    rank = ctx.rank if ctx is not None else 0
     for k, (train_idx, test_idx) in enumerate(splits):
-        seed_all(seed * 1000 + k)
-        model = FMMTC(config, encoder).to(device)
-        _init_readouts(model, feats, y, train_idx)
-        if config.fit == "stacked":
-            fit_info.append(_fit_stacked(model, feats, y, train_idx, seed * 1000 + k))
-        else:
-            _fit_fold(model, feats, y, train_idx, seed * 1000 + k, **fit_kw)
-        with torch.no_grad():
-            scale = max(float(_logits(model, feats, train_idx).float().std()), 0.1)
-            oof[test_idx] = _logits(model, feats, test_idx).float().cpu().numpy() / scale
+        result = None
+        if k % world == rank:
+            result = _fit_one_fold(config, encoder, feats, y, train_idx, test_idx,
+                                   seed * 1000 + k, fit_kw, keep_states=keep_states)
+        if world > 1:
+            assert ctx is not None
+            blob = _fold_blob(result) if result is not None else None
+            result = _fold_from_blob(ctx.broadcast_bytes(blob, src=k % world))
+        assert result is not None
+        oof[test_idx] = result["oof"]
         fold_of[test_idx] = k
-        scales.append(scale)
+        scales.append(result["scale"])
         if keep_states:
-            states.append({n: v.detach().cpu().contiguous()
-                           for n, v in model.state_dict().items()
-                           if not (model.frozen_ts and n.startswith("ts_encoder."))})
+            states.append(result["state"])
+        if "fit_info" in result:
+            fit_info.append(result["fit_info"])
         if progress:
             progress(stage, k + 1, len(splits), {})
     return {"oof": oof, "fold_of": fold_of, "states": states, "scales": scales,
             "fit_info": fit_info}
+
+
+def _fit_one_fold(config: FMMTCConfig, encoder, feats: dict, y: np.ndarray, train_idx,
+                  test_idx, seed: int, fit_kw: dict, *, keep_states: bool) -> dict:
+    """One fold model: ``oof`` (its scaled logits of ``test_idx``), ``scale``, ``state``
+    (CPU tensors, without the frozen encoder; empty unless ``keep_states``) and, for a
+    stacked fit, ``fit_info``."""
+    device = fit_kw["device"]
+    seed_all(seed)
+    model = FMMTC(config, encoder).to(device)
+    _init_readouts(model, feats, y, train_idx)
+    out: dict = {}
+    if config.fit == "stacked":
+        out["fit_info"] = _fit_stacked(model, feats, y, train_idx, seed)
+    else:
+        _fit_fold(model, feats, y, train_idx, seed, **fit_kw)
+    with torch.no_grad():
+        scale = max(float(_logits(model, feats, train_idx).float().std()), 0.1)
+        out["oof"] = _logits(model, feats, test_idx).float().cpu().numpy() / scale
+    out["scale"] = scale
+    out["state"] = ({n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()
+                     if not (model.frozen_ts and n.startswith("ts_encoder."))}
+                    if keep_states else {})
+    return out
+
+
+def _fold_blob(result: dict) -> bytes:
+    """A fold's result as one safetensors blob (weights as tensors, the rest as JSON
+    metadata): what a rank sends the others."""
+    from safetensors.torch import save
+
+    tensors = {f"state.{k}": v for k, v in result["state"].items()}
+    tensors["oof"] = torch.from_numpy(np.ascontiguousarray(result["oof"], dtype=np.float64))
+    meta = {"scale": repr(float(result["scale"]))}
+    if "fit_info" in result:
+        meta["fit_info"] = json.dumps(result["fit_info"])
+    return save(tensors, metadata=meta)
+
+
+def _fold_from_blob(blob: bytes) -> dict:
+    """The inverse of :func:`_fold_blob`."""
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    # the metadata is in the header: the 8-byte length, then JSON
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    meta = header.get("__metadata__", {})
+    out = {"oof": tensors["oof"].numpy(), "scale": float(meta["scale"]),
+           "state": {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}}
+    if "fit_info" in meta:
+        out["fit_info"] = json.loads(meta["fit_info"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------

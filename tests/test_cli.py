@@ -231,3 +231,11 @@ def test_min_volumes_reaches_the_analysis(tmp_path, capsys):
     code, out, err = run(["screen", scan, "--db", db, "--json", "--min-volumes", "40"], capsys)
     assert code == 0, err
     assert json.loads(out)["participant_id"] == "001"
+
+
+def test_train_baseline_refuses_a_torchrun_launch(tmp_path, monkeypatch, capsys):
+    for key, value in dict(WORLD_SIZE=2, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=1).items():
+        monkeypatch.setenv(key, str(value))
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--model", "cpm"]) == 2
+    assert "--model cpm runs in one process" in capsys.readouterr().err

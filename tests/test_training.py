@@ -343,3 +343,47 @@ def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, dat
     assert card["model"]["ts_embedding"] is False and not (tmp_path / "nf" / "foundation").exists()
     ens = load_model(tmp_path / "nf")
     assert ens.encoder is None and ens.uses_amplitude
+
+
+def test_two_processes_train_the_one_process_model(tmp_path, data, monkeypatch):
+    """Under torchrun (2 processes, gloo on loopback) the scans' embeddings and the fold
+    models are dealt over the ranks: the folder is the one-process one, bit for bit."""
+    from _ddp_worker import run_worker
+
+    _, _, cohort, found = data
+    # the gradient-trained preset (the small preset's stacked fits take ~20 s a fold here;
+    # its fit notes cross processes as in test_a_fold_result_survives_its_trip)
+    opts = dict(foundation=str(found), preset="default", epochs=3, folds=3, atlas="aal3",
+                threads=1)
+    monkeypatch.setenv("FMMTC_CACHE_DIR", str(tmp_path / "cache1"))  # both compute embeddings
+    train(cohort, tmp_path / "one", **opts)
+    monkeypatch.setenv("FMMTC_CACHE_DIR", str(tmp_path / "cache2"))
+    run_worker(2, "train", cohort_dir=str(cohort), out_dir=str(tmp_path / "two"), **opts)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "metrics.json").read_text() == (two / "metrics.json").read_text()
+    assert (one / "oof_predictions.tsv").read_text() == (two / "oof_predictions.tsv").read_text()
+    names = sorted(p.name for p in one.glob("*.safetensors"))
+    assert names == sorted(p.name for p in two.glob("*.safetensors"))
+    assert "fold_2.safetensors" in names
+    for name in names:
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cards = [json.loads((d / "model_card.json").read_text())["training"] for d in (one, two)]
+    assert cards[0]["embeddings"]["computed"] == cards[1]["embeddings"]["computed"] == 24
+    assert "processes" not in cards[0] and cards[1]["processes"] == 2
+
+
+def test_a_fold_result_survives_its_trip_between_processes():
+    """What a rank sends the others for each fold (weights, scaled logits, scale, the stacked
+    fit's notes) comes back unchanged."""
+    from fmmtc_core.training import _fold_blob, _fold_from_blob
+
+    result = {"oof": np.array([0.25, -1.5], dtype=np.float32), "scale": 0.7312345678901234,
+              "state": {"head.0.weight": torch.arange(6.0).reshape(2, 3)},
+              "fit_info": {"C": 0.1, "embedding": "dropped"}}
+    back = _fold_from_blob(_fold_blob(result))
+    assert back["oof"].tolist() == [0.25, -1.5] and back["scale"] == result["scale"]
+    assert back["fit_info"] == result["fit_info"]
+    assert torch.equal(back["state"]["head.0.weight"], result["state"]["head.0.weight"])
+    no_info = _fold_from_blob(_fold_blob({k: v for k, v in result.items() if k != "fit_info"}))
+    assert "fit_info" not in no_info and no_info["state"].keys() == result["state"].keys()
