@@ -36,14 +36,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from fmmtc_core._docs import fill_doc
 from fmmtc_core._errors import FMMTCWarning, InvalidInputError
+
+if TYPE_CHECKING:  # loaded where used: refusing a missing or foreign file needs neither
+    import pandas as pd
 
 _gzip: types.ModuleType
 _InflateError: type[Exception]
@@ -343,6 +344,8 @@ def _check_nifti_header(header, label: str) -> None:
     are stored unscaled (the intercept is then ignored). An infinite slope or intercept is
     refused, and so is a NaN intercept under a real slope (every value would be NaN).
     """
+    import nibabel as nib
+
     if not isinstance(header, nib.Nifti1Header):  # Analyze headers have none of these fields
         return
     off = float(header["vox_offset"])
@@ -387,6 +390,8 @@ def _parse_nifti_header(head: bytes, kind: str):
     Only the fixed part is parsed, as if there were no extensions: they are not needed here,
     and parsing them from the first KB would fail on a long (e.g. AFNI) extension.
     """
+    import nibabel as nib
+
     if kind == "nifti1":
         cls = nib.Nifti1Header if head[344:348] == b"n+1\x00" else nib.nifti1.Nifti1PairHeader
         size = 348
@@ -881,6 +886,8 @@ def load_sidecar(path: str | os.PathLike) -> dict:
 def _check_confounds(df: pd.DataFrame, label: str, n_volumes: int | None) -> pd.DataFrame:
     """Numbers or NaN only (fMRIPrep writes ``n/a`` in the first row of derivatives), no
     infinities, one row per volume."""
+    import pandas as pd
+
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise InvalidInputError(
@@ -935,6 +942,8 @@ def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) 
     label = f"Confounds file {path.name!r}"
     if not raw.strip():
         raise InvalidInputError(f"{label} is empty.")
+    import pandas as pd
+
     try:
         df = pd.read_csv(io.BytesIO(raw), sep="\t", na_values=["n/a", "N/A", "NaN", "nan"],
                          encoding="utf-8-sig")
@@ -1153,6 +1162,8 @@ def load_scan(
             "time-series table; expected a 4D .nii/.nii.gz or a TSV/CSV/NPY table."
         )
     if confounds is not None:
+        import pandas as pd
+
         if isinstance(confounds, pd.DataFrame):
             df = confounds.reset_index(drop=True)
             scan.confounds = _check_confounds(df, "The confounds table", scan.n_volumes)
