@@ -47,6 +47,7 @@ typecheck: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/bench_parcellate.py
+	$(BIN)/python bench/bench_cli.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -39,11 +39,9 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import nibabel as nib
 import numpy as np
-from nibabel.spatialimages import SpatialImage
 
 from fmmtc_core._errors import InvalidInputError
 from fmmtc_core.anatomy import GROUPINGS, region_anatomy
@@ -58,6 +56,10 @@ from fmmtc_core.io import (
     _shown,
     _size,
 )
+
+if TYPE_CHECKING:  # loaded where used: resolving an atlas name needs no image library
+    import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
 __all__ = [
     "Atlas",
@@ -308,6 +310,8 @@ class Atlas:
             The labels on that grid with their per-region voxel counts and coverage (all
             background when the grid misses the atlas). The same object for a repeated grid.
         """
+        import nibabel as nib
+
         shape = cast("tuple[int, int, int]", tuple(int(s) for s in shape[:3]))
         affine = np.asarray(affine, dtype=np.float64)
         key = (shape, np.round(affine, 5).tobytes())
@@ -460,8 +464,10 @@ def _region_stats(data: np.ndarray, affine: np.ndarray, labels: np.ndarray):
 
 @lru_cache(maxsize=1)
 def _aal3_reference() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    import nibabel as nib
+
     adir = _package_atlas_dir()
-    img = cast(SpatialImage, nib.load(adir / "AAL3.nii"))
+    img = cast("SpatialImage", nib.load(adir / "AAL3.nii"))
     return (
         np.asanyarray(img.dataobj).astype(np.int16),
         img.affine.copy(),
@@ -510,7 +516,9 @@ def _groups_by_aal3(
 @lru_cache(maxsize=4)
 def _voted_lobes_of_file(path: str, size: int, mtime: float, labels: tuple[int, ...],
                          names: tuple[str, ...]) -> tuple[str, ...]:
-    img = cast(SpatialImage, nib.load(path))
+    import nibabel as nib
+
+    img = cast("SpatialImage", nib.load(path))
     data = np.rint(np.asanyarray(img.dataobj)).astype(np.int16).reshape(img.shape[:3])
     lab_arr = np.asarray(labels, dtype=np.int64)
     _, _, (lab, xyz) = _region_stats(data, img.affine, lab_arr)
@@ -567,6 +575,8 @@ def _region_groups(
 def _build_atlas(
     name: str, data: np.ndarray, affine: np.ndarray, table: dict[int, str] | None, source: str
 ) -> Atlas:
+    import nibabel as nib
+
     present = np.unique(data)
     present = present[present > 0]
     if present.size == 0:
@@ -598,6 +608,8 @@ def _build_atlas(
 
 def _to_cache_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Resample 1 mm labels to the 2 mm grid that shares the image's origin (fMRIPrep res-2)."""
+    import nibabel as nib
+
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if np.all(zooms >= CACHE_VOXEL_MM - 1e-3):
         return data, affine
@@ -614,6 +626,8 @@ def _to_cache_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _load_bundled(key: str) -> Atlas:
+    import nibabel as nib
+
     stem, _ = BUNDLED_ATLASES[key]
     adir = _package_atlas_dir()
     src = adir / f"{stem}.nii"
@@ -624,7 +638,7 @@ def _load_bundled(key: str) -> Atlas:
     meta_path = cdir / f"{stem}_res-2mm_{tag}.json"
     if img_path.exists() and meta_path.exists():
         try:
-            img = cast(SpatialImage, nib.load(img_path))
+            img = cast("SpatialImage", nib.load(img_path))
             meta = json.loads(meta_path.read_text())
             return Atlas(
                 name=meta["name"],
@@ -640,7 +654,7 @@ def _load_bundled(key: str) -> Atlas:
             )
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
-    native = cast(SpatialImage, nib.load(src))
+    native = cast("SpatialImage", nib.load(src))
     # HCPEx ships float32 labels: round before casting so 12.999999 stays 13.
     data = np.rint(np.asanyarray(native.dataobj)).astype(np.int16)
     table = _read_label_table(adir / f"{stem}.txt")
@@ -680,6 +694,8 @@ def _open_label_image(path: Path):
     budget (counted as float64, the working copy of the labels; ``$FMMTC_MAX_SCAN_BYTES``) and,
     for uncompressed data, a file shorter than its header declares.
     """
+    import nibabel as nib
+
     _check_regular_file(path, "Atlas file", _ATLAS_EXPECTED)
     name = _shown(path.name)
     # The on-disk header (nibabel's in-memory copy resets vox_offset), checked before nibabel
@@ -688,7 +704,7 @@ def _open_label_image(path: Path):
     if raw_header is not None:
         _check_nifti_header(raw_header, f"Atlas file {path.name!r}")
     try:
-        img = cast(SpatialImage, nib.load(path))
+        img = cast("SpatialImage", nib.load(path))
     except Exception as exc:
         raise InvalidInputError(
             f"Atlas file {name} is not a readable NIfTI label image ({_one_line(exc)})."

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from fmmtc_core._errors import InvalidInputError
+
+if TYPE_CHECKING:  # loaded by read_cohort: a missing cohort is refused before pandas loads
+    import pandas as pd
 
 __all__ = ["Cohort", "read_cohort"]
 
@@ -63,6 +65,8 @@ def read_cohort(root: str | os.PathLike, *, require_labels: bool = True) -> Coho
     table = root / "participants.tsv"
     if not table.exists():
         raise InvalidInputError(f"{root} has no participants.tsv; expected a BIDS-style cohort.")
+    import pandas as pd
+
     parts = pd.read_csv(table, sep="\t", dtype={"participant_id": str})
     if "participant_id" not in parts:
         raise InvalidInputError(f"{table} has no participant_id column.")

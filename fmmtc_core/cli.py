@@ -167,12 +167,13 @@ def cmd_parcellate(args) -> int:
         The scan, sidecar, confounds or atlas cannot be used, or cleaning refuses the series
         (from :func:`fmmtc_core.pipeline.load_and_clean`).
     """
-    from fmmtc_core.pipeline import load_and_clean, volume_progress
-    from fmmtc_core.preprocess import CleaningSettings
-
     out = Path(args.out)
     if out.suffix.lower() != ".tsv":
         raise FMMTCError(f"--out must name a .tsv file, got {out.name!r}.")
+    _check_scan(args, args.atlas)  # before pandas, scipy and nilearn load: a quick refusal
+
+    from fmmtc_core.pipeline import load_and_clean, volume_progress
+    from fmmtc_core.preprocess import CleaningSettings
     prep = load_and_clean(args.scan, args.atlas, sidecar=args.sidecar, confounds=args.confounds,
                           min_volumes=args.min_volumes,
                           cleaning=CleaningSettings(scrub=args.scrub) if args.clean else None,
@@ -223,6 +224,8 @@ def cmd_qc(args) -> int:
         The scan cannot be read, validated or parcellated
         (:func:`fmmtc_core.qc.assess_scan`).
     """
+    _check_scan(args, args.atlas)  # before pandas, scipy and nilearn load: a quick refusal
+
     from fmmtc_core.qc import assess_scan
 
     _, _, report = assess_scan(
@@ -343,6 +346,9 @@ def cmd_pretrain(args) -> int:
     InvalidInputError
         :func:`~fmmtc_core.pretraining.pretrain` refuses an option, the atlas or the corpus.
     """
+    from fmmtc_core.bids import read_cohort
+
+    read_cohort(args.corpus_dir, require_labels=False)  # refused in a second, before torch
     from fmmtc_core.pretraining import pretrain
 
     out = pretrain(args.corpus_dir, args.out, config=args.config, atlas=args.atlas,
@@ -443,6 +449,9 @@ def cmd_train(args) -> int:
         # stdout: off a terminal stderr holds only an error line
         print("note: no --foundation given: the time-series branch uses the bundled demo "
               "encoder, pretrained on simulated data only (recorded in the model card).")
+    from fmmtc_core.bids import read_cohort
+
+    read_cohort(args.cohort_dir)  # refused in a second, before torch and scikit-learn load
     from fmmtc_core.training import TrainingWarning
 
     with _warnings.catch_warnings():  # printed by _print_metrics, once
@@ -514,6 +523,8 @@ def _at_least_two(text: str) -> int:
 
 def _train_model(text: str) -> str:
     """``train --model``: FMM-TC or a deployable classic baseline (never the oracle)."""
+    if text == "fmmtc":  # the default: no scikit-learn import while the command line is parsed
+        return text
     from fmmtc_core.baselines import DEPLOYABLE  # no torch (models/ would import it)
 
     types = ("fmmtc", *DEPLOYABLE)
@@ -541,8 +552,14 @@ _FMMTC_ONLY = {"foundation": "--foundation", "no_foundation": "--no-foundation",
                "dist_backend": "--dist-backend"}
 
 
+#: ``compare --models`` default: every classic baseline.
+_COMPARE_DEFAULT = "cpm,nbs,edges,amplitude,oracle"
+
+
 def _model_names(text: str) -> list[str]:
     """``--models``: comma-separated names from :data:`fmmtc_core.baselines.MODELS`."""
+    if text == _COMPARE_DEFAULT:  # no scikit-learn import while the command line is parsed
+        return text.split(",")
     from fmmtc_core.baselines import MODELS  # no torch: scikit-learn and numpy only
 
     names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -644,6 +661,11 @@ def cmd_foundation(args) -> int:
         The folder is not a checkpoint of a known registry entry, or its ``config.json``
         cannot be used (:func:`~fmmtc_core.models.registry.inspect_encoder`).
     """
+    folder = Path(args.folder)
+    if not folder.is_dir():  # in the registry's words, before torch and transformers load
+        raise ModelFileError(f"Foundation model folder {str(folder)!r} does not exist; expected "
+                             "a folder with config.json and model.safetensors.")
+
     from fmmtc_core.models.registry import inspect_encoder
 
     info = inspect_encoder(args.folder, atlas=args.atlas, coordinates=args.coordinates,
@@ -771,7 +793,7 @@ def _check_scan(args, atlas: str | None) -> None:
 
 
 def _labels(args, names=("site", "drug", "arm", "operator")) -> dict:
-    from fmmtc_core.store.repository import validate_label
+    from fmmtc_core.identifiers import validate_label
 
     return {name: validate_label(name, getattr(args, name, None)) for name in names}
 
@@ -907,8 +929,7 @@ def cmd_screen(args) -> int:
     StorageError
         The database cannot be opened, read or written.
     """
-    from fmmtc_core.store import open_database
-    from fmmtc_core.store.repository import validate_pseudonym
+    from fmmtc_core.identifiers import validate_pseudonym
 
     # Cheapest first: identifiers, options, the scan's header, the model card, the database.
     participant = validate_pseudonym(args.participant or _participant_from_name(args.scan))
@@ -921,6 +942,8 @@ def cmd_screen(args) -> int:
         raise InvalidInputError(f"No such scan file: {str(args.scan)!r}.")
     model_dir = _model_dir(args.model)
     _check_scan(args, _model_atlas(model_dir))
+    from fmmtc_core.store import open_database
+
     engine = open_database(args.db)
 
     from fmmtc_core.screening import screen
@@ -986,14 +1009,14 @@ def cmd_screen_batch(args) -> int:
     FMMTCError
         At least one scan could not be screened (the others are stored): exit status 2.
     """
-    from fmmtc_core.store import open_database
-
     operator = _labels(args, ("operator",))["operator"]
     root = Path(args.cohort_dir)
     if not (root / "participants.tsv").is_file():
         raise InvalidInputError(f"{root} has no participants.tsv; expected a BIDS-style cohort.")
     model_dir = _model_dir(args.model)
     _model_atlas(model_dir)
+    from fmmtc_core.store import open_database
+
     open_database(args.db).dispose()  # refuse a database that cannot be used before the model
 
     from fmmtc_core.screening import screen_batch
@@ -1384,7 +1407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
                    help="repeat the cross-validation N times with other splits (seeds seed, "
                         "seed+1, ...)")
-    p.add_argument("--models", type=_model_names, default="cpm,nbs,edges,amplitude,oracle",
+    p.add_argument("--models", type=_model_names, default=_COMPARE_DEFAULT,
                    metavar="LIST",
                    help="comma-separated, from cpm,nbs,edges,amplitude,oracle,fmmtc (default: "
                         "every classic baseline; the oracle only runs on simulated cohorts; "

@@ -21,6 +21,9 @@ Environment variables
     The model used when none is named; default the bundled demo model.
 ``FMMTC_MAX_SCAN_BYTES``
     Memory budget for one image, decided from its header (default 8 GiB).
+``FMMTC_READ_THREADS``
+    Threads that decompress one ``.nii.gz`` scan (1: ISA-L, one thread); default the usable
+    cores, at most 8 (see :func:`fmmtc_core.io.default_read_threads`).
 ``FMMTC_DEVICE``
     ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
 ``FMMTC_OPERATOR``
@@ -51,6 +54,7 @@ __all__ = [
     "default_model_dir",
     "DEMO_MODEL_DIR",
     "max_scan_bytes_setting",
+    "read_threads_setting",
     "device_setting",
     "operator_setting",
     "worker_threads_setting",
@@ -203,6 +207,19 @@ def max_scan_bytes_setting() -> str | None:
         empty (then :data:`DEFAULT_MAX_SCAN_BYTES` applies).
     """
     return _env("FMMTC_MAX_SCAN_BYTES")
+
+
+def read_threads_setting() -> str | None:
+    """How many threads decompress one ``.nii.gz`` scan, as the environment gives it.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_READ_THREADS`` as written (validated by
+        :func:`fmmtc_core.io.default_read_threads`); None when unset or empty (then the usable
+        cores, at most :data:`fmmtc_core.io.MAX_DEFAULT_READ_THREADS`).
+    """
+    return _env("FMMTC_READ_THREADS")
 
 
 def device_setting() -> str | None:

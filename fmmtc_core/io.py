@@ -18,6 +18,7 @@ decided from the header alone (:data:`DEFAULT_MAX_SCAN_BYTES`, ``$FMMTC_MAX_SCAN
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import hashlib
@@ -35,14 +36,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from fmmtc_core._docs import fill_doc
 from fmmtc_core._errors import FMMTCWarning, InvalidInputError
+
+if TYPE_CHECKING:  # loaded where used: refusing a missing or foreign file needs neither
+    import pandas as pd
 
 _gzip: types.ModuleType
 _InflateError: type[Exception]
@@ -55,6 +57,9 @@ except ImportError:  # pragma: no cover - isal is in requirements.txt; stay usab
     _InflateError = zlib.error
 
 _GZIP_ERRORS = (EOFError, zlib.error, _InflateError, gzip.BadGzipFile, OSError)
+# What rapidgzip raises on a damaged stream: RuntimeError ("Mismatching size ...", "End of file
+# reached!") and ValueError ("Mismatching CRC32 ...", "Invalid deflate block found").
+_PARALLEL_GZIP_ERRORS = (*_GZIP_ERRORS, RuntimeError, ValueError)
 
 __all__ = [
     "Scan",
@@ -63,6 +68,8 @@ __all__ = [
     "load_confounds_table",
     "find_sidecar",
     "write_upload",
+    "default_read_threads",
+    "MAX_DEFAULT_READ_THREADS",
     "DEFAULT_MIN_VOLUMES",
     "DEFAULT_MAX_SCAN_BYTES",
     "MAX_SIDECAR_BYTES",
@@ -98,6 +105,13 @@ _NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 # Voxel data are streamed in blocks of volumes of about this size.
 _BLOCK_BYTES = 64 * 1024**2
+#: Most threads :func:`default_read_threads` gives the decompression of one ``.nii.gz`` scan.
+#: Each decoder thread keeps its own decoded chunks (about 50 MB each on fMRI data), and past
+#: about 8 threads the parcellation arithmetic, not the inflate, is what the read waits for.
+MAX_DEFAULT_READ_THREADS = 8
+# Compressed bytes each rapidgzip decoder thread takes at a time (its default, 4 MiB): on a
+# 150 MB scan that is ~37 chunks, enough to keep every thread busy to the end of the file.
+_PARALLEL_CHUNK_BYTES = 4 * 1024**2
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +276,52 @@ def _memory_budget(max_bytes: int | None = None) -> int:
     return int(value)
 
 
+def default_read_threads() -> int:
+    """Threads that decompress one ``.nii.gz`` scan when the caller names none.
+
+    ``$FMMTC_READ_THREADS`` when set; else the cores this process may run on
+    (``os.sched_getaffinity``, so a container's or ``taskset``'s limit is honoured), at most
+    :data:`MAX_DEFAULT_READ_THREADS`. One thread reads with ISA-L; two or more with rapidgzip,
+    which decompresses a single gzip stream in parallel.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Raises
+    ------
+    InvalidInputError
+        ``$FMMTC_READ_THREADS`` is not a positive whole number.
+    """
+    from fmmtc_core.config import read_threads_setting
+
+    raw = read_threads_setting()
+    if raw is not None and raw.strip():
+        text = raw.strip()
+        if not text.isdigit() or int(text) < 1:
+            raise InvalidInputError(
+                f"FMMTC_READ_THREADS is {raw!r}; expected a positive whole number of threads "
+                f"(1 reads with one thread; default: the usable cores, at most "
+                f"{MAX_DEFAULT_READ_THREADS})."
+            )
+        return int(text)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_READ_THREADS))
+
+
+def _read_threads(threads) -> int:
+    """``threads`` checked, or :func:`default_read_threads` for None."""
+    if threads is None:
+        return default_read_threads()
+    return _check_positive_int(
+        "threads", threads, "threads that decompress a .nii.gz scan; 1 reads with ISA-L"
+    )
+
+
 def _check_positive_int(name: str, value, meaning: str, flag: str | None = None) -> int:
     """Return ``value`` if it is an integer >= 1 (not a bool), else refuse it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -284,6 +344,8 @@ def _check_nifti_header(header, label: str) -> None:
     are stored unscaled (the intercept is then ignored). An infinite slope or intercept is
     refused, and so is a NaN intercept under a real slope (every value would be NaN).
     """
+    import nibabel as nib
+
     if not isinstance(header, nib.Nifti1Header):  # Analyze headers have none of these fields
         return
     off = float(header["vox_offset"])
@@ -328,6 +390,8 @@ def _parse_nifti_header(head: bytes, kind: str):
     Only the fixed part is parsed, as if there were no extensions: they are not needed here,
     and parsing them from the first KB would fail on a long (e.g. AFNI) extension.
     """
+    import nibabel as nib
+
     if kind == "nifti1":
         cls = nib.Nifti1Header if head[344:348] == b"n+1\x00" else nib.nifti1.Nifti1PairHeader
         size = 348
@@ -461,7 +525,10 @@ class Scan:
         """(slope, intercept) that turn stored values into data values."""
         return self._slope, self._inter
 
-    def iter_blocks(self, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_blocks(
+        self, block_bytes: int = _BLOCK_BYTES, *, threads: int | None = None,
+        hold: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_volume, block)`` with ``block`` of shape (k, n_voxels), unscaled.
 
         Voxels are in NIfTI (Fortran) order within each volume. ``.nii`` files are memory
@@ -473,6 +540,17 @@ class Scan:
         ----------
         block_bytes : int, default=64 MiB
             Target size of a block; a block holds at least one volume.
+        threads : int or None, default=None
+            Threads that decompress a ``.nii.gz`` file: 1 inflates with ISA-L in one thread;
+            2 or more decompress the single gzip stream in parallel with rapidgzip (same
+            bytes). None: :func:`default_read_threads` (``$FMMTC_READ_THREADS``, else the
+            usable cores, at most 8). Ignored for ``.nii`` files.
+        hold : int or None, default=None
+            A promise by the caller: when it asks for the next block, it still uses at most
+            the ``hold`` blocks it was given last (a copy made from a block does not count).
+            The memory of older blocks is then reused for new ones, which spares the page
+            faults of a fresh 64 MiB buffer per block (parallel decompression only). None
+            (the default): every block has memory of its own, kept as long as it is used.
 
         Yields
         ------
@@ -487,10 +565,14 @@ class Scan:
         TypeError
             The scan is a table (its values are already in :attr:`table`).
         InvalidInputError
-            A ``.nii.gz`` file is truncated or its gzip stream is corrupt.
+            A ``.nii.gz`` file is truncated or its gzip stream is corrupt; ``threads`` is not
+            a positive integer.
         """
         if self.kind != "nifti":
             raise TypeError("iter_blocks reads NIfTI voxel data; a table is already in memory.")
+        n_threads = _read_threads(threads)
+        if hold is not None:
+            hold = _check_positive_int("hold", hold, "blocks the caller still uses")
         nvox = self.n_voxels
         assert self._dtype is not None  # set by load_scan for every NIfTI scan
         itemsize = self._dtype.itemsize
@@ -507,15 +589,22 @@ class Scan:
                 yield t0, mm
                 del mm
             return
-        yield from self._iter_gzip_blocks(k)
+        yield from self._iter_gzip_blocks(k, n_threads, hold)
 
-    def _iter_gzip_blocks(self, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _iter_gzip_blocks(
+        self, k: int, threads: int = 1, hold: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Decompress in a background thread, one block ahead of the consumer.
 
         The inflater (ISA-L, or zlib) releases the GIL, so on two or more cores decompression of
         block i+1 overlaps the consumer's work on block i and the whole read costs about the
-        decompression alone.
-        At most three blocks are alive at once (consumer, queue, worker).
+        decompression alone. With ``threads`` >= 2, rapidgzip decodes the one gzip stream in
+        ``threads`` threads of its own (it finds deflate block boundaries by itself, so any
+        gzip file works; no index is needed) and this thread merely copies its output into
+        the blocks, recycling their memory when the consumer promised how long it ``hold``s
+        them.
+        At most three blocks are alive at once (consumer, queue, worker), plus the ``hold``
+        blocks the consumer still uses.
         """
         nvox = self.n_voxels
         assert self._dtype is not None  # set by load_scan for every NIfTI scan
@@ -532,15 +621,38 @@ class Scan:
                     continue
             return False
 
+        parallel = threads > 1 and _parallel_gzip_ok(
+            self.path, self._offset + self.n_volumes * vol_bytes
+        )
+
+        # Buffers the consumer has released (see `hold`), for the producer to fill again.
+        free: queue.SimpleQueue = queue.SimpleQueue()
+
+        def read_block(f, size: int):
+            if not parallel:
+                # read() hands over the decompressed bytes without the extra copy readinto()
+                # makes in GzipFile.
+                return f.read(size), None
+            try:
+                owner = free.get_nowait()
+            except queue.Empty:
+                owner = np.empty(k * vol_bytes, dtype=np.uint8)
+            buf = owner[:size]
+            view, got = memoryview(buf), 0
+            while got < size:  # rapidgzip's readinto copies out of its decoded chunks
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            return (buf if got == size else buf[:got]), owner
+
         def produce() -> None:
             try:
-                with _gzip.open(self.path, "rb") as f:
+                with _open_gzip(self.path, threads if parallel else 1) as f:
                     _skip(f, self._offset)
                     for t0 in range(0, self.n_volumes, k):
                         n = min(k, self.n_volumes - t0)
-                        # read() hands over the decompressed bytes without the extra copy
-                        # readinto() makes in GzipFile.
-                        data = f.read(n * vol_bytes)
+                        data, owner = read_block(f, n * vol_bytes)
                         if len(data) < n * vol_bytes:
                             put(InvalidInputError(
                                 f"{_shown(self.path.name)} is truncated: the header declares "
@@ -548,9 +660,13 @@ class Scan:
                                 f"{t0 + len(data) // vol_bytes + 1}."
                             ))
                             return
-                        if not put((t0, n, data)):
+                        if not put((t0, n, data, owner)):
                             return
-            except _GZIP_ERRORS as exc:
+                    if parallel and f.readinto(bytearray(1)):
+                        # The trailer's size said the stream ends here; reading on to its end
+                        # also makes rapidgzip check the CRC-32.
+                        raise EOFError("more data than the gzip trailer declares")
+            except _PARALLEL_GZIP_ERRORS as exc:
                 put(InvalidInputError(
                     f"{_shown(self.path.name)} is a truncated or corrupt gzip file "
                     f"({_one_line(exc)}); "
@@ -561,6 +677,7 @@ class Scan:
 
         worker = threading.Thread(target=produce, name="fmmtc-gunzip", daemon=True)
         worker.start()
+        given: collections.deque = collections.deque()  # buffers the consumer may still use
         try:
             while True:
                 item = ready.get()
@@ -568,11 +685,56 @@ class Scan:
                     return
                 if isinstance(item, Exception):
                     raise item
-                t0, n, data = item
-                yield t0, np.frombuffer(data, dtype=self._dtype).reshape(n, nvox)
+                t0, n, data, owner = item
+                block = np.frombuffer(data, dtype=self._dtype).reshape(n, nvox)
+                block.flags.writeable = False  # as for bytes from ISA-L and .nii memory maps
+                del data, item
+                yield t0, block
+                del block
+                # The consumer asks for the next block: by its promise it uses at most the last
+                # `hold` ones now, so older buffers may be filled again.
+                if hold is not None and owner is not None:
+                    given.append(owner)
+                    while len(given) > hold:
+                        free.put(given.popleft())
+                del owner
         finally:
             stop.set()
             worker.join(timeout=5)
+
+
+def _parallel_gzip_ok(path: Path, expected: int) -> bool:
+    """Whether ``path`` may be read with rapidgzip: it is installed and the gzip trailer's
+    size field (ISIZE, the decompressed length modulo 2**32) matches ``expected``.
+
+    A truncated or damaged file fails this check and is read by ISA-L instead, which names
+    the problem in the same words as for any other reader; rapidgzip would print its own
+    diagnostics to stderr, where the CLI promises one ``error:`` line. A multi-member file
+    or one with bytes after the image also goes to ISA-L: correct, only not parallel.
+    """
+    try:
+        import rapidgzip  # noqa: F401
+    except ImportError:  # pragma: no cover - rapidgzip is in requirements.txt
+        return False
+    try:
+        with _open_regular(path, "Scan file", "a .nii.gz image") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+    except (OSError, InvalidInputError):
+        return False
+    return isize == expected % 2**32
+
+
+def _open_gzip(path: Path, threads: int):
+    """A binary reader of the decompressed content of ``path``: ISA-L for one thread, else
+    rapidgzip with ``threads`` decoder threads."""
+    if threads <= 1:
+        return _gzip.open(path, "rb")
+    import rapidgzip
+
+    return rapidgzip.RapidgzipFile(
+        str(path), parallelization=threads, chunk_size=_PARALLEL_CHUNK_BYTES
+    )
 
 
 def _skip(f, n: int) -> None:
@@ -724,6 +886,8 @@ def load_sidecar(path: str | os.PathLike) -> dict:
 def _check_confounds(df: pd.DataFrame, label: str, n_volumes: int | None) -> pd.DataFrame:
     """Numbers or NaN only (fMRIPrep writes ``n/a`` in the first row of derivatives), no
     infinities, one row per volume."""
+    import pandas as pd
+
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise InvalidInputError(
@@ -778,6 +942,8 @@ def load_confounds_table(path: str | os.PathLike, n_volumes: int | None = None) 
     label = f"Confounds file {path.name!r}"
     if not raw.strip():
         raise InvalidInputError(f"{label} is empty.")
+    import pandas as pd
+
     try:
         df = pd.read_csv(io.BytesIO(raw), sep="\t", na_values=["n/a", "N/A", "NaN", "nan"],
                          encoding="utf-8-sig")
@@ -996,6 +1162,8 @@ def load_scan(
             "time-series table; expected a 4D .nii/.nii.gz or a TSV/CSV/NPY table."
         )
     if confounds is not None:
+        import pandas as pd
+
         if isinstance(confounds, pd.DataFrame):
             df = confounds.reset_index(drop=True)
             scan.confounds = _check_confounds(df, "The confounds table", scan.n_volumes)

@@ -171,7 +171,9 @@ class RegionSignals:
 # --------------------------------------------------------------------------------------------
 # Parcellation
 # --------------------------------------------------------------------------------------------
-def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -> RegionSignals:
+def parcellate(
+    scan: Scan, atlas: str | Atlas | None = None, *, progress=None, threads: int | None = None
+) -> RegionSignals:
     """Mean time series of every atlas region.
 
     Parameters
@@ -184,6 +186,10 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
     progress : callable or None, default=None
         Called as ``progress(done_volumes, total_volumes)`` while voxels are read (never for
         a region table).
+    threads : int or None, default=None
+        Threads that decompress a ``.nii.gz`` scan (see :meth:`fmmtc_core.io.Scan.iter_blocks`:
+        1 is ISA-L in one thread, more is rapidgzip); None: ``$FMMTC_READ_THREADS``, else the
+        usable cores, at most 8. The result is the same for every value.
 
     Returns
     -------
@@ -196,7 +202,8 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
     InvalidInputError
         A region table given another ``atlas`` than the one it names; a NIfTI not in MNI
         space (median region coverage below :data:`MIN_ATLAS_OVERLAP`), all-NaN, all-zero or
-        constant data inside the atlas, a truncated file.
+        constant data inside the atlas, a truncated or corrupt file; ``threads`` not a
+        positive integer.
     """
     if scan.kind == "table":
         assert scan.atlas_name is not None and scan.table is not None  # set for every table
@@ -309,7 +316,10 @@ def parcellate(scan: Scan, atlas: str | Atlas | None = None, *, progress=None) -
     workers = max(1, min(2, os.cpu_count() or 1))
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmmtc-parc") as pool:
-        for t0, block in scan.iter_blocks():
+        # hold=workers: when the next block is asked for, at most `workers - 1` blocks are
+        # still being reduced (the loop below waits for the rest), so the reader may reuse
+        # the memory of older ones.
+        for t0, block in scan.iter_blocks(threads=threads, hold=workers):
             if ref is None:
                 first = block[0, vox].astype(np.float32)
                 ref = np.where(np.isfinite(first), first, 0.0).astype(np.float32)

@@ -682,6 +682,9 @@ def _worker_init(model_dir, url, threads) -> None:
     from fmmtc_core.store import make_engine
 
     torch.set_num_threads(threads)
+    # Each worker's share of the cores for .nii.gz decompression too (unless set explicitly):
+    # `workers` processes each inflating on every core would only contend.
+    os.environ.setdefault("FMMTC_READ_THREADS", str(threads))
     _WORKER["model"] = load_model(model_dir)
     _WORKER["engine"] = make_engine(url)
 

@@ -381,6 +381,52 @@ def test_refusals_do_not_import_torch(tmp_path, hcpex_table):
     assert len(errors) == len(cases) and all(ln.startswith("error: ") for ln in errors)
 
 
+_HELP = r"""
+import json, sys
+import fmmtc_core.cli
+
+try:
+    fmmtc_core.cli.build_parser().parse_args(["--help"])
+except SystemExit as exc:
+    assert exc.code == 0
+print(json.dumps(sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)))
+"""
+
+
+def test_help_imports_no_heavy_module():
+    proc = subprocess.run([sys.executable, "-c", _HELP, json.dumps(HEAVY)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+def test_more_refusals_come_before_heavy_modules(tmp_path):
+    """Every command refuses a missing or foreign input before torch, transformers,
+    scikit-learn (nilearn imports it) or the database library load (cold start: issue 15)."""
+    garbage = tmp_path / "sub-03_bold.nii.gz"
+    garbage.write_bytes(np.random.default_rng(3).bytes(2000))
+    missing = str(tmp_path / "missing.nii.gz")
+    nowhere = str(tmp_path / "nowhere")
+    out = str(tmp_path / "out")
+    cases = [
+        (["qc", missing], 2),
+        (["qc", str(garbage)], 2),
+        (["parcellate", str(garbage), "--out", str(tmp_path / "x.tsv")], 2),
+        (["screen", str(garbage), "--participant", "P1"], 2),
+        (["screen-batch", nowhere], 2),
+        (["foundation", "inspect", nowhere], 2),
+        (["compare", nowhere], 2),
+        (["train", nowhere, "--out", out], 2),
+        (["pretrain", nowhere, "--out", out], 2),
+    ]
+    heavy = [*HEAVY, "sklearn", "nilearn", "sqlalchemy"]
+    proc = subprocess.run([sys.executable, "-c", _REFUSALS, json.dumps([heavy, cases])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    errors = proc.stderr.splitlines()
+    assert len(errors) == len(cases) and all(ln.startswith("error: ") for ln in errors)
+
+
 # --------------------------------------------------------------------------------------------
 # stderr carries one line on failure: progress goes to stdout, warnings are silenced
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import struct
+import threading
 import tracemalloc
 
 import nibabel as nib
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import GRID_AFFINE, fmriprep_confounds, make_bold, save_nifti
 
+import fmmtc_core.io as fmmtc_io
 from fmmtc_core import InvalidInputError
 from fmmtc_core._errors import FMMTCWarning
 from fmmtc_core.io import find_sidecar, load_scan
@@ -113,6 +116,100 @@ def test_truncated_gzip_is_refused_during_the_read(bold_file):
     scan = load_scan(bold_file)  # the header is intact
     with pytest.raises(InvalidInputError, match="truncated"):
         parcellate(scan, "aal3")
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel decompression of one gzip stream (rapidgzip for threads >= 2, ISA-L for 1)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 KiB, so that the ~1.6 MB test scan is decoded by several threads."""
+    monkeypatch.setattr(fmmtc_io, "_PARALLEL_CHUNK_BYTES", 64 * 1024)
+
+
+def _read_all(scan, threads, hold=None):
+    # Copies: with `hold`, a block's memory is reused once the next-but-`hold` is asked for.
+    return np.concatenate([np.array(b) for _, b in scan.iter_blocks(
+        block_bytes=1 << 20, threads=threads, hold=hold)])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("hold", [None, 1])
+def test_parallel_read_gives_the_bytes_of_the_file(bold_file, small_chunks, threads, hold):
+    scan = load_scan(bold_file)
+    assert fmmtc_io._parallel_gzip_ok(bold_file, scan._offset + scan.n_volumes * 4 * scan.n_voxels)
+    stored = np.asanyarray(nib.load(bold_file).dataobj).reshape(-1, scan.n_volumes, order="F").T
+    parallel = _read_all(scan, threads, hold)
+    np.testing.assert_array_equal(parallel, stored)
+    np.testing.assert_array_equal(parallel, _read_all(scan, 1))
+
+
+def test_parallel_blocks_are_read_only(bold_file, small_chunks):
+    _, block = next(iter(load_scan(bold_file).iter_blocks(block_bytes=1 << 20, threads=2)))
+    with pytest.raises(ValueError, match="read-only"):
+        block[0, 0] = 1.0
+
+
+def _damage(path, where):
+    raw = bytearray(path.read_bytes())
+    if where == "middle":  # a flipped byte in the deflate data; the trailer stays consistent
+        raw[len(raw) * 2 // 3] ^= 0x55
+    elif where == "crc":  # the stored CRC-32 no longer matches the content
+        raw[-8] ^= 0x01
+    else:  # truncated: the trailer is gone, so the ISA-L path reads it and names it
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("where", ["middle", "crc", "truncated"])
+def test_damaged_gzip_is_refused_by_every_reader(bold_file, small_chunks, capfd, threads, where):
+    _damage(bold_file, where)
+    scan = load_scan(bold_file)  # the header is intact
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(InvalidInputError,
+                       match=r"sub-01_task-rest_bold\.nii\.gz is (a truncated or corrupt gzip "
+                             r"file \(.+\); re-export or re-copy the scan|truncated)"):
+        parcellate(scan, "aal3", threads=threads)
+    # Bad input changes nothing: no reader thread is left behind, nothing on stderr (the CLI
+    # promises one error line), and the same file still reads the same way.
+    assert {t.name for t in threading.enumerate()} <= before
+    assert capfd.readouterr().err == ""
+
+
+def test_stopping_early_ends_the_parallel_reader(bold_file, small_chunks):
+    before = {t.name for t in threading.enumerate()}
+    blocks = load_scan(bold_file).iter_blocks(block_bytes=1 << 20, threads=2)
+    next(blocks)
+    blocks.close()
+    assert {t.name for t in threading.enumerate()} <= before
+
+
+def test_read_threads_default_and_environment(monkeypatch):
+    monkeypatch.delenv("FMMTC_READ_THREADS", raising=False)
+    assert 1 <= fmmtc_io.default_read_threads() <= fmmtc_io.MAX_DEFAULT_READ_THREADS
+    monkeypatch.setattr(fmmtc_io.os, "sched_getaffinity", lambda pid: set(range(64)),
+                        raising=False)
+    assert fmmtc_io.default_read_threads() == fmmtc_io.MAX_DEFAULT_READ_THREADS
+    monkeypatch.setenv("FMMTC_READ_THREADS", " 3 ")
+    assert fmmtc_io.default_read_threads() == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_read_threads_environment_is_refused(bold_file, monkeypatch, value):
+    monkeypatch.setenv("FMMTC_READ_THREADS", value)
+    with pytest.raises(InvalidInputError,
+                       match=rf"FMMTC_READ_THREADS is '{re.escape(value)}'; expected a positive "
+                             "whole number of threads"):
+        parcellate(load_scan(bold_file), "aal3")
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 2.0])
+def test_bad_threads_argument_is_refused(bold_file, threads):
+    with pytest.raises(InvalidInputError,
+                       match=r"Invalid value for the 'threads' parameter: expected a positive "
+                             r"integer \(threads that decompress"):
+        parcellate(load_scan(bold_file), "aal3", threads=threads)
 
 
 def test_truncated_uncompressed(tmp_path, grid_labels):

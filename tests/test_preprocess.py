@@ -37,6 +37,21 @@ def test_parcellation_equals_nilearn(tmp_path, grid_labels, aal3, ext, dtype):
     np.testing.assert_array_equal(sig.n_voxels, grid_labels.n_voxels)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_parallel_decompression_gives_nilearns_result(tmp_path, grid_labels, aal3, monkeypatch,
+                                                      dtype):
+    # Small chunks so that several rapidgzip threads share the ~1.6 MB file.
+    monkeypatch.setattr("fmmtc_core.io._PARALLEL_CHUNK_BYTES", 64 * 1024)
+    kw = {"dtype": np.int16, "slope": 0.05, "inter": 10.0} if dtype == "int16" else {}
+    path = save_nifti(tmp_path / "b.nii.gz", make_bold(grid_labels), **kw)
+    one = parcellate(load_scan(path), aal3, threads=1)  # ISA-L
+    two = parcellate(load_scan(path), aal3, threads=2)  # rapidgzip
+    np.testing.assert_array_equal(two.data, one.data)
+    np.testing.assert_array_equal(two.voxel_stats.dvars, one.voxel_stats.dvars)
+    present = grid_labels.n_voxels > 0
+    np.testing.assert_allclose(two.data[:, present], _nilearn_means(path, grid_labels), rtol=1e-5)
+
+
 def test_parcellation_block_size_does_not_change_results(tmp_path, grid_labels, aal3):
     path = save_nifti(tmp_path / "b.nii.gz", make_bold(grid_labels))
     scan = load_scan(path)
@@ -44,7 +59,7 @@ def test_parcellation_block_size_does_not_change_results(tmp_path, grid_labels, 
     blocks = list(scan.iter_blocks(block_bytes=1))  # one volume per block
     assert len(blocks) == 60 and blocks[0][1].shape == (1, int(np.prod(GRID_SHAPE)))
     orig = scan.iter_blocks
-    scan.iter_blocks = lambda: orig(block_bytes=7 * np.prod(GRID_SHAPE) * 4)
+    scan.iter_blocks = lambda **kw: orig(block_bytes=7 * np.prod(GRID_SHAPE) * 4, **kw)
     np.testing.assert_allclose(parcellate(scan, aal3).data, whole.data, rtol=1e-6)
 
 
