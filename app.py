@@ -1,4 +1,4 @@
-"""FMM-TC Screen dashboard: a thin frame over the pages in ``pages/`` (layout only)."""
+"""FMM-TC Screen dashboard: a thin frame over the pages in ``views/`` (layout only)."""
 
 from pathlib import Path
 
@@ -22,16 +22,16 @@ if not access_granted():
                            url_path="sign-in", default=True)], position="hidden").run()
     st.stop()
 
-landing = st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
+landing = st.Page(str(HERE / "views" / "screen.py"), title="Screen participant",
                   icon=":material/person_search:", default=True)
 pages = [
     landing,
-    st.Page(str(HERE / "pages" / "explore.py"), title="Attribution explorer",
+    st.Page(str(HERE / "views" / "explore.py"), title="Attribution explorer",
             icon=":material/neurology:"),
-    st.Page(str(HERE / "pages" / "cohort.py"), title="Cohort review",
+    st.Page(str(HERE / "views" / "cohort.py"), title="Cohort review",
             icon=":material/groups:"),
-    st.Page(str(HERE / "pages" / "model.py"), title="Model", icon=":material/model_training:"),
-    st.Page(str(HERE / "pages" / "qc.py"), title="Scan quality", icon=":material/fact_check:"),
+    st.Page(str(HERE / "views" / "model.py"), title="Model", icon=":material/model_training:"),
+    st.Page(str(HERE / "views" / "qc.py"), title="Scan quality", icon=":material/fact_check:"),
 ]
 nav = st.navigation(pages)
 

@@ -54,7 +54,7 @@ def _app(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     assert not at.exception, at.exception
     return at
@@ -242,7 +242,7 @@ def test_explorer_shows_and_compares_stored_screenings(db):
     at = _app("cohort")
     at.button(key="load_demo").click()
     at.run()
-    at.switch_page("pages/explore.py")
+    at.switch_page("views/explore.py")
     at.run()
     assert not at.exception and not _problems(at), _problems(at)
     labels = {m.label for m in at.metric}
@@ -352,7 +352,7 @@ def test_every_page_is_gated_before_sign_in(db, monkeypatch, page):
     at.run()
     if page:
         try:
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"views/{page}.py")
         except Exception:  # noqa: BLE001 - not in the navigation at all: also gated
             pass
         at.run()
@@ -456,7 +456,7 @@ def test_the_core_never_imports_streamlit():
 
 def test_pages_hold_layout_only():
     """No SQL and no array science in a page: they call the core (and fmmtc_app)."""
-    for page in sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]:
+    for page in sorted((ROOT / "views").glob("*.py")) + [ROOT / "app.py"]:
         assert not _imports(page) & {"numpy", "sqlalchemy", "torch", "scipy"}, page.name
 
 
@@ -535,7 +535,7 @@ def _app_with(state: dict, page: str | None = None) -> AppTest:
         at.session_state[key] = value
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     assert not at.exception, at.exception
     return at
@@ -568,7 +568,7 @@ def test_explorer_and_cohort_say_which_results_come_from_a_simulated_model(db, a
     at = _app("explore")
     assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
                for e in _errors(at)), _errors(at)
-    at.switch_page("pages/cohort.py")
+    at.switch_page("views/cohort.py")
     at.run()
     assert not at.exception
     assert any("1 of 1 screenings were made by a model trained on SIMULATED data" in e
@@ -659,7 +659,7 @@ def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(d
     at = _app("explore")
     assert [d for d in _downloads(at) if "report" in d] == [
         "Download the report (HTML)", "Download the report (PDF)"]
-    at.switch_page("pages/cohort.py")
+    at.switch_page("views/cohort.py")
     at.run()
     before = _downloads(at)
     pick = at.selectbox(key="report_pick")
@@ -917,7 +917,7 @@ def test_the_landing_page_says_when_the_password_gate_is_off(db, monkeypatch):
     assert len(notes) == 1 and "FMMTC_PASSWORD" in notes[0]
     assert "127.0.0.1 only" in notes[0]  # .streamlit/config.toml: loopback
     assert any("Password gate off" in c.value for c in at.sidebar.caption)
-    at.switch_page("pages/model.py")
+    at.switch_page("views/model.py")
     at.run()
     assert not [w for w in at.warning if "password gate is off" in w.value]  # landing page only
     # Listening on every interface with the gate off: said loudly.

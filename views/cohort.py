@@ -100,7 +100,7 @@ if c2.button("Open in the explorer", key="w_go", disabled=opened is None):
     latest = int(work.loc[work["participant"] == opened, "screening_id"].iloc[0])
     st.session_state["explore_id"] = latest
     st.session_state.pop("explore_first", None)  # the explorer starts at this screening
-    st.switch_page("pages/explore.py")
+    st.switch_page("views/explore.py")
 
 with st.expander("Filters", expanded=False):
     c = st.columns(4)
