@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from fmmtc_app import session
+from fmmtc_app import demo, session
 from fmmtc_app.access import access_granted, gate_off_notice, sign_in_page
 from fmmtc_core import __version__
 from fmmtc_core.config import use_cache_dir_for_libraries
@@ -50,6 +50,9 @@ with st.sidebar:
     notice = gate_off_notice()
     if notice:
         st.caption(":material/lock_open: Password gate off")
+# Every page, whichever is opened first: the demo cohort's progress (and its job carried on
+# after a server restart).
+demo.sidebar_status()
 
 if notice and nav.url_path == landing.url_path:
     st.warning(notice, icon=":material/lock_open:")

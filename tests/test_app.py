@@ -45,6 +45,10 @@ def db(tmp_path, monkeypatch):
     monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "4")
     before = set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*"))
     yield f"sqlite:///{tmp_path / 'data' / 'fmmtc.db'}"
+    from fmmtc_app import demo_job
+
+    demo_job.stop()  # a demo job the test left running ends with it
+    assert demo_job.wait(600)
     staged = tmp_path / "data" / "uploads"
     assert not list(staged.glob("upload-*")) if staged.exists() else True
     assert set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*")) <= before
@@ -58,6 +62,16 @@ def _app(page: str | None = None) -> AppTest:
         at.run()
     assert not at.exception, at.exception
     return at
+
+
+def _load_demo(at):
+    """Start the demo cohort on the Cohort page and wait for its job to end."""
+    from fmmtc_app import demo_job
+
+    at.button(key="load_demo").click()
+    at.run()
+    assert demo_job.wait(900), "the demo cohort job did not end"
+    at.run()
 
 
 def _errors(at):
@@ -207,8 +221,7 @@ def test_demo_participant_is_labelled_as_simulated(db):
 @pytest.mark.slow  # a screening (or four) in the worker
 def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at = _app("cohort")
-    at.button(key="load_demo").click()
-    at.run()
+    _load_demo(at)
     assert not at.exception and not _problems(at), _problems(at)
     assert any("Loaded 4 simulated participants" in s.value for s in at.success)
     assert any("SIMULATED demo data" in w.value for w in at.warning)
@@ -237,11 +250,62 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     assert _counts(db)["outcomes"] == 5
 
 
+def _sidebar_progress(at) -> list[str]:
+    return [str(p.proto.text) for p in at.sidebar.get("progress")]
+
+
+@pytest.mark.slow  # four screenings in the worker
+def test_demo_cohort_is_a_job_that_outlives_the_page_and_can_be_resumed_and_reset(db):
+    """Loading the demo cohort returns at once and goes on in the background: every page (a
+    new session, as after navigating or refreshing) shows its progress in the sidebar; each
+    participant's outcome is recorded as it is screened; stopped, it resumes where it
+    stopped; reset, the simulated participants are gone. The old page did the whole load in
+    its own script run (lost when the user left) and imported the outcomes at the end."""
+    import time
+
+    from fmmtc_app import demo_job
+
+    at = _app("cohort")
+    at.button(key="load_demo").click()
+    at.run()  # returns while the job runs
+    assert not at.exception
+    assert demo_job.running()
+    assert any("demo cohort" in t for t in _sidebar_progress(at)), _sidebar_progress(at)
+    other = _app("model")  # another page in a fresh session: the progress is there too
+    assert any("demo cohort" in t for t in _sidebar_progress(other)), _sidebar_progress(other)
+    deadline = time.time() + 600
+    while not demo_job.read_job().done and time.time() < deadline:
+        time.sleep(0.5)
+    demo_job.stop()
+    assert demo_job.wait(600)
+    job = demo_job.read_job()
+    assert job.status == "stopped" and 1 <= len(job.done) < 4
+    counts = _counts(db)
+    assert counts["screenings"] == counts["outcomes"] == len(job.done)  # outcome per person
+    page = _app("cohort")
+    assert any("stopped" in t for t in _sidebar_progress(page))
+    page.button(key="demo_resume").click()
+    page.run()
+    assert demo_job.wait(600)
+    page.run()
+    assert not page.exception and not _problems(page), _problems(page)
+    assert any("Loaded 4 simulated participants" in s.value for s in page.success)
+    counts = _counts(db)
+    assert counts["screenings"] == counts["outcomes"] == 4  # none screened twice
+    assert len(demo_job.read_job().seconds) == 4
+    page.button(key="demo_reset").click()
+    page.run()
+    assert not page.exception
+    counts = _counts(db)
+    assert counts["participants"] == counts["screenings"] == counts["outcomes"] == 0
+    assert demo_job.read_job() is None
+    assert any("Load the simulated demo cohort" in b.label for b in page.button)
+
+
 @pytest.mark.slow  # a screening (or four) in the worker
 def test_explorer_shows_and_compares_stored_screenings(db):
     at = _app("cohort")
-    at.button(key="load_demo").click()
-    at.run()
+    _load_demo(at)
     at.switch_page("views/explore.py")
     at.run()
     assert not at.exception and not _problems(at), _problems(at)
