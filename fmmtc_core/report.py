@@ -286,8 +286,10 @@ def _probability_figure(probability: float, band, thresholds: dict) -> Figure:
         if x1 > x0:
             ax.text((x0 + x1) / 2, 1.12, label, ha="center", va="bottom", fontsize=8,
                     color="#555555", transform=ax.get_xaxis_transform(), parse_math=False)
-    ax.plot([band[0], band[1]], [0.5, 0.5], color="#1d2a33", lw=5, solid_capstyle="butt")
-    ax.plot([probability], [0.5], marker="D", ms=11, color="#1d2a33")
+    ax.plot([band[0], band[1]], [0.5, 0.5], color="#1d2a33", lw=5, solid_capstyle="butt",
+            clip_on=False)
+    # not clipped at the axes: a probability of 0 % or 100 % showed half a diamond
+    ax.plot([probability], [0.5], marker="D", ms=11, color="#1d2a33", clip_on=False)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_yticks([])

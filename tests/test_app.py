@@ -216,6 +216,9 @@ def test_demo_participant_is_labelled_as_simulated(db):
     assert not at.exception and not _problems(at), _problems(at)
     assert any("SIMULATED participant" in i.value for i in at.info)
     assert at.subheader[0].value == "Participant SIM-DEMO"
+    # the probability scale has no tool bar: at 1280 px it covered the "likely responder" label
+    scale = at.get("plotly_chart")[0].proto
+    assert '"displayModeBar": false' in scale.config, scale.config
 
 
 @pytest.mark.slow  # a screening (or four) in the worker
@@ -825,6 +828,9 @@ def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
     at.radio(key="w_status").set_value("outcome recorded")
     at.run()
     assert _worklist(at)["participant"].tolist() == ["PAIN-0001"]
+    # the outcome stands in the status column (a column of its own was cut off at 1280 px)
+    assert _worklist(at)["status"].tolist() == ["responder"]
+    assert "outcome" not in _worklist(at).columns
     at.radio(key="w_status").set_value("awaiting outcome")
     at.run()
     assert _worklist(at)["status"].tolist() == ["awaiting outcome"]
