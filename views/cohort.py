@@ -72,8 +72,15 @@ status = c2.radio("Status", WORKLIST_STATUSES, horizontal=True, key="w_status",
                   help="screened: everyone; awaiting outcome: screened, no observed outcome "
                        "entered yet")
 work = worklist(df, search=search, status=status)
-st.dataframe(work.drop(columns=["screening_id"]), hide_index=True, width="stretch",
+# The observed outcome stands in the status column, and the count of screenings is left to
+# the explorer: with both as columns of their own, the table ran past 1280 px (the outcome
+# was cut off at the right edge).
+shown_work = work.assign(status=work["outcome"].where(work["outcome"].notna(), work["status"]))
+shown_work = shown_work.drop(columns=["screening_id", "outcome", "screenings"])
+st.dataframe(shown_work, hide_index=True, width="stretch",
              column_config={
+                 "status": st.column_config.TextColumn(
+                     "status / outcome", help="the observed outcome, once recorded"),
                  "last_screened": st.column_config.DatetimeColumn("last screened (UTC)",
                                                                   format="YYYY-MM-DD HH:mm"),
                  "probability": st.column_config.NumberColumn(format="%.2f"),
@@ -163,10 +170,12 @@ s = stratify(view["probability"].to_numpy(), threshold,
              band_low=view["band_low"].to_numpy(), require_band=strict, outcome=y)
 m = st.columns(4)
 m[0].metric("Enrolled", f"{s.n_enrolled} of {s.n_screened}")
-m[1].metric("Expected responder rate, enrolled",
+m[1].metric("Expected rate, enrolled",
             "n/a" if s.expected_rate_enrolled is None else f"{s.expected_rate_enrolled:.0%}",
             delta=None if s.expected_rate_enrolled is None or s.base_rate is None
-            else f"{(s.expected_rate_enrolled - s.base_rate) * 100:+.0f} points vs all")
+            else f"{(s.expected_rate_enrolled - s.base_rate) * 100:+.0f} points vs all",
+            help="Expected responder rate among the enrolled: the mean of their calibrated "
+                 "probabilities.")
 m[2].metric("Base rate (all screened)", "n/a" if s.base_rate is None else f"{s.base_rate:.0%}")
 m[3].metric("Number needed to screen", "n/a" if s.number_needed_to_screen is None
             else f"{s.number_needed_to_screen:.1f}",
