@@ -8,9 +8,9 @@ and the work runs in a daemon thread of the server process that only *hands* wor
 existing screening worker (:mod:`.worker`), so it neither holds the GIL nor blocks a page:
 
 1. the cohort's region tables (not NIfTIs: the pipeline takes tables, and rendering a 4D image
-   only to parcellate it again was most of the old per-participant time) are simulated once,
-   in a child process, into the data folder, where they stay until the job is finished or
-   reset, so a resumed job never simulates again;
+   only to parcellate it again would be wasted work) are simulated one participant at a time
+   by a child process, ahead of the screening, into the data folder, where they stay until
+   the job is finished or reset, so a resumed job never simulates a participant twice;
 2. each participant is screened in the worker, its outcome recorded at once, and the record
    updated, so a stop at any moment loses at most the participant in progress, which
    :func:`fmmtc_core.screening.screen` either stored whole or not at all.
@@ -397,78 +397,121 @@ def _drop_tables() -> None:
     shutil.rmtree(job_folder() / "cohort", ignore_errors=True)
 
 
-def _simulate_tables(folder: str, n: int, seed: int, queue) -> None:
-    """Child process: write the cohort's region tables (and its participants.tsv) to
-    ``folder``, reporting ``(done, total)`` on ``queue``."""
+def _part(i: int) -> Path:
+    """Participant ``i``'s folder: a one-participant cohort (table, sidecar, confounds,
+    participants.tsv), complete once its ``simulation.json`` (written last) exists."""
+    return job_folder() / "cohort" / f"part-{i + 1:03d}"
+
+
+def _simulate_tables(n: int, seed: int, root: str) -> None:
+    """Child process: write each participant's folder that is not complete yet, in order."""
+    os.environ["FMMTC_DATA_DIR"] = root  # where _part looks (spawned: a fresh interpreter)
     from fmmtc_core.simulate import SimulationConfig, write_cohort
 
-    write_cohort(folder, n, seed=seed, fmt="timeseries",
-                 config=SimulationConfig(n_volumes=DEMO_VOLUMES),
-                 progress=lambda d, t: queue.put((d, t)))
+    config = SimulationConfig(n_volumes=DEMO_VOLUMES)
+    for i in range(n):
+        folder = _part(i)
+        if (folder / "simulation.json").exists():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # a part the last run left half-written
+        # Subject i alone is bit for bit subject i of the whole cohort (write_cohort's
+        # ``subjects``): a resumed job finds the participants an earlier one stored.
+        write_cohort(folder, n, seed=seed, fmt="timeseries", config=config, subjects=[i])
 
 
-def _tables(job: DemoJob) -> Path:
-    """The cohort's tables, simulated now unless a complete set is on disk."""
-    import multiprocessing as mp
-    import queue as queue_mod
+class _Tables:
+    """The cohort's region tables, simulated ahead of the screening by a child process.
 
-    cohort = job_folder() / "cohort"
-    if (cohort / "simulation.json").exists():  # written last: the set is complete
-        return cohort
-    shutil.rmtree(cohort, ignore_errors=True)
-    # A child process, like the worker's: simulating in this process would compete with the
-    # server's event loop for the GIL and make every page sluggish for a minute.
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_simulate_tables, args=(str(cohort), job.n, job.seed, q),
-                       name="fmmtc-demo-simulate", daemon=True)
-    proc.start()
-    try:
-        while proc.is_alive() or not q.empty():
-            try:
-                q.get(timeout=0.5)
-            except queue_mod.Empty:
-                pass
+    Why: simulating the whole cohort first kept the first participant off the page for a
+    minute or two; one participant at a time, the first is screened within seconds and the
+    simulation of the next runs while the worker screens this one. A child process, like the
+    worker: simulating in the server process would compete with the pages for the GIL.
+    Tables stay on disk until the job ends, so a resumed job simulates only what is missing.
+    """
+
+    def __init__(self, job: DemoJob) -> None:
+        import multiprocessing as mp
+
+        self.n = job.n
+        self._proc = None
+        if all((_part(i) / "simulation.json").exists() for i in range(job.n)):
+            return
+        from fmmtc_core.config import data_dir
+
+        self._proc = mp.get_context("spawn").Process(
+            target=_simulate_tables, args=(job.n, job.seed, str(data_dir())),
+            name="fmmtc-demo-simulate", daemon=True)
+        self._proc.start()
+
+    def row(self, i: int) -> dict | None:
+        """Participant ``i``'s row (``participants.tsv`` plus ``scan`` and ``confounds``),
+        once simulated; None when the job stops (or is reset) while it waits.
+
+        Raises
+        ------
+        FMMTCError
+            The simulation process ended without writing it.
+        """
+        folder = _part(i)
+        while not (folder / "simulation.json").exists():
             current = read_job()
-            if current is None or current.status != "running":  # stopped or reset meanwhile
-                break
-    finally:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join()
-        q.close()
-    if not (cohort / "simulation.json").exists():
-        current = read_job()
-        if current is not None and current.status == "running" and not _exiting:
-            raise FMMTCError("The demo cohort could not be simulated (the simulation process "
-                             f"ended with status {proc.exitcode}).")
-    return cohort
+            if current is None or current.status != "running" or _exiting:
+                return None
+            if self._proc is None or not self._proc.is_alive():
+                if (folder / "simulation.json").exists():
+                    break
+                code = None if self._proc is None else self._proc.exitcode
+                raise FMMTCError("The demo cohort could not be simulated (the simulation "
+                                 f"process ended with status {code}).")
+            time.sleep(0.2)
+        # Read here rather than by fmmtc_core.bids.read_cohort, which refuses a cohort whose
+        # labels are all alike (as one participant's are).
+        import pandas as pd
+
+        row = pd.read_csv(folder / "participants.tsv", sep="\t",
+                          dtype={"participant_id": str}).iloc[0].to_dict()
+        func = folder / str(row["participant_id"]) / "func"
+        row["scan"] = next(p for p in sorted(func.glob("*_timeseries.tsv"))
+                           if "confounds" not in p.name)
+        row["confounds"] = next(iter(sorted(func.glob("*_desc-confounds_timeseries.tsv"))),
+                                None)
+        return row
+
+    def close(self) -> None:
+        """Stop the simulation process, if it still runs."""
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.terminate()
+            self._proc.join()
 
 
 def _run(url: str) -> None:
-    """The job thread: tables, then each participant screened and its outcome recorded."""
-    from fmmtc_core.bids import read_cohort
+    """The job thread: each participant's table (simulated ahead), screened, its outcome
+    recorded, the record updated."""
     from fmmtc_core.store import open_database, session_scope
     from fmmtc_core.store import repository as repo
 
     job = read_job()
     if job is None:
         return
-    engine = None
+    engine = tables = None
     try:
         if job.status == "resetting":
             _remove(url, job.operator)
             return
-        cohort = _tables(job)
-        job = _update(stage="screening")
-        if job is None or not job.active:
-            return
+        tables = _Tables(job)
         engine = open_database(url)
-        rows = read_cohort(cohort, require_labels=False).participants.to_dict("records")
-        for row in rows:
+        for i in range(job.n):
             job = read_job()
             if job is None or job.status != "running":
                 break
+            if f"{DEMO_PREFIX}{i + 1:03d}" in job.done + list(job.failed):
+                continue
+            row = tables.row(i)
+            if row is None:
+                break
+            if job.stage != "screening":
+                _update(stage="screening")
             pid = DEMO_PREFIX + str(row["participant_id"]).removeprefix("sub-")
             if pid in job.done or pid in job.failed:
                 continue
@@ -509,8 +552,11 @@ def _run(url: str) -> None:
             _log.exception("The demo cohort job failed")
         reason = (str(exc) if isinstance(exc, FMMTCError)
                   else f"an internal error ({type(exc).__name__})")
-        _update(status="failed", message=f"Stopped: {reason}. Resume to try again.")
+        _update(status="failed",
+                message=f"Stopped: {reason.rstrip('.')}. Resume to try again.")
     finally:
+        if tables is not None:
+            tables.close()
         if engine is not None:
             engine.dispose()
 

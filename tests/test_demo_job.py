@@ -38,7 +38,20 @@ def setup(tmp_path, monkeypatch):
         rows.append({"participant_id": sub, "responder": i % 2, "site": "site1",
                      "drug": "drug_a"})
     pd.DataFrame(rows).to_csv(cohort / "participants.tsv", sep="\t", index=False)
-    monkeypatch.setattr(demo_job, "_tables", lambda job: cohort)
+    from fmmtc_core.bids import read_cohort
+
+    class FakeTables:  # the tiny cohort in place of the simulation process
+        def __init__(self, job):
+            self.rows = read_cohort(cohort, require_labels=False).participants.to_dict(
+                "records")
+
+        def row(self, i):
+            return self.rows[i]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(demo_job, "_Tables", FakeTables)
 
     calls: list[tuple[str, int]] = []
     started: list[str] = []
