@@ -233,14 +233,13 @@ def report_content(summary: ScreeningSummary, *, png: bytes | None = None,
         ]
     names = {r.label: r.name for r in s.regions}
     tables = [
-        {"title": "Top regions", "headers": ["label", "region", "network", "score"],
+        {"title": "Top regions", "headers": ["label", "region", "lobe", "score"],
          "rows": [(str(r.label), r.name, r.network, f"{r.score:+.4f}")
                   for r in s.regions[:n_regions]]},
         {"title": "Top connections", "headers": ["region", "region", "score"],
          "rows": [(str(names.get(c.label_i, c.label_i)), str(names.get(c.label_j, c.label_j)),
                    f"{c.score:+.4f}") for c in s.connections[:10]]},
-        {"title": "Networks / lobes", "headers": ["group", "time series", "connectivity",
-                                                  "total"],
+        {"title": "Lobes", "headers": ["lobe", "time series", "connectivity", "total"],
          "rows": [(k, f"{v['ts']:+.3f}", f"{v['fc']:+.3f}", f"{v['total']:+.3f}")
                   for k, v in s.networks.items()]},
     ]

@@ -254,8 +254,9 @@ def _show(result) -> None:
     else:
         st.plotly_chart(network_figure(summary.networks), width="stretch")
     top = top_regions(regions)[["label", "name", "network", "score"]]
-    st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
-                 width="stretch")
+    # The group is the region's lobe (not a functional network): say so in the header.
+    st.dataframe(top.rename(columns={"score": "score (logit)", "network": "lobe"}),
+                 hide_index=True, width="stretch")
 
     report_buttons(summary, png, key="report")
 
