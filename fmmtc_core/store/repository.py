@@ -624,10 +624,11 @@ def remove_simulated_participants(session: Session, prefix: str, *, actor: str) 
     for screening in screenings:  # the ORM cascade takes the attributions along
         session.delete(screening)
     session.flush()
-    for row in session.scalars(select(Scan).where(Scan.participant_id.in_(ids))).all():
-        session.delete(row)
-    for row in session.scalars(select(Outcome).where(Outcome.participant_id.in_(ids))).all():
-        session.delete(row)
+    for scan in session.scalars(select(Scan).where(Scan.participant_id.in_(ids))).all():
+        session.delete(scan)
+    for outcome in session.scalars(
+            select(Outcome).where(Outcome.participant_id.in_(ids))).all():
+        session.delete(outcome)
     session.flush()
     for person in people:
         session.delete(person)
