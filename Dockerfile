@@ -26,7 +26,7 @@ RUN TORCH_PIN=$(grep -E '^torch==' requirements.txt) \
 COPY fmmtc_core ./fmmtc_core
 COPY fmmtc_app ./fmmtc_app
 COPY app.py ./
-COPY pages ./pages
+COPY views ./views
 COPY assets ./assets
 COPY .streamlit ./.streamlit
 RUN pip install --no-deps -e . \

@@ -1,10 +1,10 @@
-"""FMM-TC Screen dashboard: a thin frame over the pages in ``pages/`` (layout only)."""
+"""FMM-TC Screen dashboard: a thin frame over the pages in ``views/`` (layout only)."""
 
 from pathlib import Path
 
 import streamlit as st
 
-from fmmtc_app import session
+from fmmtc_app import demo, session
 from fmmtc_app.access import access_granted, gate_off_notice, sign_in_page
 from fmmtc_core import __version__
 from fmmtc_core.config import use_cache_dir_for_libraries
@@ -22,16 +22,16 @@ if not access_granted():
                            url_path="sign-in", default=True)], position="hidden").run()
     st.stop()
 
-landing = st.Page(str(HERE / "pages" / "screen.py"), title="Screen participant",
+landing = st.Page(str(HERE / "views" / "screen.py"), title="Screen participant",
                   icon=":material/person_search:", default=True)
 pages = [
     landing,
-    st.Page(str(HERE / "pages" / "explore.py"), title="Attribution explorer",
+    st.Page(str(HERE / "views" / "explore.py"), title="Attribution explorer",
             icon=":material/neurology:"),
-    st.Page(str(HERE / "pages" / "cohort.py"), title="Cohort review",
+    st.Page(str(HERE / "views" / "cohort.py"), title="Cohort review",
             icon=":material/groups:"),
-    st.Page(str(HERE / "pages" / "model.py"), title="Model", icon=":material/model_training:"),
-    st.Page(str(HERE / "pages" / "qc.py"), title="Scan quality", icon=":material/fact_check:"),
+    st.Page(str(HERE / "views" / "model.py"), title="Model", icon=":material/model_training:"),
+    st.Page(str(HERE / "views" / "qc.py"), title="Scan quality", icon=":material/fact_check:"),
 ]
 nav = st.navigation(pages)
 
@@ -50,6 +50,9 @@ with st.sidebar:
     notice = gate_off_notice()
     if notice:
         st.caption(":material/lock_open: Password gate off")
+# Every page, whichever is opened first: the demo cohort's progress (and its job carried on
+# after a server restart).
+demo.sidebar_status()
 
 if notice and nav.url_path == landing.url_path:
     st.warning(notice, icon=":material/lock_open:")

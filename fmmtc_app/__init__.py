@@ -6,7 +6,8 @@ core package (:mod:`fmmtc_core`), which never imports Streamlit.
 - :mod:`.access`: the password gate, its sign-in page and the throttling of wrong passwords;
 - :mod:`.uploads`: uploads staged in a private folder while they are checked;
 - :mod:`.worker`: the one screening worker process of the server (no Streamlit import);
-- :mod:`.demo`: the simulated demo cohort.
+- :mod:`.demo`: the simulated demo cohort on the pages;
+- :mod:`.demo_job`: loading it in the background, resumable (no Streamlit import).
 
 Configuration (environment variables, or the same keys in ``.streamlit/secrets.toml``):
 

@@ -1,17 +1,25 @@
-"""The simulated demo cohort, for trying the Cohort review and Attribution explorer pages."""
+"""The simulated demo cohort on the pages (layout only): start it, follow it on every page,
+stop, resume, finish or reset it. The work itself is :mod:`.demo_job`'s, which outlives the
+page, the browser tab and the server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime as dt
 
-from fmmtc_app import worker
-from fmmtc_app.session import active_model_dir, database_url, operator, setting
-from fmmtc_app.uploads import staging_folder
+import streamlit as st
 
-__all__ = ["DEMO_PREFIX", "demo_cohort_size", "load_demo_cohort"]
+from fmmtc_app import demo_job
+from fmmtc_app.demo_job import DEMO_PREFIX
+from fmmtc_app.session import active_model_dir, database_url, operator, plain_error, setting
 
-#: Pseudonym prefix of the simulated demo participants.
-DEMO_PREFIX = "SIM-"
+__all__ = ["DEMO_PREFIX", "demo_cohort_size", "sidebar_status", "job_panel", "start_button",
+           "reset_button"]
+
+#: Seconds between two looks at the job while it runs (the sidebar and the Cohort page).
+POLL_S = 2.0
+
+#: How long the sidebar still says a finished job is done (s).
+DONE_SHOWN_S = 600.0
 
 
 def demo_cohort_size() -> int:
@@ -28,42 +36,128 @@ def demo_cohort_size() -> int:
         return 24
 
 
-def load_demo_cohort(n: int | None = None, seed: int = 2026,
-                     progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Simulate a labelled demo cohort and screen it into the database, outcomes included.
+def _job() -> demo_job.DemoJob | None:
+    """The job's record, its thread restarted if the record says it runs (server restart)."""
+    try:
+        return demo_job.resume(database_url())
+    except Exception:  # noqa: BLE001 - the pages show the database's own error
+        return None
 
-    Runs in the worker process with the active model and database: region tables of 240
-    volumes are simulated in a staging folder (removed afterwards), screened, and their
-    outcomes entered; every participant is flagged as simulated (pseudonyms
-    :data:`DEMO_PREFIX` + the cohort's number, e.g. ``SIM-001``). Scans already stored with
-    this model (same content) are skipped.
+
+def _recent(job: demo_job.DemoJob) -> bool:
+    try:
+        when = dt.datetime.fromisoformat(job.updated_at)
+    except ValueError:
+        return False
+    return (dt.datetime.now(dt.timezone.utc) - when).total_seconds() < DONE_SHOWN_S
+
+
+def _bar(job: demo_job.DemoJob) -> None:
+    st.progress(job.fraction, text=job.summary())
+    if job.message:
+        st.caption(job.message)
+
+
+def sidebar_status() -> None:
+    """The demo job's progress in the sidebar of every page (nothing when there is no job).
+
+    While the job runs, the sidebar looks again every :data:`POLL_S` seconds and reruns the
+    page once the job has moved on a participant or ended, so what the page shows (the
+    cohort table, the outcomes) follows the job.
+    """
+    job = _job()
+    if job is None or (job.status == "done" and not _recent(job)):
+        return
+    seen = (job.status, job.processed, job.stage)
+
+    def draw() -> None:
+        current = demo_job.read_job()
+        if current is None or (current.status, current.processed, current.stage) != seen:
+            st.rerun()  # the whole page: its data changed
+        _bar(current)
+        if current.status in ("stopped", "failed"):
+            st.page_link("views/cohort.py", label="Resume, finish or reset on Cohort review",
+                         icon=":material/groups:")
+
+    with st.sidebar:
+        st.fragment(draw, run_every=POLL_S if job.active else None)()
+
+
+def start_button(label: str, primary: bool) -> None:
+    """A button that starts (or resumes) loading the demo cohort in the background.
 
     Parameters
     ----------
-    n : int or None, default=None
-        Participants; None (or 0): :func:`demo_cohort_size`.
-    seed : int, default=2026
-        Seed of the simulation.
-    progress : callable(done, total, what) or None, default=None
-        Called in this thread as the job advances (simulation, then screening), ``what`` a
-        short sentence to show.
+    label : str
+        The button's text.
+    primary : bool
+        A primary (filled) button, else a secondary one.
+    """
+    if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
+        try:
+            demo_job.start(database_url(), active_model_dir(), operator(), demo_cohort_size())
+        except Exception as exc:  # noqa: BLE001
+            plain_error(exc, "The demo cohort could not be started")
+            st.stop()
+        st.rerun()
+
+
+def reset_button(label: str = "Remove the simulated demo cohort") -> None:
+    """A button that removes the demo job and every simulated ``SIM-`` participant.
+
+    Parameters
+    ----------
+    label : str, default="Remove the simulated demo cohort"
+        The button's text.
+    """
+    if st.button(label, key="demo_reset", icon=":material/delete:"):
+        try:
+            demo_job.reset(database_url(), operator())
+        except Exception as exc:  # noqa: BLE001
+            plain_error(exc, "The demo cohort was not removed")
+            st.stop()
+        st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
+        st.rerun()
+
+
+def job_panel() -> demo_job.DemoJob | None:
+    """The demo job on the Cohort page: its progress and what the user can do with it.
+
+    Running: stop it (after the participant in progress). Stopped or failed: resume it,
+    finish it with the participants loaded so far, or reset it (remove the simulated
+    participants). Done: a success line for a while (the page offers to remove the cohort).
 
     Returns
     -------
-    dict
-        ``screened`` (count), ``failed`` (participant -> reason), ``outcomes`` (count).
-
-    Raises
-    ------
-    fmmtc_app.worker.WorkerCrashedError
-        The worker process died during the job.
-    FMMTCError
-        The job failed (e.g. the model or the database cannot be used); an internal error
-        comes back as another exception.
+    DemoJob or None
+        The job's record, if any.
     """
-    n = n or demo_cohort_size()
-    # Only the derived series are kept (in the database): the simulated files go with the folder.
-    with staging_folder("demo-cohort-") as folder:
-        job = {"url": database_url(), "folder": str(folder), "n": n, "seed": seed,
-               "operator": operator(), "prefix": DEMO_PREFIX}
-        return worker.run(active_model_dir(), "demo_cohort", job, progress=progress)
+    job = _job()
+    if job is None:
+        return job
+    if job.status == "done":
+        if _recent(job):
+            st.success(f"Loaded {len(job.done)} simulated participants with their outcomes"
+                       + (f" ({len(job.failed)} could not be screened)." if job.failed
+                          else "."), icon=":material/check:")
+        return job
+    _bar(job)
+    if job.status == "running":
+        st.caption("It runs on the server: leave this page or close the tab whenever you like; "
+                   "each participant appears here, with the outcome, as it is screened.")
+        if st.button("Stop after this participant", key="demo_stop", icon=":material/pause:"):
+            demo_job.stop()
+            st.rerun()
+    elif job.status in ("stopped", "failed"):
+        c = st.columns(3)
+        if c[0].button(f"Resume ({job.n - job.processed} to go)", key="demo_resume",
+                       type="primary", icon=":material/play_arrow:"):
+            demo_job.start(database_url(), job.model_dir, job.operator, job.n, job.seed)
+            st.rerun()
+        if c[1].button(f"Finish with the {len(job.done)} loaded", key="demo_finish",
+                       icon=":material/check:"):
+            demo_job.finish()
+            st.rerun()
+        with c[2]:
+            reset_button("Reset: remove the demo cohort")
+    return job

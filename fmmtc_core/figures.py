@@ -373,10 +373,11 @@ def probability_figure(probability: float, band: Sequence[float],
             text = label.replace(" ", "<br>", 1) if x1 - x0 < 0.5 else label
             fig.add_annotation(x=(x0 + x1) / 2, y=1.18, text=text, showarrow=False,
                                font=dict(size=12, color="#555"), yanchor="bottom")
+    # Not clipped at the axis: a probability of 0 % or 100 % (common) showed half a diamond.
     fig.add_trace(go.Scatter(x=[band[0], band[1]], y=[0.5, 0.5], mode="lines",
-                             line=dict(color="#1d2a33", width=6), name="band",
+                             line=dict(color="#1d2a33", width=6), name="band", cliponaxis=False,
                              hovertemplate="band %{x:.2f}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=[probability], y=[0.5], mode="markers",
+    fig.add_trace(go.Scatter(x=[probability], y=[0.5], mode="markers", cliponaxis=False,
                              marker=dict(size=20, color="#1d2a33", symbol="diamond"),
                              name="probability",
                              hovertemplate="probability %{x:.2f}<extra></extra>"))
@@ -562,9 +563,18 @@ def glass_brain_figure(img: SpatialImage, *, title: str | None = None,
         threshold = float(np.quantile(values, 0.9)) if values.size else 0.0
         threshold = min(threshold, 0.99 * vmax)
     fig = plt.figure(figsize=(10, 3.2))
-    plotting.plot_glass_brain(img, figure=fig, display_mode="lyrz", plot_abs=False,
-                              colorbar=True, cmap="cold_hot", vmax=vmax, vmin=-vmax,
-                              threshold=threshold, title=title)
+    display = plotting.plot_glass_brain(img, figure=fig, display_mode="lyrz", plot_abs=False,
+                                        colorbar=True, cmap="cold_hot", vmax=vmax,
+                                        vmin=-vmax, threshold=threshold, title=title)
+    cbar = getattr(display, "_cbar", None)
+    if cbar is not None:
+        # nilearn adds +-threshold to the colour bar's ticks: a small threshold printed
+        # "0.025" over "-0.025" in the report at 1280 px. Ticks at the limits and halves,
+        # and +-threshold only where it has room (the grey band still marks it).
+        ticks = [-vmax, -vmax / 2, vmax / 2, vmax]
+        ticks += [-threshold, threshold] if threshold >= 0.15 * vmax else [0.0]
+        cbar.set_ticks(sorted(ticks))
+        cbar.set_ticklabels([f"{t:.2g}" for t in sorted(ticks)])
     return fig
 
 

@@ -233,14 +233,13 @@ def report_content(summary: ScreeningSummary, *, png: bytes | None = None,
         ]
     names = {r.label: r.name for r in s.regions}
     tables = [
-        {"title": "Top regions", "headers": ["label", "region", "network", "score"],
+        {"title": "Top regions", "headers": ["label", "region", "lobe", "score"],
          "rows": [(str(r.label), r.name, r.network, f"{r.score:+.4f}")
                   for r in s.regions[:n_regions]]},
         {"title": "Top connections", "headers": ["region", "region", "score"],
          "rows": [(str(names.get(c.label_i, c.label_i)), str(names.get(c.label_j, c.label_j)),
                    f"{c.score:+.4f}") for c in s.connections[:10]]},
-        {"title": "Networks / lobes", "headers": ["group", "time series", "connectivity",
-                                                  "total"],
+        {"title": "Lobes", "headers": ["lobe", "time series", "connectivity", "total"],
          "rows": [(k, f"{v['ts']:+.3f}", f"{v['fc']:+.3f}", f"{v['total']:+.3f}")
                   for k, v in s.networks.items()]},
     ]
@@ -286,8 +285,10 @@ def _probability_figure(probability: float, band, thresholds: dict) -> Figure:
         if x1 > x0:
             ax.text((x0 + x1) / 2, 1.12, label, ha="center", va="bottom", fontsize=8,
                     color="#555555", transform=ax.get_xaxis_transform(), parse_math=False)
-    ax.plot([band[0], band[1]], [0.5, 0.5], color="#1d2a33", lw=5, solid_capstyle="butt")
-    ax.plot([probability], [0.5], marker="D", ms=11, color="#1d2a33")
+    ax.plot([band[0], band[1]], [0.5, 0.5], color="#1d2a33", lw=5, solid_capstyle="butt",
+            clip_on=False)
+    # not clipped at the axes: a probability of 0 % or 100 % showed half a diamond
+    ax.plot([probability], [0.5], marker="D", ms=11, color="#1d2a33", clip_on=False)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_yticks([])

@@ -41,7 +41,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -908,6 +908,7 @@ def write_cohort(
     affine: np.ndarray = FMRIPREP_MNI_2MM_AFFINE,
     dtype: str = "float32",
     progress: Callable[[int, int], None] | None = None,
+    subjects: Sequence[int] | None = None,
 ) -> Path:
     """Write a simulated BIDS-style cohort (see the module docstring for the model).
 
@@ -937,6 +938,13 @@ def write_cohort(
         Image data type (``fmt="nifti"`` only), as in :func:`write_nifti`.
     progress : callable(done, total) or None, default=None
         Called after each subject is written.
+    subjects : sequence of int or None, default=None
+        Write only these subjects (0-based positions in the cohort of ``n_subjects``); None:
+        all. The cohort-level draws (sites, labels, planted regions) are made for the whole
+        cohort and every subject has its own random stream, so subject ``i`` is the same
+        bit for bit whichever subset it is written with; ``participants.tsv`` and
+        ``simulation.json`` list the subjects written. The dashboard's demo job writes one
+        subject at a time this way, to screen each as soon as it exists.
 
     Returns
     -------
@@ -954,6 +962,11 @@ def write_cohort(
     fmt = check_option("fmt", fmt, ("nifti", "timeseries"))
     if not isinstance(n_subjects, (int, np.integer)) or n_subjects < 2:
         raise InvalidInputError(f"A cohort needs at least 2 subjects, got {n_subjects!r}.")
+    wanted = None if subjects is None else {int(i) for i in subjects}
+    if wanted is not None and (not wanted or min(wanted) < 0 or max(wanted) >= n_subjects):
+        raise InvalidInputError(
+            f"subjects must be positions 0 to {n_subjects - 1} of the cohort, got "
+            f"{sorted(wanted)!r}.")
     atlas = load_atlas(atlas)
     config = (config or SimulationConfig()).validate()
     root = Path(out_dir)
@@ -988,6 +1001,8 @@ def write_cohort(
     rows = []
     subjects_truth = []
     for i, sub in enumerate(ids):
+        if wanted is not None and i not in wanted:
+            continue  # every subject has its own streams: skipping one changes no other
         srng = np.random.default_rng([seed, i])
         cfg = config
         if not labelled:
@@ -1041,7 +1056,7 @@ def write_cohort(
         row |= {"site": f"site{int(sites[i]) + 1}", "drug": str(drugs[i])}
         rows.append(row)
         if progress is not None:
-            progress(i + 1, n_subjects)
+            progress(len(rows), n_subjects if wanted is None else len(wanted))
     pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
     (root / "dataset_description.json").write_text(json.dumps({
         "Name": "FMM-TC simulated " + ("cohort" if labelled else "pain-agnostic corpus"),

@@ -45,6 +45,10 @@ def db(tmp_path, monkeypatch):
     monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "4")
     before = set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*"))
     yield f"sqlite:///{tmp_path / 'data' / 'fmmtc.db'}"
+    from fmmtc_app import demo_job
+
+    demo_job.stop()  # a demo job the test left running ends with it
+    assert demo_job.wait(600)
     staged = tmp_path / "data" / "uploads"
     assert not list(staged.glob("upload-*")) if staged.exists() else True
     assert set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*")) <= before
@@ -54,10 +58,20 @@ def _app(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     assert not at.exception, at.exception
     return at
+
+
+def _load_demo(at):
+    """Start the demo cohort on the Cohort page and wait for its job to end."""
+    from fmmtc_app import demo_job
+
+    at.button(key="load_demo").click()
+    at.run()
+    assert demo_job.wait(900), "the demo cohort job did not end"
+    at.run()
 
 
 def _errors(at):
@@ -202,13 +216,15 @@ def test_demo_participant_is_labelled_as_simulated(db):
     assert not at.exception and not _problems(at), _problems(at)
     assert any("SIMULATED participant" in i.value for i in at.info)
     assert at.subheader[0].value == "Participant SIM-DEMO"
+    # the probability scale has no tool bar: at 1280 px it covered the "likely responder" label
+    scale = at.get("plotly_chart")[0].proto
+    assert '"displayModeBar": false' in scale.config, scale.config
 
 
 @pytest.mark.slow  # a screening (or four) in the worker
 def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     at = _app("cohort")
-    at.button(key="load_demo").click()
-    at.run()
+    _load_demo(at)
     assert not at.exception and not _problems(at), _problems(at)
     assert any("Loaded 4 simulated participants" in s.value for s in at.success)
     assert any("SIMULATED demo data" in w.value for w in at.warning)
@@ -237,12 +253,63 @@ def test_cohort_page_demo_cohort_filters_outcomes_and_export(db):
     assert _counts(db)["outcomes"] == 5
 
 
+def _sidebar_progress(at) -> list[str]:
+    return [str(p.proto.text) for p in at.sidebar.get("progress")]
+
+
+@pytest.mark.slow  # four screenings in the worker
+def test_demo_cohort_is_a_job_that_outlives_the_page_and_can_be_resumed_and_reset(db):
+    """Loading the demo cohort returns at once and goes on in the background: every page (a
+    new session, as after navigating or refreshing) shows its progress in the sidebar; each
+    participant's outcome is recorded as it is screened; stopped, it resumes where it
+    stopped; reset, the simulated participants are gone. The old page did the whole load in
+    its own script run (lost when the user left) and imported the outcomes at the end."""
+    import time
+
+    from fmmtc_app import demo_job
+
+    at = _app("cohort")
+    at.button(key="load_demo").click()
+    at.run()  # returns while the job runs
+    assert not at.exception
+    assert demo_job.running()
+    assert any("demo cohort" in t for t in _sidebar_progress(at)), _sidebar_progress(at)
+    other = _app("model")  # another page in a fresh session: the progress is there too
+    assert any("demo cohort" in t for t in _sidebar_progress(other)), _sidebar_progress(other)
+    deadline = time.time() + 600
+    while not demo_job.read_job().done and time.time() < deadline:
+        time.sleep(0.5)
+    demo_job.stop()
+    assert demo_job.wait(600)
+    job = demo_job.read_job()
+    assert job.status == "stopped" and 1 <= len(job.done) < 4
+    counts = _counts(db)
+    assert counts["screenings"] == counts["outcomes"] == len(job.done)  # outcome per person
+    page = _app("cohort")
+    assert any("stopped" in t for t in _sidebar_progress(page))
+    page.button(key="demo_resume").click()
+    page.run()
+    assert demo_job.wait(600)
+    page.run()
+    assert not page.exception and not _problems(page), _problems(page)
+    assert any("Loaded 4 simulated participants" in s.value for s in page.success)
+    counts = _counts(db)
+    assert counts["screenings"] == counts["outcomes"] == 4  # none screened twice
+    assert len(demo_job.read_job().seconds) == 4
+    page.button(key="demo_reset").click()
+    page.run()
+    assert not page.exception
+    counts = _counts(db)
+    assert counts["participants"] == counts["screenings"] == counts["outcomes"] == 0
+    assert demo_job.read_job() is None
+    assert any("Load the simulated demo cohort" in b.label for b in page.button)
+
+
 @pytest.mark.slow  # a screening (or four) in the worker
 def test_explorer_shows_and_compares_stored_screenings(db):
     at = _app("cohort")
-    at.button(key="load_demo").click()
-    at.run()
-    at.switch_page("pages/explore.py")
+    _load_demo(at)
+    at.switch_page("views/explore.py")
     at.run()
     assert not at.exception and not _problems(at), _problems(at)
     labels = {m.label for m in at.metric}
@@ -352,7 +419,7 @@ def test_every_page_is_gated_before_sign_in(db, monkeypatch, page):
     at.run()
     if page:
         try:
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"views/{page}.py")
         except Exception:  # noqa: BLE001 - not in the navigation at all: also gated
             pass
         at.run()
@@ -456,7 +523,7 @@ def test_the_core_never_imports_streamlit():
 
 def test_pages_hold_layout_only():
     """No SQL and no array science in a page: they call the core (and fmmtc_app)."""
-    for page in sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]:
+    for page in sorted((ROOT / "views").glob("*.py")) + [ROOT / "app.py"]:
         assert not _imports(page) & {"numpy", "sqlalchemy", "torch", "scipy"}, page.name
 
 
@@ -535,7 +602,7 @@ def _app_with(state: dict, page: str | None = None) -> AppTest:
         at.session_state[key] = value
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     assert not at.exception, at.exception
     return at
@@ -568,7 +635,7 @@ def test_explorer_and_cohort_say_which_results_come_from_a_simulated_model(db, a
     at = _app("explore")
     assert any("DEMONSTRATION MODEL - TRAINED ON SIMULATED DATA ONLY" in e
                for e in _errors(at)), _errors(at)
-    at.switch_page("pages/cohort.py")
+    at.switch_page("views/cohort.py")
     at.run()
     assert not at.exception
     assert any("1 of 1 screenings were made by a model trained on SIMULATED data" in e
@@ -659,7 +726,7 @@ def test_any_past_screening_has_its_report_in_the_explorer_and_the_cohort_page(d
     at = _app("explore")
     assert [d for d in _downloads(at) if "report" in d] == [
         "Download the report (HTML)", "Download the report (PDF)"]
-    at.switch_page("pages/cohort.py")
+    at.switch_page("views/cohort.py")
     at.run()
     before = _downloads(at)
     pick = at.selectbox(key="report_pick")
@@ -761,6 +828,9 @@ def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
     at.radio(key="w_status").set_value("outcome recorded")
     at.run()
     assert _worklist(at)["participant"].tolist() == ["PAIN-0001"]
+    # the outcome stands in the status column (a column of its own was cut off at 1280 px)
+    assert _worklist(at)["status"].tolist() == ["responder"]
+    assert "outcome" not in _worklist(at).columns
     at.radio(key="w_status").set_value("awaiting outcome")
     at.run()
     assert _worklist(at)["status"].tolist() == ["awaiting outcome"]
@@ -917,7 +987,7 @@ def test_the_landing_page_says_when_the_password_gate_is_off(db, monkeypatch):
     assert len(notes) == 1 and "FMMTC_PASSWORD" in notes[0]
     assert "127.0.0.1 only" in notes[0]  # .streamlit/config.toml: loopback
     assert any("Password gate off" in c.value for c in at.sidebar.caption)
-    at.switch_page("pages/model.py")
+    at.switch_page("views/model.py")
     at.run()
     assert not [w for w in at.warning if "password gate is off" in w.value]  # landing page only
     # Listening on every interface with the gate off: said loudly.

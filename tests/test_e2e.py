@@ -84,7 +84,8 @@ def page(server):
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1400, "height": 2400},
+        # 1280 px: the width the screenshots are judged at (a laptop screen)
+        context = browser.new_context(viewport={"width": 1280, "height": 4000},
                                       accept_downloads=True)
         pg = context.new_page()
         pg.set_default_timeout(180_000)
@@ -92,7 +93,29 @@ def page(server):
         browser.close()
 
 
+def _sidebar(pg) -> str:
+    return pg.locator("[data-testid=stSidebar]").inner_text()
+
+
+def test_a_bookmarked_page_opened_first_gets_the_frame(server, page):
+    """Runs first, on the fresh server (as after a restart): a bookmarked page (not the
+    landing page) shows the page names, the disclaimer and the wide layout. With the page
+    scripts in pages/, Streamlit served pages/cohort.py on its own: sidebar "app, cohort,
+    explore ...", no disclaimer, a narrow column."""
+    url, data, proc = server
+    pg = page
+    pg.goto(f"{url}/cohort")
+    pg.get_by_role("heading", name="Cohort review").wait_for()
+    nav = pg.locator("[data-testid=stSidebarNav]").inner_text()
+    assert "Cohort review" in nav and "Screen participant" in nav, nav
+    assert "app" not in nav.split() and "cohort" not in nav.split(), nav
+    assert "Not a medical device" in _sidebar(pg)
+    width = pg.locator("[data-testid=stMainBlockContainer]").bounding_box()["width"]
+    assert width > 900, f"narrow layout: the main column is {width:.0f} px wide at 1280 px"
+
+
 def _shot(pg, name):
+    pg.mouse.move(2, 2)  # no tooltip or plot tool bar from where the last click left it
     pg.wait_for_timeout(1500)  # let plots finish drawing
     pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -116,6 +139,15 @@ def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tm
     pg.locator("[data-testid=stDataFrame]").first.wait_for()  # the top-regions table
     _shot(pg, "02-screen-result")
     assert not pg.get_by_text("Traceback").count()
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Download the report (HTML)").click()
+    report = tmp_path / "report.html"
+    dl.value.save_as(report)
+    html = pg.context.new_page()
+    html.goto(report.as_uri())
+    html.get_by_text("PAIN-E2E").first.wait_for()
+    _shot(html, "06-report-html")
+    html.close()
 
     pg.get_by_role("link", name="Attribution explorer").click()
     pg.get_by_role("heading", name="Attribution explorer").wait_for()
@@ -127,8 +159,20 @@ def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tm
     pg.get_by_role("link", name="Cohort review").click()
     pg.get_by_role("heading", name="Cohort review").wait_for()
     pg.get_by_role("button", name="Add the simulated demo cohort (4 participants)").click()
-    pg.get_by_text("Loaded 4 simulated participants").wait_for()
-    _shot(pg, "04-cohort")
+    # it runs as a job: leave the page, refresh the browser, the sidebar follows it anyway
+    pg.get_by_role("link", name="Scan quality").click()
+    pg.get_by_role("heading", name="Scan quality").wait_for()
+    pg.locator("[data-testid=stSidebar]").get_by_text("demo cohort").first.wait_for()
+    pg.reload()
+    pg.get_by_role("heading", name="Scan quality").wait_for()
+    pg.locator("[data-testid=stSidebar]").get_by_text("demo cohort").first.wait_for()
+    _qc_view(pg)
+    pg.get_by_role("link", name="Cohort review").click()
+    pg.get_by_role("heading", name="Cohort review").wait_for()
+    pg.get_by_text("Loaded 4 simulated participants").wait_for(timeout=900_000)
+    pg.get_by_role("heading", name="Worklist").wait_for()
+    pg.locator("[data-testid=stDataFrame]").first.wait_for()
+    _shot(pg, "04-cohort-worklist")
     with pg.expect_download() as dl:
         pg.get_by_role("button", name="Export these rows (CSV)").click()
     csv = tmp_path / "cohort.csv"
@@ -142,3 +186,13 @@ def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tm
     _shot(pg, "05-model")
     log = (data / "streamlit.log").read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def _qc_view(pg):
+    """The Scan quality page on the simulated demo scan: verdict, numbers, alignment view."""
+    pg.get_by_role("button", name="Use a simulated demo scan").click()
+    pg.get_by_role("tab", name="Alignment and tSNR").wait_for()
+    pg.get_by_text("Median tSNR").wait_for()
+    pg.locator("[data-testid=stImage] img").first.wait_for()
+    _shot(pg, "07-qc")
+    assert not pg.get_by_text("Traceback").count()

@@ -176,3 +176,36 @@ def test_attribution_slices_are_interactive_and_offline():
     import re
 
     assert not re.search(r"(src|href)=[\"']https?://", html)  # nothing from the network
+
+
+def test_a_certain_probability_shows_a_whole_diamond():
+    """At 0 % or 100 % (common for the demo model) the marker sat on the axis's end and was
+    cut in half, on the result card and in the report (e2e screenshot at 1280 px)."""
+    from fmmtc_core.report import _probability_figure
+
+    fig = probability_figure(1.0, (0.99, 1.0), {"non_responder": 0.4, "responder": 0.6})
+    assert all(trace.cliponaxis is False for trace in fig.data)
+    mpl = _probability_figure(1.0, (0.99, 1.0), {"non_responder": 0.4, "responder": 0.6})
+    assert all(not line.get_clip_on() for line in mpl.axes[0].get_lines())
+
+
+def test_glass_brain_colour_bar_labels_do_not_overlap():
+    """A small threshold put "0.025" over "-0.025" on the colour bar (report at 1280 px):
+    the ticks are the limits and halves, +-threshold only when there is room for it."""
+    import matplotlib.pyplot as plt
+
+    data = np.zeros((20, 24, 20), np.float32)
+    data[5:9, 8:12, 8:12] = 0.62
+    data[12:15, 8:12, 8:12] = -0.62
+    data[2:4, 8:12, 8:12] = 0.02
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-80, -110, -70]
+    for threshold, expected in ((0.025, [-0.62, -0.31, 0.0, 0.31, 0.62]),
+                                (0.2, [-0.62, -0.31, -0.2, 0.2, 0.31, 0.62])):
+        fig = figures.glass_brain_figure(nib.Nifti1Image(data, affine), vmax=0.62,
+                                         threshold=threshold)
+        bar = fig.axes[-1]  # nilearn's colour bar comes last
+        ticks = sorted(bar.get_yticks())
+        assert ticks == pytest.approx(expected), threshold
+        assert min(np.diff(ticks)) >= 0.15 * 0.62
+        plt.close(fig)

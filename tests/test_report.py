@@ -38,6 +38,8 @@ def test_report_is_self_contained_and_escaped():
     assert "<script" not in html and "http://" not in html and "https://" not in html
     assert "Precentral_L" in html and "+0.5000" in html
     assert "<th>Operator</th><td>alice</td>" in html
+    # the regions' group is their lobe, and the header says so (it said "network")
+    assert "<th>lobe</th>" in html and "<th>network</th>" not in html
     assert "<th>Date and time</th><td>2026-11-25 10:00 UTC</td>" in html  # date, time, zone
     # the baseline in words, never a Python dict
     assert ("time series flat (every region at its median); connectivity at the training "

@@ -307,3 +307,24 @@ def test_ou_temporal_effect_is_slower_fluctuations_at_any_tr(aal3, tr):
     diff = ratio[True] - ratio[False]
     assert diff[ts].mean() > 0.2  # more power below 0.04 Hz in the planted regions
     assert abs(np.delete(diff, ts).mean()) < 0.1 * diff[ts].mean()  # and nowhere else
+
+
+def test_one_subject_written_alone_is_the_same_as_in_the_whole_cohort(tmp_path):
+    """The demo job writes one subject at a time (to screen each as soon as it exists): each
+    must be bit for bit the subject the whole cohort holds, with the same row."""
+    from fmmtc_core.simulate import SimulationConfig, write_cohort
+
+    cfg = SimulationConfig(n_volumes=60)
+    whole = write_cohort(tmp_path / "whole", 3, seed=5, fmt="timeseries", config=cfg)
+    alone = write_cohort(tmp_path / "alone", 3, seed=5, fmt="timeseries", config=cfg,
+                         subjects=[1])
+    name = "sub-002/func/sub-002_task-rest_space-MNI152NLin2009cAsym_seg-HCPEx_timeseries.tsv"
+    assert (alone / name).read_bytes() == (whole / name).read_bytes()
+    rows = pd.read_csv(alone / "participants.tsv", sep="\t")
+    expected = pd.read_csv(whole / "participants.tsv", sep="\t").iloc[[1]]
+    pd.testing.assert_frame_equal(rows, expected.reset_index(drop=True))
+    assert not (alone / "sub-001").exists()
+    with pytest.raises(InvalidInputError, match=r"subjects must be positions 0 to 2 of the "
+                                                r"cohort, got \[3\]"):
+        write_cohort(tmp_path / "bad", 3, seed=5, fmt="timeseries", config=cfg, subjects=[3])
+    assert not (tmp_path / "bad").exists()

@@ -47,6 +47,7 @@ __all__ = [
     "add_screening",
     "record_outcome",
     "outcome_history",
+    "remove_simulated_participants",
     "get_screening",
     "ScreeningRecord",
     "screening_record",
@@ -497,6 +498,63 @@ def outcome_history(engine: Engine, pseudonym: str) -> pd.DataFrame:
     df["outcome"] = [_outcome_word(bool(v)) for v in df["outcome"]]
     df["current"] = [i == 0 for i in range(len(df))]
     return df
+
+
+@fill_doc
+def remove_simulated_participants(session: Session, prefix: str, *, actor: str) -> int:
+    """Delete every *simulated* participant whose pseudonym starts with ``prefix`` (audited).
+
+    Their scans, screenings (with their attributions) and outcomes go with them, in the
+    session's transaction: all of them or, on an error, none. Real participants are never
+    touched, whatever their pseudonym: only rows flagged ``simulated`` are deleted. The audit
+    log keeps one row naming the pseudonyms removed.
+
+    Parameters
+    ----------
+    %(session)s
+    prefix : str
+        Pseudonym prefix of the simulated cohort, e.g. ``"SIM-"`` (at least one character).
+    actor : str
+        Who removes them (checked by :func:`validate_label`).
+
+    Returns
+    -------
+    int
+        Participants deleted (0 when there is none).
+
+    Raises
+    ------
+    InvalidInputError
+        An empty prefix, or an invalid or missing actor.
+    """
+    if not prefix:
+        raise InvalidInputError("A prefix is needed to remove simulated participants.")
+    label = validate_label("operator", actor)
+    if label is None:
+        raise InvalidInputError("Say who removes the simulated participants (operator).")
+    people = session.scalars(select(Participant).where(
+        Participant.simulated.is_(True), Participant.pseudonym.startswith(prefix, autoescape=True))
+    ).all()
+    if not people:
+        return 0
+    ids = [p.id for p in people]
+    screenings = session.scalars(select(Screening).where(Screening.participant_id.in_(ids))).all()
+    for screening in screenings:  # the ORM cascade takes the attributions along
+        session.delete(screening)
+    session.flush()
+    for scan in session.scalars(select(Scan).where(Scan.participant_id.in_(ids))).all():
+        session.delete(scan)
+    for outcome in session.scalars(
+            select(Outcome).where(Outcome.participant_id.in_(ids))).all():
+        session.delete(outcome)
+    session.flush()
+    for person in people:
+        session.delete(person)
+    audit(session, label, "delete", "participant", None,
+          {"simulated": True, "prefix": prefix, "removed": sorted(p.pseudonym for p in people),
+           "screenings": len(screenings)})
+    session.flush()
+    return len(people)
 
 
 @fill_doc

@@ -9,7 +9,8 @@ import streamlit as st
 
 from fmmtc_app import session
 from fmmtc_app.access import require_access
-from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size, load_demo_cohort
+from fmmtc_app import demo
+from fmmtc_app.demo import DEMO_PREFIX, demo_cohort_size
 from fmmtc_app.reports import report_buttons
 from fmmtc_core.atlas import load_atlas
 from fmmtc_core.config import DEFAULT_THRESHOLDS
@@ -32,38 +33,22 @@ engine = session.engine()
 
 
 @st.cache_data(show_spinner=False, ttl=5)
-def _screenings(version: int, database: str) -> pd.DataFrame:
+def _screenings(version: int, database: str, demo_step: tuple) -> pd.DataFrame:
     return repo.screenings_frame(engine)
 
 
+job = demo.job_panel()  # the demo cohort loading in the background, if it is
 version = st.session_state.setdefault("cohort_version", 0)
 DATABASE = engine.url.render_as_string(hide_password=True)  # a cache key: rows belong to it
-df = _screenings(version, DATABASE)
-
-def _demo_button(label: str, primary: bool) -> None:
-    if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
-        bar = st.progress(0.0, text="Simulating...")
-        try:
-            out = load_demo_cohort(
-                progress=lambda d, t, what: bar.progress(min(d / t, 1.0), text=what))
-        except Exception as exc:  # noqa: BLE001
-            bar.empty()
-            session.plain_error(exc, "The demo cohort could not be loaded")
-            st.stop()
-        bar.empty()
-        st.session_state["cohort_version"] = version + 1
-        st.session_state["demo_loaded"] = (f"Loaded {out['screened']} simulated participants "
-                                           f"with their outcomes.")
-        st.rerun()
-
-
-if msg := st.session_state.pop("demo_loaded", None):
-    st.success(msg)
+# the demo job's progress is part of the key: each participant it loads shows at once
+df = _screenings(version, DATABASE,
+                 () if job is None else (job.status, job.processed, job.outcomes))
 if df.empty:
     st.info("The cohort database is empty. Screen a participant on the Screen page, or load a "
             "**simulated** demo cohort to see how this page works.")
-    _demo_button(f"Load the simulated demo cohort ({demo_cohort_size()} participants)",
-                 primary=True)
+    if job is None or job.status == "done":
+        demo.start_button(f"Load the simulated demo cohort ({demo_cohort_size()} participants)",
+                          primary=True)
     st.stop()
 
 if df["simulated"].any():
@@ -87,8 +72,15 @@ status = c2.radio("Status", WORKLIST_STATUSES, horizontal=True, key="w_status",
                   help="screened: everyone; awaiting outcome: screened, no observed outcome "
                        "entered yet")
 work = worklist(df, search=search, status=status)
-st.dataframe(work.drop(columns=["screening_id"]), hide_index=True, width="stretch",
+# The observed outcome stands in the status column, and the count of screenings is left to
+# the explorer: with both as columns of their own, the table ran past 1280 px (the outcome
+# was cut off at the right edge).
+shown_work = work.assign(status=work["outcome"].where(work["outcome"].notna(), work["status"]))
+shown_work = shown_work.drop(columns=["screening_id", "outcome", "screenings"])
+st.dataframe(shown_work, hide_index=True, width="stretch",
              column_config={
+                 "status": st.column_config.TextColumn(
+                     "status / outcome", help="the observed outcome, once recorded"),
                  "last_screened": st.column_config.DatetimeColumn("last screened (UTC)",
                                                                   format="YYYY-MM-DD HH:mm"),
                  "probability": st.column_config.NumberColumn(format="%.2f"),
@@ -100,7 +92,7 @@ if c2.button("Open in the explorer", key="w_go", disabled=opened is None):
     latest = int(work.loc[work["participant"] == opened, "screening_id"].iloc[0])
     st.session_state["explore_id"] = latest
     st.session_state.pop("explore_first", None)  # the explorer starts at this screening
-    st.switch_page("pages/explore.py")
+    st.switch_page("views/explore.py")
 
 with st.expander("Filters", expanded=False):
     c = st.columns(4)
@@ -178,10 +170,12 @@ s = stratify(view["probability"].to_numpy(), threshold,
              band_low=view["band_low"].to_numpy(), require_band=strict, outcome=y)
 m = st.columns(4)
 m[0].metric("Enrolled", f"{s.n_enrolled} of {s.n_screened}")
-m[1].metric("Expected responder rate, enrolled",
+m[1].metric("Expected rate, enrolled",
             "n/a" if s.expected_rate_enrolled is None else f"{s.expected_rate_enrolled:.0%}",
             delta=None if s.expected_rate_enrolled is None or s.base_rate is None
-            else f"{(s.expected_rate_enrolled - s.base_rate) * 100:+.0f} points vs all")
+            else f"{(s.expected_rate_enrolled - s.base_rate) * 100:+.0f} points vs all",
+            help="Expected responder rate among the enrolled: the mean of their calibrated "
+                 "probabilities.")
 m[2].metric("Base rate (all screened)", "n/a" if s.base_rate is None else f"{s.base_rate:.0%}")
 m[3].metric("Number needed to screen", "n/a" if s.number_needed_to_screen is None
             else f"{s.number_needed_to_screen:.1f}",
@@ -257,9 +251,17 @@ else:
         st.caption("Includes simulated participants: these curves describe the demo, not the "
                    "model's real-world performance.")
 
-if not df["participant"].str.startswith(DEMO_PREFIX + "0").any():
+has_demo = df["participant"].str.startswith(DEMO_PREFIX + "0").any()
+if job is None and not has_demo:
     st.divider()
     st.caption("Want to try the page on more data? Add a simulated demo cohort (flagged as "
                "simulated everywhere).")
-    _demo_button(f"Add the simulated demo cohort ({demo_cohort_size()} participants)",
-                 primary=False)
+    demo.start_button(f"Add the simulated demo cohort ({demo_cohort_size()} participants)",
+                      primary=False)
+elif job is None or job.status == "done":
+    st.divider()
+    if job is None:  # loaded by an earlier version, or its record was lost: it can go on
+        st.caption("A simulated demo cohort is in the database. Load the participants it "
+                   "may still miss (those stored are skipped), or remove it.")
+        demo.start_button("Finish loading the simulated demo cohort", primary=False)
+    demo.reset_button()

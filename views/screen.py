@@ -176,9 +176,11 @@ def _show(result) -> None:
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     st.caption(f"Model: {summary.model}")
+    # No tool bar: there is nothing to zoom on a 0-100 % scale, and at 1280 px it covered
+    # the "likely responder" label.
     st.plotly_chart(probability_figure(result.probability, result.band,
                                        {**DEFAULT_THRESHOLDS, **summary.thresholds}),
-                    width="stretch")
+                    width="stretch", config={"displayModeBar": False})
     st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
                "cross-validation fold models. The decision is 'likely responder' only when the "
                "whole band clears the responder threshold.")
@@ -252,8 +254,9 @@ def _show(result) -> None:
     else:
         st.plotly_chart(network_figure(summary.networks), width="stretch")
     top = top_regions(regions)[["label", "name", "network", "score"]]
-    st.dataframe(top.rename(columns={"score": "score (logit)"}), hide_index=True,
-                 width="stretch")
+    # The group is the region's lobe (not a functional network): say so in the header.
+    st.dataframe(top.rename(columns={"score": "score (logit)", "network": "lobe"}),
+                 hide_index=True, width="stretch")
 
     report_buttons(summary, png, key="report")
 
