@@ -35,6 +35,15 @@ def cohort(tmp_path_factory):
                         config=SimulationConfig(n_volumes=200))
 
 
+@pytest.fixture
+def stub_cohort(tmp_path):
+    """A cohort folder that is refused before any scan is read (no simulation needed)."""
+    root = tmp_path / "stub"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\nsub-001\n")
+    return root
+
+
 def _cli(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -70,7 +79,8 @@ def test_parse_cluster():
         parse_cluster("tcp://h:70000")
 
 
-def test_sqlite_is_refused_with_a_remote_scheduler_and_nothing_is_made(tmp_path, cohort):
+def test_sqlite_is_refused_with_a_remote_scheduler_and_nothing_is_made(tmp_path,
+                                                                       stub_cohort):
     db = tmp_path / "x.db"
     remote = parse_cluster("tcp://10.255.255.1:8786")  # never contacted: refused before
     with pytest.raises(InvalidInputError, match="needs a PostgreSQL database"):
@@ -78,16 +88,16 @@ def test_sqlite_is_refused_with_a_remote_scheduler_and_nothing_is_made(tmp_path,
     check_database(remote, "postgresql+psycopg://u@h/db")  # a server is fine
     check_database(parse_cluster("local:2"), f"sqlite:///{db}")  # the client writes alone
     with pytest.raises(InvalidInputError, match="needs a PostgreSQL database.*local:N"):
-        screen_batch(cohort, url=f"sqlite:///{db}", cluster="tcp://10.255.255.1:8786")
+        screen_batch(stub_cohort, url=f"sqlite:///{db}", cluster="tcp://10.255.255.1:8786")
     assert not db.exists()
 
 
-def test_cli_refuses_a_remote_cluster_with_sqlite_in_one_line(tmp_path, cohort, capsys):
+def test_cli_refuses_a_remote_cluster_with_sqlite_in_one_line(tmp_path, stub_cohort, capsys):
     db = tmp_path / "cli.db"
     for extra, match in ((["--cluster", "tcp://10.255.255.1:8786"], "needs a PostgreSQL"),
                          (["--cluster", "local:2", "--workers", "2"], "exclude each other"),
                          (["--cluster", "udp://h:1"], "Invalid value for --cluster")):
-        code, out, err = _cli(["screen-batch", cohort, "--db", f"sqlite:///{db}", *extra],
+        code, out, err = _cli(["screen-batch", stub_cohort, "--db", f"sqlite:///{db}", *extra],
                               capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
