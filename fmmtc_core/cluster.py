@@ -181,19 +181,24 @@ def open_client(spec: ClusterSpec, *, threads: int | None = None) -> Iterator[Cl
                 client.close()
             return
         import logging
+        import tempfile
 
         assert spec.n_workers is not None
-        cluster = LocalCluster(n_workers=spec.n_workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None,
-                               silence_logs=logging.CRITICAL)
-        try:
-            client = Client(cluster)
+        # The scheduler's and workers' scratch folder (Dask's lock files, spilled data) is ours
+        # to remove, not a dask-scratch-space left in the system's temporary folder.
+        with tempfile.TemporaryDirectory(prefix="fmmtc-dask-") as scratch, \
+                dask.config.set({"temporary-directory": scratch}):
+            cluster = LocalCluster(n_workers=spec.n_workers, threads_per_worker=1,
+                                   processes=True, host="127.0.0.1", dashboard_address=None,
+                                   silence_logs=logging.CRITICAL, local_directory=scratch)
             try:
-                yield client
+                client = Client(cluster)
+                try:
+                    yield client
+                finally:
+                    client.close()
             finally:
-                client.close()
-        finally:
-            cluster.close()
+                cluster.close()
 
 
 # --------------------------------------------------------------------------------------------

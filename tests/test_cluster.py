@@ -170,11 +170,13 @@ def test_two_workers_screen_into_postgres_with_a_worker_killed_mid_batch(
 
 @pytest.mark.slow
 def test_a_killed_client_loses_nothing_stored_and_a_rerun_resumes(
-        pg_engine, postgres_url, cohort, capsys):
+        pg_engine, postgres_url, cohort, capsys, tmp_path):
     cmd = [sys.executable, "-m", "fmmtc_core.cli", "screen-batch", str(cohort), "--cluster",
            "local:2", "--db", postgres_url, "--tolerance", "0.05"]
     open_database(postgres_url).dispose()  # the tables exist before the client starts
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    # a SIGKILLed client cannot remove its cluster's scratch folder: keep it in tmp_path
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**ENV, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.time() + 600
         while (time.time() < deadline and proc.poll() is None
