@@ -195,5 +195,6 @@ def test_a_killed_client_loses_nothing_stored_and_a_rerun_resumes(
     code, out, err = _cli(["screen-batch", cohort, "--cluster", "local:2", "--db",
                            postgres_url, "--tolerance", "0.05"], capsys)
     assert code == 0, err
+    assert err == ""  # off a terminal, no log line of Dask's reaches stderr
     assert f"screened {N - stored}, already stored {stored}, failed 0" in out
     assert row_counts(pg_engine)["screenings"] == N and integrity_check(pg_engine) == []
