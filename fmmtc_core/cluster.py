@@ -17,7 +17,7 @@ into a part any worker can do and a part only one process does:
   and password stay with the client.
 
 A killed worker loses at most the scans it was computing, which the scheduler gives to another
-worker (a scan whose worker dies three times is reported as failed: it is probably what kills
+worker (a scan whose worker dies a fourth time is reported as failed: it is probably what kills
 them). A killed client loses nothing that was stored, and a rerun skips it.
 
 The database: a remote scheduler (``tcp://HOST:PORT``) means workers and, usually, several
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterSpec", "parse_cluster", "check_database", "open_client", "screen_jobs"]
 
-#: Times a scan's task may lose its worker before it is reported as failed (Dask's
-#: ``distributed.scheduler.allowed-failures`` for this batch's tasks).
+#: Times a scan's task may lose its worker and be retried; one more loss reports the scan as
+#: failed (Dask's ``distributed.scheduler.allowed-failures`` for this batch's tasks).
 ALLOWED_FAILURES = 3
 
 #: Seconds to wait for a remote scheduler to answer.
@@ -335,7 +335,7 @@ def screen_jobs(
                     kind, job, payload = fut.result()
                 except KilledWorker:
                     kind, job, payload = "failed", owner[fut.key], (
-                        f"the worker screening it died {ALLOWED_FAILURES} times (out of "
+                        f"the worker screening it died {ALLOWED_FAILURES + 1} times (out of "
                         "memory?); it was not stored")
                 del owner[fut.key]
                 fut.release()
