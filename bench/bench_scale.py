@@ -229,7 +229,7 @@ def projection(stages: list[dict], extra: dict, *, workers=(1, 8, 32, 128),
     return lines
 
 
-def cohort_screening(args) -> None:
+def cohort_screening_section(args: argparse.Namespace) -> None:
     """Section "Cohort screening": 1 vs 2 local workers in one run, then the projection."""
     with tempfile.TemporaryDirectory(prefix="fmmtc-bench-cohort-") as tmp:
         print(f"== Cohort screening ({args.scans} simulated {args.format} scans, demo model, "
@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--gpu-price", type=float, default=1.00,
                         help="assumed $ per GPU worker-hour")
     args = parser.parse_args()
-    cohort_screening(args)
+    cohort_screening_section(args)
 
 
 if __name__ == "__main__":
