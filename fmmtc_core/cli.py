@@ -989,7 +989,7 @@ def cmd_screen_batch(args) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Reads ``operator``, ``cohort_dir``, ``model``, ``db``, ``workers``,
+        Reads ``operator``, ``cohort_dir``, ``model``, ``db``, ``workers``, ``cluster``,
         ``import_outcomes``, ``baseline_fc`` and ``tolerance``.
 
     Returns
@@ -1000,8 +1000,9 @@ def cmd_screen_batch(args) -> int:
     Raises
     ------
     InvalidInputError
-        An invalid operator label, or ``cohort_dir`` has no ``participants.tsv`` (or a
-        refusal by :func:`fmmtc_core.screening.screen_batch` before screening starts).
+        An invalid operator label, or ``cohort_dir`` has no ``participants.tsv``, an invalid
+        ``--cluster`` or a remote one with a SQLite database (or a refusal by
+        :func:`fmmtc_core.screening.screen_batch` before screening starts).
     ModelFileError
         The model folder has no readable card or cannot be loaded.
     StorageError
@@ -1013,6 +1014,14 @@ def cmd_screen_batch(args) -> int:
     root = Path(args.cohort_dir)
     if not (root / "participants.tsv").is_file():
         raise InvalidInputError(f"{root} has no participants.tsv; expected a BIDS-style cohort.")
+    if args.cluster is not None:  # before the database is opened (and a SQLite file made)
+        from fmmtc_core.cluster import check_database, parse_cluster
+        from fmmtc_core.store import default_url
+
+        if args.workers != 1:
+            raise InvalidInputError("--workers and --cluster exclude each other: a cluster's "
+                                    "workers are its own (local:N for N processes here).")
+        check_database(parse_cluster(args.cluster), args.db or default_url())
     model_dir = _model_dir(args.model)
     _model_atlas(model_dir)
     from fmmtc_core.store import open_database
@@ -1039,7 +1048,8 @@ def cmd_screen_batch(args) -> int:
 
     report = screen_batch(root, model_dir=model_dir, url=args.db, workers=args.workers,
                           operator=operator, import_outcomes=args.import_outcomes,
-                          explain_kwargs=_explain_kwargs(args), progress=progress)
+                          explain_kwargs=_explain_kwargs(args), progress=progress,
+                          cluster=args.cluster)
     if bar is not None:
         bar.close()
     _print_validity(model_validity(json.loads((model_dir / "model_card.json").read_text()),
@@ -1266,6 +1276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cohort_dir", metavar="COHORT_DIR")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="parallel processes, at least 1 (default 1)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="screen on Dask: local:N (N worker processes here) or tcp://HOST:PORT "
+                        "(a running scheduler; its workers see the cohort and model at the "
+                        "same paths; needs a PostgreSQL --db)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the demo model)")
     db_arg(p)
     explain_args(p)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # torch and sqlalchemy load only when a screening runs
     from fmmtc_core.models.deployed import ScreeningModel
 
 __all__ = ["Analysis", "analyse", "decide", "screen", "ScreeningResult", "STAGES",
-           "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest"]
+           "DEFAULT_THRESHOLDS", "QCFailedError", "inputs_digest", "ComputedScreening",
+           "computed_screening", "store_computed"]
 
 #: Pipeline stages, in order, as reported to progress callbacks.
 STAGES = ("validate", "parcellate", "qc", "clean", "predict", "explain", "save")
@@ -574,23 +575,150 @@ def screen(
                      thresholds=thresholds, explain_kwargs=explain_kwargs,
                      min_volumes=min_volumes, progress=progress)
     t0 = time.perf_counter()
+    computed = computed_screening(result, model, scan_sha256=scan_sha, inputs_sha256=key,
+                                  participant=pseudonym, operator=operator,
+                                  simulated=simulated)
+    if progress:
+        progress("save", 0, 1, {})
+    out = store_computed(engine, computed, model, site=site, drug=drug, arm=arm,
+                         force=force, started=t0)
+    if progress:
+        progress("save", 1, 1, {"reused": True} if out.reused else {})
+    if out.reused:
+        return out
+    result.stage_seconds["save"] = out.summary.stage_seconds["save"]
+    return ScreeningResult(out.summary, result)
+
+
+@dataclass
+class ComputedScreening:
+    """A screening computed but not yet stored: the rows :func:`store_computed` writes.
+
+    Small and picklable (no image, no torch object): what a cluster worker sends back to the
+    one process that writes the database (:mod:`fmmtc_core.cluster`).
+
+    Parameters
+    ----------
+    scan_sha256 : str
+        SHA-256 of the scan file (:func:`inputs_digest`).
+    inputs_sha256 : str
+        SHA-256 of scan, sidecar and confounds (:func:`inputs_digest`).
+    scan_fields : dict
+        The ``scans`` row: hash, kind, shape, TR (s), atlas, QC, the cleaned region series.
+    summary : ScreeningSummary
+        The screening (``screening_id`` None, ``stage_seconds`` without ``save``).
+    settings : dict
+        The explanation's settings (:attr:`fmmtc_core.explain.Explanation.settings`).
+    """
+
+    scan_sha256: str
+    inputs_sha256: str
+    scan_fields: dict
+    summary: ScreeningSummary
+    settings: dict
+
+
+@fill_doc
+def computed_screening(result: Analysis, model: ScreeningModel, *, scan_sha256: str,
+                       inputs_sha256: str, participant: str, operator: str,
+                       simulated: bool = False) -> ComputedScreening:
+    """The rows to store for an :func:`analyse` result, checked to be storable.
+
+    Parameters
+    ----------
+    result : Analysis
+        An explained analysis.
+    %(model)s
+    scan_sha256, inputs_sha256 : str
+        :func:`inputs_digest` of the inputs that were analysed.
+    participant : str
+        Validated study pseudonym.
+    operator : str
+        Validated operator label.
+    simulated : bool, default=False
+        Mark a new participant as simulated.
+
+    Returns
+    -------
+    ComputedScreening
+        The scan row, the summary and the explanation's settings.
+
+    Raises
+    ------
+    ModelFileError
+        The model gave a non-finite probability, band, fold probability or attribution.
+    """
     scan = result.scan
     scan_fields = {
-        "sha256": scan_sha, "kind": scan.kind, "shape": [int(v) for v in scan.shape],
+        "sha256": scan_sha256, "kind": scan.kind, "shape": [int(v) for v in scan.shape],
         "tr": float(result.signals.tr), "atlas": result.signals.atlas.name,
         "qc_verdict": result.qc.verdict, "qc": result.qc.to_dict(),
         "n_volumes": int(result.signals.n_volumes), "n_regions": int(result.signals.n_regions),
-        "series": repo.encode_series(result.signals.data),
+        "series": _encode_series(result.signals.data),
     }
-    summary = ScreeningSummary.from_analysis(result, participant=pseudonym, model=model.name,
+    summary = ScreeningSummary.from_analysis(result, participant=participant, model=model.name,
                                              operator=operator, simulated=simulated,
                                              card=model.card)
     _check_storable(summary, model)
+    assert result.explanation is not None
+    return ComputedScreening(scan_sha256, inputs_sha256, scan_fields, summary,
+                             dict(result.explanation.settings))
+
+
+def _encode_series(data):
+    from fmmtc_core.store import repository as repo
+
+    return repo.encode_series(data)
+
+
+@fill_doc
+def store_computed(engine: Engine, computed: ComputedScreening, model: ScreeningModel, *,
+                   site: str | None = None, drug: str | None = None, arm: str | None = None,
+                   force: bool = False, started: float | None = None) -> ScreeningResult:
+    """Write a :class:`ComputedScreening` in **one transaction** (all its rows, or none).
+
+    What the database holds is checked again inside the write transaction (another writer may
+    have stored this image meanwhile): the same inputs with this model return that screening
+    (``reused``), unless ``force``; the image stored for another participant is refused.
+
+    Parameters
+    ----------
+    %(engine)s
+    computed : ComputedScreening
+        What :func:`computed_screening` built.
+    %(model)s
+    site, drug, arm : str or None, default=None
+        Validated participant labels; stored when not yet known.
+    force : bool, default=False
+        Store a new revision even when these inputs were stored with this model.
+    started : float or None, default=None
+        ``time.perf_counter()`` when the store stage began (its time is recorded as ``save``);
+        None: now.
+
+    Returns
+    -------
+    ScreeningResult
+        The stored screening (``screening_id`` set, ``analysis`` None), or the one found.
+
+    Raises
+    ------
+    InvalidInputError
+        The image was stored for another participant, or with other side files (without
+        ``force``).
+    StorageError
+        The database cannot be read or written. A conflict (another writer stored the same
+        rows first) is retried; it propagates after the third attempt.
+    """
+    from fmmtc_core import __version__
+    from fmmtc_core.store import repository as repo
+    from fmmtc_core.store.db import DatabaseError, session_scope
+
+    t0 = time.perf_counter() if started is None else started
+    summary = computed.summary
+    pseudonym, operator, simulated = summary.participant, summary.operator, summary.simulated
+    scan_sha, key = computed.scan_sha256, computed.inputs_sha256
     regions, connections = summary.attribution_rows()
-    e = result.explanation
-    assert e is not None
-    if progress:
-        progress("save", 0, 1, {})
+    stored = None
     for attempt in range(3):
         try:
             with session_scope(engine, write=True) as s:
@@ -604,9 +732,9 @@ def screen(
                                                    drug=drug, arm=arm, simulated=simulated)
                 mv = repo.get_or_create_model_version(s, model.name, model.weights_sha256,
                                                       model.card, actor=operator)
-                result.stage_seconds["save"] = time.perf_counter() - t0
-                summary = replace(summary, stage_seconds={
-                    k: float(v) for k, v in result.stage_seconds.items()})
+                seconds = {k: float(v) for k, v in summary.stage_seconds.items()}
+                seconds["save"] = time.perf_counter() - t0
+                summary = replace(summary, stage_seconds=seconds)
                 fields = {
                     "inputs_sha256": key, "probability": summary.probability,
                     "band_low": summary.band[0], "band_high": summary.band[1],
@@ -614,7 +742,8 @@ def screen(
                     "decision": summary.decision, "thresholds": summary.thresholds,
                     "share_ts": summary.share_ts, "share_fc": summary.share_fc,
                     "ig_gap": summary.ig_gap, "ig_steps": summary.ig_steps,
-                    "explanation": {"settings": e.settings, "baseline": summary.baseline,
+                    "explanation": {"settings": computed.settings,
+                                    "baseline": summary.baseline,
                                     "networks": summary.networks, "logit": summary.logit,
                                     "baseline_logit": summary.baseline_logit,
                                     "ig_gap_abs": summary.ig_gap_abs},
@@ -625,9 +754,9 @@ def screen(
                     .replace(tzinfo=None),
                 }
                 sc = repo.add_screening(s, participant=p, model_version=mv,
-                                        scan_fields=scan_fields, screening_fields=fields,
-                                        regions=regions, connections=connections,
-                                        actor=operator,
+                                        scan_fields=computed.scan_fields,
+                                        screening_fields=fields, regions=regions,
+                                        connections=connections, actor=operator,
                                         revision=0 if latest is None else latest.revision + 1)
                 sid = sc.id
             break
@@ -638,12 +767,8 @@ def screen(
             if not exc.conflict or attempt == 2:
                 raise
     if stored is not None:  # lost the race to an identical screening: return that one
-        if progress:
-            progress("save", 1, 1, {"reused": True})
         return stored
-    if progress:
-        progress("save", 1, 1, {})
-    return ScreeningResult(replace(summary, screening_id=sid), result)
+    return ScreeningResult(replace(summary, screening_id=sid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,6 +836,7 @@ def screen_batch(
     explain_kwargs: dict | None = None,
     pseudonym_prefix: str = "",
     progress: Callable[[int, int, str], None] | None = None,
+    cluster: str | None = None,
 ) -> BatchReport:
     """Screen every scan of a BIDS-style cohort folder into the database.
 
@@ -743,7 +869,15 @@ def screen_batch(
         Prepended to each ``participant_id`` (without its ``sub-``), e.g. ``"SIM-"``.
     progress : callable(done, total, participant) or None, default=None
         Called once with ``(n_skipped, total, "")`` before screening, then after each scan
-        with its pseudonym (``done`` counts skipped scans too).
+        with its pseudonym (``done`` counts skipped scans too). With a ``cluster`` the
+        stored scans are found by the workers' hashes: the first call is ``(0, total, "")``
+        and each skipped scan is reported like a screened one.
+    cluster : str or None, default=None
+        Screen on a Dask cluster (:mod:`fmmtc_core.cluster`) instead of ``workers``
+        processes: ``"local:N"`` starts N worker processes here, ``"tcp://HOST:PORT"`` uses a
+        running scheduler (its workers must see the cohort and the model folder at the same
+        paths; the database must be PostgreSQL). Workers hash and analyse the scans, this
+        process stores each result in its own transaction.
 
     Returns
     -------
@@ -756,7 +890,9 @@ def screen_batch(
     InvalidInputError
         Before any scan is screened: ``workers`` below 1, a cohort folder that cannot be read
         (:func:`fmmtc_core.bids.read_cohort`), an invalid operator label or pseudonym, or a
-        scan or confounds file that cannot be hashed.
+        scan or confounds file that cannot be hashed (without a ``cluster``: with one, such a
+        scan is reported as failed); an invalid ``cluster``, a remote one with a SQLite
+        database, or a scheduler that cannot be reached.
     ModelFileError
         The model folder cannot be loaded.
     StorageError
@@ -772,6 +908,13 @@ def screen_batch(
 
     if workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {workers}.")
+    spec = None
+    if cluster is not None:
+        from fmmtc_core.cluster import check_database, parse_cluster
+        from fmmtc_core.store import default_url
+
+        spec = parse_cluster(cluster)
+        check_database(spec, url or default_url())
     cohort = read_cohort(cohort_dir, require_labels=False)
     root = Path(cohort_dir)
     desc = root / "dataset_description.json"
@@ -791,10 +934,11 @@ def screen_batch(
         for row in parts.to_dict("records"):
             pid = repo.validate_pseudonym(
                 pseudonym_prefix + str(row["participant_id"]).removeprefix("sub-"))
-            _, key = inputs_digest(row["scan"], None, row["confounds"])
-            if repo.find_screening(s, key, model.weights_sha256) is not None:
-                report.skipped.append(pid)
-                continue
+            if spec is None:  # on a cluster, the workers hash the scans where they lie
+                _, key = inputs_digest(row["scan"], None, row["confounds"])
+                if repo.find_screening(s, key, model.weights_sha256) is not None:
+                    report.skipped.append(pid)
+                    continue
             jobs.append({
                 "scan": str(row["scan"]), "participant": pid,
                 "confounds": None if row["confounds"] is None else str(row["confounds"]),
@@ -807,17 +951,25 @@ def screen_batch(
     if progress:
         progress(done, total, "")
 
-    def finished(pid, err):
+    def finished(pid, err, skipped=False):
         nonlocal done
         done += 1
-        if err is None:
-            report.screened.append(pid)
-        else:
+        if err is not None:
             report.failed[pid] = err
+        elif skipped:
+            report.skipped.append(pid)
+        else:
+            report.screened.append(pid)
         if progress:
             progress(done, total, pid)
 
-    if workers == 1 or len(jobs) <= 1:
+    if spec is not None:
+        from fmmtc_core.cluster import screen_jobs
+
+        if jobs:
+            screen_jobs(jobs, spec=spec, model_dir=model_dir, model=model, engine=engine,
+                        finished=finished)
+    elif workers == 1 or len(jobs) <= 1:
         _WORKER.update(model=model, engine=engine)
         for job in jobs:
             finished(*_worker_screen(job))
