@@ -758,7 +758,7 @@ def test_same_scan_without_side_files_under_another_pseudonym_is_refused(db, tmp
     at.run()
     assert not at.exception
     assert _errors(at) == [
-        "This scan cannot be used: This scan was already screened for participant "
+        "This scan was already screened for participant "
         "'PAIN-0001'; a scan belongs to one participant (whatever sidecar or confounds come "
         "with it). Check the pseudonym."]
     assert _counts(db) == before
