@@ -17,11 +17,12 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from fmmtc_core._errors import InvalidInputError, check_option
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's refusals come before it
+    import torch
 
 __all__ = ["DistContext", "session", "is_main_process", "torchrun_environment"]
 
@@ -64,11 +65,15 @@ class DistContext:
 
     # Collectives (no-ops for a single process) ----------------------------------------------
     def _comm_device(self) -> torch.device:
+        import torch
+
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def barrier(self) -> None:
         """Wait for every process (nothing for a single process)."""
         if self.distributed:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
@@ -88,6 +93,9 @@ class DistContext:
         """
         if not self.distributed:
             return data or b""
+        import torch
+        import torch.distributed as dist
+
         dev = self._comm_device()
         mine = self.rank == src
         size = torch.tensor([len(data or b"") if mine else 0], dtype=torch.int64, device=dev)
@@ -115,6 +123,9 @@ class DistContext:
         """
         if not self.distributed:
             return [float(v) for v in values]
+        import torch
+        import torch.distributed as dist
+
         t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         return [float(v) for v in t.cpu()]
@@ -202,6 +213,8 @@ def check_threads(threads: int | None, local_world_size: int,
 def _choose(backend: str | None, device: torch.device | str | None,
             local_rank: int) -> tuple[str, torch.device]:
     """The backend and this rank's device (see :func:`session`)."""
+    import torch
+
     from fmmtc_core.models.device import select_device
 
     if backend is not None:
@@ -252,6 +265,9 @@ def session(device: torch.device | str | None = None, backend: str | None = None
         Inconsistent torchrun variables, NCCL without CUDA, more local processes than GPUs,
         or ``threads`` that oversubscribe the cores.
     """
+    import torch
+    import torch.distributed as dist
+
     env = torchrun_environment()
     if env is None or env["world_size"] == 1:
         from fmmtc_core.models.device import select_device
