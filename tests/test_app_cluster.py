@@ -1,0 +1,118 @@
+"""The dashboard hands its long work to a Dask cluster when ``FMMTC_CLUSTER`` names one
+(:mod:`fmmtc_app.dispatch`); without it, the server's own worker screens exactly as before."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from test_app import _app, _counts, _errors, _problems, _worker_stopped_after_the_module, db  # noqa: F401
+
+from fmmtc_app import dispatch
+from fmmtc_core._errors import FMMTCError
+
+
+@pytest.fixture(autouse=True)
+def _cluster_closed():
+    """Whatever a test started on a cluster is closed with it (the local cluster's processes
+    included: conftest checks that none outlives the run)."""
+    yield
+    dispatch.shutdown()
+    assert dispatch._client is None
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The local worker, replaced by a spy that records its jobs and refuses them."""
+    from fmmtc_app import worker
+
+    calls = []
+
+    def fake_run(model_dir, kind, job, *, progress=None):
+        calls.append((kind, job))
+        raise FMMTCError("the local worker was asked")
+
+    monkeypatch.setattr(worker, "run", fake_run)
+    return calls
+
+
+def _submit_table(at, name="PAIN-0101"):
+    at.text_input(key="pseudonym").input(name)
+    at.file_uploader[0].upload("t.tsv", b"a\tb\n1\t2\n", "text/tab-separated-values")
+    at.form_submit_button[0].click()
+    at.run()
+
+
+def test_without_a_cluster_the_local_worker_screens(db, spy, monkeypatch):
+    monkeypatch.delenv("FMMTC_CLUSTER", raising=False)
+    assert dispatch.cluster_spec() is None and dispatch.check(db) is None
+    at = _app()
+    assert not at.exception and _problems(at) == []
+    _submit_table(at)
+    assert not at.exception
+    assert [kind for kind, _ in spy] == ["screen"]  # the worker got the job, as before
+    assert spy[0][1]["participant"] == "PAIN-0101" and spy[0][1]["url"] == db
+    assert any("the local worker was asked" in e for e in _errors(at))
+    assert dispatch.jobs() == [] and dispatch._client is None  # no cluster was touched
+    assert "distributed" not in sys.modules or dispatch._client is None
+
+
+@pytest.mark.parametrize("value, match", [
+    ("local:zero", "Invalid value for the FMMTC_CLUSTER setting: 'local:zero'"),
+    ("local:0", "Invalid value for the FMMTC_CLUSTER setting"),
+    ("tcp://sched.example:8786", "FMMTC_CLUSTER=tcp://sched.example:8786 needs a PostgreSQL"),
+])
+def test_a_bad_cluster_setting_is_a_clear_error_on_the_page_and_changes_nothing(
+        db, spy, monkeypatch, value, match):
+    monkeypatch.setenv("FMMTC_CLUSTER", value)
+    with pytest.raises(dispatch.ClusterSettingError, match=match):
+        dispatch.check(db)
+    at = _app()
+    assert not at.exception
+    assert any(match in e for e in _errors(at)), _errors(at)  # said before any upload
+    _submit_table(at)
+    assert not at.exception
+    shown = [e for e in _errors(at) if match in e]
+    assert shown and all("Nothing was screened" in e for e in shown)
+    assert not any("cannot be used:" in e for e in shown)  # the setting, not the scan
+    assert spy == []  # not quietly sent to the local worker either
+    assert dispatch.jobs() == [] and dispatch._client is None
+    counts = _counts(db)
+    assert counts["participants"] == counts["screenings"] == 0
+
+
+@pytest.mark.slow  # a LocalCluster, a screening and a demo cohort of 2 on it
+def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
+        db, hcpex_scans, spy, monkeypatch):
+    from fmmtc_app import demo_job
+
+    monkeypatch.setenv("FMMTC_CLUSTER", "local:1")
+    monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "2")
+    table = hcpex_scans[0]
+    at = _app()
+    assert _problems(at) == []
+    at.text_input(key="pseudonym").input("PAIN-0043")
+    at.file_uploader[0].upload(table.name, table.read_bytes(), "text/tab-separated-values")
+    at.file_uploader[1].upload("side.json", table.with_suffix(".json").read_bytes(),
+                               "application/json")
+    at.form_submit_button[0].click()
+    at.run()
+    assert not at.exception and not _problems(at), _problems(at)
+    assert any("Saved to the cohort as screening 1" in s.value for s in at.success)
+    assert spy == []  # the cluster screened it, not the local worker
+    assert _counts(db)["screenings"] == 1
+    done = dispatch.jobs()
+    assert [(j.participant, j.status) for j in done] == [("PAIN-0043", "done")]
+    # A fresh session (a refreshed browser) lists the job and how it ended.
+    again = _app()
+    assert any("PAIN-0043: stored as screening 1" in c.value for c in again.caption)
+
+    cohort = _app("cohort")
+    cohort.button(key="load_demo").click()
+    cohort.run()
+    assert demo_job.wait(900), "the demo cohort job did not end"
+    job = demo_job.read_job()
+    assert job.status == "done" and len(job.done) == 2 and not job.failed, job
+    assert spy == []
+    counts = _counts(db)
+    assert counts["screenings"] == 3 and counts["outcomes"] == 2
