@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterSettingError", "cluster_spec", "check", "run", "client", "jobs",
            "ClusterJob", "shutdown"]
+
+_log = logging.getLogger(__name__)
 
 #: How many finished jobs :func:`jobs` keeps listing (the latest ones).
 KEEP_FINISHED = 10
@@ -130,11 +133,6 @@ _models: dict[str, Any] = {}
 _engines: dict[str, Any] = {}
 
 
-def _sees_folder(folder: str) -> bool:
-    """On a worker: whether the data folder exists there (a shared filesystem)."""
-    return os.path.isdir(folder)
-
-
 def client(spec: ClusterSpec) -> Any:
     """The server's Dask client for ``spec``: the running one, or a new one.
 
@@ -179,7 +177,7 @@ def client(spec: ClusterSpec) -> Any:
         if spec.remote:
             folder = str(data_dir().resolve())
             try:
-                seen = new.run(_sees_folder, folder)
+                seen = new.run(os.path.isdir, folder)  # a builtin: any worker can run it
             except Exception:  # noqa: BLE001 - a worker that cannot answer: counted as blind
                 seen = {"?": False}
             blind = [w for w, ok in seen.items() if not ok] or ([] if seen else ["(none)"])
@@ -356,35 +354,40 @@ def run(model_dir: str | os.PathLike, kind: str, job: dict, *,
     if spec is None:
         return worker.run(model_dir, kind, job, progress=progress)
     cj = ClusterJob(next(_ids), str(job.get("participant")))
-    thread = threading.Thread(target=_run_job, args=(cj, spec, str(model_dir), dict(job),
-                                                     None if staging is None else Path(staging)),
+    # Linked here, before this call can be interrupted (a page that reruns): from now on the
+    # job's files are its own, whatever happens to the page's staging folder.
+    paths, folder = _adopt({k: job.get(k) for k in ("source", "sidecar", "confounds")},
+                           None if staging is None else Path(staging))
+    thread = threading.Thread(target=_run_job, args=(cj, spec, str(model_dir),
+                                                     {**job, **paths}, folder),
                               name=f"fmmtc-cluster-job-{cj.id}", daemon=True)
     cj.thread = thread
     with _jobs_guard:
         _jobs.append(cj)
     thread.start()
     seen = None
-    while not cj.ended.wait(0.2):
+    while True:  # the first stage at once, then each change (a rerun's error ends the wait)
         if progress is not None and cj.stage != seen:
             seen = cj.stage
             progress(*seen, {})
+        if cj.ended.wait(0.2):
+            break
     if cj.error is not None:
         raise cj.error
     return cj.result
 
 
 def _run_job(cj: ClusterJob, spec: ClusterSpec, model_dir: str, job: dict,
-             staging: Path | None) -> None:
-    folder = None
+             folder: Path | None) -> None:
+    """The job's thread: screen, record how it ended, remove the job's own files."""
     try:
-        paths, folder = _adopt({k: job.get(k) for k in ("source", "sidecar", "confounds")},
-                               staging)
-        job.update(paths)
         cj.result = _screen_on_cluster(cj, spec, model_dir, job)
         cj.message = (f"stored as screening {cj.result.screening_id}"
                       + (" (already screened)" if cj.result.reused else ""))
         cj.status = "done"
     except BaseException as exc:  # noqa: BLE001 - handed to the page that waits, if any
+        if not isinstance(exc, FMMTCError):  # a bug: its traceback for the server's log only
+            _log.exception("A screening on the cluster failed")
         cj.error, cj.status = exc, "failed"
         cj.message = (f"not stored: {exc}" if isinstance(exc, FMMTCError)
                       else f"not stored: an internal error ({type(exc).__name__})")

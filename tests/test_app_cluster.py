@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_app import (  # noqa: F401 - db and the worker's stop are fixtures used here
@@ -98,6 +99,7 @@ def test_a_bad_cluster_setting_is_a_clear_error_on_the_page_and_changes_nothing(
 def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
         db, hcpex_scans, spy, monkeypatch):
     from fmmtc_app import demo_job
+    from fmmtc_core.config import DEMO_MODEL_DIR
 
     monkeypatch.setenv("FMMTC_CLUSTER", "local:1")
     table = hcpex_scans[0]
@@ -119,14 +121,46 @@ def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
     again = _app()
     assert any("PAIN-0043: stored as screening 1" in c.value for c in again.caption)
 
-    # The demo cohort job (the page offers at least 4; 2 here, started as its button does).
-    from fmmtc_core.config import DEMO_MODEL_DIR
+    # A page that goes away mid-screening (its progress callback raises, as a rerun's does)
+    # and takes its staging folder with it: the job goes on and stores the screening.
+    import shutil
 
+    tables = table.parent.parent.parent.glob("sub-*/func/*_seg-HCPEx_timeseries.tsv")
+    other = next(p for p in tables if p != table)
+    staging = Path(os.environ["FMMTC_DATA_DIR"]) / "uploads"
+    page_folder = staging / "upload-test"
+    page_folder.mkdir(parents=True)
+    source, sidecar = page_folder / other.name, page_folder / "side.json"
+    shutil.copy(other, source)
+    shutil.copy(other.with_suffix(".json"), sidecar)
+
+    class PageGone(Exception):
+        pass
+
+    def gone(*args):
+        raise PageGone
+
+    try:
+        with pytest.raises(PageGone):
+            dispatch.run(DEMO_MODEL_DIR, "screen", {"url": db, "source": str(source),
+                                                    "sidecar": str(sidecar),
+                                                    "participant": "PAIN-0044"},
+                         progress=gone, staging=staging)
+    finally:
+        shutil.rmtree(page_folder)
+    job = dispatch.jobs()[-1]
+    assert job.ended.wait(600) and job.status == "done", job.message
+    assert _counts(db)["screenings"] == 2
+    assert any("Screening PAIN-0044" in c.value or "PAIN-0044: stored as screening 2" in c.value
+               for c in _app().caption)
+    assert list(staging.iterdir()) == []  # the job's own links are gone with it
+
+    # The demo cohort job (the page offers at least 4; 2 here, started as its button does).
     demo_job.start(db, DEMO_MODEL_DIR, "tester", n=2)
     assert demo_job.wait(900), "the demo cohort job did not end"
     job = demo_job.read_job()
     assert job.status == "done" and len(job.done) == 2 and not job.failed, job
     assert spy == []
     counts = _counts(db)
-    assert counts["screenings"] == 3 and counts["outcomes"] == 2
+    assert counts["screenings"] == 4 and counts["outcomes"] == 2
     assert "Demo cohort loaded: 2 of 2" in job.summary()
