@@ -164,3 +164,34 @@ def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
     counts = _counts(db)
     assert counts["screenings"] == 4 and counts["outcomes"] == 2
     assert "Demo cohort loaded: 2 of 2" in job.summary()
+
+
+def test_a_remote_cluster_must_see_the_data_folder(tmp_path, monkeypatch):
+    """With tcp://, uploads are staged in the data folder and read there by the workers: a
+    worker that does not see it is refused on connecting, before anything is screened."""
+    from distributed import LocalCluster
+
+    from fmmtc_core.cluster import parse_cluster
+
+    monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "not-shared"))  # absent everywhere
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        spec = parse_cluster(cluster.scheduler_address)
+        with pytest.raises(dispatch.ClusterSettingError,
+                           match=r"the data folder .*not-shared .* is not visible on 1 worker"):
+            dispatch.client(spec)
+        assert dispatch._client is None
+        (tmp_path / "not-shared").mkdir()  # now it is there (as on a shared filesystem)
+        assert dispatch.client(spec) is dispatch.client(spec)  # one client, kept
+        dispatch.shutdown()
+
+
+@pytest.mark.slow  # the client waits for the scheduler up to CONNECT_TIMEOUT_S
+def test_an_unreachable_scheduler_is_a_plain_error():
+    from fmmtc_core.cluster import parse_cluster
+
+    with pytest.raises(dispatch.ClusterSettingError,
+                       match=r"FMMTC_CLUSTER=tcp://127.0.0.1:1: Cannot reach the Dask "
+                             r"scheduler .*Nothing was screened\.$"):
+        dispatch.client(parse_cluster("tcp://127.0.0.1:1"))
+    assert dispatch._client is None
