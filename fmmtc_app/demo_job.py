@@ -278,11 +278,14 @@ def start(url: str, model_dir: str | os.PathLike, operator: str, n: int,
     ------
     InvalidInputError
         ``n`` below 2.
+    fmmtc_app.dispatch.ClusterSettingError
+        ``FMMTC_CLUSTER`` cannot be used (nothing is written or started).
     """
     from fmmtc_core._errors import InvalidInputError
 
     if n < 2:
         raise InvalidInputError(f"The demo cohort needs at least 2 participants, got {n}.")
+    dispatch.check(url)  # a bad FMMTC_CLUSTER is refused before anything is written
     with _lock:
         job = read_job()
         if job is None or job.status in ("done", "failed") and not job.done:

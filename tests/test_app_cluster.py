@@ -94,6 +94,17 @@ def test_a_bad_cluster_setting_is_a_clear_error_on_the_page_and_changes_nothing(
     counts = _counts(db)
     assert counts["participants"] == counts["screenings"] == 0
 
+    # The demo cohort is refused the same way, before its job writes anything.
+    from fmmtc_app import demo_job
+
+    cohort = _app("cohort")
+    cohort.button(key="load_demo").click()
+    cohort.run()
+    assert not cohort.exception
+    assert any(match in e for e in _errors(cohort)), _errors(cohort)
+    assert demo_job.read_job() is None and not demo_job.running()
+    assert not demo_job.job_folder().exists()
+
 
 @pytest.mark.slow  # a LocalCluster, a screening and a demo cohort of 2 on it
 def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
