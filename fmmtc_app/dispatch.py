@@ -31,10 +31,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from fmmtc_app import worker
 from fmmtc_core._errors import FMMTCError, InvalidInputError
@@ -112,13 +113,19 @@ def check(url: str, value: str | None = None) -> ClusterSpec | None:
         A malformed setting, or SQLite with a remote (``tcp://``) scheduler.
     """
     spec = cluster_spec(value)
-    if spec is not None and spec.remote and url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
+    if spec is None:
+        return None
+    from fmmtc_core.cluster import check_database
+
+    try:  # the rule is the CLI's (one place); the words are the dashboard's settings
+        check_database(spec, url)
+    except InvalidInputError:
         raise ClusterSettingError(
             f"FMMTC_CLUSTER={spec} needs a PostgreSQL database (FMMTC_DATABASE_URL="
             "postgresql+psycopg://...), not SQLite: a remote cluster is shared by hosts and "
             "teams, and one SQLite file on this machine is neither reachable by them nor safe on "
             "a network filesystem. Use FMMTC_CLUSTER=local:N to screen into SQLite on this "
-            "machine. Nothing was screened.")
+            "machine. Nothing was screened.") from None
     return spec
 
 
@@ -180,7 +187,12 @@ def client(spec: ClusterSpec) -> Any:
                 seen = new.run(os.path.isdir, folder)  # a builtin: any worker can run it
             except Exception:  # noqa: BLE001 - a worker that cannot answer: counted as blind
                 seen = {"?": False}
-            blind = [w for w, ok in seen.items() if not ok] or ([] if seen else ["(none)"])
+            if not seen:
+                stack.close()
+                raise ClusterSettingError(
+                    f"FMMTC_CLUSTER={spec}: the scheduler has no workers yet; start them "
+                    "(`dask worker ...`) and try again. Nothing was screened.")
+            blind = [w for w, ok in seen.items() if not ok]
             if blind:
                 stack.close()
                 raise ClusterSettingError(
@@ -256,6 +268,10 @@ class ClusterJob:
     error : BaseException or None
     started : float
         ``time.monotonic()`` when it was handed over.
+    thread : threading.Thread or None
+        The thread that runs it.
+    ended : threading.Event
+        Set when it ended, stored or not.
     """
 
     id: int
