@@ -180,13 +180,16 @@ def test_a_local_cluster_screens_from_the_screen_page_and_loads_the_demo_cohort(
 def test_a_remote_cluster_must_see_the_data_folder(tmp_path, monkeypatch):
     """With tcp://, uploads are staged in the data folder and read there by the workers: a
     worker that does not see it is refused on connecting, before anything is screened."""
+    import dask
     from distributed import LocalCluster
 
     from fmmtc_core.cluster import parse_cluster
 
     monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "not-shared"))  # absent everywhere
-    with LocalCluster(n_workers=1, processes=False, protocol="tcp://", host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+    scratch = tmp_path / "dask"  # not a dask-scratch-space left in the system's temp folder
+    with dask.config.set({"temporary-directory": str(scratch)}), \
+            LocalCluster(n_workers=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                         dashboard_address=None, local_directory=str(scratch)) as cluster:
         spec = parse_cluster(cluster.scheduler_address)
         with pytest.raises(dispatch.ClusterSettingError,
                            match=r"the data folder .*not-shared .* is not visible on 1 worker"):
