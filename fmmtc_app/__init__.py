@@ -17,7 +17,10 @@ Configuration (environment variables, or the same keys in ``.streamlit/secrets.t
 - ``FMMTC_PASSWORD``: when set, every page asks for it (and for the user's name, which goes to
   the audit log with every screening and outcome);
 - ``FMMTC_OPERATOR``: who the audit log names when no password is set;
-- ``FMMTC_DEMO_COHORT_SIZE``: participants of the demo cohort (default 24).
+- ``FMMTC_DEMO_COHORT_SIZE``: participants of the demo cohort (default 24);
+- ``FMMTC_CLUSTER``: ``local:N`` or ``tcp://HOST:PORT``, a Dask cluster that screenings and the
+  demo cohort are handed to (:mod:`fmmtc_app.dispatch`); unset, the server's own worker
+  (environment only, not ``secrets.toml``).
 
 This file imports nothing: the worker process imports :mod:`.worker` and must not pay for
 Streamlit.

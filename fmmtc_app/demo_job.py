@@ -5,7 +5,8 @@ its own script run loses it when the user navigates away, refreshes, or the serv
 (it used to stop for good: 8 of 24 screened, no outcome imported, and no button left to go
 on). Here the state lives in one small JSON record in the data folder (:func:`job_file`),
 and the work runs in a daemon thread of the server process that only *hands* work to the
-existing screening worker (:mod:`.worker`), so it neither holds the GIL nor blocks a page:
+existing screening worker (:mod:`.worker`), or to the Dask cluster ``FMMTC_CLUSTER`` names
+(:mod:`.dispatch`), so it neither holds the GIL nor blocks a page:
 
 1. the cohort's region tables (not NIfTIs: the pipeline takes tables, and rendering a 4D image
    only to parcellate it again would be wasted work) are simulated one participant at a time
@@ -34,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fmmtc_app import worker
+from fmmtc_app import dispatch, worker
 from fmmtc_core._errors import FMMTCError
 
 __all__ = ["DEMO_PREFIX", "DemoJob", "job_file", "read_job", "start", "resume", "stop",
@@ -277,11 +278,14 @@ def start(url: str, model_dir: str | os.PathLike, operator: str, n: int,
     ------
     InvalidInputError
         ``n`` below 2.
+    fmmtc_app.dispatch.ClusterSettingError
+        ``FMMTC_CLUSTER`` cannot be used (nothing is written or started).
     """
     from fmmtc_core._errors import InvalidInputError
 
     if n < 2:
         raise InvalidInputError(f"The demo cohort needs at least 2 participants, got {n}.")
+    dispatch.check(url)  # a bad FMMTC_CLUSTER is refused before anything is written
     with _lock:
         job = read_job()
         if job is None or job.status in ("done", "failed") and not job.done:
@@ -517,13 +521,13 @@ def _run(url: str) -> None:
                 continue
             t0 = time.perf_counter()
             try:
-                worker.run(job.model_dir, "screen", {
+                dispatch.run(job.model_dir, "screen", {
                     "url": url, "source": str(row["scan"]), "participant": pid,
                     "confounds": None if row["confounds"] is None else str(row["confounds"]),
                     "site": str(row["site"]), "drug": str(row["drug"]), "simulated": True,
                     "operator": job.operator})
-            except worker.WorkerCrashedError:
-                raise
+            except (worker.WorkerCrashedError, dispatch.ClusterSettingError):
+                raise  # not this participant's problem: the job stops, and says why
             except FMMTCError as exc:  # this participant's own problem: the others go on
                 failed = dict(job.failed, **{pid: str(exc)})
                 _update(failed=failed)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from fmmtc_app import worker as _worker
+from fmmtc_app import dispatch as _dispatch
 from fmmtc_core._errors import FMMTCError
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ __all__ = [
     "label_problem",
     "plain_error",
     "run_screening",
+    "cluster_problem",
+    "cluster_jobs",
 ]
 
 #: Who the audit log names for actions before anyone has signed in.
@@ -210,7 +212,9 @@ def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> N
         The sentence's start for an ``FMMTCError``; left out when the message already starts
         with its subject (``"This scan was already screened for ..."``).
     """
-    if isinstance(exc, FMMTCError):
+    if isinstance(exc, _dispatch.ClusterSettingError):  # the server's setting, not the scan
+        st.error(str(exc))
+    elif isinstance(exc, FMMTCError):
         text = str(exc)
         subject = " ".join(what.split()[:2])
         st.error(text if subject and text.startswith(subject) else f"{what}: {text}")
@@ -222,7 +226,8 @@ def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> N
 def run_screening(source: str | os.PathLike, participant: str, *,
                   progress: Callable[[str, int, int, dict], None] | None = None,
                   **kwargs: Any) -> ScreeningResult:
-    """:func:`fmmtc_core.screening.screen` in the server's worker process, with progress.
+    """:func:`fmmtc_core.screening.screen` in the server's worker process (or on the cluster
+    that ``FMMTC_CLUSTER`` names: :mod:`fmmtc_app.dispatch`), with progress.
 
     Same arguments and result as ``screen`` (model and database are the active ones); errors
     (bad input, failed QC, a worker that died) are raised here as they would be in-process.
@@ -254,6 +259,42 @@ def run_screening(source: str | os.PathLike, participant: str, *,
         The scan, a side file or a label cannot be used.
     fmmtc_app.worker.WorkerCrashedError
         The worker process died during the job.
+    fmmtc_app.dispatch.ClusterSettingError
+        ``FMMTC_CLUSTER`` cannot be used; nothing was screened.
     """
+    from fmmtc_app.uploads import upload_root
+
     job = dict(kwargs, source=str(source), participant=participant, url=database_url())
-    return _worker.run(active_model_dir(), "screen", job, progress=progress)
+    return _dispatch.run(active_model_dir(), "screen", job, progress=progress,
+                         staging=upload_root())
+
+
+def cluster_problem() -> str | None:
+    """Why the ``FMMTC_CLUSTER`` setting cannot be used, or None (unset, or usable).
+
+    Cheap (no connection): the malformed value, or SQLite with a remote scheduler.
+
+    Returns
+    -------
+    str or None
+        The message to show on the page.
+    """
+    try:
+        _dispatch.check(database_url())
+    except FMMTCError as exc:
+        return str(exc)
+    return None
+
+
+def cluster_jobs() -> list[str]:
+    """One line per screening this server has handed to the cluster, running ones first.
+
+    Returns
+    -------
+    list of str
+        Empty without a cluster (or before its first job); the jobs of every user, so a page
+        refreshed while its screening runs on the cluster still shows how far it is.
+    """
+    found = _dispatch.jobs()
+    found.sort(key=lambda job: job.status != "running")
+    return [job.summary() for job in found]

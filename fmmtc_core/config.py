@@ -31,6 +31,11 @@ Environment variables
 ``FMMTC_WORKER_THREADS``
     Threads of the dashboard's screening worker (default: the cores the server may use, but
     one, which is left to the server and the page; at least one).
+``FMMTC_CLUSTER``
+    Where the dashboard screens: unset, its own worker process (the default); ``local:N``, a
+    Dask LocalCluster of N worker processes started by the server; ``tcp://HOST:PORT``, a
+    running Dask scheduler (then the database must be PostgreSQL and the data folder on a
+    filesystem every worker shares). See :mod:`fmmtc_core.cluster`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ __all__ = [
     "device_setting",
     "operator_setting",
     "worker_threads_setting",
+    "cluster_setting",
 ]
 
 #: Decision thresholds on the calibrated probability: likely responder when the whole band is
@@ -257,3 +263,16 @@ def worker_threads_setting() -> str | None:
         cores the server may use but one, at least one).
     """
     return _env("FMMTC_WORKER_THREADS")
+
+
+def cluster_setting() -> str | None:
+    """Where the dashboard hands its screenings, as the environment gives it.
+
+    Returns
+    -------
+    str or None
+        ``$FMMTC_CLUSTER`` as written (``local:N`` or ``tcp://HOST:PORT``, validated by
+        :func:`fmmtc_core.cluster.parse_cluster` where it is used); None when unset or empty
+        (then the dashboard's own worker process screens, as without a cluster).
+    """
+    return _env("FMMTC_CLUSTER")

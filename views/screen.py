@@ -44,6 +44,10 @@ st.caption(f"Model **{model.name}** ({kind}; {model.atlas} atlas, {len(model.mod
 if (active := model_validity(model.card, model.name)).warn:
     st.caption(f":warning: {active.headline.capitalize()}: every result says so "
                "(see the Model page).")
+if (problem := session.cluster_problem()) is not None:
+    st.error(problem)
+for line in session.cluster_jobs():
+    st.caption(line)
 
 
 # Progress goes here, above the form (below it, it was out of sight while the form was open).
