@@ -280,9 +280,13 @@ def default_read_threads() -> int:
     """Threads that decompress one ``.nii.gz`` scan when the caller names none.
 
     ``$FMMTC_READ_THREADS`` when set; else the cores this process may run on
-    (``os.sched_getaffinity``, so a container's or ``taskset``'s limit is honoured), at most
-    :data:`MAX_DEFAULT_READ_THREADS`. One thread reads with ISA-L; two or more with rapidgzip,
-    which decompresses a single gzip stream in parallel.
+    (``os.sched_getaffinity``, so a container's or ``taskset``'s limit is honoured) but one,
+    which the parcellation arithmetic keeps busy, at most :data:`MAX_DEFAULT_READ_THREADS`.
+    One thread reads with ISA-L; two or more with rapidgzip, which decompresses a single gzip
+    stream in parallel. Why one core is left: on 2 cores the 2-thread read made load +
+    parcellate 1.15x slower than ISA-L alone (2.51 s vs 2.19 s, ``bench/bench_parcellate.py``,
+    2026-11-26) and took 672 MB instead of 179 MB - the decompression and the parcellation
+    compete for the same cores - so parallel inflate only pays where cores are left over.
 
     Returns
     -------
@@ -302,7 +306,7 @@ def default_read_threads() -> int:
         if not text.isdigit() or int(text) < 1:
             raise InvalidInputError(
                 f"FMMTC_READ_THREADS is {raw!r}; expected a positive whole number of threads "
-                f"(1 reads with one thread; default: the usable cores, at most "
+                f"(1 reads with one thread; default: the usable cores but one, at most "
                 f"{MAX_DEFAULT_READ_THREADS})."
             )
         return int(text)
@@ -310,7 +314,7 @@ def default_read_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_READ_THREADS))
+    return max(1, min(cores - 1, MAX_DEFAULT_READ_THREADS))
 
 
 def _read_threads(threads) -> int:
@@ -544,7 +548,7 @@ class Scan:
             Threads that decompress a ``.nii.gz`` file: 1 inflates with ISA-L in one thread;
             2 or more decompress the single gzip stream in parallel with rapidgzip (same
             bytes). None: :func:`default_read_threads` (``$FMMTC_READ_THREADS``, else the
-            usable cores, at most 8). Ignored for ``.nii`` files.
+            usable cores but one, at most 8). Ignored for ``.nii`` files.
         hold : int or None, default=None
             A promise by the caller: when it asks for the next block, it still uses at most
             the ``hold`` blocks it was given last (a copy made from a block does not count).

@@ -189,7 +189,7 @@ def parcellate(
     threads : int or None, default=None
         Threads that decompress a ``.nii.gz`` scan (see :meth:`fmmtc_core.io.Scan.iter_blocks`:
         1 is ISA-L in one thread, more is rapidgzip); None: ``$FMMTC_READ_THREADS``, else the
-        usable cores, at most 8. The result is the same for every value.
+        usable cores but one, at most 8. The result is the same for every value.
 
     Returns
     -------

@@ -191,6 +191,12 @@ def test_read_threads_default_and_environment(monkeypatch):
     monkeypatch.setattr(fmmtc_io.os, "sched_getaffinity", lambda pid: set(range(64)),
                         raising=False)
     assert fmmtc_io.default_read_threads() == fmmtc_io.MAX_DEFAULT_READ_THREADS
+    # one core is left to the parcellation: on 2 cores the read is ISA-L's, in one thread
+    monkeypatch.setattr(fmmtc_io.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert fmmtc_io.default_read_threads() == 1
+    monkeypatch.setattr(fmmtc_io.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3},
+                        raising=False)
+    assert fmmtc_io.default_read_threads() == 3
     monkeypatch.setenv("FMMTC_READ_THREADS", " 3 ")
     assert fmmtc_io.default_read_threads() == 3
 
