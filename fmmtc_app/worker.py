@@ -69,7 +69,7 @@ def worker_threads(setting: str | None = None) -> int:
     FMMTCError
         ``setting`` (or the environment variable) is not a whole number >= 1.
     """
-    from fmmtc_core.config import worker_threads_setting
+    from fmmtc_core.config import usable_cores, worker_threads_setting
 
     value = worker_threads_setting() if setting is None else setting
     if value is not None:
@@ -81,11 +81,7 @@ def worker_threads(setting: str | None = None) -> int:
             raise FMMTCError(f"FMMTC_WORKER_THREADS must be a whole number of at least 1, got "
                              f"{value!r}.")
         return n
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, usable_cores() - 1)
 
 
 class WorkerCrashedError(FMMTCError):

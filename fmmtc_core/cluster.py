@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmmtc_core._errors import InvalidInputError, ModelFileError
+from fmmtc_core.config import usable_cores
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -151,7 +152,7 @@ def open_client(spec: ClusterSpec, *, threads: int | None = None) -> Iterator[Cl
     spec : ClusterSpec
         The cluster.
     threads : int or None, default=None
-        Torch threads per local worker; None: ``cpu_count // N``. (Remote workers keep their
+        Torch threads per local worker; None: the usable cores // N. (Remote workers keep their
         own setting: start them with ``--nthreads 1`` and ``OMP_NUM_THREADS``.)
 
     Yields
@@ -317,7 +318,7 @@ def screen_jobs(
 
     model_dir = str(Path(model_dir).resolve())
     if spec.n_workers is not None and threads is None:
-        threads = max(1, (os.cpu_count() or 1) // spec.n_workers)
+        threads = max(1, usable_cores() // spec.n_workers)
     with open_client(spec, threads=threads) as client:
         pending = as_completed()
         owner: dict[Any, dict] = {}  # task key -> its job, to name a scan whose workers died

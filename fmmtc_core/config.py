@@ -276,3 +276,18 @@ def cluster_setting() -> str | None:
         (then the dashboard's own worker process screens, as without a cluster).
     """
     return _env("FMMTC_CLUSTER")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s
+    limit), not the machine's count; ``os.cpu_count()`` where affinity is unknown.
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1

@@ -200,8 +200,9 @@ def check_threads(threads: int | None, local_world_size: int,
     if threads is None or local_world_size <= 1:
         return
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        from fmmtc_core.config import usable_cores
+
+        cpus = usable_cores()
     if threads * local_world_size > cpus:
         raise InvalidInputError(
             f"--threads {threads} with {local_world_size} processes on this machine asks for "

@@ -310,11 +310,9 @@ def default_read_threads() -> int:
                 f"{MAX_DEFAULT_READ_THREADS})."
             )
         return int(text)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, MAX_DEFAULT_READ_THREADS))
+    from fmmtc_core.config import usable_cores
+
+    return max(1, min(usable_cores() - 1, MAX_DEFAULT_READ_THREADS))
 
 
 def _read_threads(threads) -> int:

@@ -856,7 +856,7 @@ def screen_batch(
         Database URL (default location when None).
     workers : int, default=1
         Processes screening in parallel (each loads the model once and gets
-        ``cpu_count // workers`` torch threads); with 1, or at most one scan to screen, the
+        usable cores // ``workers`` torch threads); with 1, or at most one scan to screen, the
         scans are screened in this process.
     operator : str or None, default=None
         Who runs the batch (audit log); None: :func:`default_operator`.
@@ -976,7 +976,7 @@ def screen_batch(
     else:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, config.usable_cores() // workers)
         ctx = mp.get_context("spawn")  # no forked torch / SQLite state
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(str(model_dir), str(engine.url.render_as_string(
