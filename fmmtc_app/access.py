@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import streamlit as st
 
-from fmmtc_app.session import NOT_SIGNED_IN, engine, setting
+from fmmtc_app.session import NOT_SIGNED_IN, engine, rerun, setting
 from fmmtc_core._errors import FMMTCError
 
 __all__ = ["access_granted", "require_access", "sign_in_page", "client_address",
@@ -184,7 +184,7 @@ def sign_in_page() -> None:
         _audit_sign_in("sign-in", name, client)
         st.session_state["authenticated"] = True
         st.session_state["operator"] = name
-        st.rerun()
+        rerun()
     else:
         throttle.fail(keys, now)
         _audit_sign_in("sign-in failed", name, client)

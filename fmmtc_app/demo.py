@@ -10,7 +10,8 @@ import streamlit as st
 
 from fmmtc_app import demo_job
 from fmmtc_app.demo_job import DEMO_PREFIX
-from fmmtc_app.session import active_model_dir, database_url, operator, plain_error, setting
+from fmmtc_app.session import (active_model_dir, database_url, operator, plain_error, rerun,
+                                setting)
 
 __all__ = ["DEMO_PREFIX", "demo_cohort_size", "sidebar_status", "job_panel", "start_button",
            "reset_button"]
@@ -73,7 +74,7 @@ def sidebar_status() -> None:
     def draw() -> None:
         current = demo_job.read_job()
         if current is None or (current.status, current.processed, current.stage) != seen:
-            st.rerun()  # the whole page: its data changed
+            rerun()  # the whole page: its data changed
         _bar(current)
         if current.status in ("stopped", "failed"):
             st.page_link("views/cohort.py", label="Resume, finish or reset on Cohort review",
@@ -99,7 +100,7 @@ def start_button(label: str, primary: bool) -> None:
         except Exception as exc:  # noqa: BLE001
             plain_error(exc, "The demo cohort could not be started")
             st.stop()
-        st.rerun()
+        rerun()
 
 
 def reset_button(label: str = "Remove the simulated demo cohort") -> None:
@@ -117,7 +118,7 @@ def reset_button(label: str = "Remove the simulated demo cohort") -> None:
             plain_error(exc, "The demo cohort was not removed")
             st.stop()
         st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
-        st.rerun()
+        rerun()
 
 
 def job_panel() -> demo_job.DemoJob | None:
@@ -147,17 +148,17 @@ def job_panel() -> demo_job.DemoJob | None:
                    "each participant appears here, with the outcome, as it is screened.")
         if st.button("Stop after this participant", key="demo_stop", icon=":material/pause:"):
             demo_job.stop()
-            st.rerun()
+            rerun()
     elif job.status in ("stopped", "failed"):
         c = st.columns(3)
         if c[0].button(f"Resume ({job.n - job.processed} to go)", key="demo_resume",
                        type="primary", icon=":material/play_arrow:"):
             demo_job.start(database_url(), job.model_dir, job.operator, job.n, job.seed)
-            st.rerun()
+            rerun()
         if c[1].button(f"Finish with the {len(job.done)} loaded", key="demo_finish",
                        icon=":material/check:"):
             demo_job.finish()
-            st.rerun()
+            rerun()
         with c[2]:
             reset_button("Reset: remove the demo cohort")
     return job

@@ -33,6 +33,7 @@ __all__ = [
     "run_screening",
     "cluster_problem",
     "cluster_jobs",
+    "rerun",
 ]
 
 #: Who the audit log names for actions before anyone has signed in.
@@ -198,6 +199,38 @@ def label_problem(**labels: str | None) -> str | None:
         except FMMTCError as exc:
             return str(exc)
     return None
+
+
+def _waiting_page(ctx) -> str | None:
+    """The page of the run the user asked for while this one runs (a click on a page link),
+    or None when no other run waits. Reads Streamlit's request queue; None when its layout
+    is not the one known here (then :func:`rerun` behaves as ``st.rerun``)."""
+    requests = getattr(ctx, "script_requests", None)
+    state = getattr(requests, "_state", None)
+    data = getattr(requests, "_rerun_data", None)
+    if state is None or data is None or getattr(state, "name", None) != "RERUN":
+        return None
+    return getattr(data, "page_script_hash", None) or None
+
+
+def rerun() -> None:
+    """Run the page again because an action changed what it shows, unless the user has
+    already asked to go to another page.
+
+    ``st.rerun()`` would lose that click: Streamlit folds the runs waiting for a session into
+    one, which opens the page of the *newer* request, so a rerun asked for by this page just
+    after the user clicked a link to another page takes them back here (the browser test lost
+    a click on "Scan quality" right after the demo cohort was started this way). When such a
+    run waits, this returns and lets it go ahead at the page's next element; a waiting run
+    for this same page (a fragment's timer) is folded into the full rerun as before.
+    """
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    waiting = _waiting_page(ctx)
+    if waiting is not None and waiting != getattr(ctx, "page_script_hash", waiting):
+        return
+    st.rerun()
 
 
 def plain_error(exc: BaseException, what: str = "This scan cannot be used") -> None:

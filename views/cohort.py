@@ -235,7 +235,7 @@ if submitted:
             st.session_state["outcome_saved"] = (
                 f"Recorded: {who} is a {what}"
                 + (" (the earlier outcome is kept in the history)." if replace else "."))
-            st.rerun()
+            session.rerun()
 if msg := st.session_state.pop("outcome_saved", None):
     st.success(msg)
 

@@ -28,7 +28,7 @@ choice = st.selectbox("Active model", names, index=names.index(current),
                            "FMMTC_MODELS_DIR. New screenings use the active model.")
 if choice != current:
     st.session_state["model_name"] = choice
-    st.rerun()
+    session.rerun()
 
 model = session.model()
 card = model.card
