@@ -83,6 +83,7 @@ __all__ = [
     "region_summaries",
     "region_map",
     "auto_batch_size",
+    "couples_batch",
     "DEFAULT_STEPS",
     "NESTED_STEPS",
     "QUADRATURES",
@@ -397,6 +398,35 @@ def auto_batch_size(ens, n_windows: int = 1) -> int:
     return int(max(1, min(cap, _available_bytes(ens.device) // per_point)))
 
 
+def couples_batch(encoder) -> bool:
+    """Whether the encoder's output for one input depends on the other inputs of its batch.
+
+    A BrainLM encoder with Nystrom attention and the reference's default pseudo-inverse
+    start (``inv_coeff_init_option=False``) scales that start by a maximum over the whole
+    batch, so integration points evaluated together change each other's output: measured on
+    the demo encoder at 4.6e-6 of F(x) - F(baseline), a floor under the completeness gap of
+    any rule that batches its points (``python bench/explain_floor.py``). Such an encoder is
+    integrated one point per pass, which is what a screening evaluates.
+
+    Parameters
+    ----------
+    encoder : FoundationEncoder or nn.Module or None
+        A fold model's ``ts_encoder``.
+
+    Returns
+    -------
+    bool
+    """
+    from fmmtc_core.models.encoder_base import FoundationEncoder
+
+    if encoder is None:
+        return False
+    model = encoder.model if isinstance(encoder, FoundationEncoder) else encoder
+    c = getattr(model, "config", None)
+    return (getattr(c, "attention_mode", None) == "nystrom"
+            and not getattr(c, "inv_coeff_init_option", True))
+
+
 def _encoder_bytes(encoder) -> int:
     """Activation bytes one window keeps for the backward pass (see :func:`auto_batch_size`)."""
     from fmmtc_core.models.encoder_base import FoundationEncoder
@@ -626,7 +656,8 @@ def explain(
         :data:`DEFAULT_STEPS` ``(8, 16, 32, 64)``.
     internal_batch_size : int or None, default=None
         Integration points evaluated per forward/backward pass (bounds memory); None:
-        :func:`auto_batch_size`.
+        :func:`auto_batch_size`, or 1 for an encoder whose output depends on its batch-mates
+        (:func:`couples_batch`).
     n_top : int, default=20
         Connections listed in ``top_connections``.
     atlas : Atlas or None, default=None
@@ -788,8 +819,10 @@ def explain(
         bs.append(torch.stack(centers).mean(0)[None].to(dev))
     forward = _ensemble_logit_fn(ens, use_ts, use_fc, fixed_ts, use_amp)
     if internal_batch_size is None:
-        internal_batch_size = auto_batch_size(
-            ens, window.shape[0] if encoder is not None and fixed_ts is None else 1)
+        on_path = use_ts and fixed_ts is None  # the encoder is differentiated
+        internal_batch_size = (
+            1 if on_path and couples_batch(getattr(first, "ts_encoder", None))
+            else auto_batch_size(ens, window.shape[0] if encoder is not None and on_path else 1))
     with torch.no_grad():
         f_x = float(forward(*xs)[0])
         f_b = float(forward(*bs)[0])

@@ -390,3 +390,39 @@ def test_auto_batch_size_fits_the_machine():
 
     n = auto_batch_size(load_model())
     assert 1 <= n <= 8  # CPU cap; the demo encoder needs ~0.2 GB per integration point
+
+
+@pytest.mark.parametrize("mode, coupled", [
+    ("nystrom", True),  # the pseudo-inverse starts from a maximum over the batch
+    ("exact", False),
+])
+def test_encoders_whose_output_depends_on_the_batch_are_named(mode, coupled):
+    from fmmtc_core.explain import couples_batch
+    from fmmtc_core.models.foundation import BrainLMConfig, BrainLMModel
+
+    torch.manual_seed(0)
+    cfg = BrainLMConfig.tiny(num_brain_voxels=12, num_timepoints_per_voxel=40,
+                             timepoint_patching_size=10, num_landmarks=8,
+                             attention_probs_dropout_prob=0.0, attention_mode=mode,
+                             token_order="natural")
+    enc = BrainLMModel(cfg).eval()
+    x, xyz = torch.randn(2, 12, 40), torch.randn(12, 3)
+    x[1] *= 30  # a batch-mate far from the first input
+    with torch.no_grad():
+        alone = enc(x[:1], xyz, mask_ratio=0.0)[0][:, 0]
+        together = enc(x, xyz, mask_ratio=0.0)[0][:1, 0]
+    moved = float((alone - together).abs().max() / alone.abs().max())
+    assert couples_batch(enc) is coupled
+    assert (moved > 1e-6) is coupled, moved
+
+
+def test_demo_model_is_integrated_one_point_per_pass():
+    # Its encoder couples a batch (Nystrom, the reference's pseudo-inverse start): integration
+    # points evaluated together would each see a slightly different function.
+    from fmmtc_core.models.ensemble import load_model
+
+    ens = load_model()
+    rng = np.random.default_rng(0)
+    inputs = ens.inputs(rng.standard_normal((260, ens.config.n_regions)).astype(np.float32))
+    e = explain(ens, inputs.window, inputs.fc, amplitude=inputs.amplitude, steps=(2,))
+    assert e.settings["ts_attribution"] and e.settings["internal_batch_size"] == 1

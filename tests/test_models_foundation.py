@@ -347,3 +347,9 @@ def test_natural_token_order_keeps_kept_tokens_in_order(config, batch):
     a, b = natural(signal, xyz, noise=noise), shuffled(signal, xyz, noise=noise)
     torch.testing.assert_close(a.mask, b.mask)
     assert natural.config.to_dict()["token_order"] == "natural"
+
+
+def test_the_per_sample_pseudo_inverse_start_is_refused_by_name():
+    # transformers' Nystromformer (and the reference copied from it) raise a TypeError on it
+    with pytest.raises(InvalidInputError, match="inv_coeff_init_option=true cannot be built"):
+        BrainLMConfig(inv_coeff_init_option=True)

@@ -167,6 +167,9 @@ class BrainLMConfig(PretrainedConfig):
         none.
     inv_coeff_init_option : bool, default=False
         transformers' initialisation option of the iterative pseudo-inverse (Nystrom mode).
+        Only False can be built (transformers and the reference fail on True): the start is
+        scaled by a maximum over the whole batch, so an input's output depends slightly on its
+        batch-mates (see :func:`fmmtc_core.explain.couples_batch`).
     attention_mode : {"nystrom", "exact"} or None, default=None
         See above; None resolves like the reference.
     xyz_scale : float, default=1.0
@@ -239,6 +242,13 @@ class BrainLMConfig(PretrainedConfig):
         self.segment_means_seq_len = segment_means_seq_len
         self.num_landmarks = num_landmarks
         self.conv_kernel_size = conv_kernel_size
+        if inv_coeff_init_option:
+            # transformers' NystromformerSelfAttention (and the reference BrainLM code copied
+            # from it) reads config["inv_init_coeff_option"] then, a TypeError on any config.
+            raise InvalidInputError(
+                "inv_coeff_init_option=true cannot be built: the reference BrainLM code and "
+                "transformers' Nystromformer both fail on it; set it to false (the "
+                "pseudo-inverse then starts from a scale shared by the whole batch).")
         self.inv_coeff_init_option = inv_coeff_init_option
         self.xyz_scale = check_xyz_scale(xyz_scale)
         if attention_mode is None:  # as the reference computes it (see the module docstring)
