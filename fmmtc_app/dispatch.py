@@ -341,8 +341,8 @@ def run(model_dir: str | os.PathLike, kind: str, job: dict, *,
     ----------
     model_dir : str or path
         The model folder (the same path on every cluster worker).
-    kind : {"screen", "demo_cohort"}
-        As in :func:`fmmtc_app.worker.run`; only ``"screen"`` is handed to a cluster.
+    kind : {"screen"}
+        As in :func:`fmmtc_app.worker.run`.
     job : dict
         As in :func:`fmmtc_app.worker.run` (``url``, ``source``, ``participant`` and further
         arguments of :func:`fmmtc_core.screening.screen`).

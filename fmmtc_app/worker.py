@@ -167,25 +167,21 @@ class ScreeningWorker:
 
         Parameters
         ----------
-        kind : {"screen", "demo_cohort"}
-            ``"screen"``: :func:`fmmtc_core.screening.screen` with the worker's model;
-            ``"demo_cohort"``: simulate and screen the demo cohort.
+        kind : {"screen"}
+            :func:`fmmtc_core.screening.screen` with the worker's model (the demo cohort
+            is a job of :mod:`fmmtc_app.demo_job` made of such screenings).
         job : dict
-            The job's keyword arguments (picklable). ``"screen"``: ``url`` (the database),
-            ``source``, ``participant`` and further arguments of ``screen``;
-            ``"demo_cohort"``: ``url``, ``folder``, ``n``, ``seed``, ``operator`` and
-            ``prefix``.
+            The job's keyword arguments (picklable): ``url`` (the database), ``source``,
+            ``participant`` and further arguments of ``screen``.
         progress : callable or None, default=None
-            ``progress(*args)`` is called in this thread with what the job reports
-            (``"screen"``: ``(stage, done, total, {})``; ``"demo_cohort"``:
-            ``(done, total, what)``). If it raises (a page that reruns), the job goes on in
-            the worker and what it still sends is dropped.
+            ``progress(stage, done, total, {})`` is called in this thread with the job's
+            stages. If it raises (a page that reruns), the job goes on in the worker and what
+            it still sends is dropped.
 
         Returns
         -------
         object
-            The job's result (``"screen"``: a
-            :class:`~fmmtc_core.screening.ScreeningResult`; ``"demo_cohort"``: a dict).
+            The job's result, a :class:`~fmmtc_core.screening.ScreeningResult`.
 
         Raises
         ------
@@ -331,7 +327,7 @@ def run(model_dir: str | os.PathLike, kind: str, job: dict, *,
     ----------
     model_dir : str or path
         The model folder.
-    kind : {"screen", "demo_cohort"}
+    kind : {"screen"}
     job : dict
     progress : callable or None, default=None
         See :meth:`ScreeningWorker.run`.
@@ -427,26 +423,7 @@ def _screen(state: _State, progress, *, url: str, source: str, participant: str,
                   **kwargs)
 
 
-def _demo_cohort(state: _State, progress, *, url: str, folder: str, n: int, seed: int,
-                 operator: str, prefix: str) -> dict:
-    """Simulate a labelled cohort of region tables in ``folder`` and screen it, outcomes
-    included; ``progress(done, total, what)`` over both halves."""
-    from fmmtc_core.screening import screen_batch
-    from fmmtc_core.simulate import SimulationConfig, write_cohort
-
-    root = write_cohort(Path(folder) / "cohort", n, seed=seed, fmt="timeseries",
-                        config=SimulationConfig(n_volumes=240),
-                        progress=lambda d, t: progress(d, 2 * t, "Simulating..."))
-
-    def screened(done, total, pid):
-        progress(total + done, 2 * total, f"Screening {pid}..." if pid else "Screening...")
-
-    rep = screen_batch(root, model_dir=state.model_dir, url=url, operator=operator,
-                       import_outcomes=True, pseudonym_prefix=prefix, progress=screened)
-    return {"screened": len(rep.screened), "failed": rep.failed, "outcomes": rep.outcomes}
-
-
-_JOBS = {"screen": _screen, "demo_cohort": _demo_cohort}
+_JOBS = {"screen": _screen}
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -46,21 +46,28 @@ def test_another_model_replaces_the_worker_after_joining_it(tmp_path):
 
 
 def test_a_worker_killed_during_a_job_is_reported_and_replaced(tmp_path):
-    model_dir = tmp_path / "no-model"  # the demo cohort job simulates before it needs one
-    killed = worker.worker_for(model_dir)
+    from fmmtc_core.config import DEMO_MODEL_DIR
+    from fmmtc_core.simulate import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", 2, seed=0, fmt="timeseries")
+    table = next(p for p in sorted(cohort.rglob("*_timeseries.tsv")) if "confounds" not in p.name)
+    killed = worker.worker_for(DEMO_MODEL_DIR)
     seen = []
 
-    def progress(done, total, what):
+    def progress(stage, done, total, info):
         if not seen:
             os.kill(killed.pid, signal.SIGKILL)  # as the out-of-memory killer would
-        seen.append(what)
+        seen.append(stage)
 
-    job = {"url": f"sqlite:///{tmp_path / 'db.sqlite'}", "folder": str(tmp_path), "n": 4,
-           "seed": 0, "operator": "t", "prefix": "SIM-"}
+    from fmmtc_core.store import open_database
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    open_database(url).dispose()  # the tables (the dashboard creates them at start)
+    job = {"url": url, "source": str(table), "participant": "PAIN-1"}
     with pytest.raises(WorkerCrashedError, match="^The screening worker stopped unexpectedly"):
-        worker.run(model_dir, "demo_cohort", job, progress=progress)
+        worker.run(DEMO_MODEL_DIR, "screen", job, progress=progress)
     assert seen and not killed.alive
-    fresh = worker.worker_for(model_dir)
+    fresh = worker.worker_for(DEMO_MODEL_DIR)
     assert fresh is not killed and fresh.alive
     assert _worker_pids() == [fresh.pid]
 
