@@ -69,19 +69,10 @@ def worker_threads(setting: str | None = None) -> int:
     FMMTCError
         ``setting`` (or the environment variable) is not a whole number >= 1.
     """
-    from fmmtc_core.config import usable_cores, worker_threads_setting
+    from fmmtc_core.config import thread_count, worker_threads_setting
 
-    value = worker_threads_setting() if setting is None else setting
-    if value is not None:
-        try:
-            n = int(str(value).strip())
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise FMMTCError(f"FMMTC_WORKER_THREADS must be a whole number of at least 1, got "
-                             f"{value!r}.")
-        return n
-    return max(1, usable_cores() - 1)
+    return thread_count("FMMTC_WORKER_THREADS",
+                        worker_threads_setting() if setting is None else setting)
 
 
 class WorkerCrashedError(FMMTCError):

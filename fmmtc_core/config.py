@@ -291,3 +291,40 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+def thread_count(name: str, value: str | int | None, *, cap: int | None = None) -> int:
+    """A thread count from a setting: ``value`` when given, else the usable cores but one.
+
+    The default leaves one core to the process that waits on these threads (the server for
+    the dashboard's worker, the parcellation for the parallel reader).
+
+    Parameters
+    ----------
+    name : str
+        The setting's name, for the error message (e.g. ``"FMMTC_WORKER_THREADS"``).
+    value : str or int or None
+        A whole number >= 1 (surrounding spaces allowed); None or empty: the default.
+    cap : int or None, default=None
+        The most the default may be (an explicit ``value`` is taken as given).
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Raises
+    ------
+    InvalidInputError
+        ``value`` is not a whole number of at least 1.
+    """
+    from fmmtc_core._errors import InvalidInputError
+
+    text = "" if value is None else str(value).strip()
+    if not text:
+        n = max(1, usable_cores() - 1)
+        return n if cap is None else min(n, cap)
+    if not text.isdigit() or int(text) < 1 or isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    return int(text)
+

@@ -298,21 +298,10 @@ def default_read_threads() -> int:
     InvalidInputError
         ``$FMMTC_READ_THREADS`` is not a positive whole number.
     """
-    from fmmtc_core.config import read_threads_setting
+    from fmmtc_core.config import read_threads_setting, thread_count
 
-    raw = read_threads_setting()
-    if raw is not None and raw.strip():
-        text = raw.strip()
-        if not text.isdigit() or int(text) < 1:
-            raise InvalidInputError(
-                f"FMMTC_READ_THREADS is {raw!r}; expected a positive whole number of threads "
-                f"(1 reads with one thread; default: the usable cores but one, at most "
-                f"{MAX_DEFAULT_READ_THREADS})."
-            )
-        return int(text)
-    from fmmtc_core.config import usable_cores
-
-    return max(1, min(usable_cores() - 1, MAX_DEFAULT_READ_THREADS))
+    return thread_count("FMMTC_READ_THREADS", read_threads_setting(),
+                        cap=MAX_DEFAULT_READ_THREADS)
 
 
 def _read_threads(threads) -> int:

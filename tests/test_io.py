@@ -205,8 +205,8 @@ def test_read_threads_default_and_environment(monkeypatch):
 def test_bad_read_threads_environment_is_refused(bold_file, monkeypatch, value):
     monkeypatch.setenv("FMMTC_READ_THREADS", value)
     with pytest.raises(InvalidInputError,
-                       match=rf"FMMTC_READ_THREADS is '{re.escape(value)}'; expected a positive "
-                             "whole number of threads"):
+                       match=rf"^FMMTC_READ_THREADS must be a whole number of at least 1, got "
+                             rf"'{re.escape(value)}'\.$"):
         parcellate(load_scan(bold_file), "aal3")
 
 
