@@ -815,12 +815,16 @@ def test_worklist_searches_filters_and_opens_a_participant(db, aal3):
     from fmmtc_core.store import session_scope
 
     kw = {"n_regions": aal3.n_regions, "atlas": "aal3"}
-    _stored(db, REAL_CARD, "PAIN-0001", **kw)
+    _stored(db, REAL_CARD, "PAIN-0001", site=None, **kw)
     second = _stored(db, REAL_CARD, "PAIN-0002", sha="b" * 64, site="york", **kw)
     with session_scope(open_database(db), write=True) as s:
         repo.record_outcome(s, "PAIN-0001", "responder", actor="alice")
     at = _app("cohort")
     assert _worklist(at)["participant"].tolist() == ["PAIN-0002", "PAIN-0001"]
+    # a label that was not given is a dash, not Streamlit's "None" (read as a site's name)
+    assert _worklist(at)["site"].tolist() == ["york", "—"]
+    assert _cohort_table(at).set_index("participant").loc["PAIN-0002", "outcome"] == (
+        "not recorded")
     at.text_input(key="w_search").input("YORK")
     at.run()
     assert _worklist(at)["participant"].tolist() == ["PAIN-0002"]

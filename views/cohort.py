@@ -64,6 +64,9 @@ if unvalidated.any():
     st.warning(f"{int(unvalidated.sum())} of {len(df)} screenings were made by a model NOT "
                "VALIDATED ON THIS SITE'S DATA: treat them as research estimates.")
 
+#: What a table cell shows for a label that was not given (site, drug).
+EMPTY = "—"
+
 st.subheader("Worklist")
 c1, c2 = st.columns([2, 3])
 search = c1.text_input("Search participants", key="w_search",
@@ -76,7 +79,8 @@ work = worklist(df, search=search, status=status)
 # the explorer: with both as columns of their own, the table ran past 1280 px (the outcome
 # was cut off at the right edge).
 shown_work = work.assign(status=work["outcome"].where(work["outcome"].notna(), work["status"]))
-shown_work = shown_work.drop(columns=["screening_id", "outcome", "screenings"])
+shown_work = shown_work.drop(columns=["screening_id", "outcome", "screenings"]).fillna(
+    {"site": EMPTY, "drug": EMPTY})  # Streamlit writes a missing value as "None"
 st.dataframe(shown_work, hide_index=True, width="stretch",
              column_config={
                  "status": st.column_config.TextColumn(
@@ -121,6 +125,7 @@ show = view[["screening_id", "participant", "site", "drug", "probability", "band
              "band_high", "decision", "qc_verdict", "outcome", "simulated", "model",
              "model_validity", "operator", "created_at"]].sort_values("created_at",
                                                                      ascending=False)
+show = show.fillna({"site": EMPTY, "drug": EMPTY, "outcome": "not recorded"})
 st.dataframe(show, hide_index=True, width="stretch", column_config={
     "screening_id": st.column_config.NumberColumn("id"),
     "probability": st.column_config.ProgressColumn("probability", min_value=0.0,
