@@ -18,7 +18,9 @@ loopback):
 Where the upload-to-result time goes is printed beside it, from the same run: the pipeline's
 stage timings as the dashboard's worker stored them (against ``screen()``'s own in this
 process), the upload's copy to the staging folder (``io.write_upload`` of the same file) and
-the rest (the page's rerun, the pipe, drawing the card). ``--worker-threads 1,2`` measures the
+the rest (the page's rerun, the pipe, drawing the card), and the CPU seconds the server, its
+worker, the browser and Playwright's driver used meanwhile (``psutil``: who competes for the
+cores). ``--worker-threads 1,2`` measures the
 dashboard once per worker thread count (``FMMTC_WORKER_THREADS``; default: the worker's own
 rule). ``--pin`` puts the browser on CPU 0 and the server with its worker on CPU 1 (Linux
 ``taskset``), the layout of a deployment where the browser is on another computer.
@@ -166,10 +168,43 @@ def median_stages(runs: list[dict]) -> dict:
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
 
 
-def upload_run(browser, scans, env, args, label: str, pin: bool) -> tuple[list[float], list[dict]]:
-    """Upload-to-result times (the first run warms up) and the worker's stored stage seconds."""
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the Streamlit server, its worker process(es), the
+    browser's processes and Playwright's driver: who used the cores during a screening."""
+    import psutil
+
+    def used(procs) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # ended meanwhile
+                pass
+        return total
+
+    server = psutil.Process(server_pid)
+    mine = psutil.Process().children(recursive=True)
+    try:
+        workers = server.children(recursive=True)
+    except psutil.Error:
+        workers = []
+    def name(p) -> str:
+        try:
+            return p.name()
+        except psutil.Error:
+            return ""
+    return {"server": used([server]), "worker": used(workers),
+            "browser": used([p for p in mine if "chrom" in name(p)]),
+            "driver": used([p for p in mine if name(p) == "node"])}
+
+
+def upload_run(browser, scans, env, args, label: str, pin: bool
+               ) -> tuple[list[float], list[dict], list[dict]]:
+    """Upload-to-result times (the first run warms up), the worker's stored stage seconds and
+    the CPU seconds each process group used in each timed run."""
     proc, url = start_server(env, cpus="1" if pin else None)
-    times = []
+    times, cpu = [], []
     try:
         for i in range(args.repeat + 1):  # the first run warms the server's caches
             pg = browser.new_page(viewport={"width": 1400, "height": 1600})
@@ -181,18 +216,21 @@ def upload_run(browser, scans, env, args, label: str, pin: bool) -> tuple[list[f
             pg.locator("input[type=file]").first.set_input_files(str(scans[i]))
             pg.locator("[data-testid=stFileChip]").first.wait_for()
             pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
+            before = cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             pg.get_by_role("button", name="Screen participant").click()
             pg.get_by_role("heading", name=f"Participant UI{label}-{i}").wait_for()
             pg.get_by_text("Responder probability").first.wait_for()
             if i:
                 times.append(time.perf_counter() - t0)
+                after = cpu_seconds(proc.pid)
+                cpu.append({k: after[k] - before[k] for k in after})
             pg.close()
     finally:
         proc.terminate()
         proc.wait()
     stages = stored_stages(env["FMMTC_DATABASE_URL"], f"UI{label}-")[1:]
-    return times, stages
+    return times, stages, cpu
 
 
 def main() -> None:
@@ -263,7 +301,7 @@ def main() -> None:
         chromium = str(wrapper)
     launch = dict(executable_path=chromium,
                   args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-    uploads: dict[str, tuple[list[float], list[dict]]] = {}
+    uploads: dict[str, tuple[list[float], list[dict], list[dict]]] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(**launch)
         # 2. upload to result, once per worker thread count
@@ -320,7 +358,7 @@ def report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s, uploads
     ref_st = median_stages(ref_stages)
     print(f"   screen() in process (reference, {ref_threads} torch threads): {ref_s:6.2f} s "
           f"(stages {sum(ref_st.values()):.2f} s)")
-    for threads, (times, stages) in uploads.items():
+    for threads, (times, stages, cpu) in uploads.items():
         ui_s = statistics.median(times)
         n = threads or f"{worker_threads() if not args.pin else 1} (default)"
         st_ = median_stages(stages)
@@ -335,6 +373,11 @@ def report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s, uploads
         print("      stage      worker   in process")
         for k in ref_st:
             print(f"      {k:<10} {st_.get(k, 0.0):6.2f}   {ref_st[k]:6.2f}")
+        used = {k: statistics.median(c[k] for c in cpu) for k in cpu[0]}
+        print(f"      CPU seconds in that time: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in used.items())
+            + f" (sum {sum(used.values()):.2f} of {len(os.sched_getaffinity(0)) * ui_s:.2f} "
+              "available)")
     if switch is None:
         return
     print(f"\n2. page switches, database seeded with {args.screenings} screenings "

@@ -1,7 +1,7 @@
 """Does FMM-TC learn from small, hard cohorts? Every model on identical folds, several seeds.
 
 Run: ``python bench/learning.py [--subjects 120] [--seeds 101 102 103 104 105]
-[--shifted-seeds 10001 10002] [--out docs/learning.md]``
+[--shifted-seeds 10001 10002] [--out docs/learning.md] [--models cpm fmmtc ...] [--no-recall]``
 
 For every seed, simulates a labelled cohort with the ``realistic`` preset (the generator the
 effect sizes were set on) and, separately, with the ``shifted`` preset (held out: other sites,
@@ -104,7 +104,8 @@ def run_seed(preset: str, seed: int, n_subjects: int, work: Path, epochs: int,
     subjects = prepare_cohort(read_cohort(cohort), atlas, None)
     planted = read_planted(cohort, atlas)
     rows = []
-    table = compare(cohort, seed=seed, models=baselines or BASELINES, subjects=subjects)
+    table = (compare(cohort, seed=seed, models=BASELINES if baselines is None else baselines,
+                     subjects=subjects) if baselines != () else pd.DataFrame())
     for _, r in table.iterrows():
         rows.append({"preset": preset, "seed": seed, "model": r["model"], "auc": r["auc"],
                      "auc_logit": r["auc_logit"], "mcc": r["mcc"]})
@@ -247,6 +248,25 @@ def write_grid_report(rows: list[dict], out: Path, args, elapsed: float) -> None
     out.write_text("\n".join(lines))
 
 
+#: ``--models`` names of the FMM-TC variants, in the order of :data:`FMMTC_VARIANTS`.
+VARIANT_NAMES = ("fmmtc", "fmmtc-nf", "fmmtc-ts", "fmmtc-fc")
+
+
+def _chosen(models: list[str] | None) -> tuple[tuple[str, ...] | None, tuple]:
+    """``--models`` as (baselines or None for all, FMM-TC variants)."""
+    from fmmtc_core.baselines import BASELINES
+
+    if not models:
+        return None, FMMTC_VARIANTS
+    unknown = sorted(set(models) - set(BASELINES) - set(VARIANT_NAMES))
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join((*BASELINES, *VARIANT_NAMES))}")
+    baselines = tuple(m for m in BASELINES if m in models)
+    variants = tuple(v for v, name in zip(FMMTC_VARIANTS, VARIANT_NAMES) if name in models)
+    return baselines, variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=120)
@@ -262,6 +282,13 @@ def main() -> None:
                              "seeds run in parallel) instead of running anything")
     parser.add_argument("--deep", action="store_true",
                         help="also run the deep default design (slow: ~10 min per cohort)")
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                        help="only these baselines (cpm nbs edges amplitude oracle) and FMM-TC "
+                             "variants (fmmtc, fmmtc-nf, fmmtc-ts, fmmtc-fc: the four rows in "
+                             "order); default: all")
+    parser.add_argument("--no-recall", action="store_true",
+                        help="skip the planted-region recall of the explanations (the slow "
+                             "part)")
     parser.add_argument("--grid", action="store_true",
                         help="effect size x cohort size grid (realistic preset; models: "
                              f"{', '.join(GRID_BASELINES)} and the first two FMM-TC variants)")
@@ -291,10 +318,12 @@ def main() -> None:
             write_grid_report(rows, out, args, time.perf_counter() - t0)
             print(f"wrote {out}", file=sys.stderr)
             return
+        baselines, variants = _chosen(args.models)
         for preset, seeds in (("realistic", args.seeds), ("shifted", args.shifted_seeds)):
             for seed in seeds:
                 rows += run_seed(preset, seed, args.subjects, Path(tmp), args.epochs,
-                                 deep=args.deep)
+                                 deep=args.deep, baselines=baselines, variants=variants,
+                                 recall=not args.no_recall)
                 if args.rows:
                     Path(args.rows).write_text(json.dumps(rows, indent=1))
     write_report(rows, out, args, time.perf_counter() - t0)
