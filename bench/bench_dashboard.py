@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import io
 import os
 import shutil
 import socket
@@ -277,14 +278,20 @@ def main() -> None:
     import torch
 
     ref_threads = torch.get_num_threads()
-    # the upload's copy to the staging folder, as the page makes it (same file, same disk)
+    # the upload's copy to the staging folder, as the page makes it (same file, same place:
+    # in memory when there is room; the folder is removed at once, so no dirty pages of it
+    # are left for the disk to write back during the dashboard's runs)
+    from fmmtc_app.uploads import staging_folder
+
     staging = []
     for i in range(1, args.repeat + 1):
-        data = scans[i].read_bytes()
-        t0 = time.perf_counter()
-        write_upload(data, scans[i].name, tmp / "staging")
-        staging.append(time.perf_counter() - t0)
+        data = io.BytesIO(scans[i].read_bytes())
+        with staging_folder(size=len(data.getbuffer())) as folder:
+            t0 = time.perf_counter()
+            write_upload(data, scans[i].name, folder)
+            staging.append(time.perf_counter() - t0)
     staging_s = statistics.median(staging)
+    os.sync()  # the demo scans just written: their write-back is not the dashboard's cost
 
     seeded = f"sqlite:///{tmp / 'seeded.db'}"
     t0 = time.perf_counter()

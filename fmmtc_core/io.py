@@ -767,6 +767,9 @@ def write_upload(data: bytes | bytearray | memoryview | IO[bytes], name: str,
     with open(target, "wb") as out:
         if isinstance(data, (bytes, bytearray, memoryview)):
             out.write(data)
+        elif isinstance(data, io.BytesIO):  # Streamlit's UploadedFile: its buffer, not copies
+            with data.getbuffer() as view:
+                out.write(view)
         else:
             if hasattr(data, "seek"):
                 data.seek(0)

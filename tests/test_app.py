@@ -4,6 +4,7 @@ the cohort page's filters / outcomes / export, the explorer, the model page, the
 from __future__ import annotations
 
 import json
+import os
 
 from pathlib import Path
 
@@ -40,8 +41,12 @@ def db(tmp_path, monkeypatch):
 
     from fmmtc_app import access
 
+    from fmmtc_app import uploads
+
     access._throttle.clear()  # failed sign-ins of an earlier test do not count here
     monkeypatch.setenv("FMMTC_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "shm").mkdir()
+    monkeypatch.setattr(uploads, "MEMORY_FS", tmp_path / "shm")  # uploads staged in memory
     monkeypatch.setenv("FMMTC_DEMO_COHORT_SIZE", "4")
     before = set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*"))
     yield f"sqlite:///{tmp_path / 'data' / 'fmmtc.db'}"
@@ -49,8 +54,9 @@ def db(tmp_path, monkeypatch):
 
     demo_job.stop()  # a demo job the test left running ends with it
     assert demo_job.wait(600)
-    staged = tmp_path / "data" / "uploads"
-    assert not list(staged.glob("upload-*")) if staged.exists() else True
+    for staged in (tmp_path / "data" / "uploads", tmp_path / "shm" / f"fmmtc-{os.getuid()}"
+                   / "uploads"):
+        assert not list(staged.glob("upload-*")) if staged.exists() else True
     assert set(Path(tempfile.gettempdir()).glob("fmmtc-upload-*")) <= before
 
 
