@@ -244,7 +244,27 @@ def write_grid_report(rows: list[dict], out: Path, args, elapsed: float) -> None
                 cells.append(f"{v.mean():.3f}" if len(v) else "-")
             lines.append(f"| x{sc:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Seeds: " + ", ".join(sorted({str(s) for s in df["seed"]})) + ".", ""]
+    models = [m for m in dict.fromkeys(df["model"]) if m != "oracle"]
+    fmmtc = next((m for m in models if m.startswith("FMM-TC")), None)
+    classic = [m for m in models if not m.startswith("FMM-TC")]
+    lines += ["**Best model per cell** (the oracle left out: it is not a model)"
+              + (f"; in brackets {fmmtc} minus the best classic baseline" if fmmtc else "")
+              + ":", "", "| effect scale | " + " | ".join(f"n = {n}" for n in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    for sc in scales:
+        cells = []
+        for n in sizes:
+            cell = df[(df.effect_scale == sc) & (df.subjects == n) & (df.model != "oracle")]
+            best = cell.loc[cell["auc"].idxmax()]
+            text = f"{best['model']}"
+            if fmmtc is not None and classic:
+                f = cell[cell.model == fmmtc]["auc"]
+                c = cell[cell.model.isin(classic)]["auc"]
+                if len(f) and len(c):
+                    text += f" ({float(f.iloc[0]) - float(c.max()):+.3f})"
+            cells.append(text)
+        lines.append(f"| x{sc:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Seeds: " + ", ".join(sorted({str(s) for s in df["seed"]})) + ".", ""]
     out.write_text("\n".join(lines))
 
 

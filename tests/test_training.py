@@ -17,7 +17,7 @@ from fmmtc_core.bids import read_cohort
 from fmmtc_core.models.ensemble import load_model
 from fmmtc_core.preprocess import CleaningSettings, preprocessing_card
 from fmmtc_core.pretraining import pretrain
-from fmmtc_core.training import _splits, binary_metrics, evaluate, train
+from fmmtc_core.training import TrainingWarning, _splits, binary_metrics, evaluate, train
 
 SIM = SimulationConfig(n_volumes=60, fc_effect=0.6, n_sites=4)
 
@@ -310,9 +310,11 @@ def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, dat
 
     _, _, cohort, found = data
     out = tmp_path / "small"
-    train(cohort, out, foundation=found, preset="small", folds=3, atlas="aal3")
+    with pytest.warns(TrainingWarning, match=r"^SMALL COHORT: \d+ participants\. .*fmmtc compare"):
+        train(cohort, out, foundation=found, preset="small", folds=3, atlas="aal3")
     card = json.loads((out / "model_card.json").read_text())
     assert card["model"]["amplitude"] and card["model"]["fit"] == "stacked"
+    assert any(w.startswith("SMALL COHORT") for w in card["warnings"])
     fits = card["training"]["fold_fits"]
     assert len(fits) == 3 and {f["embedding"] for f in fits} <= {"used", "dropped"}
     kept = sum(f["embedding"] == "used" for f in fits)
