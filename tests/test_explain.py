@@ -421,8 +421,13 @@ def test_demo_model_is_integrated_one_point_per_pass():
     # points evaluated together would each see a slightly different function.
     from fmmtc_core.models.ensemble import load_model
 
+    from fmmtc_core.preprocess import RegionSignals
+
     ens = load_model()
-    rng = np.random.default_rng(0)
-    inputs = ens.inputs(rng.standard_normal((260, ens.config.n_regions)).astype(np.float32))
+    atlas = load_atlas("hcpex")
+    r = atlas.n_regions
+    x = np.random.default_rng(0).standard_normal((260, r)).astype(np.float32)
+    inputs = ens.inputs(RegionSignals(data=x, tr=2.0, atlas=atlas, n_voxels=-np.ones(r, np.int64),
+                                      coverage=np.ones(r), cleaned=True))
     e = explain(ens, inputs.window, inputs.fc, amplitude=inputs.amplitude, steps=(2,))
     assert e.settings["ts_attribution"] and e.settings["internal_batch_size"] == 1
