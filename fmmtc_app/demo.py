@@ -5,6 +5,7 @@ page, the browser tab and the server."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -70,11 +71,16 @@ def sidebar_status() -> None:
     if job is None or (job.status == "done" and not _recent(job)):
         return
     seen = (job.status, job.processed, job.stage)
+    timer_run = []  # empty while the page itself draws the fragment (it has the fresh record)
 
     def draw() -> None:
         current = demo_job.read_job()
-        if current is None or (current.status, current.processed, current.stage) != seen:
+        moved = current is None or (current.status, current.processed, current.stage) != seen
+        if moved and timer_run:
             rerun()  # the whole page: its data changed
+        timer_run.append(True)
+        if current is None:
+            return
         _bar(current)
         if current.status in ("stopped", "failed"):
             st.page_link("views/cohort.py", label="Resume, finish or reset on Cohort review",
@@ -82,6 +88,30 @@ def sidebar_status() -> None:
 
     with st.sidebar:
         st.fragment(draw, run_every=POLL_S if job.active else None)()
+
+
+def _action(key: str, what: str, act: Callable[[], object]) -> Callable[[], None]:
+    """A button's ``on_click``: the action runs when Streamlit takes the click, before the
+    page runs again, and its error is kept for the page to show beside the button.
+
+    In the button's body (``if st.button(...): act()``) the action would be lost when the user
+    clicks a page link right after the button: with ``runner.fastReruns`` (Streamlit's
+    default) the link stops the run that carries the click before the page reaches the
+    button (seen in the browser test on a loaded machine: the demo cohort never started).
+    """
+    def callback() -> None:
+        try:
+            act()
+        except Exception as exc:  # noqa: BLE001 - shown as a plain sentence by _show_error
+            st.session_state[f"{key}_error"] = (exc, what)
+
+    return callback
+
+
+def _show_error(key: str) -> None:
+    pending = st.session_state.pop(f"{key}_error", None)
+    if pending is not None:
+        plain_error(*pending)
 
 
 def start_button(label: str, primary: bool) -> None:
@@ -94,13 +124,12 @@ def start_button(label: str, primary: bool) -> None:
     primary : bool
         A primary (filled) button, else a secondary one.
     """
-    if st.button(label, key="load_demo", type="primary" if primary else "secondary"):
-        try:
-            demo_job.start(database_url(), active_model_dir(), operator(), demo_cohort_size())
-        except Exception as exc:  # noqa: BLE001
-            plain_error(exc, "The demo cohort could not be started")
-            st.stop()
-        rerun()
+    def start() -> None:
+        demo_job.start(database_url(), active_model_dir(), operator(), demo_cohort_size())
+
+    st.button(label, key="load_demo", type="primary" if primary else "secondary",
+              on_click=_action("load_demo", "The demo cohort could not be started", start))
+    _show_error("load_demo")
 
 
 def reset_button(label: str = "Remove the simulated demo cohort") -> None:
@@ -111,14 +140,13 @@ def reset_button(label: str = "Remove the simulated demo cohort") -> None:
     label : str, default="Remove the simulated demo cohort"
         The button's text.
     """
-    if st.button(label, key="demo_reset", icon=":material/delete:"):
-        try:
-            demo_job.reset(database_url(), operator())
-        except Exception as exc:  # noqa: BLE001
-            plain_error(exc, "The demo cohort was not removed")
-            st.stop()
+    def reset() -> None:
+        demo_job.reset(database_url(), operator())
         st.session_state["cohort_version"] = st.session_state.get("cohort_version", 0) + 1
-        rerun()
+
+    st.button(label, key="demo_reset", icon=":material/delete:",
+              on_click=_action("demo_reset", "The demo cohort was not removed", reset))
+    _show_error("demo_reset")
 
 
 def job_panel() -> demo_job.DemoJob | None:
@@ -146,19 +174,22 @@ def job_panel() -> demo_job.DemoJob | None:
     if job.status == "running":
         st.caption("It runs on the server: leave this page or close the tab whenever you like; "
                    "each participant appears here, with the outcome, as it is screened.")
-        if st.button("Stop after this participant", key="demo_stop", icon=":material/pause:"):
-            demo_job.stop()
-            rerun()
+        st.button("Stop after this participant", key="demo_stop", icon=":material/pause:",
+                  on_click=_action("demo_stop", "The demo cohort could not be stopped",
+                                   demo_job.stop))
     elif job.status in ("stopped", "failed"):
         c = st.columns(3)
-        if c[0].button(f"Resume ({job.n - job.processed} to go)", key="demo_resume",
-                       type="primary", icon=":material/play_arrow:"):
-            demo_job.start(database_url(), job.model_dir, job.operator, job.n, job.seed)
-            rerun()
-        if c[1].button(f"Finish with the {len(job.done)} loaded", key="demo_finish",
-                       icon=":material/check:"):
-            demo_job.finish()
-            rerun()
+        c[0].button(f"Resume ({job.n - job.processed} to go)", key="demo_resume",
+                    type="primary", icon=":material/play_arrow:",
+                    on_click=_action("demo_resume", "The demo cohort could not be resumed",
+                                     lambda: demo_job.start(database_url(), job.model_dir,
+                                                            job.operator, job.n, job.seed)))
+        c[1].button(f"Finish with the {len(job.done)} loaded", key="demo_finish",
+                    icon=":material/check:",
+                    on_click=_action("demo_finish", "The demo cohort could not be finished",
+                                     demo_job.finish))
         with c[2]:
             reset_button("Reset: remove the demo cohort")
+    for key in ("demo_stop", "demo_resume", "demo_finish"):
+        _show_error(key)
     return job

@@ -217,12 +217,13 @@ def rerun() -> None:
     """Run the page again because an action changed what it shows, unless the user has
     already asked to go to another page.
 
-    ``st.rerun()`` would lose that click: Streamlit folds the runs waiting for a session into
-    one, which opens the page of the *newer* request, so a rerun asked for by this page just
-    after the user clicked a link to another page takes them back here (the browser test lost
-    a click on "Scan quality" right after the demo cohort was started this way). When such a
-    run waits, this returns and lets it go ahead at the page's next element; a waiting run
-    for this same page (a fragment's timer) is folded into the full rerun as before.
+    Streamlit folds the runs waiting for a session into one, which opens the page of the
+    *newer* request, so ``st.rerun()`` asked for just after a click on a link to another page
+    would take the user back. With ``runner.fastReruns`` (the default) such a click stops this
+    run instead and the question does not arise; without it (or for a run a fragment's timer
+    queued) the click waits in this run's queue. When a run for another page waits, this
+    returns and lets it go ahead at the page's next element; a waiting run for this same page
+    (a fragment's timer) is folded into the full rerun as before.
     """
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 

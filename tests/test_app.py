@@ -311,6 +311,28 @@ def test_demo_cohort_is_a_job_that_outlives_the_page_and_can_be_resumed_and_rese
     assert any("Load the simulated demo cohort" in b.label for b in page.button)
 
 
+def test_demo_buttons_act_in_the_click_callback_and_keep_the_error_for_the_page(monkeypatch):
+    """The job's buttons act in ``on_click`` (before the page runs again: a page link clicked
+    right after would otherwise stop the run that carries the click); an error is kept and
+    shown once, beside the button, as a plain sentence."""
+    from fmmtc_app import demo
+    from fmmtc_core._errors import InvalidInputError
+
+    state: dict = {}
+    shown: list[str] = []
+    monkeypatch.setattr(demo.st, "session_state", state)
+    monkeypatch.setattr(demo, "plain_error",
+                        lambda exc, what: shown.append(f"{what}: {exc}"))
+    done: list[str] = []
+    demo._action("load_demo", "Not started", lambda: done.append("started"))()
+    assert done == ["started"] and state == {}
+    demo._action("load_demo", "Not started", lambda: (_ for _ in ()).throw(
+        InvalidInputError("FMMTC_CLUSTER is not a cluster")))()  # raises inside the callback
+    demo._show_error("load_demo")
+    demo._show_error("load_demo")
+    assert shown == ["Not started: FMMTC_CLUSTER is not a cluster"]
+
+
 @pytest.mark.slow  # a screening (or four) in the worker
 def test_explorer_shows_and_compares_stored_screenings(db):
     at = _app("cohort")
