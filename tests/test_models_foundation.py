@@ -328,6 +328,32 @@ def test_token_order_effect_comes_from_the_sequence_convolution(legacy):
         torch.testing.assert_close(other, without[0], rtol=1e-5, atol=1e-5)
 
 
+def test_exact_attention_without_convolution_is_order_invariant(batch):
+    """``conv_kernel_size=None`` builds (transformers' strict config refuses None; the layer
+    drops the convolution itself) and, with exact attention, the CLS does not depend on the
+    token order: every token carries its region's centroid and its patch's time."""
+    signal, xyz = batch
+    cfg = BrainLMConfig.tiny(num_brain_voxels=R, num_timepoints_per_voxel=T,
+                             timepoint_patching_size=10, attention_mode="exact",
+                             conv_kernel_size=None)
+    torch.manual_seed(0)
+    model = BrainLMForPretraining(cfg).eval()
+    assert not any(".conv." in name for name, _ in model.named_parameters())
+    n = R * cfg.n_patches
+
+    def cls(seed):
+        noise = None if seed is None else torch.rand(
+            1, n, generator=torch.Generator().manual_seed(seed)).expand(len(signal), n)
+        with torch.no_grad():
+            return model.vit(signal, xyz.expand(len(signal), -1, -1), mask_ratio=0.0,
+                             noise=noise)[0][:, 0]
+
+    natural = cls(None)
+    for seed in (1, 2):
+        torch.testing.assert_close(cls(seed), natural, rtol=1e-5, atol=1e-5)
+    assert (natural[0] - natural[1]).abs().max() > 1e-3  # it still sees the subject
+
+
 def test_natural_token_order_keeps_kept_tokens_in_order(config, batch):
     signal, xyz = batch
     natural_cfg = BrainLMConfig(**(config.to_dict() | {"token_order": "natural"}))

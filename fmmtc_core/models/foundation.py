@@ -335,8 +335,9 @@ def _layer_config(config: BrainLMConfig, decoder: bool) -> NystromformerConfig:
         layer_norm_eps=config.layer_norm_eps,
         num_landmarks=config.num_landmarks,
         segment_means_seq_len=config.segment_means_seq_len,
-        # transformers types it int, but its attention takes None as "no convolution".
-        conv_kernel_size=config.conv_kernel_size,  # type: ignore[arg-type]
+        # transformers' config refuses None (a strict int field); the layer drops the
+        # convolution itself then (_nystrom_layer).
+        conv_kernel_size=config.conv_kernel_size or 1,
         inv_coeff_init_option=config.inv_coeff_init_option,
     )
 
@@ -416,7 +417,11 @@ class LinearNystromSelfAttention(NystromformerSelfAttention):
 def _nystrom_layer(config: BrainLMConfig, decoder: bool) -> NystromformerLayer:
     lc = _layer_config(config, decoder)
     layer = NystromformerLayer(lc)
-    layer.attention.self = LinearNystromSelfAttention(lc, config.attention_mode)
+    attention = LinearNystromSelfAttention(lc, config.attention_mode)
+    if config.conv_kernel_size is None:  # no convolution over the token sequence
+        attention.conv_kernel_size = None
+        del attention.conv
+    layer.attention.self = attention
     return layer
 
 
