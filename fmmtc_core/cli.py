@@ -333,7 +333,7 @@ def cmd_pretrain(args) -> int:
     args : argparse.Namespace
         Reads ``corpus_dir``, ``out``, ``config``, ``atlas``, ``epochs``, ``batch_size``,
         ``lr``, ``seed``, ``windows_per_subject``, ``regions_per_step``, ``schedule``,
-        ``xyz_scale``, ``threads`` and ``dist_backend``, all passed to
+        ``xyz_scale``, ``order_invariant``, ``threads`` and ``dist_backend``, all passed to
         :func:`fmmtc_core.pretraining.pretrain`.
 
     Returns
@@ -355,7 +355,8 @@ def cmd_pretrain(args) -> int:
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    windows_per_subject=args.windows_per_subject,
                    regions_per_step=args.regions_per_step, schedule=args.schedule,
-                   xyz_scale=args.xyz_scale, threads=args.threads, backend=args.dist_backend,
+                   xyz_scale=args.xyz_scale, order_invariant=args.order_invariant,
+                   threads=args.threads, backend=args.dist_backend,
                    progress=_stage_progress(args))
     from fmmtc_core.distributed import is_main_process
 
@@ -1335,6 +1336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xyz-scale", type=float, default=None, metavar="S",
                    help="multiply region centroids (mm) by S before embedding them; 0.01 is "
                         "recommended for new encoders (default: the preset's 1.0)")
+    p.add_argument("--order-invariant", action="store_true",
+                   help="exact attention and no convolution over the token sequence: the "
+                        "embedding does not depend on the order of the tokens (about 3x the "
+                        "encoder's inference time; README, 'Foundation encoder probe')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atlas", default="hcpex")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",

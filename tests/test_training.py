@@ -103,6 +103,31 @@ def test_pretraining_options_region_subsets_cosine_schedule_and_resume(tmp_path,
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_cli_pretrain_order_invariant_writes_an_encoder_whose_embedding_ignores_order(
+        tmp_path, data):
+    """``fmmtc pretrain --order-invariant``: exact attention, no sequence convolution, in the
+    folder's config.json; the loaded encoder embeds a window the same in any token order."""
+    from fmmtc_core.cli import main
+    from fmmtc_core.models.registry import load_encoder
+
+    _, corpus, _, _ = data
+    out = tmp_path / "enc"
+    assert main(["pretrain", str(corpus), "--out", str(out), "--config", "tiny", "--atlas",
+                 "aal3", "--epochs", "1", "--batch-size", "4", "--regions-per-step", "24",
+                 "--order-invariant"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["attention_mode"], cfg["conv_kernel_size"]) == ("exact", None)
+    enc = load_encoder(out, "cpu", atlas="aal3")
+    x = torch.randn(2, 166, enc.model.config.num_timepoints_per_voxel,
+                    generator=torch.Generator().manual_seed(0))
+    n = 166 * enc.model.config.n_patches
+    with torch.no_grad():
+        natural = enc._pool_tokens(enc._forward_windows(x, None))
+        shuffled = enc._pool_tokens(enc._forward_windows(
+            x, torch.rand(1, n, generator=torch.Generator().manual_seed(1)).expand(2, n)))
+    torch.testing.assert_close(shuffled, natural, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(windows_per_subject=0), "windows_per_subject must be a positive integer"),
     (dict(regions_per_step=1), "regions_per_step must be between 2 and the atlas's 166"),
