@@ -214,13 +214,21 @@ def upload_run(browser, scans, env, args, label: str, pin: bool
             pg.get_by_role("heading", name="Screen a participant").wait_for()
             idle(pg)
             pg.get_by_label("Study pseudonym").fill(f"UI{label}-{i}")
-            pg.locator("input[type=file]").first.set_input_files(str(scans[i]))
+            pg.locator("[data-testid=stFileUploader]").filter(has_text="Scan (").locator(
+                "input[type=file]").set_input_files(str(scans[i]))  # not the sidecar's
             pg.locator("[data-testid=stFileChip]").first.wait_for()
             pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
             before = cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             pg.get_by_role("button", name="Screen participant").click()
-            pg.get_by_role("heading", name=f"Participant UI{label}-{i}").wait_for()
+            try:
+                pg.get_by_role("heading", name=f"Participant UI{label}-{i}").wait_for()
+            except Exception:  # say what the page shows instead of the result
+                shot = Path(tempfile.gettempdir()) / f"bench-dashboard-UI{label}-{i}.png"
+                pg.screenshot(path=str(shot), full_page=True)
+                text = pg.locator("[data-testid=stMain]").inner_text(timeout=10_000)
+                raise SystemExit(f"no result for UI{label}-{i} (screenshot {shot}); the page "
+                                 f"shows:\n{text[:2000]}") from None
             pg.get_by_text("Responder probability").first.wait_for()
             if i:
                 times.append(time.perf_counter() - t0)

@@ -128,7 +128,8 @@ def test_screen_explore_review_export_in_a_browser(server, page, hcpex_scans, tm
     _shot(pg, "01-screen-empty")
 
     pg.get_by_label("Study pseudonym").fill("PAIN-E2E")
-    pg.locator("input[type=file]").first.set_input_files(str(hcpex_scans[1]))
+    pg.locator("[data-testid=stFileUploader]").filter(has_text="Scan (").locator(
+        "input[type=file]").set_input_files(str(hcpex_scans[1]))  # not the sidecar's
     pg.locator("[data-testid=stFileChip]").first.wait_for()  # the upload has finished
     pg.locator("[data-testid=stFileChipIconSpinner]").wait_for(state="detached")
     pg.get_by_role("button", name="Screen participant").click()
