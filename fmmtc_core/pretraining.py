@@ -314,8 +314,9 @@ def pretrain(
         region's centroid and its patch's time, so the embedding is then the same whatever the
         order of the tokens (``bench/foundation_probe.py``: order effect 0.00x against 0.90x
         for the same recipe without it). Inference costs about 3x (a 426-region window on 2
-        CPU threads: 93 ms against 35 ms forward). Pretraining costs about the same with
-        ``regions_per_step`` (short sequences).
+        CPU threads: 93 ms against 35 ms forward, timed once by hand; README, "Foundation
+        encoder probe"). Pretraining costs about the same with ``regions_per_step`` (short
+        sequences).
     device : torch.device, str or None, default=None
         Default :func:`~fmmtc_core.models.device.select_device`.
     progress : callable(stage, done, total, info) or None, default=None
