@@ -21,7 +21,7 @@ __all__ = [
     "motion_figure",
     "connectivity_figure",
     "region_series_figure",
-    "probability_figure",
+    "probability_svg",
     "brain3d_figure",
     "connectome_figure",
     "network_figure",
@@ -340,9 +340,12 @@ def region_series_figure(data: np.ndarray, names: Sequence[str], tr: float,
 # --------------------------------------------------------------------------------------------
 # Screening results and explanations
 # --------------------------------------------------------------------------------------------
-def probability_figure(probability: float, band: Sequence[float],
-                       thresholds: dict) -> go.Figure:
-    """The calibrated probability on a 0-1 scale with its band and the decision zones.
+def probability_svg(probability: float, band: Sequence[float], thresholds: dict) -> str:
+    """The calibrated probability on a 0-1 scale with its band and the decision zones, as a
+    self-contained inline SVG (no JavaScript).
+
+    The result card shows it. It was a Plotly figure, the first on the page, so the browser
+    loaded and ran plotly.js before it painted the decision.
 
     Parameters
     ----------
@@ -351,43 +354,64 @@ def probability_figure(probability: float, band: Sequence[float],
     band : sequence of 2 float
         Its uncertainty band (low, high).
     thresholds : dict
-        ``{"non_responder": float, "responder": float}`` (as
-        :data:`fmmtc_core.config.DEFAULT_THRESHOLDS`): the zone edges.
+        ``{"non_responder": float, "responder": float}``: the zone edges.
 
     Returns
     -------
-    plotly.graph_objects.Figure
-        170 px high; a zone narrower than half the scale has its label on two lines.
+    str
+        An ``<svg>`` element that scales to the width of its container (viewBox 700 x 130),
+        with a ``<title>`` per mark for screen readers and hover.
     """
-    lo_t, hi_t = thresholds["non_responder"], thresholds["responder"]
-    fig = go.Figure()
-    zones = [(0, lo_t, "#d6e6f2", "likely non-responder"), (lo_t, hi_t, "#eeeeee", "uncertain"),
-             (hi_t, 1, "#f5d5d0", "likely responder")]
-    for x0, x1, color, label in zones:
-        fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, fillcolor=color, line_width=0,
-                      layer="below")
-        if x1 > x0:
-            # A zone under half the scale gets its label on two lines ("likely" above
-            # "non-responder"): on one line, labels of neighbouring zones run into each other
-            # in a half-width panel.
-            text = label.replace(" ", "<br>", 1) if x1 - x0 < 0.5 else label
-            fig.add_annotation(x=(x0 + x1) / 2, y=1.18, text=text, showarrow=False,
-                               font=dict(size=12, color="#555"), yanchor="bottom")
-    # Not clipped at the axis: a probability of 0 % or 100 % (common) showed half a diamond.
-    fig.add_trace(go.Scatter(x=[band[0], band[1]], y=[0.5, 0.5], mode="lines",
-                             line=dict(color="#1d2a33", width=6), name="band", cliponaxis=False,
-                             hovertemplate="band %{x:.2f}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=[probability], y=[0.5], mode="markers", cliponaxis=False,
-                             marker=dict(size=20, color="#1d2a33", symbol="diamond"),
-                             name="probability",
-                             hovertemplate="probability %{x:.2f}<extra></extra>"))
-    # Ticks every 20 %: every 10 % they turn sideways in a half-width panel.
-    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.2, showgrid=False)
-    fig.update_yaxes(visible=False, range=[0, 1.2])
-    fig.update_layout(showlegend=False)
-    fig = _layout(fig, 170)
-    fig.update_layout(margin=dict(t=46))  # room for two-line zone labels above the scale
-    return fig
+    from html import escape
+
+    lo_t, hi_t = float(thresholds["non_responder"]), float(thresholds["responder"])
+    p = min(max(float(probability), 0.0), 1.0)
+    b0, b1 = (min(max(float(v), 0.0), 1.0) for v in band)
+    left, width, top, height = 20.0, 660.0, 46.0, 44.0
+
+    def x(v: float) -> float:
+        return left + width * v
+
+    parts = []
+    zones = [(0.0, lo_t, "#d6e6f2", "likely non-responder"), (lo_t, hi_t, "#eeeeee", "uncertain"),
+             (hi_t, 1.0, "#f5d5d0", "likely responder")]
+    for z0, z1, color, label in zones:
+        if z1 <= z0:
+            continue
+        parts.append(f'<rect x="{x(z0):.1f}" y="{top}" width="{width * (z1 - z0):.1f}" '
+                     f'height="{height}" fill="{color}"/>')
+        # A zone under half the scale gets its label on two lines ("likely" above
+        # "non-responder"): on one line, labels of neighbouring zones ran into each other.
+        lines = label.split(" ", 1) if z1 - z0 < 0.5 and " " in label else [label]
+        cx = x((z0 + z1) / 2)
+        for k, line in enumerate(lines):
+            y = top - 8 - 15 * (len(lines) - 1 - k)
+            parts.append(f'<text x="{cx:.1f}" y="{y:.1f}" text-anchor="middle" font-size="12" '
+                         f'fill="#555">{escape(line)}</text>')
+    axis_y = top + height
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + width}" y2="{axis_y}" '
+                 'stroke="#888" stroke-width="1"/>')
+    for tick in np.linspace(0, 1, 6):
+        tx = x(float(tick))
+        parts.append(f'<line x1="{tx:.1f}" y1="{axis_y}" x2="{tx:.1f}" y2="{axis_y + 5}" '
+                     'stroke="#888" stroke-width="1"/>')
+        parts.append(f'<text x="{tx:.1f}" y="{axis_y + 20}" text-anchor="middle" '
+                     f'font-size="12" fill="#444">{tick:.0%}</text>')
+    mid = top + height / 2
+    parts.append(f'<line x1="{x(b0):.1f}" y1="{mid}" x2="{x(b1):.1f}" y2="{mid}" '
+                 f'stroke="#1d2a33" stroke-width="6"><title>band {b0:.0%} - {b1:.0%}</title>'
+                 '</line>')
+    d = 9.0  # the diamond's half diagonal; drawn whole at 0 % and 100 % (the margin has room)
+    px = x(p)
+    parts.append(f'<path d="M{px:.1f},{mid - d} L{px + d:.1f},{mid} L{px:.1f},{mid + d} '
+                 f'L{px - d:.1f},{mid} Z" fill="#1d2a33"><title>probability {p:.0%}</title>'
+                 '</path>')
+    label = (f"Responder probability {p:.0%}, band {b0:.0%} to {b1:.0%}; zones: likely "
+             f"non-responder below {lo_t:.0%}, likely responder above {hi_t:.0%}")
+    return ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 700 130" width="100%" '
+            f'role="img" aria-label="{escape(label)}" '
+            'style="max-width:100%;height:auto;font-family:Inter, Segoe UI, Helvetica, Arial, '
+            f'sans-serif">{"".join(parts)}</svg>')
 
 
 def _sizes(scores, lo=4.0, hi=22.0):

@@ -14,7 +14,6 @@ from fmmtc_core.figures import (
     compare_regions_figure,
     glass_brain_scale,
     network_figure,
-    probability_figure,
     short_label,
     shared_limit,
 )
@@ -92,15 +91,21 @@ def test_network_figure_wraps_long_groups_and_titles_its_axis():
 @pytest.mark.parametrize("thresholds", [{"non_responder": 0.4, "responder": 0.6},
                                         {"non_responder": 0.1, "responder": 0.9}])
 def test_probability_zone_labels_fit_their_zone(thresholds):
-    fig = probability_figure(0.3, (0.2, 0.4), thresholds)
-    for note in fig.layout.annotations:
-        zone = {"likely non-responder": thresholds["non_responder"],
-                "uncertain": thresholds["responder"] - thresholds["non_responder"],
-                "likely responder": 1 - thresholds["responder"]}[note.text.replace("<br>", " ")]
-        # 12 px text is ~6.5 px a character; in a half-width panel at 1280 px the scale is
-        # ~310 px wide: each line must fit its zone there (very narrow zones aside)
-        longest = max(len(line) for line in note.text.split("<br>"))
-        assert longest * 6.5 <= zone * 310 or zone < 0.15, note.text
+    ns = "{http://www.w3.org/2000/svg}"
+    root = _svg(0.3, (0.2, 0.4), thresholds)
+    zones = {"likely non-responder": thresholds["non_responder"],
+             "uncertain": thresholds["responder"] - thresholds["non_responder"],
+             "likely responder": 1 - thresholds["responder"]}
+    lines: dict[float, list[str]] = {}
+    for t in root.findall(f"{ns}text"):
+        if not t.text.endswith("%"):  # zone labels, not the axis ticks
+            lines.setdefault(float(t.get("x")), []).append(t.text)
+    assert sorted(" ".join(v) for v in lines.values()) == sorted(zones)
+    for words in lines.values():
+        zone = zones[" ".join(words)]
+        # 12 px text is ~6.5 px a character on the 660-unit scale (the picture scales as a
+        # whole): each line must fit its zone (very narrow zones aside)
+        assert max(len(w) for w in words) * 6.5 <= zone * 660 or zone < 0.15, words
 
 
 def test_every_legend_sits_above_its_plot():
@@ -180,13 +185,52 @@ def test_attribution_slices_are_interactive_and_offline():
 
 def test_a_certain_probability_shows_a_whole_diamond():
     """At 0 % or 100 % (common for the demo model) the marker sat on the axis's end and was
-    cut in half, on the result card and in the report (e2e screenshot at 1280 px)."""
+    cut in half, in the report (e2e screenshot at 1280 px); the card's SVG: see below."""
     from fmmtc_core.report import _probability_figure
 
-    fig = probability_figure(1.0, (0.99, 1.0), {"non_responder": 0.4, "responder": 0.6})
-    assert all(trace.cliponaxis is False for trace in fig.data)
     mpl = _probability_figure(1.0, (0.99, 1.0), {"non_responder": 0.4, "responder": 0.6})
     assert all(not line.get_clip_on() for line in mpl.axes[0].get_lines())
+
+
+def _svg(probability, band, thresholds):
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(figures.probability_svg(probability, band, thresholds))
+
+
+def test_probability_svg_places_the_diamond_band_and_zones_on_the_scale():
+    ns = "{http://www.w3.org/2000/svg}"
+    root = _svg(0.7, (0.6, 0.9), {"non_responder": 0.4, "responder": 0.6})
+    rects = root.findall(f"{ns}rect")
+    # three zones end to end over the 0-100 % axis (x 20 ... 680 in the viewBox)
+    edges = [e for r in rects
+             for e in (float(r.get("x")), float(r.get("x")) + float(r.get("width")))]
+    assert edges == pytest.approx([20, 284, 284, 416, 416, 680])
+    band = root.find(f"{ns}line[@stroke-width='6']")
+    assert (float(band.get("x1")), float(band.get("x2"))) == pytest.approx((416, 614))
+    diamond = root.find(f"{ns}path")
+    xs = [float(pt.split(",")[0])
+          for pt in diamond.get("d").strip("MZ ").replace("L", "").split()]
+    assert (min(xs) + max(xs)) / 2 == pytest.approx(20 + 660 * 0.7)
+    assert diamond.find(f"{ns}title").text == "probability 70%"
+    texts = [t.text for t in root.findall(f"{ns}text")]
+    assert {"0%", "20%", "100%", "uncertain", "likely", "non-responder"} <= set(texts)
+    assert "70%" in root.get("aria-label") and "60% to 90%" in root.get("aria-label")
+
+
+def test_probability_svg_keeps_marks_inside_the_picture_and_skips_empty_zones():
+    """A probability of 100 % draws the whole diamond (the figure's margin has room), a value
+    outside 0-1 is clipped to the scale, and a zone of zero width is not drawn."""
+    ns = "{http://www.w3.org/2000/svg}"
+    root = _svg(1.0, (0.99, 1.2), {"non_responder": 0.5, "responder": 0.5})
+    assert len(root.findall(f"{ns}rect")) == 2  # no "uncertain" zone
+    xs = [float(pt.split(",")[0]) for pt in
+          root.find(f"{ns}path").get("d").strip("MZ ").replace("L", "").split()]
+    assert max(xs) <= 700 and min(xs) >= 0
+    band = root.find(f"{ns}line[@stroke-width='6']")
+    assert float(band.get("x2")) == pytest.approx(680)
+    # labels are escaped text, never markup
+    assert "uncertain" not in [t.text for t in root.findall(f"{ns}text")]
 
 
 def test_glass_brain_colour_bar_labels_do_not_overlap():

@@ -18,7 +18,7 @@ from fmmtc_core.figures import (
     carpet_figure,
     motion_figure,
     network_figure,
-    probability_figure,
+    probability_svg,
 )
 from fmmtc_core.report import glass_brain_png
 from fmmtc_core.review import region_scores, top_regions
@@ -180,11 +180,11 @@ def _show(result) -> None:
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     st.caption(f"Model: {summary.model}")
-    # No tool bar: there is nothing to zoom on a 0-100 % scale, and at 1280 px it covered
-    # the "likely responder" label.
-    st.plotly_chart(probability_figure(result.probability, result.band,
-                                       {**DEFAULT_THRESHOLDS, **summary.thresholds}),
-                    width="stretch", config={"displayModeBar": False})
+    # Inline SVG, not Plotly: the first Plotly figure on a page makes the browser load and run
+    # plotly.js before it paints the card (bench/bench_dashboard.py).
+    st.markdown(probability_svg(result.probability, result.band,
+                                {**DEFAULT_THRESHOLDS, **summary.thresholds}),
+                unsafe_allow_html=True)
     st.caption("The diamond is the calibrated probability; the bar is the band spanned by the "
                "cross-validation fold models. The decision is 'likely responder' only when the "
                "whole band clears the responder threshold.")
