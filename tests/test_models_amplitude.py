@@ -53,3 +53,39 @@ def test_standardisation_is_part_of_the_saved_state_and_shapes_are_checked():
         readout(torch.zeros(2, 6))
     with pytest.raises(ValueError, match="n_components must be 1, 2 or 3"):
         AmplitudeReadout(7, n_components=4)
+
+
+def test_stability_selection_weighs_regions_by_how_often_they_pass():
+    a, y = _cohort(shift=1.2, seed=0)
+    readout = AmplitudeReadout(30)
+    readout.standardise_on(a)
+    torch.manual_seed(0)
+    hard = readout.init_from_contrast(a, y, p_threshold=0.05)
+    u_hard = readout.u.detach().clone()
+    torch.manual_seed(0)  # subsamples=0 is the single selection, bit for bit
+    assert readout.init_from_contrast(a, y, p_threshold=0.05, subsamples=0) == hard
+    assert torch.equal(readout.u.detach(), u_hard)
+
+    torch.manual_seed(0)
+    sizes = readout.init_from_contrast(a, y, p_threshold=0.05, subsamples=40, seed=2)
+    u = readout.u.detach()[0].clone()
+    assert sizes[0] >= 5  # every region that passed in any subset has a weight
+    # the planted regions pass in (nearly) every subset, with their signs; anything else far
+    # less often: the weights are the shares of subsets, normalised to a sum of 1
+    assert torch.all(u[:3] > 0) and torch.all(u[3:5] < 0)
+    assert u[:5].abs().min() > 2 * u[5:].abs().max()
+    assert 0.5 < float(u[:5].abs().sum()) <= 1.0 + 1e-6
+    torch.manual_seed(0)  # same seed, same subsets
+    readout.init_from_contrast(a, y, p_threshold=0.05, subsamples=40, seed=2)
+    assert torch.equal(readout.u.detach()[0], u)
+    readout.init_from_contrast(a, y, p_threshold=0.05, subsamples=40, seed=3)
+    assert not torch.allclose(readout.u.detach()[0][:5], u[:5])  # other subsets
+
+
+def test_stability_selection_refuses_bad_settings():
+    a, y = _cohort()
+    readout = AmplitudeReadout(30)
+    with pytest.raises(ValueError, match=r"subsamples must be >= 0 and fraction in \(0, 1\]"):
+        readout.init_from_contrast(a, y, subsamples=-1)
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\], got 10 and 0"):
+        readout.init_from_contrast(a, y, subsamples=10, fraction=0)
