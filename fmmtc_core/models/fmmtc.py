@@ -246,12 +246,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "fc_kwargs": {"n_components": 2, "l1": 1e-3, "init": {"p_threshold": 1e-3},
                             "readout": "edges"},
               "amplitude": True, "fit": "stacked",
-              # stability selection of the amplitude regions (AmplitudeReadout.
-              # init_from_contrast): on 5 tuning cohorts of `realistic` (seeds 301-305, never
-              # reported) out-of-fold AUC 0.800 against 0.789 with one hard selection
               "amplitude_kwargs": {"n_components": 1, "l1": 1e-3,
-                                   "init": {"p_threshold": 1e-2, "subsamples": 50,
-                                            "fraction": 0.8}}},
+                                   "init": {"p_threshold": 1e-2}}},
 }
 
 
