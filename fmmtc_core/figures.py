@@ -344,8 +344,8 @@ def probability_svg(probability: float, band: Sequence[float], thresholds: dict)
     """The calibrated probability on a 0-1 scale with its band and the decision zones, as a
     self-contained inline SVG (no JavaScript).
 
-    The result card shows it. It was a Plotly figure, the first on the page, so the browser
-    loaded and ran plotly.js before it painted the decision.
+    The result card shows it: unlike a Plotly figure (the page's first one), it needs no
+    plotly.js loaded and run in the browser before the decision is painted.
 
     Parameters
     ----------

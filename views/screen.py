@@ -180,8 +180,8 @@ def _show(result) -> None:
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     st.caption(f"Model: {summary.model}")
-    # Inline SVG, not Plotly: the first Plotly figure on a page makes the browser load and run
-    # plotly.js before it paints the card (bench/bench_dashboard.py).
+    # Inline SVG, not Plotly: the card's headline figure then needs no plotly.js in the browser
+    # (an A/B with bench/bench_dashboard.py was within the day's spread: README, Dashboard).
     st.markdown(probability_svg(result.probability, result.band,
                                 {**DEFAULT_THRESHOLDS, **summary.thresholds}),
                 unsafe_allow_html=True)
