@@ -385,6 +385,10 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
               f"+- {perm['null_sd']:.3f})")
     if "foundation_embedding" in metrics:
         print(f"foundation encoder: {metrics['foundation_embedding']['note']}")
+    if "dynamics_probe" in metrics:
+        d = metrics["dynamics_probe"]
+        print(f"regional dynamics: read by {d['kept']} of {d['fold_models']} fold models (each "
+              "kept it only where it improved the fold's inner cross-validation)")
     for text in metrics.get("warnings", []):  # loud, on stderr too: a collapsed model
         print(f"WARNING: {text}", file=sys.stderr)
 

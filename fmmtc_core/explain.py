@@ -154,7 +154,8 @@ class Explanation:
         Wall-clock seconds :func:`explain` took.
     amplitude : ndarray (R,) or None, default=None
         Attribution of each region's relative amplitude (models that read it; part of the
-        time-series modality: included in ``region_ts`` and in the ``ts`` share).
+        time-series modality: included in ``region_ts`` and in the ``ts`` share); for models
+        that read the regional dynamics, the sum over the region's 4 values.
     settings : dict, default={}
         How the attributions were computed: ``method``, ``quadrature``, ``rel_tol``,
         ``abs_tol``, ``schedule`` (the node counts allowed), ``internal_batch_size``,
@@ -777,9 +778,12 @@ def explain(
                 "This model reads the regional amplitude: pass amplitude= "
                 "(ens.inputs(signals).amplitude).")
         amplitude = np.asarray(amplitude, dtype=np.float32)
-        if amplitude.shape != (r,):
+        n_amp = first.config.amplitude_size
+        if amplitude.shape != (n_amp,):
             raise InvalidInputError(
-                f"amplitude must have shape ({r},), got {amplitude.shape}.")
+                f"amplitude must have shape ({n_amp},)"
+                + (" (the regional dynamics: 4 values per region)" if n_amp != r else "")
+                + f", got {amplitude.shape}.")
         if not np.isfinite(amplitude).all():
             raise InvalidInputError("The model inputs contain NaN or infinite values.")
     if not (np.isfinite(window).all() and (fc is None or np.isfinite(fc).all())):
@@ -814,7 +818,9 @@ def explain(
         bs.append(torch.from_numpy(b_fc)[None].to(dev))
     if use_amp:
         assert amplitude is not None  # checked above
-        centers = [m.amplitude_readout.center for m in ens.models]
+        # the dynamics path standardises all 4 R values (its first R as the read-out does)
+        centers = [m.dynamics.center if m.dynamics is not None else m.amplitude_readout.center
+                   for m in ens.models]
         xs.append(torch.from_numpy(amplitude)[None].to(dev))
         bs.append(torch.stack(centers).mean(0)[None].to(dev))
     forward = _ensemble_logit_fn(ens, use_ts, use_fc, fixed_ts, use_amp)
@@ -857,16 +863,20 @@ def explain(
             t_ts = t_ts.reshape(t_ts.shape[0], -1)
         a_ts = t_ts.cpu().numpy()
     a_fc = attrs_t.pop(0).cpu().numpy() if use_fc else None
-    a_amp = attrs_t.pop(0).cpu().numpy().astype(np.float64) if use_amp else None
+    a_amp_all = attrs_t.pop(0).cpu().numpy().astype(np.float64) if use_amp else None
+    a_amp = a_amp_all
+    if a_amp_all is not None and a_amp_all.size != r:  # regional dynamics: 4 values a region
+        a_amp = a_amp_all.reshape(-1, r).sum(axis=0)
 
     atlas = atlas or load_atlas(ens.atlas)
     if atlas.n_regions != r:
         raise InvalidInputError(f"Atlas {atlas.name} has {atlas.n_regions} regions, the model {r}.")
     r_ts, r_fc, total = region_summaries(a_ts, a_fc, r)
     share = _share(a_ts, a_fc)
-    if a_amp is not None:  # the amplitude is part of the time-series modality
+    if a_amp is not None and a_amp_all is not None:  # amplitude: part of the T modality
         r_ts, total = r_ts + a_amp, total + a_amp
-        share = _share(a_amp if a_ts is None else np.append(a_ts.ravel(), a_amp), a_fc)
+        share = _share(a_amp_all if a_ts is None else np.append(a_ts.ravel(), a_amp_all),
+                       a_fc)
     return Explanation(
         ts=a_ts, fc=a_fc, region_ts=r_ts, region_fc=r_fc, region_total=total,
         labels=np.asarray(atlas.labels), names=tuple(atlas.names), groups=tuple(atlas.groups),

@@ -50,6 +50,8 @@ __all__ = [
     "robust_scale",
     "prepare",
     "relative_amplitude",
+    "regional_dynamics",
+    "DYNAMICS_ROWS",
     "preprocessing_card",
     "windows_gram",
     "MIN_ATLAS_OVERLAP",
@@ -744,9 +746,10 @@ class ModelInputs:
     plan : WindowPlan or None, default=None
         Encoder path: resampling, windows, padding and the span of the scan they cover; None
         on the centred-window path.
-    amplitude : ndarray (R,) float32 or None, default=None
-        :func:`relative_amplitude` of the same samples as ``fc``; None when ``fc`` is not
-        asked for.
+    amplitude : ndarray (R,) or (4 R,) float32 or None, default=None
+        :func:`relative_amplitude` of the same samples as ``fc`` (or, for models that read
+        the regional dynamics, :func:`regional_dynamics` laid end to end); None when ``fc``
+        is not asked for.
     """
 
     window: np.ndarray
@@ -789,6 +792,92 @@ def relative_amplitude(data: np.ndarray) -> np.ndarray:
     return out
 
 
+#: The rows of :func:`regional_dynamics`, in order.
+DYNAMICS_ROWS = ("relative_log_sd", "relative_log_alff", "falff", "ac1")
+#: Band of the ALFF of :func:`regional_dynamics` in Hz (Zang et al. 2007; the amplitude
+#: baseline's band, :data:`fmmtc_core.baselines.ALFF_BAND_HZ`).
+DYNAMICS_ALFF_BAND_HZ = (0.01, 0.08)
+
+
+def regional_dynamics(data: np.ndarray, tr: float) -> np.ndarray:
+    """Four numbers per region describing how it fluctuates, all comparable across sites.
+
+    The regional amplitude of :func:`relative_amplitude` says how strongly a region
+    fluctuates; these rows add how its power is spread over frequencies, which the encoders'
+    per-window normalisation keeps but a read-out of their pooled embedding barely sees. They
+    are the features of the classic amplitude baseline
+    (:func:`fmmtc_core.baselines.amplitude_features`) made relative where a scan's gain would
+    otherwise enter (as :func:`relative_amplitude` is), and finite for every scan:
+
+    0. ``relative_log_sd``: :func:`relative_amplitude`.
+    1. ``relative_log_alff``: log of the mean spectral amplitude in 0.01-0.08 Hz, minus its
+       median over the scan's regions.
+    2. ``falff``: the amplitude in that band over the amplitude at all frequencies above 0
+       (on cleaned, band-passed series: the share of the band within the pass band, a measure
+       of spectral shape).
+    3. ``ac1``: lag-1 autocorrelation at the scan's own TR (the simplest intrinsic-timescale
+       feature; it depends on the TR, which sites need not share).
+
+    A region without signal (constant or not finite) takes 0 in rows 0-1 and the scan's
+    median over regions with signal in rows 2-3 (a typical region, so it moves no read-out);
+    a scan too short to resolve the band (or of fewer than 3 samples) takes those fills in
+    every row it cannot compute.
+
+    Parameters
+    ----------
+    data : ndarray (T, R)
+        Cleaned region series.
+    tr : float
+        Repetition time in seconds (sets the frequencies).
+
+    Returns
+    -------
+    ndarray (4, R) float32
+        Rows as :data:`DYNAMICS_ROWS`; finite.
+    """
+    x = np.asarray(data, dtype=np.float64)
+    n, r = x.shape
+    out = np.zeros((4, r), dtype=np.float64)
+    out[0] = relative_amplitude(x)
+    if n < 3:
+        return out.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        sd = x.std(axis=0, ddof=1)
+    live = np.isfinite(sd) & (sd > 0)
+    if not live.any():
+        return out.astype(np.float32)
+    xl = x[:, live] - x[:, live].mean(axis=0)
+    amp = np.abs(np.fft.rfft(xl, axis=0))
+    freqs = np.fft.rfftfreq(n, d=float(tr))
+    in_band = (freqs >= DYNAMICS_ALFF_BAND_HZ[0]) & (freqs <= DYNAMICS_ALFF_BAND_HZ[1])
+    positive = freqs > 0
+    if in_band.any():
+        alff = amp[in_band].mean(axis=0)
+        total = amp[positive].sum(axis=0)
+        ok = (alff > 0) & (total > 0)
+        if ok.any():
+            log_alff = np.zeros(alff.shape)
+            log_alff[ok] = np.log(alff[ok])
+            log_alff[ok] -= np.median(log_alff[ok])
+            falff = np.full(alff.shape, np.nan)
+            falff[ok] = amp[in_band][:, ok].sum(axis=0) / total[ok]
+            falff[~ok] = np.median(falff[ok])
+            out[1, live] = log_alff
+            out[2, live] = falff
+            out[2, ~live] = np.median(falff)
+    ac1 = (xl[1:] * xl[:-1]).sum(axis=0) / (xl * xl).sum(axis=0)
+    out[3, live] = ac1
+    out[3, ~live] = np.median(ac1)
+    return out.astype(np.float32)
+
+
+def _amplitude_input(data: np.ndarray, tr: float, amplitude: str) -> np.ndarray:
+    """The ``amplitude`` field of :class:`ModelInputs`: (R,) or (4 R,) (see :func:`prepare`)."""
+    if amplitude == "dynamics":
+        return regional_dynamics(data, tr).reshape(-1)
+    return relative_amplitude(data)
+
+
 def prepare(
     signals: RegionSignals,
     length: int | FoundationEncoder,
@@ -796,6 +885,7 @@ def prepare(
     rng: np.random.Generator | None = None,
     with_fc: bool = True,
     fc_span: str = "scan",
+    amplitude: str = "relative",
 ) -> ModelInputs:
     """The model's inputs for cleaned region signals: the one path from signals to a model.
 
@@ -825,6 +915,10 @@ def prepare(
         0.1.0's whole-scan path, whose cards say so). The windows cover a whole number of
         window lengths, so ``"windows"`` drops up to a window's worth of samples (29 % of a
         280-volume scan for a 200-sample window), which makes the connectivity noisier.
+    amplitude : {"relative", "dynamics"}, default="relative"
+        What ``amplitude`` holds: :func:`relative_amplitude` (R,), or (models with
+        ``dynamics``) the rows of :func:`regional_dynamics` laid end to end (4 R,), whose
+        first R values are the relative amplitude.
 
     Returns
     -------
@@ -836,16 +930,20 @@ def prepare(
         over ``signals.data[plan.span[0]:plan.span[1]]``, see ``fc_span``), ``plan`` the
         encoder's
         :class:`~fmmtc_core.models.encoder_base.WindowPlan`. ``amplitude`` is
-        :func:`relative_amplitude` of the samples ``fc`` is computed from (both None
-        without ``with_fc``).
+        :func:`relative_amplitude` (or :func:`regional_dynamics`, see ``amplitude``) of the
+        samples ``fc`` is computed from (both None without ``with_fc``).
 
     Raises
     ------
     InvalidInputError
         Encoder path: the scan's atlas is not the encoder's (another region count or label
         order; :meth:`~fmmtc_core.models.encoder_base.FoundationEncoder.check_atlas`), an
-        ``rng``, statistics the encoder needs and does not have, or an unknown ``fc_span``.
+        ``rng``, statistics the encoder needs and does not have, or an unknown ``fc_span``
+        or ``amplitude``.
     """
+    if amplitude not in ("relative", "dynamics"):
+        raise InvalidInputError(
+            f"amplitude must be 'relative' or 'dynamics', not {amplitude!r}.")
     if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
         start: int | str = "center"
         n = signals.n_volumes
@@ -853,8 +951,8 @@ def prepare(
             start = int(rng.integers(0, n - length + 1))
         window = make_window(signals, int(length), start=start, **_WINDOW_ARGS)
         fc = connectivity(signals, **_FC_ARGS) if with_fc else None
-        amplitude = relative_amplitude(signals.data) if with_fc else None
-        return ModelInputs(window=window, fc=fc, amplitude=amplitude)
+        amp = _amplitude_input(signals.data, signals.tr, amplitude) if with_fc else None
+        return ModelInputs(window=window, fc=fc, amplitude=amp)
     encoder = cast("FoundationEncoder", length)
     if rng is not None:
         raise InvalidInputError(
@@ -865,12 +963,12 @@ def prepare(
     encoder.check_atlas(signals.atlas)
     plan = encoder.plan(signals.n_volumes, signals.tr)
     windows = encoder.windows(signals.data, signals.tr).numpy()
-    fc = amplitude = None
+    fc = amp = None
     if with_fc:
         start_, stop = plan.span if fc_span == "windows" else (0, signals.n_volumes)
         fc = connectivity(signals.data[start_:stop], **_FC_ARGS)
-        amplitude = relative_amplitude(signals.data[start_:stop])
-    return ModelInputs(window=windows, fc=fc, plan=plan, amplitude=amplitude)
+        amp = _amplitude_input(signals.data[start_:stop], signals.tr, amplitude)
+    return ModelInputs(window=windows, fc=fc, plan=plan, amplitude=amp)
 
 
 def windows_gram(encoder: FoundationEncoder, windows: np.ndarray) -> np.ndarray:

@@ -114,11 +114,12 @@ def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> d
     }
 
 
-def _stack_inputs(subjects: list[RegionSignals],
-                  length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stack_inputs(subjects: list[RegionSignals], length: int,
+                  amplitude: str = "relative") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centred windows (N, R, length), connectivity (N, R, R) and relative amplitude (N, R)
-    of cleaned signals."""
-    inputs = [prepare(s, length) for s in subjects]
+    (or regional dynamics (N, 4 R), see :func:`~fmmtc_core.preprocess.prepare`) of cleaned
+    signals."""
+    inputs = [prepare(s, length, amplitude=amplitude) for s in subjects]
     return (np.stack([x.window for x in inputs]).astype(np.float32),
             # prepare() computes connectivity and amplitude by default: never None here.
             np.stack([cast(np.ndarray, x.fc) for x in inputs]).astype(np.float32),
@@ -143,12 +144,14 @@ class _CountingCache(EmbeddingCache):
 
 def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals], *,
                       gram: bool, cohort_name: str, progress: Progress,
-                      ctx: DistContext | None = None) -> tuple[dict, dict, dict]:
+                      ctx: DistContext | None = None,
+                      amplitude: str = "relative") -> tuple[dict, dict, dict]:
     """Whole-scan inputs of a cohort through the frozen encoder (the path screening takes).
 
     Returns ``(feats, scaling, embeddings)``: ``feats`` holds numpy ``ts`` (N, hidden) scan
     embeddings, ``fc`` (N, R, R) Fisher-z connectivity and ``amplitude`` (N, R) relative
-    amplitude of the span the windows cover and, when ``gram``, the windows' mean Gram
+    amplitude (or (N, 4 R) regional dynamics, see :func:`~fmmtc_core.preprocess.prepare`'s
+    ``amplitude``) of the whole series and, when ``gram``, the windows' mean Gram
     matrices; ``scaling`` and ``embeddings`` are what the card
     records of the robust-scaling statistics and of the embedding run.
     """
@@ -169,7 +172,7 @@ def _encoder_features(encoder: FoundationEncoder, subjects: list[RegionSignals],
                     "digest": stats.digest, "file": "foundation/robust_scaling.json"}
     fcs, amps, grams, n_windows = [], [], [], 0
     for s in subjects:
-        inputs = prepare(s, encoder)
+        inputs = prepare(s, encoder, amplitude=amplitude)
         # the encoder path sets all three
         assert inputs.fc is not None and inputs.plan is not None and inputs.amplitude is not None
         fcs.append(inputs.fc)
@@ -322,6 +325,9 @@ def _init_readouts(model: FMMTC, feats: dict, y: np.ndarray, idx) -> None:
         model.fc_encoder.init_from_contrast(z_train, y[idx], **config.fc_kwargs.get("init", {}))
     if model.amplitude_readout is not None:
         a_train = feats["amplitude"][rows]
+        if model.dynamics is not None:  # the read-out takes the relative amplitude block
+            model.dynamics.standardise_on(a_train)
+            a_train = a_train[:, :config.n_regions]
         model.amplitude_readout.standardise_on(a_train)
         model.amplitude_readout.init_from_contrast(
             a_train, y[idx], **config.amplitude_kwargs.get("init", {}))
@@ -364,21 +370,35 @@ def _l2_logistic(x: np.ndarray, y: np.ndarray, cv) -> tuple[np.ndarray, float, f
     return w, float(clf.intercept_[0] - (w * mu).sum()), float(clf.C_[0]), score
 
 
-def _head_with_optional_probe(stacked: np.ndarray, y: np.ndarray,
-                              cv) -> tuple[np.ndarray, float, float, bool]:
-    """The stacked head on ``stacked`` (column 0: the embedding probe's cross-fitted score,
-    the others: the read-outs' features), or on the read-outs alone when the probe does not
-    improve the inner-CV log loss (its weight is then 0). Returns weights (over every column),
-    intercept, C and whether the probe was kept.
+def _head_with_optional_probe(stacked: np.ndarray, y: np.ndarray, cv,
+                              n_probes: int = 1) -> tuple[np.ndarray, float, float,
+                                                          tuple[bool, ...]]:
+    """The stacked head on ``stacked`` (columns ``0 .. n_probes - 1``: the cross-fitted scores
+    of the linear probes (the encoder's embedding, the regional dynamics), the others: the
+    read-outs' features), keeping a probe only when it improves the inner-CV log loss: every
+    subset of the probes is tried beside the read-outs and the best kept (a dropped probe's
+    weight is 0). Returns weights (over every column), intercept, C and, per probe, whether it
+    was kept.
 
-    An embedding that carries nothing about the outcome costs the head its noise: on the
-    realistic simulation an always-kept probe cost ~0.03 AUC.
+    A probe that carries nothing about the outcome costs the head its noise: on the realistic
+    simulation an always-kept embedding probe cost ~0.03 AUC.
     """
-    w, b, c, score = _l2_logistic(stacked, y, cv)
-    w_alone, b_alone, c_alone, score_alone = _l2_logistic(stacked[:, 1:], y, cv)
-    if score_alone >= score:
-        return np.concatenate([[0.0], w_alone]), b_alone, c_alone, False
-    return w, b, c, True
+    import itertools
+
+    n_cols = stacked.shape[1]
+    best: tuple | None = None
+    for kept in itertools.product((False, True), repeat=n_probes):
+        cols = [i for i in range(n_probes) if kept[i]] + list(range(n_probes, n_cols))
+        if not cols:
+            continue
+        w, b, c, score = _l2_logistic(stacked[:, cols], y, cv)
+        # ties go to the smaller head (fewer probes), which is tried first
+        if best is None or score > best[0]:
+            full = np.zeros(n_cols)
+            full[cols] = w
+            best = (score, full, b, c, tuple(kept))
+    assert best is not None, "the stacked head has no column"
+    return best[1], best[2], best[3], best[4]
 
 
 def _fit_stacked(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int,
@@ -386,12 +406,15 @@ def _fit_stacked(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int,
     """Fit a ``fit="stacked"`` fold model (see :class:`~fmmtc_core.models.fmmtc.FMMTCConfig`).
 
     The sparse read-outs were set on the whole training fold (:func:`_init_readouts`). The
-    encoder's embedding gets a linear probe (:func:`_l2_logistic` on the training fold: one
-    score). The head combines the probe's score and the read-outs' features with weights from
+    encoder's embedding and (``dynamics`` models) the standardised regional dynamics each get
+    a linear probe (:func:`_l2_logistic` on the training fold: one score each). The head
+    combines the probes' scores and the read-outs' features with weights from
     :func:`_l2_logistic` fitted on *cross-fitted* values of them: each training participant's
-    probe score and read-out features come from a probe and read-outs fitted on the other
-    inner folds, so the head does not learn the optimism of the selection. The probe is then
-    folded into the head's weights on the embedding (the model stays one linear head).
+    probe scores and read-out features come from probes and read-outs fitted on the other
+    inner folds, so the head does not learn the optimism of the selection; a probe is kept
+    only where it improves the inner-CV log loss (:func:`_head_with_optional_probe`). The kept
+    probes are then folded into the head's weights on the embedding and the dynamics (the
+    model stays one linear head).
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -405,41 +428,46 @@ def _fit_stacked(model: FMMTC, feats: dict, y: np.ndarray, train_idx, seed: int,
             "stacked head needs at least 2 of each. Use fewer folds or a larger cohort.")
     cv = StratifiedKFold(n_inner, shuffle=True, random_state=seed % (2**32))
     splits = list(cv.split(np.zeros(len(yt)), yt))
-    n_emb = int(feats["ts"].shape[1]) if model.config.use_encoder else 0
     full = _head_features(model, feats, train_idx)
-    n_readout = full.shape[1] - n_emb
-    stacked = np.zeros((len(train_idx), (1 if n_emb else 0) + n_readout))
+    n_emb = int(feats["ts"].shape[1]) if model.config.use_encoder else 0
+    n_dyn = model.dynamics.out_dim if model.dynamics is not None else 0
+    # probe name -> its columns in the head's features (embedding first, dynamics last)
+    probes = {name: cols for name, cols in (
+        ("embedding", np.arange(n_emb)),
+        ("dynamics", np.arange(full.shape[1] - n_dyn, full.shape[1]))) if cols.size}
+    readout = np.arange(n_emb, full.shape[1] - n_dyn)
+    stacked = np.zeros((len(train_idx), len(probes) + readout.size))
     for inner_train, inner_test in splits:
         probe = FMMTC(model.config, model.ts_encoder if model.frozen_ts else None)
         probe = probe.to(next(model.parameters()).device).eval()
         _init_readouts(probe, feats, y, train_idx[inner_train])
         f_train = _head_features(probe, feats, train_idx[inner_train])
         f_test = _head_features(probe, feats, train_idx[inner_test])
-        col = 0
-        if n_emb:
+        if probes:
             inner_cv = StratifiedKFold(min(n_inner, int(np.bincount(
                 yt[inner_train]).min())), shuffle=True, random_state=seed % (2**32))
-            w, b, _, _ = _l2_logistic(f_train[:, :n_emb], yt[inner_train], inner_cv)
-            stacked[inner_test, 0] = f_test[:, :n_emb] @ w + b
-            col = 1
-        stacked[inner_test, col:] = f_test[:, n_emb:]
+        for j, cols in enumerate(probes.values()):
+            w, b, _, _ = _l2_logistic(f_train[:, cols], yt[inner_train], inner_cv)
+            stacked[inner_test, j] = f_test[:, cols] @ w + b
+        stacked[inner_test, len(probes):] = f_test[:, readout]
     info: dict = {}
-    weights = np.zeros(full.shape[1])
-    if n_emb and n_readout:
-        w_head, b_head, info["C"], used = _head_with_optional_probe(stacked, yt, cv)
-        info["embedding"] = "used" if used else "dropped"
-    else:
+    if readout.size:
+        w_head, b_head, info["C"], kept = _head_with_optional_probe(stacked, yt, cv,
+                                                                    len(probes))
+    else:  # nothing but probes: they stay
         w_head, b_head, info["C"], _ = _l2_logistic(stacked, yt, cv)
-        info["embedding"] = "used" if n_emb else "none"
-    if info["embedding"] == "used":
-        w_probe, b_probe, info["C_probe"], _ = _l2_logistic(full[:, :n_emb], yt, cv)
-        weights[:n_emb] = w_head[0] * w_probe
-        b_head += w_head[0] * b_probe
-        weights[n_emb:] = w_head[1:]
-    elif n_emb:
-        weights[n_emb:] = w_head[1:]
-    else:
-        weights[:] = w_head
+        kept = (True,) * len(probes)
+    weights = np.zeros(full.shape[1])
+    weights[readout] = w_head[len(probes):]
+    for j, (name, cols) in enumerate(probes.items()):
+        info[name] = "used" if kept[j] else "dropped"
+        if kept[j]:
+            w_probe, b_probe, info[f"C_{'probe' if name == 'embedding' else name}"], _ = (
+                _l2_logistic(full[:, cols], yt, cv))
+            weights[cols] = w_head[j] * w_probe
+            b_head += w_head[j] * b_probe
+    if not n_emb:
+        info["embedding"] = "none"
     linear = cast(nn.Linear, model.head[-1])
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weights, dtype=linear.weight.dtype)[None])
@@ -634,23 +662,6 @@ def train(
         y = cohort.participants["responder"].to_numpy()
         groups = (cohort.participants["site"].astype(str).to_numpy()
                   if "site" in cohort.participants else None)
-        xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
-        feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
-        scaling_card = embeddings_card = None
-        if encoder is not None:  # whole scans through the frozen encoder: the screening path
-            arrays, scaling_card, embeddings_card = _encoder_features(
-                encoder, subjects, gram=PRESETS[preset]["fc_input"] == "gram",
-                cohort_name=Path(cohort_dir).name, progress=progress, ctx=ctx)
-            feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
-        else:  # connectivity only, or an encoder trained from scratch: the centred window
-            window_np, fc_np, amp_np = _stack_inputs(subjects, length)
-            windows = torch.from_numpy(window_np)
-            feats |= {
-                "window": windows.to(device),
-                "fc": torch.from_numpy(fc_np).float().to(device),
-                "amplitude": torch.from_numpy(amp_np).float().to(device),
-                "gram": (windows @ windows.transpose(1, 2) / length).to(device),
-            }
         config = FMMTCConfig(n_regions=atlas_obj.n_regions, modalities=modalities,
                              foundation="scratch" if no_foundation else "pretrained",
                              foundation_config=fcfg, ts_pooling=ts_pooling,
@@ -660,6 +671,24 @@ def train(
                              # alone carries the T modality (no encoder trained from scratch)
                              ts_embedding=not (no_foundation and PRESETS[preset].get("amplitude")),
                              **PRESETS[preset])
+        xyz = torch.tensor(atlas_obj.centroids_mm, dtype=torch.float32)
+        feats: dict[str, torch.Tensor] = {"xyz": xyz.to(device)}
+        scaling_card = embeddings_card = None
+        if encoder is not None:  # whole scans through the frozen encoder: the screening path
+            arrays, scaling_card, embeddings_card = _encoder_features(
+                encoder, subjects, gram=PRESETS[preset]["fc_input"] == "gram",
+                cohort_name=Path(cohort_dir).name, progress=progress, ctx=ctx,
+                amplitude=config.amplitude_kind)
+            feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
+        else:  # connectivity only, or an encoder trained from scratch: the centred window
+            window_np, fc_np, amp_np = _stack_inputs(subjects, length, config.amplitude_kind)
+            windows = torch.from_numpy(window_np)
+            feats |= {
+                "window": windows.to(device),
+                "fc": torch.from_numpy(fc_np).float().to(device),
+                "amplitude": torch.from_numpy(amp_np).float().to(device),
+                "gram": (windows @ windows.transpose(1, 2) / length).to(device),
+            }
         fit_kw = {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
                   "device": device}
         shared = encoder if (uses_ts and not no_foundation) else None
@@ -696,6 +725,9 @@ def train(
             kept = [info.get("embedding") == "used" for run in runs for info in run["fit_info"]]
             metrics["foundation_embedding"] = {"kept": sum(kept), "fold_models": len(kept),
                                                "note": _embedding_kept(runs)}
+        if config.fit == "stacked" and config.use_dynamics:
+            kept = [info.get("dynamics") == "used" for run in runs for info in run["fit_info"]]
+            metrics["dynamics_probe"] = {"kept": sum(kept), "fold_models": len(kept)}
         if config.fit == "stacked" and len(y) < SMALL_COHORT:
             warnings_ = [*warnings_, _small_cohort_warning(len(y))]
             metrics["warnings"] = warnings_
@@ -706,10 +738,13 @@ def train(
         fit_card: dict[str, object] = (
             {"fit": "stacked: read-outs set from each training fold's contrasts; linear head = L2 "
                     "logistic regression (balanced classes, strength by inner 5-fold CV) on "
-                    "cross-fitted read-out features and a cross-fitted linear probe of the "
-                    "embedding, the probe kept only where it improves the inner-CV log loss",
+                    "cross-fitted read-out features and cross-fitted linear probes of the "
+                    "embedding" + (" and of the regional dynamics" if config.use_dynamics
+                                   else "") + ", a probe kept only where it improves the "
+                    "inner-CV log loss",
              "fold_fits": [info for run in runs for info in run["fit_info"]],
-             **({"embedding_kept": _embedding_kept(runs)} if config.use_encoder else {})}
+             **({"embedding_kept": _embedding_kept(runs)} if config.use_encoder else {}),
+             **({"dynamics_kept": _dynamics_kept(runs)} if config.use_dynamics else {})}
             if config.fit == "stacked" else
             {"epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
              "loss": "class-weighted BCE", "optimizer": "AdamW",
@@ -781,11 +816,21 @@ def _embedding_kept(runs: list[dict]) -> str:
     """The card's sentence on how many stacked fold models kept the encoder's embedding."""
     used = [info.get("embedding") == "used" for run in runs for info in run["fit_info"]]
     text = f"{sum(used)} of {len(used)} fold models"
+    dynamics = any("dynamics" in info for run in runs for info in run["fit_info"])
     if not any(used):
         return (text + ": the foundation encoder's embedding did not improve any fold's inner "
                 "cross-validation, so no fold model reads it (the T modality is the regional "
-                "amplitude alone)")
+                + ("amplitude read-out alone, and the regional dynamics where kept)" if dynamics
+                   else "amplitude alone)"))
     return text + " read the foundation encoder's embedding (the others did not need it)"
+
+
+def _dynamics_kept(runs: list[dict]) -> str:
+    """The card's sentence on how many stacked fold models kept the regional dynamics."""
+    used = [info.get("dynamics") == "used" for run in runs for info in run["fit_info"]]
+    return (f"{sum(used)} of {len(used)} fold models read the regional dynamics (relative "
+            "amplitude and ALFF, fALFF, lag-1 autocorrelation of every region) beside the "
+            "sparse read-outs; the others did not improve their inner cross-validation with it")
 
 
 def _card_header(out_dir, cohort_dir, y: np.ndarray, groups) -> dict:

@@ -89,3 +89,20 @@ def test_stability_selection_refuses_bad_settings():
         readout.init_from_contrast(a, y, subsamples=-1)
     with pytest.raises(ValueError, match=r"fraction in \(0, 1\], got 10 and 0"):
         readout.init_from_contrast(a, y, subsamples=10, fraction=0)
+
+
+def test_dynamics_features_standardise_on_the_training_fold_and_check_shapes():
+    from fmmtc_core.models.amplitude import DynamicsFeatures
+
+    d = torch.randn(40, 12) * torch.linspace(0.5, 3.0, 12) + 2.0
+    d[:, 5] = 1.0  # constant in the fold: spread 1, not 0
+    feats = DynamicsFeatures(12)
+    feats.standardise_on(d)
+    z = feats(d)
+    assert z.shape == (40, 12) and torch.isfinite(z).all()
+    assert torch.allclose(z.mean(0), torch.zeros(12), atol=1e-5)
+    assert torch.allclose(z[:, [0, 11]].std(0), torch.ones(2), atol=1e-5)
+    assert set(dict(feats.named_buffers())) == {"center", "spread"}
+    assert not list(feats.parameters())  # the head holds the weights
+    with pytest.raises(ValueError, match=r"expects \(batch, 12\) values, got \(40, 11\)"):
+        feats(d[:, :11])

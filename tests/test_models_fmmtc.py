@@ -83,6 +83,18 @@ def test_config_validation():
     with pytest.raises(InvalidInputError, match="needs the connectivity matrix"):
         model = _model()
         model(torch.randn(1, R, T), None, torch.randn(R, 3))
+    with pytest.raises(InvalidInputError, match="dynamics=True extends the regional "
+                                                "amplitude input: it needs amplitude=True"):
+        FMMTCConfig(n_regions=R, dynamics=True)
+    with pytest.raises(InvalidInputError, match="'dynamics' must be true or false"):
+        FMMTCConfig.from_dict({"n_regions": R, "amplitude": True, "dynamics": "yes"})
+    cfg = FMMTCConfig(n_regions=R, modalities="ts", amplitude=True, dynamics=True,
+                      ts_embedding=False)
+    assert (cfg.amplitude_size, cfg.amplitude_kind) == (4 * R, "dynamics")
+    assert FMMTCConfig.from_dict(cfg.to_dict()) == cfg
+    # the connectivity-only ablation has no T modality: the dynamics switch is moot
+    assert FMMTCConfig(n_regions=R, modalities="fc", amplitude=True,
+                       dynamics=True).amplitude_kind == "relative"
 
 
 def test_ts_pooling_mean_uses_the_token_mean(inputs):

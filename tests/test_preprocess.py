@@ -224,3 +224,44 @@ def test_relative_amplitude_compares_regions_within_a_scan():
     x[3, 2] = np.nan
     assert relative_amplitude(x)[2] == 0.0
     assert not relative_amplitude(x[:2]).any()
+
+
+def test_regional_dynamics_rows_are_relative_finite_and_measure_spectral_shape():
+    """Row 0 is the relative amplitude; rows 0-1 ignore a gain shared by every region; a slow
+    region has more of its power in the ALFF band and a higher lag-1 autocorrelation than a
+    white one; dead regions and short scans take finite fills."""
+    from fmmtc_core.preprocess import DYNAMICS_ROWS, regional_dynamics, relative_amplitude
+
+    gen = np.random.default_rng(0)
+    tr, n = 2.0, 300
+    t = np.arange(n) * tr
+    x = gen.standard_normal((n, 5))
+    x[:, 0] = np.sin(2 * np.pi * 0.03 * t) + 0.1 * gen.standard_normal(n)  # slow, in band
+    x[:, 4] = 1.0  # constant: no signal
+    d = regional_dynamics(x, tr)
+    assert DYNAMICS_ROWS == ("relative_log_sd", "relative_log_alff", "falff", "ac1")
+    assert d.dtype == np.float32 and d.shape == (4, 5) and np.isfinite(d).all()
+    assert np.array_equal(d[0], relative_amplitude(x))
+    assert d[2, 0] > d[2, 1:4].max() and d[3, 0] > 0.9 > abs(d[3, 1:4]).max()
+    assert np.allclose(regional_dynamics(5.0 * x, tr), d, atol=1e-5)
+    assert d[0, 4] == d[1, 4] == 0.0
+    assert d[2, 4] == np.median(d[2, :4]) and d[3, 4] == np.median(d[3, :4])
+    # too short to resolve 0.01 Hz: no ALFF band, the fills everywhere
+    short = regional_dynamics(x[:4], tr)  # 8 s: the lowest frequency is 0.125 Hz
+    assert np.isfinite(short).all() and not short[1].any()
+    assert not regional_dynamics(x[:2], tr).any()
+
+
+def test_prepare_gives_the_dynamics_to_models_that_read_them(tmp_path, grid_labels, aal3):
+    from fmmtc_core.preprocess import prepare, regional_dynamics
+
+    signals = clean(_signals(tmp_path, grid_labels, aal3))
+    r = aal3.n_regions
+    rel = prepare(signals, 100)
+    dyn = prepare(signals, 100, amplitude="dynamics")
+    assert rel.amplitude.shape == (r,) and dyn.amplitude.shape == (4 * r,)
+    assert np.array_equal(dyn.amplitude[:r], rel.amplitude)
+    assert np.array_equal(dyn.amplitude,
+                          regional_dynamics(signals.data, signals.tr).reshape(-1))
+    with pytest.raises(InvalidInputError, match="amplitude must be 'relative' or 'dynamics'"):
+        prepare(signals, 200, amplitude="alff")

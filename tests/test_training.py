@@ -321,11 +321,16 @@ def test_stacked_head_keeps_the_embedding_probe_only_when_it_helps():
     signal = y + rng.normal(0, 0.7, n)
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
     noise_probe = np.column_stack([rng.normal(size=n), signal])
-    w, _, _, used = _head_with_optional_probe(noise_probe, y, cv)
-    assert not used and w[0] == 0 and w[1] > 0
+    w, _, _, kept = _head_with_optional_probe(noise_probe, y, cv)
+    assert kept == (False,) and w[0] == 0 and w[1] > 0
     good_probe = np.column_stack([signal + rng.normal(0, 0.3, n), rng.normal(size=n)])
-    w, _, _, used = _head_with_optional_probe(good_probe, y, cv)
-    assert used and w[0] > 0
+    w, _, _, kept = _head_with_optional_probe(good_probe, y, cv)
+    assert kept == (True,) and w[0] > 0
+    # two probes: each kept on its own merit
+    two = np.column_stack([rng.normal(size=n), signal + rng.normal(0, 0.3, n),
+                           rng.normal(size=n)])
+    w, _, _, kept = _head_with_optional_probe(two, y, cv, n_probes=2)
+    assert kept == (False, True) and w[0] == 0 and w[1] > 0
 
 
 def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, data):
@@ -370,6 +375,48 @@ def test_small_preset_model_folder_reads_amplitude_and_explains_it(tmp_path, dat
     assert card["model"]["ts_embedding"] is False and not (tmp_path / "nf" / "foundation").exists()
     ens = load_model(tmp_path / "nf")
     assert ens.encoder is None and ens.uses_amplitude
+
+
+def test_small_preset_with_dynamics_reads_4r_values_and_explains_per_region(tmp_path, data,
+                                                                             monkeypatch):
+    """``dynamics=True``: the amplitude input is the regional dynamics (4 R values), the
+    head's probe of it is kept or dropped per fold by the inner CV, and the explanation sums a
+    region's 4 values into its amplitude attribution."""
+    from fmmtc_core.bids import read_cohort
+    from fmmtc_core.explain import explain
+    from fmmtc_core.models.fmmtc import PRESETS
+    from fmmtc_core.pipeline import prepare_cohort
+
+    _, _, cohort, found = data
+    monkeypatch.setitem(PRESETS, "small", {**PRESETS["small"], "dynamics": True})
+    out = tmp_path / "dyn"
+    with pytest.warns(TrainingWarning, match="SMALL COHORT"):
+        train(cohort, out, foundation=found, preset="small", folds=3, atlas="aal3")
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["model"]["dynamics"] is True
+    assert {f["dynamics"] for f in card["training"]["fold_fits"]} <= {"used", "dropped"}
+    ens = load_model(out)
+    r = 166
+    signals = prepare_cohort(read_cohort(cohort), "aal3")[0]
+    inputs = ens.inputs(signals)
+    assert inputs.amplitude.shape == (4 * r,)
+    pred = ens.predict_proba(inputs.window[None], inputs.fc[None], inputs.amplitude[None])
+    assert 0 <= pred["probability"][0] <= 1
+    with pytest.raises(InvalidInputError, match=r"regional dynamics: amplitude must have shape "
+                                                r"\(batch, 664\)"):
+        ens.predict_proba(inputs.window[None], inputs.fc[None], inputs.amplitude[None, :r])
+    with pytest.raises(InvalidInputError, match=r"amplitude must have shape \(664,\) \(the "
+                                                r"regional dynamics"):
+        explain(ens, inputs.window, inputs.fc, amplitude=inputs.amplitude[:r])
+    e = explain(ens, inputs.window, inputs.fc, amplitude=inputs.amplitude)
+    assert e.amplitude.shape == (r,)
+    total = e.region_total.sum()
+    assert abs(total - (e.logit - e.baseline_logit)) <= max(0.02 * abs(e.logit - e.baseline_logit),
+                                                            2e-3)
+    # a fold whose dynamics probe is dropped puts no weight on the 4 R dynamics features
+    for m, fit in zip(ens.models, card["training"]["fold_fits"]):
+        w = m.head[-1].weight[0, -4 * r:]
+        assert (w.abs().sum() > 0) == (fit["dynamics"] == "used")
 
 
 def test_two_processes_train_the_one_process_model(tmp_path, data, monkeypatch):

@@ -22,7 +22,7 @@ from fmmtc_core.models.fc_encoder import contrast_t
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-__all__ = ["AmplitudeReadout"]
+__all__ = ["AmplitudeReadout", "DynamicsFeatures"]
 
 
 class AmplitudeReadout(nn.Module):
@@ -215,3 +215,66 @@ class AmplitudeReadout(nn.Module):
             A scalar, differentiable in the region weights ``u``.
         """
         return self.l1 * self.u.abs().sum()
+
+
+class DynamicsFeatures(nn.Module):
+    """The standardised regional dynamics, read by the head directly: (B, F) -> (B, F).
+
+    ``(d - center) / spread`` for the ``F = 4 R`` values of
+    :func:`fmmtc_core.preprocess.regional_dynamics` (laid end to end), with ``center`` and
+    ``spread`` the training participants' mean and SD (buffers set by :meth:`standardise_on`,
+    so a fold model carries its own standardisation). It has no weights of its own: the linear
+    head weighs every feature, as an L2 logistic regression on them would (the stacked fit
+    sets those weights from one; see :func:`fmmtc_core.training._fit_stacked`). Where the
+    sparse read-outs pick a few regions by their contrast, this dense path keeps effects
+    spread thinly over many regions or carried by the spectral shape.
+
+    Parameters
+    ----------
+    n_features : int
+        F: ``4 R``.
+    """
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(int(n_features)))
+        self.register_buffer("spread", torch.ones(int(n_features)))
+        self.out_dim = int(n_features)
+
+    @torch.no_grad()
+    def standardise_on(self, d: torch.Tensor) -> None:
+        """Set ``center`` and ``spread`` from the training participants' dynamics.
+
+        Parameters
+        ----------
+        d : Tensor (N, F)
+            The training fold's regional dynamics (never the test fold's).
+        """
+        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
+        center.copy_(d.mean(0))
+        sd = d.std(0) if d.shape[0] > 1 else torch.ones_like(spread)
+        spread.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        """Standardised dynamics (B, F).
+
+        Parameters
+        ----------
+        d : Tensor (B, F)
+
+        Returns
+        -------
+        Tensor (B, F)
+
+        Raises
+        ------
+        ValueError
+            ``d`` is not (batch, F).
+        """
+        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
+        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
+        if d.dim() != 2 or d.shape[1] != center.shape[0]:
+            raise ValueError(f"DynamicsFeatures expects (batch, {center.shape[0]}) values, "
+                             f"got {tuple(d.shape)}.")
+        return (d - center) / spread

@@ -235,8 +235,9 @@ class FMMTCEnsemble:
             take for this scan (add a leading batch axis for :meth:`predict_proba`).
         """
         if self.whole_scan and self.encoder is not None:
-            return prepare(signals, self.encoder, fc_span=self.fc_span)
-        return prepare(signals, self.window)
+            return prepare(signals, self.encoder, fc_span=self.fc_span,
+                           amplitude=self.models[0].config.amplitude_kind)
+        return prepare(signals, self.window, amplitude=self.models[0].config.amplitude_kind)
 
     @property
     def fc_span(self) -> str:

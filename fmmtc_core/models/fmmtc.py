@@ -50,7 +50,7 @@ from fmmtc_core.models.fc_encoder import (
     build_fc_encoder,
     gram_matrix,
 )
-from fmmtc_core.models.amplitude import AmplitudeReadout
+from fmmtc_core.models.amplitude import AmplitudeReadout, DynamicsFeatures
 from fmmtc_core.models.encoder_base import FoundationEncoder
 from fmmtc_core.models.foundation import BrainLMConfig, BrainLMModel
 
@@ -97,6 +97,13 @@ class FMMTCConfig:
         :class:`~fmmtc_core.models.amplitude.AmplitudeReadout`.
     amplitude_kwargs : dict
         Arguments of the :class:`~fmmtc_core.models.amplitude.AmplitudeReadout`.
+    dynamics : bool
+        The amplitude input is the regional dynamics
+        (:func:`fmmtc_core.preprocess.regional_dynamics`, 4 R values: relative amplitude,
+        relative ALFF, fALFF, lag-1 autocorrelation) instead of the relative amplitude alone:
+        the amplitude read-out reads its first R values, and the head also reads all 4 R,
+        standardised (:class:`~fmmtc_core.models.amplitude.DynamicsFeatures`). Needs
+        ``amplitude``.
     ts_embedding : bool
         The T modality includes the foundation encoder's embedding (False: regional amplitude
         only, the "no foundation model" ablation of the ``small`` preset; needs
@@ -124,6 +131,7 @@ class FMMTCConfig:
     encoder_hash: str = ""
     amplitude: bool = False
     amplitude_kwargs: dict = field(default_factory=dict)
+    dynamics: bool = False
     ts_embedding: bool = True
     fit: str = "gradient"
 
@@ -139,6 +147,9 @@ class FMMTCConfig:
             raise InvalidInputError(
                 "fit='stacked' needs a linear head (head_hidden=0), the 'network' FC encoder "
                 "and a frozen pretrained encoder.")
+        if self.dynamics and not self.amplitude:
+            raise InvalidInputError(
+                "dynamics=True extends the regional amplitude input: it needs amplitude=True.")
         if self.use_ts and not (self.ts_embedding or self.amplitude):
             raise InvalidInputError(
                 "A time-series branch needs the encoder's embedding (ts_embedding) or the "
@@ -163,6 +174,21 @@ class FMMTCConfig:
     def use_amplitude(self) -> bool:
         """Whether the T modality reads the regional amplitude."""
         return self.use_ts and self.amplitude
+
+    @property
+    def use_dynamics(self) -> bool:
+        """Whether the amplitude input is the regional dynamics (4 R values, not R)."""
+        return self.use_amplitude and self.dynamics
+
+    @property
+    def amplitude_kind(self) -> str:
+        """``prepare(..., amplitude=...)`` for this model: ``"dynamics"`` or ``"relative"``."""
+        return "dynamics" if self.use_dynamics else "relative"
+
+    @property
+    def amplitude_size(self) -> int:
+        """Length of the amplitude input: 4 R with :attr:`use_dynamics`, else R."""
+        return 4 * self.n_regions if self.use_dynamics else self.n_regions
 
     @property
     def window(self) -> int:
@@ -216,7 +242,7 @@ class FMMTCConfig:
                  "foundation": str, "fc_encoder": str, "fc_input": str, "ts_pooling": str,
                  "encoder_entry": str, "encoder_hash": str, "amplitude_kwargs": dict,
                  "fit": str}
-        for key in ("amplitude", "ts_embedding"):
+        for key in ("amplitude", "dynamics", "ts_embedding"):
             if key in data and not isinstance(data[key], bool):
                 raise InvalidInputError(
                     f"The FMM-TC config's {key!r} must be true or false, got {data[key]!r}.")
@@ -360,6 +386,10 @@ class FMMTC(nn.Module):
         if config.use_amplitude:
             self.amplitude_readout = AmplitudeReadout(config.n_regions, **config.amplitude_kwargs)
             dims += self.amplitude_readout.out_dim
+        self.dynamics: DynamicsFeatures | None = None
+        if config.use_dynamics:
+            self.dynamics = DynamicsFeatures(config.amplitude_size)
+            dims += self.dynamics.out_dim
         if config.head_hidden:
             self.head = nn.Sequential(
                 nn.Dropout(config.dropout), nn.Linear(dims, config.head_hidden), nn.GELU(),
@@ -465,9 +495,10 @@ class FMMTC(nn.Module):
             :meth:`embed_ts` (None for a model without a TS encoder).
         fc_matrix : Tensor (B, R, R) or None
             :meth:`fc_matrix` (None for a model without an FC branch).
-        amplitude : Tensor (B, R) or None, default=None
-            :func:`fmmtc_core.preprocess.relative_amplitude` of each scan (models with
-            ``config.use_amplitude`` only).
+        amplitude : Tensor (B, R) or (B, 4 R) or None, default=None
+            :func:`fmmtc_core.preprocess.relative_amplitude` of each scan, or its
+            :func:`~fmmtc_core.preprocess.regional_dynamics` (``config.use_dynamics``); models
+            with ``config.use_amplitude`` only.
 
         Returns
         -------
@@ -478,8 +509,9 @@ class FMMTC(nn.Module):
 
     def features(self, ts_embedding: torch.Tensor | None, fc_matrix: torch.Tensor | None,
                  amplitude: torch.Tensor | None = None) -> torch.Tensor:
-        """What the head reads: the TS embedding, the FC encoder's output and the amplitude
-        read-out's, concatenated in that order (the parts the model has).
+        """What the head reads: the TS embedding, the FC encoder's output, the amplitude
+        read-out's and the standardised dynamics, concatenated in that order (the parts the
+        model has).
 
         Parameters
         ----------
@@ -508,7 +540,16 @@ class FMMTC(nn.Module):
             if amplitude is None:
                 raise InvalidInputError(
                     "This model reads the regional amplitude: pass ModelInputs.amplitude.")
-            parts.append(self.amplitude_readout(amplitude))
+            if self.dynamics is not None:
+                r = self.config.n_regions
+                if amplitude.dim() != 2 or amplitude.shape[1] != 4 * r:
+                    raise InvalidInputError(
+                        f"This model reads the regional dynamics: amplitude must have shape "
+                        f"(batch, {4 * r}), got {tuple(amplitude.shape)}.")
+                parts.append(self.amplitude_readout(amplitude[:, :r]))
+                parts.append(self.dynamics(amplitude))
+            else:
+                parts.append(self.amplitude_readout(amplitude))
         return torch.cat(parts, dim=1)
 
     def forward(self, window: torch.Tensor, fc: torch.Tensor | None,
@@ -524,8 +565,9 @@ class FMMTC(nn.Module):
             Fisher-z connectivity (``fc_input="correlation"`` models).
         xyz : Tensor (R, 3) or None, default=None
             Region centroids (a bare BrainLM encoder only).
-        amplitude : Tensor (B, R) or None, default=None
-            Relative regional amplitude (models with ``config.use_amplitude``).
+        amplitude : Tensor (B, R) or (B, 4 R) or None, default=None
+            Relative regional amplitude, or the regional dynamics (models with
+            ``config.use_amplitude``; see :meth:`forward_features`).
 
         Returns
         -------
