@@ -13,7 +13,7 @@ from fmmtc_core.pretraining import pretrain
 from fmmtc_core.simulate import SimulationConfig, write_cohort
 from fmmtc_core.training import train
 
-__all__ = ["DEMO_NOTE", "build_demo_model"]
+__all__ = ["DEMO_NOTE", "build_demo_model", "build_platform"]
 
 DEMO_NOTE = (
     "DEMONSTRATION MODEL trained only on SIMULATED data (fmmtc simulate). It is not for "
@@ -21,6 +21,37 @@ DEMO_NOTE = (
     "your pain-agnostic corpus (fmmtc pretrain) or use a BrainLM checkpoint folder, then run "
     "fmmtc train on a labelled BIDS-style cohort (see README)."
 )
+
+
+def build_platform() -> dict:
+    """The kind of CPU a build ran on, as the demo card records it (``build_platform``).
+
+    Fixed seeds, one thread and deterministic algorithms give the same bytes on the same kind
+    of CPU; torch does not promise it across kinds (its kernels and the BLAS dispatch on the
+    instruction set: the demo committed before 2026-11-26, built on another machine, and a
+    rebuild on an AVX-512 AMD EPYC differ by up to 5e-6 in the pretrained weights).
+    ``tests/test_demo.py`` checks bit identity when this matches the card's record, and
+    agreement to a tolerance otherwise.
+
+    Returns
+    -------
+    dict
+        ``machine`` (e.g. ``x86_64``), ``cpu`` (the model name of /proc/cpuinfo, else
+        :func:`platform.processor`) and ``cpu_capability`` (torch's, e.g. ``AVX512``).
+    """
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "cpu": cpu,
+            "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
 
 
 def build_demo_model(
@@ -106,6 +137,7 @@ def build_demo_model(
         }
         card["training"]["foundation"] = "the encoder pretrained above (foundation/)"
         card["ground_truth"] = json.loads((cohort / "simulation.json").read_text())["planted"]
+        card["build_platform"] = build_platform()
         card["build_command"] = (f"fmmtc build-demo --seed {seed} --subjects {n_subjects} "
                                  f"--corpus {n_corpus} --pretrain-epochs {pretrain_epochs} "
                                  f"--simulation {simulation} --preset {preset} "

@@ -37,13 +37,14 @@ def test_training_and_screening_give_the_model_the_same_inputs(tmp_path, model):
                                       config=SimulationConfig(n_volumes=260)),
                          require_labels=False)
     signals = prepare_cohort(cohort, model.atlas)
+    kind = model.models[0].config.amplitude_kind  # what train() asks prepare() for
     if model.whole_scan:  # train()'s encoder path: whole scans through the frozen encoder
         feats, _, _ = _encoder_features(model.encoder, signals, gram=False, cohort_name="c",
-                                        progress=None)
+                                        progress=None, amplitude=kind)
         windows = [prepare(s, model.encoder).window for s in signals]
         fc, amplitude, embedding = feats["fc"], feats["amplitude"], feats["ts"]
     else:  # older models: the centred window
-        windows, fc, amplitude = _stack_inputs(signals, model.window)
+        windows, fc, amplitude = _stack_inputs(signals, model.window, kind)
         embedding = None
     for i, row in enumerate(cohort.participants.itertuples()):
         # As screen_batch screens a cohort: with its confounds.

@@ -266,12 +266,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {"fc_encoder": "brainnetcnn", "fc_input": "correlation", "head_hidden": 64},
     "paper": {"fc_encoder": "resnet18", "fc_input": "gram", "head_hidden": 0},
     # For small cohorts (~100 participants): sparse read-outs of connectivity (networks) and of
-    # regional amplitude beside the encoder's embedding, and a linear head; a few thousand
-    # trainable parameters in all.
+    # regional amplitude beside the encoder's embedding and the regional dynamics (each kept
+    # by the fold's inner CV), and a linear head; a few thousand trainable parameters in all.
     "small": {"fc_encoder": "network", "fc_input": "correlation", "head_hidden": 0,
               "fc_kwargs": {"n_components": 2, "l1": 1e-3, "init": {"p_threshold": 1e-3},
                             "readout": "edges"},
-              "amplitude": True, "fit": "stacked",
+              "amplitude": True, "dynamics": True, "fit": "stacked",
               "amplitude_kwargs": {"n_components": 1, "l1": 1e-3,
                                    "init": {"p_threshold": 1e-2}}},
 }
