@@ -131,8 +131,9 @@ class Analysis:
         Seconds per stage: ``load`` (the ``validate`` stage), ``parcellate``, ``qc``,
         ``clean``, ``predict`` and, when explained, ``explain``; :func:`screen` adds
         ``save``.
-    amplitude : ndarray (R,) or None, default=None
-        The regional amplitude input (:attr:`~fmmtc_core.preprocess.ModelInputs.amplitude`).
+    amplitude : ndarray (R,) or (4 R,) or None, default=None
+        The regional amplitude input (:attr:`~fmmtc_core.preprocess.ModelInputs.amplitude`;
+        4 R values for models that read the regional dynamics).
     """
 
     scan: Scan
