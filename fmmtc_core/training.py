@@ -21,6 +21,7 @@ FC branch. Everything is seeded; on CPU the results are reproducible. Pretrainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -680,6 +681,8 @@ def train(
                 cohort_name=Path(cohort_dir).name, progress=progress, ctx=ctx,
                 amplitude=config.amplitude_kind)
             feats |= {k: torch.from_numpy(v).float().to(device) for k, v in arrays.items()}
+            # fitting the encoder's robust scaling (above) changes its preprocessing hash
+            config = dataclasses.replace(config, encoder_hash=encoder.preprocessing_hash)
         else:  # connectivity only, or an encoder trained from scratch: the centred window
             window_np, fc_np, amp_np = _stack_inputs(subjects, length, config.amplitude_kind)
             windows = torch.from_numpy(window_np)
