@@ -196,23 +196,17 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
                 lines.append(f"- `{p}`: {name} {mean[name]:.3f}, {abs(diff):.3f} "
                              f"{'above' if diff >= 0 else 'below'} the best classic baseline "
                              f"({best}, {mean[best]:.3f}).")
-    if "embedding_kept" in df:
+    for column, what in (("embedding_kept", "the foundation encoder's embedding"),
+                         ("dynamics_kept", "the regional dynamics")):
+        if column not in df:
+            continue
         for name, _ in FMMTC_VARIANTS:
-            kept = df[df.model == name]["embedding_kept"].dropna()
+            kept = df[df.model == name][column].dropna()
             if len(kept):
                 a = sum(int(k.split("/")[0]) for k in kept)
                 b = sum(int(k.split("/")[1]) for k in kept)
-                lines.append(f"- {name}: {a} of {b} fold models kept the foundation encoder's "
-                             "embedding (kept only where it improved the fold's inner-CV log "
-                             "loss).")
-    if "dynamics_kept" in df:
-        for name, _ in FMMTC_VARIANTS:
-            kept = df[df.model == name]["dynamics_kept"].dropna()
-            if len(kept):
-                a = sum(int(k.split("/")[0]) for k in kept)
-                b = sum(int(k.split("/")[1]) for k in kept)
-                lines.append(f"- {name}: {a} of {b} fold models kept the regional dynamics "
-                             "(kept only where they improved the fold's inner-CV log loss).")
+                lines.append(f"- {name}: {a} of {b} fold models kept {what} (kept only where it "
+                             "improved the fold's inner-CV log loss).")
     if "planted_in_top20" in df:
         for p in presets:
             v = df[(df.preset == p)]["planted_in_top20"].dropna()

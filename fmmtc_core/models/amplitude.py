@@ -25,6 +25,17 @@ if TYPE_CHECKING:
 __all__ = ["AmplitudeReadout", "DynamicsFeatures"]
 
 
+@torch.no_grad()
+def _standardise_on(module: nn.Module, x: torch.Tensor) -> None:
+    """Set ``module``'s ``center`` / ``spread`` buffers to the mean / SD of ``x`` (N, F) over
+    participants (SD 1 where it is ~0, or for a single participant)."""
+    center: torch.Tensor = module.center  # type: ignore[assignment]  # a buffer
+    spread: torch.Tensor = module.spread  # type: ignore[assignment]  # a buffer
+    center.copy_(x.mean(0))
+    sd = x.std(0) if x.shape[0] > 1 else torch.ones_like(spread)
+    spread.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+
+
 class AmplitudeReadout(nn.Module):
     """``K`` sparse region weightings of standardised regional amplitude: (B, R) -> (B, K).
 
@@ -68,11 +79,7 @@ class AmplitudeReadout(nn.Module):
         a : Tensor (N, R)
             Relative amplitudes of the training fold (never the test fold's).
         """
-        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
-        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
-        center.copy_(a.mean(0))
-        sd = a.std(0) if a.shape[0] > 1 else torch.ones_like(spread)
-        spread.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+        _standardise_on(self, a)
 
     @torch.no_grad()
     def init_from_contrast(self, a: torch.Tensor, y: ArrayLike, p_threshold: float = 0.001,
@@ -250,11 +257,7 @@ class DynamicsFeatures(nn.Module):
         d : Tensor (N, F)
             The training fold's regional dynamics (never the test fold's).
         """
-        center: torch.Tensor = self.center  # type: ignore[assignment]  # a buffer
-        spread: torch.Tensor = self.spread  # type: ignore[assignment]  # a buffer
-        center.copy_(d.mean(0))
-        sd = d.std(0) if d.shape[0] > 1 else torch.ones_like(spread)
-        spread.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+        _standardise_on(self, d)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         """Standardised dynamics (B, F).
