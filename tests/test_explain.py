@@ -294,6 +294,34 @@ def test_region_map_paints_scores_on_the_atlas(toy_atlas):
         region_map(hcp, s[:5])
 
 
+def test_region_map_equals_nilearns_label_painting(toy_atlas):
+    """The lookup-table painting gives nilearn's ``signals_to_img_labels`` image exactly, with
+    a region missing from the image and an image label that is no region of the atlas."""
+    import dataclasses
+
+    import nibabel as nib
+    from nilearn.regions import signals_to_img_labels
+
+    lab = np.zeros((5, 4, 3), dtype=np.int16)
+    lab[0, :, :] = 10
+    lab[1, :2, :] = 30
+    lab[2, 1:, 1:] = 40
+    lab[3, :, 0] = 99  # in the image, not a region of the atlas
+    lab[4, 2, 2] = 60  # 20 and 50 are regions of the atlas without voxels
+    atlas = dataclasses.replace(toy_atlas, labels_img=nib.Nifti1Image(lab, np.eye(4)))
+    scores = np.array([-1.5, 0.25, 2.0, -0.75, 3.5, 1.25])  # labels 10, 20, ..., 60
+    got = np.asarray(region_map(atlas, scores).dataobj)
+    present = [10, 30, 40, 60, 99]
+    values = np.array([[-1.5, 2.0, -0.75, 1.25, 0.0]], dtype=np.float32)
+    want = np.asarray(signals_to_img_labels(values, nib.Nifti1Image(lab, np.eye(4))).dataobj)
+    want = want[..., 0] if want.ndim == 4 else want  # one volume of one "time point"
+    assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
+    assert sorted(np.unique(lab[lab > 0]).tolist()) == present
+    bad = dataclasses.replace(toy_atlas, labels_img=nib.Nifti1Image(-lab, np.eye(4)))
+    with pytest.raises(InvalidInputError, match="labels a score map cannot index"):
+        region_map(bad, scores)
+
+
 # --------------------------------------------------------------------------------------------
 # Ground truth: trained models attribute the planted responder regions
 # --------------------------------------------------------------------------------------------
