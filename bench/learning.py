@@ -14,7 +14,9 @@ and the same 5 stratified folds (seeded by the cohort seed):
 - FMM-TC in its ``small`` preset (bundled demo encoder's embedding + sparse read-outs of
   regional amplitude and of connectivity networks, stacked head): both modalities, without
   the foundation model (amplitude + connectivity), time series only, connectivity only; with
-  ``--deep`` also the ``default`` preset (BrainNetCNN, gradient-trained; slow).
+  ``--deep`` (or ``--models fmmtc-default``) also the ``default`` preset (BrainNetCNN,
+  gradient-trained; slow), with ``--models fmmtc-paper`` the paper's design (ResNet-18 on the
+  FC Gram image; slow).
   ``--foundation DIR`` puts another encoder folder in place of the demo's (e.g. one written
   by ``fmmtc pretrain --order-invariant``).
 
@@ -52,6 +54,10 @@ FMMTC_VARIANTS = (
 #: with --deep. It stayed at chance on `realistic` in the first run (docs/learning.md history).
 DEEP_VARIANT = ("FMM-TC default (BrainNetCNN, TS + FC)", {"preset": "default",
                                                           "modalities": "ts+fc"})
+#: The paper's design (ResNet-18 on the FC Gram image + the encoder's embedding, MLP-free
+#: linear head, gradient-trained); slow, only when named (``--models fmmtc-paper``).
+PAPER_VARIANT = ("FMM-TC paper (ResNet-18 on FC, TS + FC)", {"preset": "paper",
+                                                             "modalities": "ts+fc"})
 
 
 def planted_recall(model_dir: Path, subjects, planted: dict, n_top: int = 20) -> float:
@@ -292,6 +298,8 @@ def write_grid_report(rows: list[dict], out: Path, args, elapsed: float) -> None
 
 #: ``--models`` names of the FMM-TC variants, in the order of :data:`FMMTC_VARIANTS`.
 VARIANT_NAMES = ("fmmtc", "fmmtc-nf", "fmmtc-ts", "fmmtc-fc")
+#: Gradient-trained designs, run only when named in ``--models`` (slow).
+SLOW_VARIANTS = {"fmmtc-default": DEEP_VARIANT, "fmmtc-paper": PAPER_VARIANT}
 
 
 def _chosen(models: list[str] | None) -> tuple[tuple[str, ...] | None, tuple]:
@@ -300,12 +308,14 @@ def _chosen(models: list[str] | None) -> tuple[tuple[str, ...] | None, tuple]:
 
     if not models:
         return None, FMMTC_VARIANTS
-    unknown = sorted(set(models) - set(BASELINES) - set(VARIANT_NAMES))
+    names = (*BASELINES, *VARIANT_NAMES, *SLOW_VARIANTS)
+    unknown = sorted(set(models) - set(names))
     if unknown:
         raise SystemExit(f"--models: unknown {', '.join(unknown)}; choose from "
-                         f"{', '.join((*BASELINES, *VARIANT_NAMES))}")
+                         f"{', '.join(names)}")
     baselines = tuple(m for m in BASELINES if m in models)
     variants = tuple(v for v, name in zip(FMMTC_VARIANTS, VARIANT_NAMES) if name in models)
+    variants += tuple(v for name, v in SLOW_VARIANTS.items() if name in models)
     return baselines, variants
 
 
@@ -327,7 +337,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
                         help="only these baselines (cpm nbs edges amplitude oracle) and FMM-TC "
                              "variants (fmmtc, fmmtc-nf, fmmtc-ts, fmmtc-fc: the four rows in "
-                             "order); default: all")
+                             "order; fmmtc-default, fmmtc-paper: the gradient-trained designs, "
+                             "slow, only when named); default: all but the slow ones")
     parser.add_argument("--foundation", default=None, metavar="DIR",
                         help="the FMM-TC variants' encoder folder (default: the demo model's)")
     parser.add_argument("--amplitude-subsamples", type=int, default=0, metavar="B",
