@@ -196,12 +196,36 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
             lines.append(f"- `{p}`: no classic baseline was run (`--models`).")
             continue
         best = max(present, key=lambda m: mean[m])
-        for name, _ in FMMTC_VARIANTS:
+        wide = df[df.preset == p].pivot_table(index="seed", columns="model", values="auc")
+        for name, _ in FMMTC_VARIANTS + tuple(SLOW_VARIANTS.values()):
             if name in mean:
                 diff = mean[name] - mean[best]
-                lines.append(f"- `{p}`: {name} {mean[name]:.3f}, {abs(diff):.3f} "
-                             f"{'above' if diff >= 0 else 'below'} the best classic baseline "
-                             f"({best}, {mean[best]:.3f}).")
+                text = (f"- `{p}`: {name} {mean[name]:.3f}, {abs(diff):.3f} "
+                        f"{'above' if diff >= 0 else 'below'} the best classic baseline "
+                        f"({best}, {mean[best]:.3f})")
+                pair = wide[[name, best]].dropna()
+                if len(pair) > 1:  # paired over the same cohorts, and cohort by cohort
+                    d = pair[name] - pair[best]
+                    se = float(d.std(ddof=1)) / np.sqrt(len(d))
+                    each = wide.loc[pair.index, [m for m in present if m in wide]].max(axis=1)
+                    at_least = int((pair[name] >= each - 1e-12).sum())
+                    text += (f"; paired over the {len(d)} cohorts {d.mean():+.3f} (SE {se:.3f}); "
+                             f"at or above the best classic baseline of its own cohort on "
+                             f"{at_least} of {len(d)}")
+                lines.append(text + ".")
+    full, without = FMMTC_VARIANTS[0][0], FMMTC_VARIANTS[1][0]
+    for p in presets:  # does the foundation model help? (same cohorts, same folds)
+        both = df[df.preset == p].pivot_table(index="seed", columns="model", values="auc")
+        if full in both and without in both:
+            d = (both[full] - both[without]).dropna()
+            if len(d) > 1:
+                se = float(d.std(ddof=1)) / np.sqrt(len(d))
+                verdict = ("it helps" if d.mean() > 2 * se else "it hurts" if d.mean() < -2 * se
+                           else "no measurable difference")
+                lines.append(
+                    f"- `{p}`: with the foundation model minus without it, same cohorts: "
+                    f"{d.mean():+.3f} (SE {se:.3f}; per cohort "
+                    f"{', '.join(f'{x:+.3f}' for x in d)}): **{verdict}** (two standard errors).")
     for column, what in (("embedding_kept", "the foundation encoder's embedding"),
                          ("dynamics_kept", "the regional dynamics")):
         if column not in df:
