@@ -1,5 +1,6 @@
-"""The ablation study as written by ``bench/ablation.py`` (``docs/ablation.md``), read back as a
-table for the Model page and for anyone comparing runs."""
+"""The ablation study (``docs/ablation.md``, written by ``bench/learning.py``; the first study,
+``docs/ablation_easy.md``, by ``bench/ablation.py``), read back as a table for the Model page and
+for anyone comparing runs."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def read_ablation(path: str | os.PathLike) -> AblationStudy:
     Parameters
     ----------
     path : path-like
-        A Markdown file as written by ``bench/ablation.py`` (``docs/ablation.md``).
+        A Markdown file as written by ``bench/learning.py`` or ``bench/ablation.py``.
 
     Returns
     -------
@@ -90,7 +91,7 @@ def read_ablation_table(path: str | os.PathLike) -> pd.DataFrame:
     Parameters
     ----------
     path : path-like
-        A Markdown file as written by ``bench/ablation.py`` (``docs/ablation.md``).
+        A Markdown file as written by ``bench/learning.py`` or ``bench/ablation.py``.
 
     Returns
     -------

@@ -39,10 +39,19 @@ def test_table_and_how_it_was_made(tmp_path):
     assert read_ablation_table(path).equals(study.table)
 
 
-def test_the_shipped_study_reads():
-    study = read_ablation(Path(__file__).resolve().parents[1] / "docs" / "ablation.md")
-    assert len(study.table) == 4 and study.table.columns[0] == "model"
-    assert study.generated_by.startswith("`python bench/ablation.py")
+def test_the_shipped_studies_read():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    study = read_ablation(docs / "ablation.md")  # what the Model page shows
+    models = set(study.table["model"])
+    assert study.table.columns[0] == "model"
+    assert {"cpm", "nbs", "edges", "amplitude", "oracle"} <= models  # every classic baseline
+    assert {m for m in models if m.startswith("FMM-TC")} >= {
+        "FMM-TC small (encoder + amplitude + FC)",
+        "FMM-TC small, no foundation model (amplitude + FC)",
+        "FMM-TC small, TS only (encoder + amplitude)", "FMM-TC small, FC only"}
+    assert study.generated_by.startswith("`python bench/learning.py")
+    first = read_ablation(docs / "ablation_easy.md")  # the first study, kept
+    assert len(first.table) == 4 and first.generated_by.startswith("`python bench/ablation.py")
 
 
 def test_missing_file_and_missing_table(tmp_path):

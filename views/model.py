@@ -155,7 +155,7 @@ st.subheader("Ablation study")
 try:
     abl = _ablation(str(ABLATION))
 except FileNotFoundError:
-    st.caption("No ablation study found (run bench/ablation.py).")
+    st.caption("No ablation study found (run bench/learning.py; see README, Ablation study).")
 except FMMTCError as exc:
     st.caption(f"The ablation study cannot be shown: {exc}")
 else:
