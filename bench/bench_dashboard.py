@@ -251,6 +251,10 @@ def main() -> None:
                              "worker's own rule, once)")
     parser.add_argument("--pin", action="store_true",
                         help="browser on CPU 0, server and worker on CPU 1 (taskset)")
+    parser.add_argument("--nice-browser", action="store_true",
+                        help="run the browser at the lowest CPU priority (nice 19): it gets the "
+                             "cycles the server and the worker leave, as when it runs on the "
+                             "user's own computer, without taking a core from the worker")
     parser.add_argument("--skip-switches", action="store_true",
                         help="measure only upload to result")
     args = parser.parse_args()
@@ -314,6 +318,11 @@ def main() -> None:
         wrapper.write_text(f'#!/bin/sh\nexec taskset -c 0 {chromium} "$@"\n')
         wrapper.chmod(0o755)
         chromium = str(wrapper)
+    elif args.nice_browser:
+        wrapper = tmp / "chromium-nice"
+        wrapper.write_text(f'#!/bin/sh\nexec nice -n 19 {chromium} "$@"\n')
+        wrapper.chmod(0o755)
+        chromium = str(wrapper)
     launch = dict(executable_path=chromium,
                   args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
     uploads: dict[str, tuple[list[float], list[dict], list[dict]]] = {}
@@ -368,6 +377,7 @@ def report(args, bold, model, ref_s, ref_stages, ref_threads, staging_s, uploads
     print(f"scan {bold.name} ({bold.stat().st_size / 1e6:.0f} MB), model {model.name}, "
           f"median of {args.repeat}; {len(os.sched_getaffinity(0))} CPUs"
           + ("; browser pinned to CPU 0, server and worker to CPU 1" if args.pin else "")
+          + ("; browser at nice 19" if args.nice_browser else "")
           + f"; load average {os.getloadavg()[0]:.1f}")
     print("\n1. upload finished -> result card")
     ref_st = median_stages(ref_stages)
