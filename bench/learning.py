@@ -150,9 +150,10 @@ def run_seed(preset: str, seed: int, n_subjects: int, work: Path, epochs: int,
 def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
     df = pd.DataFrame(rows).drop(columns=["subjects", "effect_scale"], errors="ignore")
     seeds = {p: " ".join(str(x) for x in dict.fromkeys(df[df.preset == p]["seed"]))
-             for p in ("realistic", "shifted")}
+             for p in ("realistic", "shifted", "heldout")}
     command = (f"python bench/learning.py --subjects {args.subjects} --seeds "
                f"{seeds['realistic']} --shifted-seeds {seeds['shifted']}"
+               + (f" --heldout-seeds {seeds['heldout']}" if seeds["heldout"] else "")
                + (f" --models {' '.join(args.models)}" if args.models else "")
                + (" --no-recall" if args.no_recall else "")
                + (f" --foundation {args.foundation}" if args.foundation else "")
@@ -348,6 +349,9 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="*", default=[101, 102, 103, 104, 105])
     parser.add_argument("--shifted-seeds", type=int, nargs="*", default=[10001, 10002])
+    parser.add_argument("--heldout-seeds", type=int, nargs="*", default=[],
+                        help="cohorts of the second held-out generator (preset heldout, seeds "
+                             ">= 20000; report only, never tune on it)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", default=None,
                         help="the report (default docs/learning.md, docs/learning_grid.md "
@@ -417,7 +421,8 @@ def main() -> None:
             print(f"wrote {out}", file=sys.stderr)
             return
         baselines, variants = _chosen(args.models)
-        for preset, seeds in (("realistic", args.seeds), ("shifted", args.shifted_seeds)):
+        for preset, seeds in (("realistic", args.seeds), ("shifted", args.shifted_seeds),
+                              ("heldout", args.heldout_seeds)):
             for seed in seeds:
                 rows += run_seed(preset, seed, args.subjects, Path(tmp), args.epochs,
                                  deep=args.deep, baselines=baselines, variants=variants,

@@ -1318,10 +1318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas", default="hcpex")
     p.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                    help="NIfTI storage type (int16 = scaled integers)")
-    p.add_argument("--preset", choices=("realistic", "easy", "shifted"), default="realistic",
+    p.add_argument("--preset", choices=("realistic", "easy", "shifted", "heldout"),
+                   default="realistic",
                    help="generator: realistic (sparse, weak, heterogeneous effects; 3 sites "
                         "with their own TR), easy (the original, strong effects), shifted "
-                        "(held out for evaluation: other sites and effect shapes)")
+                        "and heldout (held out for evaluation: other sites and effect shapes)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("pretrain", help="masked-reconstruction pretraining of the encoder")

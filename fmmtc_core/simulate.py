@@ -182,7 +182,7 @@ class SimulationConfig:
 
     See Also
     --------
-    PRESETS : the named configurations (``easy``, ``realistic``, ``shifted``).
+    PRESETS : the named configurations (``easy``, ``realistic``, ``shifted``, ``heldout``).
     """
 
     n_volumes: int = 300
@@ -224,7 +224,7 @@ class SimulationConfig:
 
         Parameters
         ----------
-        name : {"easy", "realistic", "shifted"}
+        name : {"easy", "realistic", "shifted", "heldout"}
             The preset (a key of :data:`PRESETS`).
         **overrides
             Any field of :class:`SimulationConfig` (another name raises ``TypeError``).
@@ -341,6 +341,14 @@ class SimulationConfig:
 #:   between), *faster* temporal fluctuations in responders (``ou`` with a 1.5 s time
 #:   constant instead of 10 s), other planted-set sizes, more label noise, larger site effects.
 #:   Cohorts from it should use seeds >= 10000.
+#: - ``heldout``: a second held-out generator (added 2026-11-27, after ``shifted`` had been
+#:   looked at while developing), for reporting only, never for choosing anything: two sites
+#:   of very different protocols (TR 0.5 s / 4 min against 2.2 s / 14 min; 40 % and 55 %
+#:   responders), a temporal effect of yet another shape (``ar``:
+#:   more self-coupling of the planted regions' latent dynamics on the fixed 0.5 s grid, i.e.
+#:   slower, smoother activity rather than an added fluctuation), a connectivity effect spread
+#:   over 12 regions, stronger lobe structure, noisier regions and labels. Cohorts from it
+#:   should use seeds >= 20000.
 PRESETS: dict[str, SimulationConfig] = {
     "easy": SimulationConfig(),
     "realistic": SimulationConfig(
@@ -357,6 +365,13 @@ PRESETS: dict[str, SimulationConfig] = {
         site_responder_rate=(0.35, 0.55, 0.45, 0.5), regional_snr_sd=0.4,
         effect_prevalence=0.7, effect_sd=0.4, label_noise=0.08, fc_effect_kind="split",
         site_gain_sd=0.25, site_noise_sd=0.5),
+    "heldout": SimulationConfig(
+        n_fc_regions=12, n_ts_regions=10, fc_effect=0.15, ts_effect=0.15, ts_effect_kind="ar",
+        noise_sd=0.5, network_share=0.45,
+        latent_dt=0.5, n_sites=2, site_tr=(0.5, 2.2), site_minutes=(4.0, 14.0),
+        site_share=(0.6, 0.4), site_responder_rate=(0.4, 0.55), regional_snr_sd=0.5,
+        effect_prevalence=0.65, effect_sd=0.35, label_noise=0.1, fc_effect_kind="shared",
+        site_gain_sd=0.3, site_noise_sd=0.4),
 }
 
 

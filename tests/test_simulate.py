@@ -229,12 +229,12 @@ def test_argument_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: easy (the original generator), realistic, shifted (held out for evaluation)
+# Presets: easy (the original generator), realistic, shifted and heldout (held out)
 # --------------------------------------------------------------------------------------------
 def test_presets_are_named_validated_and_easy_is_the_default():
     from fmmtc_core.simulate import PRESETS
 
-    assert set(PRESETS) == {"easy", "realistic", "shifted"}
+    assert set(PRESETS) == {"easy", "realistic", "shifted", "heldout"}
     assert SimulationConfig.preset("easy") == SimulationConfig()
     real = SimulationConfig.preset("realistic", n_fc_regions=4)
     assert real.n_fc_regions == 4 and real.site_count() == 3 == len(real.site_tr)
@@ -242,6 +242,12 @@ def test_presets_are_named_validated_and_easy_is_the_default():
     shifted = PRESETS["shifted"]
     assert shifted.site_tr != real.site_tr and shifted.fc_effect_kind != real.fc_effect_kind
     assert shifted.ts_tau_s != real.ts_tau_s
+    # the second held-out generator: other sites again, and a temporal effect of another kind
+    heldout = PRESETS["heldout"]
+    assert heldout.site_count() == 2 and set(heldout.site_tr).isdisjoint(
+        set(real.site_tr) | set(shifted.site_tr))
+    assert heldout.ts_effect_kind not in {real.ts_effect_kind, shifted.ts_effect_kind}
+    assert heldout.latent_dt is not None  # the effect is defined in seconds, like theirs
     with pytest.raises(InvalidInputError, match="Invalid value for the 'preset' parameter"):
         SimulationConfig.preset("hard")
 
@@ -307,6 +313,30 @@ def test_ou_temporal_effect_is_slower_fluctuations_at_any_tr(aal3, tr):
     diff = ratio[True] - ratio[False]
     assert diff[ts].mean() > 0.2  # more power below 0.04 Hz in the planted regions
     assert abs(np.delete(diff, ts).mean()) < 0.1 * diff[ts].mean()  # and nowhere else
+
+
+@pytest.mark.parametrize("tr", [0.5, 2.2])
+def test_heldout_ar_effect_is_slower_dynamics_of_the_planted_regions_at_its_trs(aal3, tr):
+    """The held-out preset's temporal effect (more self-coupling on the fixed 0.5 s latent
+    grid): higher lag-1 autocorrelation in the planted regions of responders at both sites'
+    TRs, and not elsewhere."""
+    cfg = SimulationConfig.preset("heldout", site_tr=(), site_minutes=(), site_share=(),
+                                  site_responder_rate=(), n_sites=1, tr=tr,
+                                  n_volumes=int(480 / tr), effect_sd=0.0, ts_effect=0.3)
+    ts = np.array(planted_regions(aal3, cfg)["ts_index"])
+
+    def ac1(x):
+        x = x - x.mean(0)
+        return (x[1:] * x[:-1]).sum(0) / (x * x).sum(0)
+
+    mean_ac = {}
+    for resp in (True, False):
+        subj = [simulate_subject(aal3, responder=resp, config=cfg,
+                                 rng=np.random.default_rng(i)) for i in range(4)]
+        mean_ac[resp] = np.mean([ac1(s.signals) for s in subj], axis=0)
+    diff = mean_ac[True] - mean_ac[False]
+    assert diff[ts].mean() > 0.02
+    assert abs(np.delete(diff, ts).mean()) < 0.25 * diff[ts].mean()
 
 
 def test_one_subject_written_alone_is_the_same_as_in_the_whole_cohort(tmp_path):
