@@ -1,13 +1,14 @@
 """Does FMM-TC learn from small, hard cohorts? Every model on identical folds, several seeds.
 
 Run: ``python bench/learning.py [--subjects 120] [--seeds 101 102 103 104 105]
-[--shifted-seeds 10001 10002] [--out docs/learning.md] [--models cpm fmmtc ...] [--no-recall]
-[--foundation DIR]``
+[--shifted-seeds 10001 10002] [--heldout-seeds 20001 ...] [--out docs/learning.md]
+[--models cpm fmmtc ...] [--no-recall] [--foundation DIR]``
 
 For every seed, simulates a labelled cohort with the ``realistic`` preset (the generator the
 effect sizes were set on) and, separately, with the ``shifted`` preset (held out: other sites,
-TRs and effect shapes; never used to tune anything), then runs on the same cleaned signals
-and the same 5 stratified folds (seeded by the cohort seed):
+TRs and effect shapes; looked at while developing since 2026-11-26) and the ``heldout`` preset
+(a second held-out generator, for reporting only: never tune on it), then runs on the same
+cleaned signals and the same 5 stratified folds (seeded by the cohort seed):
 
 - the classic baselines of :mod:`fmmtc_core.baselines` (CPM, NBS-Predict, logistic on all
   edges, logistic on amplitude/ALFF features) and the oracle that knows the planted regions;
