@@ -344,11 +344,10 @@ class SimulationConfig:
 #: - ``heldout``: a second held-out generator (added 2026-11-27, after ``shifted`` had been
 #:   looked at while developing), for reporting only, never for choosing anything: two sites
 #:   of very different protocols (TR 0.5 s / 4 min against 2.2 s / 14 min; 40 % and 55 %
-#:   responders), a temporal effect of yet another shape (``ar``:
-#:   more self-coupling of the planted regions' latent dynamics on the fixed 0.5 s grid, i.e.
-#:   slower, smoother activity rather than an added fluctuation), a connectivity effect spread
-#:   over 12 regions, stronger lobe structure, noisier regions and labels. Cohorts from it
-#:   should use seeds >= 20000.
+#:   responders), a temporal effect of yet another shape (``ar``: more self-coupling of the
+#:   planted regions' latent dynamics on the fixed 0.5 s grid, i.e. slower, smoother activity
+#:   rather than an added fluctuation), a connectivity effect spread over 12 regions, stronger
+#:   lobe structure, noisier regions and labels. Cohorts from it should use seeds >= 20000.
 PRESETS: dict[str, SimulationConfig] = {
     "easy": SimulationConfig(),
     "realistic": SimulationConfig(
