@@ -120,7 +120,8 @@ def run_seed(preset: str, seed: int, n_subjects: int, work: Path, epochs: int,
     for _, r in table.iterrows():
         rows.append({"preset": preset, "seed": seed, "model": r["model"], "auc": r["auc"],
                      "auc_logit": r["auc_logit"], "mcc": r["mcc"]})
-    for name, options in tuple(variants) + ((DEEP_VARIANT,) if deep else ()):
+    deep_row = (DEEP_VARIANT,) if deep and DEEP_VARIANT not in variants else ()
+    for name, options in tuple(variants) + deep_row:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             extra = ({"foundation": foundation}
@@ -146,6 +147,11 @@ def run_seed(preset: str, seed: int, n_subjects: int, work: Path, epochs: int,
         print(f"{preset} seed {seed} n {n_subjects} x{effect_scale:g}: {r['model']:<40} "
               f"AUC {r['auc']:.3f}", flush=True)
     return rows
+
+
+def _paired(d: pd.Series) -> tuple[float, float]:
+    """Mean and standard error of paired differences over cohorts."""
+    return float(d.mean()), float(d.std(ddof=1)) / np.sqrt(len(d))
 
 
 def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
@@ -191,6 +197,8 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
     lines += ["", "Verdict (mean AUC over cohorts; classic baselines: cpm, nbs, edges, "
               "amplitude; the oracle is not a model):", ""]
     classic = ("cpm", "nbs", "edges", "amplitude")
+    wide = {p: df[df.preset == p].pivot_table(index="seed", columns="model", values="auc")
+            for p in presets}  # cohort x model: the pairs below are over the same cohorts
     for p in presets:
         mean = df[df.preset == p].groupby("model")["auc"].mean()
         present = [m for m in classic if m in mean]
@@ -198,35 +206,33 @@ def write_report(rows: list[dict], out: Path, args, elapsed: float) -> None:
             lines.append(f"- `{p}`: no classic baseline was run (`--models`).")
             continue
         best = max(present, key=lambda m: mean[m])
-        wide = df[df.preset == p].pivot_table(index="seed", columns="model", values="auc")
         for name, _ in FMMTC_VARIANTS + tuple(SLOW_VARIANTS.values()):
             if name in mean:
                 diff = mean[name] - mean[best]
                 text = (f"- `{p}`: {name} {mean[name]:.3f}, {abs(diff):.3f} "
                         f"{'above' if diff >= 0 else 'below'} the best classic baseline "
                         f"({best}, {mean[best]:.3f})")
-                pair = wide[[name, best]].dropna()
+                pair = wide[p][[name, best]].dropna()
                 if len(pair) > 1:  # paired over the same cohorts, and cohort by cohort
                     d = pair[name] - pair[best]
-                    se = float(d.std(ddof=1)) / np.sqrt(len(d))
-                    each = wide.loc[pair.index, [m for m in present if m in wide]].max(axis=1)
+                    m, se = _paired(d)
+                    each = wide[p].loc[pair.index, present].max(axis=1)
                     at_least = int((pair[name] >= each - 1e-12).sum())
-                    text += (f"; paired over the {len(d)} cohorts {d.mean():+.3f} (SE {se:.3f}); "
+                    text += (f"; paired over the {len(d)} cohorts {m:+.3f} (SE {se:.3f}); "
                              f"at or above the best classic baseline of its own cohort on "
                              f"{at_least} of {len(d)}")
                 lines.append(text + ".")
     full, without = FMMTC_VARIANTS[0][0], FMMTC_VARIANTS[1][0]
     for p in presets:  # does the foundation model help? (same cohorts, same folds)
-        both = df[df.preset == p].pivot_table(index="seed", columns="model", values="auc")
-        if full in both and without in both:
-            d = (both[full] - both[without]).dropna()
+        if full in wide[p] and without in wide[p]:
+            d = (wide[p][full] - wide[p][without]).dropna()
             if len(d) > 1:
-                se = float(d.std(ddof=1)) / np.sqrt(len(d))
-                verdict = ("it helps" if d.mean() > 2 * se else "it hurts" if d.mean() < -2 * se
+                m, se = _paired(d)
+                verdict = ("it helps" if m > 2 * se else "it hurts" if m < -2 * se
                            else "no measurable difference")
                 lines.append(
                     f"- `{p}`: with the foundation model minus without it, same cohorts: "
-                    f"{d.mean():+.3f} (SE {se:.3f}; per cohort "
+                    f"{m:+.3f} (SE {se:.3f}; per cohort "
                     f"{', '.join(f'{x:+.3f}' for x in d)}): **{verdict}** (two standard errors).")
     for column, what in (("embedding_kept", "the foundation encoder's embedding"),
                          ("dynamics_kept", "the regional dynamics")):
