@@ -443,6 +443,11 @@ def _serve(model_dir: str, conn, threads: int = 1) -> None:
         state.model()
     except Exception:  # noqa: BLE001 - raised again, to the page, by the first job
         pass
+    # The libraries and the model stay for the process's life: no full collection walks them
+    # again (they cost 0.3 s inside a screening's pipeline); the first job imports the rest.
+    from fmmtc_app.memory import freeze_once
+
+    freeze_once("worker: model loaded")
     try:
         while True:
             try:
@@ -466,6 +471,8 @@ def _serve(model_dir: str, conn, threads: int = 1) -> None:
                 break
             except Exception as exc:  # noqa: BLE001 - a result that cannot be pickled
                 conn.send((job_id, "error", _portable(exc)))
+            del reply
+            freeze_once("worker: first job")  # after the reply: the page is not kept waiting
     finally:
         state.close()
         conn.close()

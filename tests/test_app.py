@@ -1137,3 +1137,19 @@ def test_qc_page_shows_alignment_tsnr_fd_and_uncovered_regions(db, tmp_path, gri
     assert len(tables) == 2  # the uncovered regions, then all regions
     assert len(tables[0]) == n_uncovered and not tables[0]["covered"].any()
     assert {"lobe", "coverage"} <= set(tables[0].columns)
+
+
+def test_a_spawned_worker_does_not_run_the_dashboard(tmp_path):
+    # multiprocessing's spawn imports the parent's __main__ file in the child as __mp_main__
+    # (runpy.run_path, run_name="__mp_main__"); the screening worker is spawned from a page
+    # run, where __main__ is app.py. It used to run the whole dashboard there at its start.
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "from fmmtc_app import memory; "
+            "print(sorted(memory.frozen_points()), 'fmmtc_core.screening' in sys.modules)")
+    env = {**os.environ, "FMMTC_DATA_DIR": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, "-c", code, APP], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300, check=True)
+    assert out.stdout.split("\n")[-2] == "[] False"  # no page ran, no pipeline was imported
