@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from fmmtc_app import session
@@ -83,8 +85,6 @@ def _glass(atlas_name: str, scores: tuple) -> bytes:
 
 
 def _progress_bar():
-    import time
-
     bar = progress_slot.progress(0.0, text="Starting...")
     shown = StageProgress()
     last = {"stage": None, "t": 0.0}
@@ -159,7 +159,17 @@ if failed is not None:
     for reason in failed.reasons:
         st.markdown(f"- {reason}")
 
-def _show(result) -> None:
+#: Seconds the page waits, after sending a fresh result's decision, before it builds the card's
+#: figures: the browser then paints the decision without competing for the CPU with the
+#: figures' drawing in the server (0.3-0.8 s of matplotlib and Plotly), which on a machine whose
+#: cores the browser shares kept the decision off the screen 0.3-1 s longer
+#: (bench/bench_dashboard.py, alternating A/B: README, "Benchmarks / Dashboard").
+PAINT_PAUSE_S = 0.2
+
+
+def _show(result, *, fresh: bool = False) -> None:
+    """The result card; ``fresh``: the screening was made by this run (pause after the
+    decision, see :data:`PAINT_PAUSE_S`)."""
     summary = result.summary
     simulated = summary.simulated
     if simulated:
@@ -180,6 +190,8 @@ def _show(result) -> None:
     c[1].metric("Uncertainty band", f"{result.band[0]:.0%} - {result.band[1]:.0%}")
     c[2].metric("Decision", result.decision)
     st.caption(f"Model: {summary.model}")
+    if fresh:
+        time.sleep(PAINT_PAUSE_S)
     # Inline SVG, not Plotly: the card's headline figure then needs no plotly.js in the browser
     # (an A/B with bench/bench_dashboard.py was within the day's spread: README, Dashboard).
     st.markdown(probability_svg(result.probability, result.band,
@@ -268,4 +280,4 @@ def _show(result) -> None:
 result = st.session_state.get("screen_result")
 if result is not None:
     with result_area:
-        _show(result)
+        _show(result, fresh=bool(submitted or demo))
