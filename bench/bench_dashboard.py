@@ -221,7 +221,6 @@ WATCH_CARD = """(heading) => {
     if (window.__fmmtcClick === null) window.__fmmtcClick = performance.now();
   }, {capture: true});
   window.__fmmtcFigure = null;
-  let done = false;
   const figure = new MutationObserver(() => {
     const img = document.querySelector("[data-testid=stImage] img");
     if (!img) return;
@@ -232,6 +231,7 @@ WATCH_CARD = """(heading) => {
     if (img.complete) painted(); else img.addEventListener("load", painted, {once: true});
   });
   figure.observe(document.body, {childList: true, subtree: true});
+  let done = false;
   const there = () => {
     const h = [...document.querySelectorAll("h1, h2, h3, h4")].some(
       (e) => e.textContent.trim() === heading);
@@ -295,7 +295,7 @@ def upload_run(browser, scans, env, args, label: str, pin: bool, reference=None
                 "() => [window.__fmmtcClick, window.__fmmtcShown, window.__fmmtcFigure]")
             if not i:
                 first = (shown - clicked) / 1000
-            if i:
+            else:
                 times.append((shown - clicked) / 1000)
                 figures.append((drawn - clicked) / 1000)
                 cpu.append({k: after[k] - before[k] for k in after})
